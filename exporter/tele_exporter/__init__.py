@@ -1,0 +1,21 @@
+"""tele-exporter: training-health telemetry for PyTorch RL, published for Prometheus."""
+
+from .catalog import Catalog, CatalogError, default_catalog, load_catalog
+from .server import PortInUseError, Server, serve
+from .snapshot import Snapshot
+from .telemetry import SeedWatch, Telemetry, Update
+
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "PortInUseError",
+    "SeedWatch",
+    "Server",
+    "Snapshot",
+    "Telemetry",
+    "Update",
+    "default_catalog",
+    "load_catalog",
+    "serve",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""A prometheus_client Collector that builds the TELE metric families at scrape time.
+
+Names, types, help and labels come from the catalog; values come from a single
+Snapshot read once per scrape, so a scrape never mixes two updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .catalog import MetricSpec
+from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
+
+Samples = list[tuple[tuple[str, ...], float]]
+
+
+def _head_current(s: Snapshot) -> Samples:
+    return [((h.name,), h.current) for h in s.heads] if s.updates else []
+
+
+def _head_prev(s: Snapshot) -> Samples:
+    return [((h.name,), h.prev) for h in s.heads] if s.updates else []
+
+
+def _policy_grad_norm(s: Snapshot) -> Samples:
+    return [(("pre",), s.grad_norm_pre), (("post",), s.grad_norm_post)] if s.steps else []
+
+
+def _seed(field: str) -> Callable[[Snapshot], Samples]:
+    def samples(s: Snapshot) -> Samples:
+        return [((seed.env, seed.slot), float(getattr(seed, field))) for seed in s.seeds]
+
+    return samples
+
+
+def _scalar(field: str, when: Callable[[Snapshot], bool] = lambda s: True) -> Callable[[Snapshot], Samples]:
+    def samples(s: Snapshot) -> Samples:
+        return [((), float(getattr(s, field)))] if when(s) else []
+
+    return samples
+
+
+# Where each catalog metric's value comes from in a Snapshot, by catalog id.
+SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
+    "head_grad_norm": _head_current,
+    "head_grad_norm_prev": _head_prev,
+    "policy_grad_norm": _policy_grad_norm,
+    "gradient_cv": _scalar("gradient_cv", lambda s: s.updates > 0),
+    "kl_divergence": _scalar("kl", lambda s: bool(s.kl_history)),
+    "seed_grad_ratio": _seed("ratio"),
+    "seed_gradient_vanishing": _seed("vanishing"),
+    "seed_gradient_exploding": _seed("exploding"),
+    "ppo_updates": _scalar("updates"),
+    "ppo_early_stops": _scalar("early_stops"),
+    "last_update_timestamp": _scalar("timestamp", lambda s: s.timestamp is not None),
+    "nonfinite_gradients": lambda s: [((h.name,), float(h.nonfinite_total)) for h in s.heads],
+    "seeds_refused": _scalar("seeds_refused"),
+}
+
+
+class TeleCollector(Collector):
+    """Yields every catalog metric of one Telemetry from its latest snapshot."""
+
+    def __init__(self, tele: Telemetry) -> None:
+        self._tele = tele
+        missing = [
+            spec.id
+            for spec in tele.catalog
+            if spec.type != "histogram" and spec.id not in SOURCES and spec.id != "telemetry_errors"
+        ]
+        if missing:
+            raise ValueError(f"catalog metrics without a source in the collector: {missing}")
+
+    def describe(self) -> Iterator[Metric]:
+        for spec in self._tele.catalog:
+            yield self._family(spec)
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._tele.snapshot()
+        errors = self._tele.errors()
+        for spec in self._tele.catalog:
+            family = self._family(spec)
+            if spec.type == "histogram":
+                for labels, state in snap.histograms.get(spec.id, {}).items():
+                    buckets = [(_le(e), c) for e, c in zip(state.edges, state.cumulative, strict=False)]
+                    buckets.append(("+Inf", state.cumulative[-1]))
+                    family.add_metric(self._values(labels), buckets, state.total)
+            elif spec.id == "telemetry_errors":
+                for site, count in sorted(errors.items()):
+                    family.add_metric(self._values((site,)), count)
+            else:
+                for labels, value in SOURCES[spec.id](snap):
+                    family.add_metric(self._values(labels), value)
+            yield family
+
+    def _values(self, labels: tuple[str, ...]) -> list[str]:
+        return [*labels, *self._tele.const_labels.values()]
+
+    def _family(self, spec: MetricSpec) -> Metric:
+        labels = [*spec.labels, *self._tele.const_labels]
+        kind = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
+        return kind[spec.type](spec.family_name, spec.help, labels=labels, unit=spec.unit)
+
+
+def _le(edge: float) -> str:
+    """Bucket bound as client_python formats it (1.0, 0.015, 1000.0)."""
+    return repr(float(edge))

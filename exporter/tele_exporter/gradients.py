@@ -1,0 +1,133 @@
+"""The per-step hot path: per-head and global gradient norms from one fused pass.
+
+A `GradientMeter` measures the gradients of a policy at each optimizer step with
+`torch._foreach_norm` (float64), one matrix-vector product for every head's and
+the global norm at once, and optionally clips in place like
+`torch.nn.utils.clip_grad_norm_`. Results stay on the device in a row buffer that
+the aggregator drains once per PPO update: no host synchronisation per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .stats import clip_coefficient, tensor_norms
+
+_INITIAL_ROWS = 64
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one pattern of present gradients needs: the head matrix and which heads have data."""
+
+    matrix: Tensor  # [H + 1, T] float64: row h sums the squared norms of head h; last row all
+    present: tuple[bool, ...]  # per head: has at least one gradient in this pattern
+
+
+@dataclass(frozen=True)
+class Drained:
+    """The steps recorded since the last drain, still on the device.
+
+    rows[s] = (head norms..., pre-clip total, post-clip total) of step s;
+    present[s][h] tells whether head h had any gradient at step s.
+    """
+
+    rows: Tensor
+    present: list[tuple[bool, ...]]
+
+
+class GradientMeter:
+    """Measures (and optionally clips) a policy's gradients per step, per head and in total."""
+
+    def __init__(self, params: Sequence[nn.Parameter], heads: Mapping[str, Sequence[nn.Parameter]]):
+        self.params = list(params)
+        self.head_names = list(heads)
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self._membership: list[list[int]] = [[] for _ in self.params]
+        for h, name in enumerate(self.head_names):
+            for p in heads[name]:
+                self._membership[index[id(p)]].append(h)
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._rows: Tensor | None = None
+        self._present: list[tuple[bool, ...]] = []
+
+    @property
+    def width(self) -> int:
+        """Columns of a row: one per head, then pre-clip and post-clip totals."""
+        return len(self.head_names) + 2
+
+    def measure(self, max_norm: float | None) -> Tensor:
+        """Record this step's norms; clip in place when max_norm is given. Returns the pre-clip norm."""
+        grads = [p.grad for p in self.params]
+        key = tuple(g is not None for g in grads)
+        present_grads = [g for g in grads if g is not None]
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._build_plan(key, present_grads)
+        h = len(self.head_names)
+        row = self._next_row(present_grads[0].device if present_grads else torch.device("cpu"))
+        self._present.append(plan.present)
+        if present_grads:
+            norms = tensor_norms(present_grads)
+            torch.sqrt(torch.mv(plan.matrix, norms.square()), out=row[: h + 1])
+        else:
+            row.zero_()
+        pre = row[h]
+        if max_norm is not None and present_grads:
+            coef = clip_coefficient(pre, max_norm)
+            _scale_(present_grads, coef)
+            torch.mul(pre, coef, out=row[h + 1])
+        else:
+            row[h + 1].copy_(pre)
+        return pre
+
+    def drain(self) -> Drained | None:
+        """Hand over the recorded steps and start afresh; None when nothing was recorded."""
+        if not self._present or self._rows is None:
+            return None
+        drained = Drained(self._rows[: len(self._present)], self._present)
+        self._rows, self._present = None, []
+        return drained
+
+    def _next_row(self, device: torch.device) -> Tensor:
+        n = len(self._present)
+        if self._rows is None or self._rows.device != device:
+            rows = torch.zeros(max(_INITIAL_ROWS, 2 * n), self.width, dtype=torch.float64, device=device)
+            if self._rows is not None and n:
+                rows[:n] = self._rows[:n].to(device)
+            self._rows = rows
+        elif n == self._rows.shape[0]:
+            rows = torch.zeros(2 * n, self.width, dtype=torch.float64, device=device)
+            rows[:n] = self._rows
+            self._rows = rows
+        return self._rows[n]
+
+    def _build_plan(self, key: tuple[bool, ...], present_grads: list[Tensor]) -> _Plan:
+        h = len(self.head_names)
+        device = present_grads[0].device if present_grads else torch.device("cpu")
+        matrix = torch.zeros(h + 1, len(present_grads), dtype=torch.float64)
+        has = [False] * h
+        col = 0
+        for i, is_present in enumerate(key):
+            if not is_present:
+                continue
+            matrix[h, col] = 1.0
+            for head in self._membership[i]:
+                matrix[head, col] = 1.0
+                has[head] = True
+            col += 1
+        return _Plan(matrix.to(device), tuple(has))
+
+
+def _scale_(grads: list[Tensor], coef: Tensor) -> None:
+    """Multiply gradients in place by a 0-d tensor, one foreach call per device."""
+    devices = {g.device for g in grads}
+    if len(devices) == 1:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return
+    for device in devices:
+        torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))

@@ -1,0 +1,152 @@
+"""The immutable snapshot Telemetry publishes once per PPO update.
+
+Everything a scrape, the JSON API or a test reads comes from one Snapshot, so a
+reader never mixes values of two updates. Display fields (levels, arrows) are
+derived from the catalog here, once, at publish time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .catalog import Catalog
+from .display import Arrow, Shown, head_trend, history_trend, show
+
+
+@dataclass(frozen=True)
+class HeadState:
+    """TELE-320/321 for one action head."""
+
+    name: str
+    current: float  # NaN: the head had no gradient in the update
+    prev: float  # the previous update's current; 0.0 until the second update
+    trend: Arrow | None
+    nonfinite_total: int
+
+
+@dataclass(frozen=True)
+class SeedState:
+    """TELE-557 for one watched seed."""
+
+    env: str
+    slot: str
+    ratio: float  # 0.0: no gradient data
+    vanishing: bool
+    exploding: bool
+    shown: Shown
+    passes: int  # backward passes with data in the latest update
+
+
+@dataclass(frozen=True)
+class HistogramState:
+    """Cumulative bucket counts of one histogram series (Prometheus `le` semantics)."""
+
+    edges: tuple[float, ...]
+    cumulative: tuple[int, ...]  # one per edge, then +Inf
+    total: float  # sum of finite observations
+
+    @property
+    def count(self) -> int:
+        return self.cumulative[-1]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent view of the telemetry after `updates` PPO updates."""
+
+    updates: int
+    early_stops: int
+    timestamp: float | None
+    steps: int  # optimizer steps in the latest update
+    heads: tuple[HeadState, ...]
+    grad_norm_pre: float
+    grad_norm_post: float
+    grad_norm_history: tuple[float, ...]  # post-clip, oldest first (TELE-311)
+    kl: float
+    kl_history: tuple[float, ...]  # oldest first (TELE-111)
+    gradient_cv: float
+    seeds: tuple[SeedState, ...] = ()
+    histograms: Mapping[str, Mapping[tuple[str, ...], HistogramState]] = field(default_factory=dict)
+    seeds_refused: int = 0
+
+    def head(self, name: str) -> HeadState:
+        for head in self.heads:
+            if head.name == name:
+                return head
+        raise KeyError(f"no head named {name!r}; heads are {[h.name for h in self.heads]}")
+
+    def seed(self, env: str, slot: str) -> SeedState:
+        for seed in self.seeds:
+            if (seed.env, seed.slot) == (env, slot):
+                return seed
+        raise KeyError(f"no watched seed env={env!r} slot={slot!r}")
+
+    def to_dict(self, catalog: Catalog) -> dict[str, Any]:
+        """A JSON-ready dict with display fields; NaN and Inf become strings."""
+        grad_spec, kl_spec = catalog["policy_grad_norm"], catalog["kl_divergence"]
+        return _jsonable(
+            {
+                "updates": self.updates,
+                "early_stops": self.early_stops,
+                "timestamp": self.timestamp,
+                "steps": self.steps,
+                "heads": [asdict(h) for h in self.heads],
+                "grad_norm": {
+                    "pre": self.grad_norm_pre,
+                    "post": self.grad_norm_post,
+                    "shown": asdict(show(grad_spec, self.grad_norm_pre)),
+                    "history": list(self.grad_norm_history),
+                    "trend": _maybe(history_trend(grad_spec, self.grad_norm_history)),
+                },
+                "kl": {
+                    "value": self.kl,
+                    "shown": asdict(show(kl_spec, self.kl)),
+                    "history": list(self.kl_history),
+                    "trend": _maybe(history_trend(kl_spec, self.kl_history)),
+                },
+                "gradient_cv": {
+                    "value": self.gradient_cv,
+                    "shown": asdict(show(catalog["gradient_cv"], self.gradient_cv)),
+                },
+                "seeds": [asdict(s) for s in self.seeds],
+                "seeds_refused": self.seeds_refused,
+            }
+        )
+
+
+def _maybe(arrow: Arrow | None) -> dict[str, str] | None:
+    return None if arrow is None else asdict(arrow)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Inf" if value > 0 else "-Inf")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def empty_snapshot(heads: tuple[str, ...]) -> Snapshot:
+    """The snapshot before the first update: nothing measured yet."""
+    return Snapshot(
+        updates=0,
+        early_stops=0,
+        timestamp=None,
+        steps=0,
+        heads=tuple(HeadState(h, math.nan, 0.0, None, 0) for h in heads),
+        grad_norm_pre=math.nan,
+        grad_norm_post=math.nan,
+        grad_norm_history=(),
+        kl=math.nan,
+        kl_history=(),
+        gradient_cv=0.0,
+    )
+
+
+def head_state(catalog: Catalog, name: str, current: float, prev: float, nonfinite: int) -> HeadState:
+    return HeadState(name, current, prev, head_trend(catalog["head_grad_norm_prev"], current, prev), nonfinite)

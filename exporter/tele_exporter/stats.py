@@ -1,0 +1,127 @@
+"""Pure tensor math of the TELE records: no hooks, no Prometheus, no host syncs.
+
+Every function returns tensors on the input's device (or plain floats where the
+input is host data) so that the training thread never waits on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+KL_LOG_RATIO_CLAMP = 20.0
+CLIP_EPS = 1e-6
+CV_MEAN_FLOOR = 1e-8
+KL_WEIGHT_FLOOR = 1e-8
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    first = tensors[0].device
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
+    out = torch.empty(len(tensors), dtype=torch.float64, device=first)
+    for device, idx in by_device.items():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float64)
+        out[torch.tensor(idx, device=first)] = torch.stack(norms).to(first)
+    return out
+
+
+def grad_norms(groups: Mapping[str, Iterable[Tensor | None]]) -> dict[str, Tensor]:
+    """L2 norm (float64) of all gradients of each group; NaN for a group without any."""
+    names = list(groups)
+    members = [[g for g in groups[n] if g is not None] for n in names]
+    flat = [g for grads in members for g in grads]
+    if not flat:
+        return {n: torch.tensor(math.nan, dtype=torch.float64) for n in names}
+    norms = tensor_norms(flat)
+    out: dict[str, Tensor] = {}
+    start = 0
+    for name, grads in zip(names, members, strict=True):
+        stop = start + len(grads)
+        if grads:
+            out[name] = torch.linalg.vector_norm(norms[start:stop])
+        else:
+            out[name] = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
+        start = stop
+    return out
+
+
+def gradient_cv(norms: Iterable[float | Tensor]) -> float:
+    """Coefficient of variation, sample std / max(|mean|, 1e-8), of the norms with data.
+
+    NaN entries (heads without a gradient) are left out; 0.0 when fewer than two
+    remain or all are zero (TELE-330). Inf in the input yields NaN: it is data.
+    """
+    values = [float(v) for v in norms]
+    values = [v for v in values if not math.isnan(v)]
+    n = len(values)
+    if n <= 1 or all(v == 0.0 for v in values):
+        return 0.0
+    if any(math.isinf(v) for v in values):
+        return math.nan
+    mean = math.fsum(values) / n
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return math.sqrt(var) / max(abs(mean), CV_MEAN_FLOOR)
+
+
+def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(masked mean of exp(r) - 1 - r with r clamped to [-20, 20], number of valid steps)."""
+    r = log_ratio.detach().to(torch.float64).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    kl_t = torch.expm1(r) - r
+    if mask is None:
+        n_valid = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+        return kl_t.sum() / max(r.numel(), 1), n_valid
+    m = mask.detach().to(torch.float64)
+    n_valid = m.sum()
+    return (kl_t * m).sum() / n_valid.clamp(min=1.0), n_valid
+
+
+def approx_kl(
+    log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """Causally weighted approx KL over heads (TELE-111) as a 0-d float64 tensor.
+
+    weight = n_valid / T per head; approx_kl = sum(weight * head_kl) / max(sum(weight), 1e-8).
+    """
+    masks = masks or {}
+    if not log_ratio:
+        raise ValueError("approx_kl needs at least one head's log_ratio")
+    weighted: list[Tensor] = []
+    weights: list[Tensor] = []
+    for name, r in log_ratio.items():
+        kl, n_valid = head_kl(r, masks.get(name))
+        w = n_valid / max(r.numel(), 1)
+        weighted.append(w * kl)
+        weights.append(w)
+    total_w = torch.stack(weights).sum()
+    return torch.stack(weighted).sum() / total_w.clamp(min=KL_WEIGHT_FLOOR)
+
+
+def seed_grad_ratio(grad_in_norm: Tensor | float, grad_out_norm: Tensor | float) -> Tensor:
+    """Backward gain |dL/d input| / |dL/d output|; 0.0 (no data) when the output grad is 0.
+
+    Non-finite norms propagate as NaN or Inf: they are data to report.
+    """
+    g_in = torch.as_tensor(grad_in_norm, dtype=torch.float64)
+    g_out = torch.as_tensor(grad_out_norm, dtype=torch.float64, device=g_in.device)
+    safe = torch.where(g_out == 0, torch.ones_like(g_out), g_out)
+    return torch.where(g_out == 0, torch.zeros_like(g_in), g_in / safe)
+
+
+def post_clip_norm(pre: Tensor, max_norm: float) -> Tensor:
+    """The norm clip_grad_norm_ leaves: pre * min(1, max_norm / (pre + 1e-6))."""
+    return pre * clip_coefficient(pre, max_norm)
+
+
+def clip_coefficient(pre: Tensor, max_norm: float) -> Tensor:
+    """The factor clip_grad_norm_ multiplies gradients by: min(1, max_norm / (pre + 1e-6))."""
+    return (max_norm / (pre + CLIP_EPS)).clamp(max=1.0)

@@ -1,0 +1,451 @@
+"""Telemetry: the aggregator a PPO trainer talks to.
+
+It owns the gradient meter and the seed probes, turns what they recorded during
+one PPO update into an immutable Snapshot (current, prev, histories, trends,
+histograms) with at most one host transfer per device, and swaps it in under a
+lock, so a scrape never sees half an update and never blocks the training thread
+for more than that swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import replace
+from types import TracebackType
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import Tensor, nn
+
+from .catalog import RESERVED_LABELS, Catalog, default_catalog
+from .display import show
+from .gradients import Drained, GradientMeter
+from .histogram import LabelledHistogram
+from .hooks import BackwardPass, SeedProbe
+from .snapshot import SeedState, Snapshot, empty_snapshot, head_state
+from .stats import approx_kl, gradient_cv, seed_grad_ratio
+
+log = logging.getLogger("tele_exporter")
+
+DEFAULT_MAX_SEEDS = 1024
+
+
+class Telemetry:
+    """Training-health telemetry for one policy: per-head gradients, KL, CV and seeds.
+
+    `heads` maps head names to the submodules whose parameters form each action
+    head; every head parameter must belong to `policy`. A new CollectorRegistry
+    is created unless one is passed in.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        heads: Mapping[str, nn.Module],
+        registry: CollectorRegistry | None = None,
+        const_labels: Mapping[str, str] | None = None,
+        *,
+        catalog: Catalog | None = None,
+        max_seeds: int = DEFAULT_MAX_SEEDS,
+    ) -> None:
+        if not isinstance(policy, nn.Module):
+            raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
+        self.catalog = catalog if catalog is not None else default_catalog()
+        self.heads = _check_heads(heads)
+        params = list(dict.fromkeys(policy.parameters()))
+        owned = {id(p) for p in params}
+        head_params: dict[str, list[nn.Parameter]] = {}
+        for name, module in self.heads.items():
+            head_params[name] = list(dict.fromkeys(module.parameters()))
+            if any(id(p) not in owned for p in head_params[name]):
+                raise ValueError(f"head {name!r} has parameters that are not part of the policy")
+            if not head_params[name]:
+                log.warning("head %r has no parameters: its gradient norm will always be missing", name)
+        self.params = params
+        self.const_labels = _check_const_labels(const_labels, self.catalog)
+        if max_seeds < 0:
+            raise ValueError(f"max_seeds must be >= 0, got {max_seeds}")
+        self.max_seeds = max_seeds
+
+        self._meter = GradientMeter(params, head_params)
+        self._lock = threading.Lock()
+        self._snapshot = empty_snapshot(tuple(self.heads))
+        self._grad_history: deque[float] = deque(maxlen=self.catalog["policy_grad_norm"].history)
+        self._kl_history: deque[float] = deque(maxlen=self.catalog["kl_divergence"].history)
+        self._nonfinite = dict.fromkeys(self.heads, 0)
+        self._histograms = {
+            spec.id: LabelledHistogram(spec.buckets) for spec in self.catalog if spec.type == "histogram"
+        }
+        for name in self.heads:
+            self._histograms["step_head_grad_norm"].ensure((name,))
+        for clip in ("pre", "post"):
+            self._histograms["step_policy_grad_norm"].ensure((clip,))
+        self._histograms["step_kl_divergence"].ensure(())
+        self._histograms["step_seed_grad_ratio"].ensure(())
+        self._seeds: dict[tuple[str, str], SeedWatch] = {}
+        self._seeds_refused = 0
+        self._errors: dict[str, int] = {}
+        self._update: Update | None = None
+
+        from .collector import TeleCollector  # the collector reads Telemetry; import late
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._collector = TeleCollector(self)
+        self.registry.register(self._collector)
+
+    # -- the public API --------------------------------------------------------------
+
+    def update(self) -> Update:
+        """A context manager for one PPO update; the snapshot is published on exit."""
+        return Update(self)
+
+    def watch_seed(self, module: nn.Module, *, env: str | int, slot: str) -> SeedWatch:
+        """Measure TELE-557's backward gain of a seed module until the handle is removed.
+
+        Past `max_seeds` live seeds the call is refused and counted: the returned
+        handle is inert and training goes on.
+        """
+        key = (str(env), str(slot))
+        with self._lock:
+            if key in self._seeds:
+                raise ValueError(f"a seed is already watched at env={key[0]!r} slot={key[1]!r}")
+            if len(self._seeds) >= self.max_seeds:
+                self._seeds_refused += 1
+                refused = self._seeds_refused
+            else:
+                refused = 0
+        if refused:
+            if refused == 1:
+                log.warning("max_seeds=%d live seeds reached: further seeds are not watched", self.max_seeds)
+            return SeedWatch(self, key, None)
+        watch = SeedWatch(self, key, SeedProbe(module, self.record_error))
+        with self._lock:
+            self._seeds[key] = watch
+            self._set_seeds_locked()
+        return watch
+
+    def snapshot(self) -> Snapshot:
+        """The latest published snapshot (immutable)."""
+        return self._snapshot
+
+    def errors(self) -> dict[str, int]:
+        """Exceptions caught inside telemetry, by site."""
+        with self._lock:
+            return dict(self._errors)
+
+    def record_error(self, site: str, exc: BaseException) -> None:
+        """Count a failure inside telemetry and log it the first time it happens at `site`."""
+        with self._lock:
+            self._errors[site] = self._errors.get(site, 0) + 1
+            first = self._errors[site] == 1
+        if first:
+            log.warning("telemetry failed in %s; training goes on: %r", site, exc, exc_info=exc)
+
+    def close(self) -> None:
+        """Unregister from the registry and remove every seed's hooks."""
+        for watch in list(self._seeds.values()):
+            watch.remove()
+        try:
+            self.registry.unregister(self._collector)
+        except KeyError:
+            pass
+
+    # -- internals -------------------------------------------------------------------
+
+    def _drop_seed(self, key: tuple[str, str], watch: SeedWatch) -> None:
+        with self._lock:
+            if self._seeds.get(key) is watch:
+                del self._seeds[key]
+                self._set_seeds_locked()
+
+    def _set_seeds_locked(self) -> None:
+        """Republish the seed list (new seeds show 0.0, removed ones vanish) without an update."""
+        old = {(s.env, s.slot): s for s in self._snapshot.seeds}
+        seeds = tuple(old.get(key) or _seed_state(self.catalog, key, 0.0, 0) for key in self._seeds)
+        self._snapshot = replace(self._snapshot, seeds=seeds, seeds_refused=self._seeds_refused)
+
+    def _open(self, upd: Update) -> None:
+        if self._update is not None:
+            raise RuntimeError("a Telemetry update is already open; updates do not nest")
+        self._update = upd
+
+    def _close(self, upd: Update) -> None:
+        self._update = None
+        try:
+            self._publish(upd)
+        except Exception as exc:
+            self.record_error("publish", exc)
+
+    def _publish(self, upd: Update) -> None:
+        drained = self._meter.drain()
+        passes = {key: watch.drain() for key, watch in list(self._seeds.items())}
+        host = _to_host(drained, upd.kls, passes)
+        heads, steps = self._head_values(drained, host.rows)
+        pre = float(host.rows[:, -2].mean()) if steps else math.nan
+        post = float(host.rows[:, -1].mean()) if steps else math.nan
+        if steps:
+            self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
+            self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
+        kl = float(host.kls.mean()) if host.kls.numel() else math.nan
+        self._histograms["step_kl_divergence"].observe_many((), host.kls)
+        seed_values: dict[tuple[str, str], tuple[float, int]] = {}
+        for key, ratios in host.seed_ratios.items():
+            with_data = ratios[ratios != 0]
+            self._histograms["step_seed_grad_ratio"].observe_many((), with_data)
+            mean = float(with_data.mean()) if with_data.numel() else 0.0
+            seed_values[key] = (mean, int(with_data.numel()))
+        cv = gradient_cv(heads.values())
+
+        with self._lock:
+            old = self._snapshot
+            if steps:
+                self._grad_history.append(post)
+            if host.kls.numel():
+                self._kl_history.append(kl)
+            seeds = tuple(
+                _seed_state(self.catalog, key, *seed_values.get(key, (0.0, 0))) for key in self._seeds
+            )
+            self._snapshot = Snapshot(
+                updates=old.updates + 1,
+                early_stops=old.early_stops + int(upd.stopped_early),
+                timestamp=time.time(),
+                steps=steps,
+                heads=tuple(
+                    head_state(self.catalog, h.name, heads[h.name], h.current if old.updates else 0.0,
+                               self._nonfinite[h.name])
+                    for h in old.heads
+                ),
+                grad_norm_pre=pre,
+                grad_norm_post=post,
+                grad_norm_history=tuple(self._grad_history),
+                kl=kl,
+                kl_history=tuple(self._kl_history),
+                gradient_cv=cv,
+                seeds=seeds,
+                histograms={hid: h.states() for hid, h in self._histograms.items()},
+                seeds_refused=self._seeds_refused,
+            )
+
+    def _head_values(self, drained: Drained | None, rows: Tensor) -> tuple[dict[str, float], int]:
+        """Per-head mean over the steps where the head had a gradient; NaN where it never did."""
+        values = dict.fromkeys(self.heads, math.nan)
+        if drained is None:
+            return values, 0
+        present = torch.tensor(drained.present, dtype=torch.bool).reshape(len(drained.present), -1)
+        hist = self._histograms["step_head_grad_norm"]
+        for h, name in enumerate(self.heads):
+            vals = rows[present[:, h], h]
+            if vals.numel():
+                values[name] = float(vals.mean())
+                self._nonfinite[name] += int((~torch.isfinite(vals)).sum())
+                hist.observe_many((name,), vals)
+        return values, len(drained.present)
+
+
+class Update:
+    """One PPO update. Measure each optimizer step, observe KL, publish on exit."""
+
+    def __init__(self, tele: Telemetry) -> None:
+        self._tele = tele
+        self.kls: list[Tensor] = []
+        self.stopped_early = False
+        self._open = False
+
+    def __enter__(self) -> Update:
+        self._tele._open(self)
+        self._open = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        self._tele._close(self)
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> Tensor:
+        """Drop-in for torch.nn.utils.clip_grad_norm_ over the policy's parameters.
+
+        Clips in place and returns the pre-clip total norm (a float64 tensor);
+        per-head norms come from the same fused pass.
+        """
+        self._check_open()
+        if float(norm_type) != 2.0:
+            raise ValueError(f"tele-exporter measures L2 norms; norm_type={norm_type} is not supported")
+        try:
+            pre = self._tele._meter.measure(float(max_norm))
+        except Exception as exc:
+            self._tele.record_error("clip_grad_norm", exc)
+            return torch.nn.utils.clip_grad_norm_(self._tele.params, max_norm)
+        if error_if_nonfinite and not bool(torch.isfinite(pre)):
+            raise RuntimeError(f"The total norm of gradients is non-finite ({float(pre)})")
+        return pre
+
+    def observe_gradients(self) -> Tensor:
+        """Measure this step's gradients without clipping; returns the total norm."""
+        self._check_open()
+        try:
+            return self._tele._meter.measure(None)
+        except Exception as exc:
+            self._tele.record_error("observe_gradients", exc)
+            return torch.tensor(math.nan, dtype=torch.float64)
+
+    def observe_kl(
+        self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Record one epoch's causally weighted approx KL (TELE-111) and return it as a tensor."""
+        self._check_open()
+        unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._tele.heads]
+        if unknown:
+            raise ValueError(f"unknown head {unknown[0]!r} in observe_kl; heads are {list(self._tele.heads)}")
+        kl = approx_kl(log_ratio, masks)
+        self.kls.append(kl.detach())
+        return kl
+
+    def early_stop(self) -> None:
+        """Count this update as stopped early by the KL trust region."""
+        self.stopped_early = True
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("use the Update inside `with tele.update() as upd:`")
+
+
+class SeedWatch:
+    """Handle of a watched seed; remove() (idempotent) drops its hooks and its series."""
+
+    def __init__(self, tele: Telemetry, key: tuple[str, str], probe: SeedProbe | None) -> None:
+        self._tele = tele
+        self.env, self.slot = key
+        self._probe = probe
+
+    @property
+    def active(self) -> bool:
+        """False once removed, or when the watch was refused by the seed cap."""
+        return self._probe is not None and self._probe.active
+
+    def drain(self) -> list[BackwardPass]:
+        return self._probe.drain() if self._probe is not None else []
+
+    def remove(self) -> None:
+        if self._probe is None:
+            return
+        self._probe.remove()
+        self._tele._drop_seed((self.env, self.slot), self)
+
+    def __enter__(self) -> SeedWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+
+class _Host:
+    """What one update recorded, on the host."""
+
+    def __init__(self, rows: Tensor, kls: Tensor, seed_ratios: dict[tuple[str, str], Tensor]):
+        self.rows, self.kls, self.seed_ratios = rows, kls, seed_ratios
+
+
+def _to_host(
+    drained: Drained | None, kls: list[Tensor], passes: Mapping[tuple[str, str], list[BackwardPass]]
+) -> _Host:
+    """Gather everything the update recorded and copy it to the host, one transfer per device."""
+    parts: list[Tensor] = []
+    if drained is not None:
+        parts.append(drained.rows.reshape(-1))
+    parts.extend(k.reshape(1) for k in kls)
+    seed_counts: list[tuple[tuple[str, str], int]] = []
+    for key, seed_passes in passes.items():
+        complete = [p for p in seed_passes if p.input_sq and p.output_sq]
+        seed_counts.append((key, len(complete)))
+        parts.extend(_summed(p.input_sq) for p in complete)
+        parts.extend(_summed(p.output_sq) for p in complete)
+    flat = _gather(parts)
+    offset = 0
+    width = drained.rows.shape[1] if drained is not None else 0
+    n_rows = drained.rows.shape[0] if drained is not None else 0
+    rows = flat[: n_rows * width].reshape(n_rows, width)
+    offset = n_rows * width
+    kl_t = flat[offset : offset + len(kls)]
+    offset += len(kls)
+    ratios: dict[tuple[str, str], Tensor] = {}
+    for key, n in seed_counts:
+        g_in = flat[offset : offset + n].sqrt()
+        g_out = flat[offset + n : offset + 2 * n].sqrt()
+        ratios[key] = seed_grad_ratio(g_in, g_out)
+        offset += 2 * n
+    return _Host(rows, kl_t, ratios)
+
+
+def _summed(squares: list[Tensor]) -> Tensor:
+    return squares[0].reshape(1) if len(squares) == 1 else torch.stack(squares).sum().reshape(1)
+
+
+def _gather(parts: list[Tensor]) -> Tensor:
+    """Concatenate float64 pieces in order on the host with one copy per device."""
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    devices = list(dict.fromkeys(p.device for p in parts))
+    if len(devices) == 1:
+        return torch.cat([p.to(torch.float64) for p in parts]).cpu()
+    host = {d: torch.cat([p.to(torch.float64) for p in parts if p.device == d]).cpu() for d in devices}
+    cursor = dict.fromkeys(devices, 0)
+    out = []
+    for p in parts:
+        n = p.numel()
+        out.append(host[p.device][cursor[p.device] : cursor[p.device] + n])
+        cursor[p.device] += n
+    return torch.cat(out)
+
+
+def _seed_state(catalog: Catalog, key: tuple[str, str], ratio: float, passes: int) -> SeedState:
+    spec = catalog["seed_grad_ratio"]
+    level = spec.level_of(ratio)
+    flag = level.flag if level is not None else None
+    return SeedState(
+        env=key[0],
+        slot=key[1],
+        ratio=ratio,
+        vanishing=flag == "seed_gradient_vanishing",
+        exploding=flag == "seed_gradient_exploding",
+        shown=show(spec, ratio),
+        passes=passes,
+    )
+
+
+def _check_heads(heads: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    if not isinstance(heads, Mapping) or not heads:
+        raise TypeError("heads must be a non-empty mapping of head name to nn.Module")
+    for name, module in heads.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"head names must be non-empty strings, got {name!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"head {name!r} is a {type(module).__name__}, not an nn.Module")
+    return dict(heads)
+
+
+def _check_const_labels(labels: Mapping[str, str] | None, catalog: Catalog) -> dict[str, str]:
+    out = {str(k): str(v) for k, v in (labels or {}).items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            out.setdefault("rank", str(torch.distributed.get_rank()))
+    used = {label for spec in catalog for label in spec.labels}
+    for name in out:
+        if name in RESERVED_LABELS or name in used or not name.isidentifier():
+            raise ValueError(f"const label {name!r} is reserved or clashes with a metric label")
+    return out
