@@ -27,6 +27,10 @@ RESERVED_LABELS = frozenset({"job", "instance", "pod", "namespace", "le", "quant
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ALERT_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_SELECTOR_RE = re.compile(
+    r'^\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"'
+    r'(\s*,\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*")*\s*$'
+)
 _INTERVAL_RE = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -54,8 +58,8 @@ class Interval:
         if math.isnan(low) or math.isnan(high) or low > high:
             raise ValueError(f"{text!r} has bounds out of order")
         interval = cls(low, left == "[", high, right == "]")
-        if (math.isinf(low) and interval.low_closed) or (math.isinf(high) and interval.high_closed):
-            raise ValueError(f"{text!r} closes an infinite end")
+        if low == math.inf or high == -math.inf:
+            raise ValueError(f"{text!r} has bounds out of order")
         if low == high and not (interval.low_closed and interval.high_closed):
             raise ValueError(f"{text!r} is empty")
         return interval
@@ -188,12 +192,14 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The whole catalog: namespace, colours and metric specs by id."""
+    """The whole catalog: namespace, colours, metric specs by id and the rules' selector."""
 
     namespace: str
     colours: Mapping[str, str]
     metrics: Mapping[str, MetricSpec]
     path: Path
+    # PromQL label matchers (without braces) for the trainer's series; "" selects all.
+    selector: str = ""
 
     def __getitem__(self, metric_id: str) -> MetricSpec:
         return self.metrics[metric_id]
@@ -304,7 +310,7 @@ def _read_levels(r: _Reader) -> tuple[Level, ...]:
 
 
 def _check_partition(r: _Reader, key: str, parts: list[tuple[str, Interval]]) -> None:
-    """Intervals must cover [0, +inf) exactly once, in ascending order."""
+    """Intervals must cover [0, +inf] exactly once, in ascending order (Inf is data)."""
     if not parts:
         return
     cursor, cursor_covered = 0.0, False  # everything below `cursor` is covered
@@ -315,8 +321,8 @@ def _check_partition(r: _Reader, key: str, parts: list[tuple[str, Interval]]) ->
             )
             raise r.fail(key, f"level {name!r} {iv} {problem}; levels must partition [0, +inf)")
         cursor, cursor_covered = iv.high, iv.high_closed
-    if cursor != math.inf:
-        raise r.fail(key, f"levels end at {cursor}; they must reach +inf")
+    if cursor != math.inf or not cursor_covered:
+        raise r.fail(key, f"levels end at {cursor}; the last must close at +inf] to cover Inf")
 
 
 def _read_trend(r: _Reader) -> Trend | None:
@@ -456,8 +462,11 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     except yaml.YAMLError as exc:
         raise CatalogError(f"{file}: not valid YAML: {exc}") from None
     top = _Reader(file, "catalog", raw)
-    top.check_keys(("namespace", "colours", "metrics"))
+    top.check_keys(("namespace", "selector", "colours", "metrics"))
     namespace = top.get("namespace", str)
+    selector = top.get("selector", str, "")
+    if selector and not _SELECTOR_RE.match(selector):
+        raise top.fail("selector", f"{selector!r} is not a list of label matchers like 'job=\"tele\"'")
     colours = top.get("colours", dict)
     for key in COLOUR_KEYS:
         if not isinstance(colours.get(key), str):
@@ -471,7 +480,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     if dupes:
         raise top.fail("metrics", f"metric name {dupes[0]!r} is used twice")
     _check_cross_references(file, metrics)
-    return Catalog(namespace, dict(colours), metrics, file)
+    return Catalog(namespace, dict(colours), metrics, file, selector.strip())
 
 
 @cache

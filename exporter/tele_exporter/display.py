@@ -23,11 +23,9 @@ class Shown:
 
 
 def show(spec: MetricSpec, value: float) -> Shown:
-    """The level a value falls in and its label; NaN or Inf shows as critical "NaN"/"Inf"."""
-    if not math.isfinite(value):
-        if math.isnan(value):
-            return Shown(None, "NaN", "critical")
-        return Shown(None, "Inf", "critical")
+    """The level a value falls in and its label; NaN, which no level holds, shows as critical."""
+    if math.isnan(value):
+        return Shown(None, "NaN", "critical")
     level = spec.level_of(value)
     if level is None:
         return Shown(None, f"{value:.{spec.precision}f}", "neutral")

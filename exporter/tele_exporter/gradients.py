@@ -1,8 +1,9 @@
 """The per-step hot path: per-head and global gradient norms from one fused pass.
 
 A `GradientMeter` measures the gradients of a policy at each optimizer step with
-`torch._foreach_norm` (float64), one matrix-vector product for every head's and
-the global norm at once, and optionally clips in place like
+`torch._foreach_norm` (float64), one `index_add_` for every head's and the global
+squared norm at once (a matrix product would let 0 * NaN leak a NaN from one head
+into all others), and optionally clips in place like
 `torch.nn.utils.clip_grad_norm_`. Results stay on the device in a row buffer that
 the aggregator drains once per PPO update: no host synchronisation per step.
 """
@@ -22,9 +23,10 @@ _INITIAL_ROWS = 64
 
 @dataclass(frozen=True)
 class _Plan:
-    """What one pattern of present gradients needs: the head matrix and which heads have data."""
+    """What one pattern of present gradients needs: (tensor, head) pairs and which heads have data."""
 
-    matrix: Tensor  # [H + 1, T] float64: row h sums the squared norms of head h; last row all
+    tensor_index: Tensor  # [P] which present gradient each pair reads
+    head_index: Tensor  # [P] which output it adds to: a head, or H for the global total
     present: tuple[bool, ...]  # per head: has at least one gradient in this pattern
 
 
@@ -72,8 +74,10 @@ class GradientMeter:
         row = self._next_row(present_grads[0].device if present_grads else torch.device("cpu"))
         self._present.append(plan.present)
         if present_grads:
-            norms = tensor_norms(present_grads)
-            torch.sqrt(torch.mv(plan.matrix, norms.square()), out=row[: h + 1])
+            squares = tensor_norms(present_grads).square()
+            sums = torch.zeros(h + 1, dtype=torch.float64, device=squares.device)
+            sums.index_add_(0, plan.head_index, squares.index_select(0, plan.tensor_index))
+            torch.sqrt(sums, out=row[: h + 1])
         else:
             row.zero_()
         pre = row[h]
@@ -109,18 +113,24 @@ class GradientMeter:
     def _build_plan(self, key: tuple[bool, ...], present_grads: list[Tensor]) -> _Plan:
         h = len(self.head_names)
         device = present_grads[0].device if present_grads else torch.device("cpu")
-        matrix = torch.zeros(h + 1, len(present_grads), dtype=torch.float64)
+        tensors: list[int] = []
+        outputs: list[int] = []
         has = [False] * h
         col = 0
         for i, is_present in enumerate(key):
             if not is_present:
                 continue
-            matrix[h, col] = 1.0
+            for out in (*self._membership[i], h):
+                tensors.append(col)
+                outputs.append(out)
             for head in self._membership[i]:
-                matrix[head, col] = 1.0
                 has[head] = True
             col += 1
-        return _Plan(matrix.to(device), tuple(has))
+        return _Plan(_index(tensors, device), _index(outputs, device), tuple(has))
+
+
+def _index(values: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 def _scale_(grads: list[Tensor], coef: Tensor) -> None:

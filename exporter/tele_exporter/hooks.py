@@ -1,9 +1,10 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
-A seed's backward gain is measured with tensor hooks, not full backward hooks:
-a forward pre-hook hooks the inputs before the seed runs (so in-place ops inside
-the seed do not disturb it) and a forward hook hooks the output. Each hook only
-appends a device-side squared norm; nothing synchronises with the host.
+A seed's backward gain is measured with tensor hooks, not full backward hooks.
+The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
+alias: a hook on the input itself would also see gradient arriving through the
+host's skip path, which is not the seed's. The forward hook hooks the output.
+Each hook only appends a device-side squared norm; nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -95,18 +96,26 @@ class SeedProbe:
     ) -> None:
         self.remove()
 
-    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        self._current = None
+        if not torch.is_grad_enabled():
+            return None
         try:
-            self._current = None
-            inputs = _tensors(args)
-            if not torch.is_grad_enabled():
-                return
             record = BackwardPass()
+            tapped = tuple(self._tap(a, record) for a in args)
             self._current = record
-            for t in inputs:
-                t.register_hook(self._grad_hook(record.input_sq))
+            return tapped
         except Exception as exc:  # telemetry must never break the forward pass
             self._on_error(self._site, exc)
+            return None
+
+    def _tap(self, arg: Any, record: BackwardPass) -> Any:
+        """An alias of a grad-requiring tensor whose hook sees only the seed's own gradient."""
+        if not (isinstance(arg, Tensor) and arg.requires_grad and arg.is_floating_point()):
+            return arg
+        alias = arg.view_as(arg)
+        alias.register_hook(self._grad_hook(record.input_sq))
+        return alias
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         try:

@@ -95,6 +95,7 @@ def approx_kl(
     masks = masks or {}
     if not log_ratio:
         raise ValueError("approx_kl needs at least one head's log_ratio")
+    _check_kl_inputs(log_ratio, masks)
     weighted: list[Tensor] = []
     weights: list[Tensor] = []
     for name, r in log_ratio.items():
@@ -104,6 +105,28 @@ def approx_kl(
         weights.append(w)
     total_w = torch.stack(weights).sum()
     return torch.stack(weighted).sum() / total_w.clamp(min=KL_WEIGHT_FLOOR)
+
+
+def _check_kl_inputs(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError naming the head whose inputs do not fit together."""
+    for name in masks:
+        if name not in log_ratio:
+            raise ValueError(f"mask for head {name!r} has no log_ratio")
+    steps = None
+    for name, r in log_ratio.items():
+        if not isinstance(r, Tensor):
+            raise TypeError(f"log_ratio of head {name!r} is a {type(r).__name__}, not a tensor")
+        mask = masks.get(name)
+        if mask is not None and tuple(mask.shape) != tuple(r.shape):
+            raise ValueError(
+                f"mask of head {name!r} has shape {tuple(mask.shape)}, "
+                f"its log_ratio has shape {tuple(r.shape)}"
+            )
+        if steps is not None and r.numel() != steps[1]:
+            raise ValueError(
+                f"head {name!r} has {r.numel()} timesteps, head {steps[0]!r} has {steps[1]}"
+            )
+        steps = steps or (name, r.numel())
 
 
 def seed_grad_ratio(grad_in_norm: Tensor | float, grad_out_norm: Tensor | float) -> Tensor:

@@ -117,6 +117,7 @@ class Telemetry:
             if len(self._seeds) >= self.max_seeds:
                 self._seeds_refused += 1
                 refused = self._seeds_refused
+                self._set_seeds_locked()
             else:
                 refused = 0
         if refused:

@@ -1,0 +1,204 @@
+"""Telemetry: drop-in clipping, per-head values, prev/history/trend semantics, faults, user mistakes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tele_exporter import Telemetry
+from tele_exporter.stats import grad_norms, gradient_cv
+
+from .conftest import TinyPolicy, backward
+
+
+def _update(tele: Telemetry, policy: TinyPolicy, steps: int, scale: float = 1.0, seed: int = 0) -> list[dict[str, float]]:
+    """One PPO update of `steps` optimizer steps; returns the reference per-head norms of each step."""
+    reference = []
+    with tele.update() as upd:
+        for i in range(steps):
+            backward(policy, scale=scale, seed=seed * 100 + i)
+            ref = grad_norms({"op": [p.grad for p in policy.op.parameters()], "slot": [p.grad for p in policy.slot.parameters()]})
+            ref["total"] = grad_norms({"all": [p.grad for p in policy.parameters()]})["all"]
+            reference.append({k: v.item() for k, v in ref.items()})
+            upd.clip_grad_norm_(0.5)
+    return reference
+
+
+def test_clip_is_a_drop_in_for_torch(policy: TinyPolicy, tele: Telemetry) -> None:
+    twin = copy.deepcopy(policy)
+    backward(policy, seed=3)
+    backward(twin, seed=3)
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    with tele.update() as upd:
+        got = upd.clip_grad_norm_(0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)  # type: ignore[arg-type]
+
+
+def test_head_values_are_the_mean_over_the_update_steps(policy: TinyPolicy, tele: Telemetry) -> None:
+    ref = _update(tele, policy, steps=3)
+    snap = tele.snapshot()
+    for head in ("op", "slot"):
+        assert snap.head(head).current == pytest.approx(sum(r[head] for r in ref) / 3, rel=1e-9)
+    assert snap.grad_norm_pre == pytest.approx(sum(r["total"] for r in ref) / 3, rel=1e-9)
+    expected_post = sum(min(r["total"], r["total"] * 0.5 / (r["total"] + 1e-6)) for r in ref) / 3
+    assert snap.grad_norm_post == pytest.approx(expected_post, rel=1e-9)
+    assert snap.gradient_cv == pytest.approx(gradient_cv([snap.head("op").current, snap.head("slot").current]))
+    assert snap.steps == 3
+
+
+def test_prev_is_the_previous_update_and_zero_before_the_second(policy: TinyPolicy, tele: Telemetry) -> None:
+    currents = []
+    for u in range(4):
+        _update(tele, policy, steps=2, scale=1.0 + u, seed=u)
+        snap = tele.snapshot()
+        head = snap.head("op")
+        assert head.prev == (currents[-1] if currents else 0.0)
+        currents.append(head.current)
+        assert snap.updates == u + 1
+    assert tele.snapshot().head("op").trend.arrow == "↗"  # type: ignore[union-attr]
+
+
+def test_histories_keep_the_last_ten_post_clip_values(policy: TinyPolicy, tele: Telemetry) -> None:
+    posts, kls = [], []
+    for u in range(12):
+        with tele.update() as upd:
+            backward(policy, scale=0.001 * (u + 1), seed=u)
+            upd.clip_grad_norm_(0.5)
+            upd.observe_kl({"op": torch.full((4,), 0.01 * u)})
+        posts.append(tele.snapshot().grad_norm_post)
+        kls.append(tele.snapshot().kl)
+    snap = tele.snapshot()
+    assert snap.grad_norm_history == tuple(posts[-10:])
+    assert snap.kl_history == tuple(kls[-10:])
+    assert snap.grad_norm_history[-1] == snap.grad_norm_post
+
+
+def test_head_without_gradient_is_missing_and_left_out_of_cv(policy: TinyPolicy, tele: Telemetry) -> None:
+    with tele.update() as upd:
+        backward(policy, heads=("op",))
+        upd.clip_grad_norm_(1.0)
+    snap = tele.snapshot()
+    assert math.isnan(snap.head("slot").current)
+    assert snap.head("slot").trend is None
+    assert snap.gradient_cv == 0.0  # a single head with data
+
+
+def test_nan_gradient_in_one_head_is_counted_and_reported(policy: TinyPolicy, tele: Telemetry) -> None:
+    for _ in range(2):
+        with tele.update() as upd:
+            backward(policy)
+            policy.slot.weight.grad[0, 0] = float("nan")  # type: ignore[index]
+            upd.clip_grad_norm_(1.0)
+            backward(policy)
+            upd.clip_grad_norm_(1.0)
+    snap = tele.snapshot()
+    assert math.isnan(snap.head("slot").current)
+    assert snap.head("slot").nonfinite_total == 2
+    assert snap.head("op").nonfinite_total == 0
+    assert math.isfinite(snap.head("op").current)
+
+
+def test_kl_is_the_mean_of_the_updates_calls_and_early_stops_count(policy: TinyPolicy, tele: Telemetry) -> None:
+    with tele.update() as upd:
+        a = upd.observe_kl({"op": torch.full((8,), 0.1)})
+        b = upd.observe_kl({"op": torch.full((8,), 0.2)}, {"op": torch.ones(8, dtype=torch.bool)})
+        assert isinstance(a, torch.Tensor)
+        upd.early_stop()
+    snap = tele.snapshot()
+    assert snap.kl == pytest.approx((a.item() + b.item()) / 2)
+    assert snap.early_stops == 1
+    assert snap.steps == 0 and math.isnan(snap.grad_norm_pre)
+    with tele.update():
+        pass
+    assert tele.snapshot().early_stops == 1
+
+
+def test_observe_gradients_measures_without_clipping(policy: TinyPolicy, tele: Telemetry) -> None:
+    backward(policy, scale=100.0)
+    before = [p.grad.clone() for p in policy.parameters()]  # type: ignore[union-attr]
+    with tele.update() as upd:
+        total = upd.observe_gradients()
+    assert all(torch.equal(p.grad, b) for p, b in zip(policy.parameters(), before, strict=True))
+    assert tele.snapshot().grad_norm_pre == tele.snapshot().grad_norm_post == pytest.approx(total.item())
+
+
+def test_histograms_observe_every_step(policy: TinyPolicy, tele: Telemetry) -> None:
+    _update(tele, policy, steps=5)
+    hist = tele.snapshot().histograms
+    assert hist["step_head_grad_norm"][("op",)].count == 5
+    assert hist["step_policy_grad_norm"][("pre",)].count == 5
+    assert hist["step_kl_divergence"][()].count == 0
+
+
+def test_a_failure_inside_telemetry_is_counted_logged_once_and_training_goes_on(
+    policy: TinyPolicy, tele: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(max_norm: float | None) -> torch.Tensor:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(tele._meter, "measure", boom)
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    with tele.update() as upd:
+        for _ in range(3):
+            backward(policy, scale=100.0)
+            pre = upd.clip_grad_norm_(0.5)
+            total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in policy.parameters()]))  # type: ignore[union-attr]
+            assert total.item() == pytest.approx(0.5, rel=1e-4)  # clipping still happened
+            assert pre.item() > 0.5
+    assert tele.errors() == {"clip_grad_norm": 3}
+    assert len([r for r in caplog.records if "clip_grad_norm" in r.getMessage()]) == 1
+    assert tele.snapshot().updates == 1
+
+
+def test_user_mistakes_raise_at_once_naming_the_culprit(policy: TinyPolicy) -> None:
+    with pytest.raises(TypeError, match="head 'op' is a Linear|head 'op' is a int"):
+        Telemetry(policy, heads={"op": 3})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="head 'alien' has parameters that are not part of the policy"):
+        Telemetry(policy, heads={"alien": nn.Linear(2, 2)})
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        Telemetry(policy, heads={})
+    with pytest.raises(TypeError, match="policy as an nn.Module"):
+        Telemetry("policy", heads={"op": policy.op})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="const label 'job'"):
+        Telemetry(policy, heads={"op": policy.op}, const_labels={"job": "x"})
+
+
+def test_unknown_head_and_bad_mask_in_observe_kl(tele: Telemetry) -> None:
+    with tele.update() as upd:
+        with pytest.raises(ValueError, match="unknown head 'tempo'.*'op', 'slot'"):
+            upd.observe_kl({"tempo": torch.zeros(3)})
+        with pytest.raises(ValueError, match="mask of head 'slot' has shape"):
+            upd.observe_kl({"slot": torch.zeros(3)}, {"slot": torch.zeros(4)})
+
+
+def test_updates_do_not_nest_and_an_update_is_used_inside_its_block(tele: Telemetry) -> None:
+    with tele.update() as upd, pytest.raises(RuntimeError, match="do not nest"):
+        tele.update().__enter__()
+    with pytest.raises(RuntimeError, match="inside `with tele.update()"):
+        upd.observe_gradients()
+
+
+def test_head_without_parameters_is_allowed_and_always_missing(policy: TinyPolicy, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    tele = Telemetry(policy, heads={"op": policy.op, "noop": nn.Identity()})
+    with tele.update() as upd:
+        backward(policy)
+        upd.clip_grad_norm_(1.0)
+    assert math.isnan(tele.snapshot().head("noop").current)
+    assert "head 'noop' has no parameters" in caplog.text
+    tele.close()
+
+
+def test_an_update_that_raises_still_publishes_what_it_measured(policy: TinyPolicy, tele: Telemetry) -> None:
+    with pytest.raises(KeyError), tele.update() as upd:
+        backward(policy)
+        upd.clip_grad_norm_(1.0)
+        raise KeyError("trainer bug")
+    assert tele.snapshot().updates == 1
