@@ -1,0 +1,152 @@
+"""`tele-exporter bench`: telemetry's step overhead, measured side by side in one run.
+
+Three variants train the same multi-head policy on the same data, interleaved
+round by round so machine noise hits them alike: a plain
+torch.nn.utils.clip_grad_norm_ step, an Update.clip_grad_norm_ step, and the
+naive per-head `.item()` loop users write today. Printed as ratios to plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .telemetry import Telemetry, Update
+
+HEADS = ("op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
+
+
+class BenchPolicy(nn.Module):
+    """A PPO-sized factored policy: an MLP trunk, eight action heads and a value head."""
+
+    def __init__(self, obs: int, hidden: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.heads = nn.ModuleDict({h: nn.Linear(hidden, 8) for h in HEADS})
+        self.value = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.trunk(x)
+        logits = torch.stack([head(z) for head in self.heads.values()])
+        return logits.logsumexp(-1).mean() + self.value(z).pow(2).mean()
+
+
+@dataclass
+class Variant:
+    """One way of clipping, with its per-step timings of each round."""
+
+    name: str
+    policy: BenchPolicy
+    clip: Callable[[], object]
+    clip_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def _naive_head_norms(policy: BenchPolicy) -> dict[str, float]:
+    """What users write today: a host sync per head per step."""
+    return {
+        name: torch.sqrt(sum((p.grad.norm() ** 2 for p in head.parameters() if p.grad is not None), torch.zeros(()))).item()
+        for name, head in policy.heads.items()
+    }
+
+
+def run_bench(steps: int, rounds: int, hidden: int, batch: int, device: str, max_norm: float = 0.5) -> Result:
+    """Time the three variants, interleaved; each round is one published PPO update."""
+    torch.manual_seed(0)
+    base = BenchPolicy(64, hidden).to(device)
+    data = torch.randn(batch, 64, device=device)
+    policies = [BenchPolicy(64, hidden).to(device) for _ in range(3)]
+    for p in policies:
+        p.load_state_dict(base.state_dict())
+    tele = Telemetry(policies[1], heads=dict(policies[1].heads.items()))
+    updates: list[Update] = []
+    variants = [
+        Variant("plain", policies[0], lambda: torch.nn.utils.clip_grad_norm_(policies[0].parameters(), max_norm)),
+        Variant("telemetry", policies[1], lambda: updates[-1].clip_grad_norm_(max_norm)),
+        Variant("naive", policies[2], lambda: (
+            torch.nn.utils.clip_grad_norm_(policies[2].parameters(), max_norm), _naive_head_norms(policies[2])
+        )),
+    ]
+    optims = [torch.optim.Adam(v.policy.parameters(), lr=1e-4) for v in variants]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(v: Variant, optim: torch.optim.Optimizer) -> float:
+        optim.zero_grad(set_to_none=True)
+        v.policy(data).backward()
+        t0 = time.perf_counter()
+        v.clip()
+        clip_t = time.perf_counter() - t0
+        optim.step()
+        return clip_t
+
+    publish: list[float] = []
+    for r in range(3 + rounds):  # three warm-up rounds: allocator, kernels, plans
+        upd = tele.update().__enter__()
+        updates.append(upd)
+        for v, optim in zip(variants, optims, strict=True):
+            sync()
+            t0 = time.perf_counter()
+            clip_total = sum(step(v, optim) for _ in range(steps))
+            sync()
+            if r >= 3:
+                v.step_seconds.append((time.perf_counter() - t0) / steps)
+                v.clip_seconds.append(clip_total / steps)
+        t0 = time.perf_counter()
+        upd.__exit__(None, None, None)
+        if r >= 3:
+            publish.append(time.perf_counter() - t0)
+    tele.close()
+    return Result(variants, publish, steps)
+
+
+@dataclass
+class Result:
+    """Timings of a bench run: the variants and the once-per-update publish."""
+
+    variants: list[Variant]
+    publish_seconds: list[float]
+    steps: int
+
+
+def report(result: Result) -> str:
+    """A table of median per-step times and their ratios to the plain step, then publish cost."""
+    variants = result.variants
+    plain = variants[0]
+    p_step, p_clip = statistics.median(plain.step_seconds), statistics.median(plain.clip_seconds)
+    lines = [f"{'variant':<12}{'step ms':>10}{'ratio':>9}{'clip ms':>10}{'ratio':>9}"]
+    for v in variants:
+        step, clip = statistics.median(v.step_seconds), statistics.median(v.clip_seconds)
+        lines.append(f"{v.name:<12}{step * 1e3:>10.3f}{step / p_step:>9.3f}{clip * 1e3:>10.3f}{clip / p_clip:>9.3f}")
+    pub = statistics.median(result.publish_seconds)
+    telemetry_step = statistics.median(variants[1].step_seconds)
+    lines.append(
+        f"publish (once per update of {result.steps} steps): {pub * 1e3:.3f} ms; "
+        f"update with publish / plain update: {(telemetry_step * result.steps + pub) / (p_step * result.steps):.3f}"
+    )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=32, help="optimizer steps per round (one PPO update)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds; medians are reported")
+    parser.add_argument("--hidden", type=int, default=256, help="trunk width")
+    parser.add_argument("--batch", type=int, default=256, help="minibatch size")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(args.steps, args.rounds, args.hidden, args.batch, args.device)
+    print(f"tele-exporter bench: {args.rounds} rounds x {args.steps} steps, hidden={args.hidden}, "
+          f"batch={args.batch}, device={args.device}, torch {torch.__version__}")
+    print("step = zero_grad + forward + backward + clip + optimizer.step; clip = the clipping call alone")
+    print(report(result))
+    return 0

@@ -1,0 +1,122 @@
+"""server: a real HTTP /metrics parsed by prometheus_client and checked by promtool; errors named."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tele_exporter import PortInUseError, Telemetry, serve
+from tele_exporter.server import Server
+
+from .conftest import TinyPolicy, backward
+
+
+@pytest.fixture
+def server(tele: Telemetry) -> Iterator[Server]:
+    srv = serve(tele, port=0)
+    yield srv
+    srv.close()
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _train(tele: Telemetry, policy: TinyPolicy, updates: int) -> None:
+    for u in range(updates):
+        with tele.update() as upd:
+            backward(policy, scale=1.0 + u, seed=u)
+            upd.clip_grad_norm_(0.5)
+
+
+def test_scrape_parses_and_matches_the_snapshot(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    _train(tele, policy, 2)
+    assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/metrics")
+    status, body = _get(server.url)
+    assert status == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(body.decode())
+        for s in f.samples
+    }
+    snap = tele.snapshot()
+    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == snap.head("op").prev
+    assert samples[("tele_ppo_updates_total", ())] == 2.0
+
+
+def test_promtool_check_metrics_accepts_a_live_scrape(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    _train(tele, policy, 2)
+    tele.watch_seed(policy.trunk, env=0, slot="r0c0")
+    _train(tele, policy, 1)
+    _, body = _get(server.url)
+    assert shutil.which("promtool"), "promtool is missing: install Debian's prometheus package"
+    result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405(server: Server) -> None:
+    assert _get(server.base_url + "/nope")[0] == 404
+    status, _ = _get(server.url, method="POST")
+    assert status == 405
+    status, body = _get(server.base_url + "/")
+    assert status == 200 and b"/metrics" in body
+
+
+def test_taken_port_is_a_clear_error_naming_the_address(server: Server, tele: Telemetry) -> None:
+    with pytest.raises(PortInUseError, match=f"127.0.0.1:{server.port}: address already in use"):
+        serve(tele, port=server.port)
+
+
+def test_close_releases_the_port(tele: Telemetry) -> None:
+    srv = serve(tele, port=0)
+    port = srv.port
+    srv.close()
+    srv.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_scrapes_during_training_never_see_a_torn_update(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    """A scrape shows one update: prev of that update equals current of the update before."""
+    currents: dict[int, float] = {}
+    seen: list[tuple[int, float, float]] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            _, body = _get(server.url)
+            values = {
+                (s.name, s.labels.get("head")): s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+            }
+            if ("tele_head_grad_norm", "op") in values:
+                seen.append(
+                    (int(values[("tele_ppo_updates_total", None)]), values[("tele_head_grad_norm", "op")],
+                     values[("tele_head_grad_norm_prev", "op")])
+                )
+
+    thread = threading.Thread(target=scrape)
+    thread.start()
+    try:
+        for u in range(60):
+            _train(tele, policy, 1)
+            currents[u + 1] = tele.snapshot().head("op").current
+    finally:
+        stop.set()
+        thread.join()
+    assert len(seen) > 5
+    for update, current, prev in seen:
+        assert current == currents[update]
+        assert prev == currents.get(update - 1, 0.0)
