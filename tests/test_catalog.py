@@ -14,10 +14,18 @@ from tele_exporter.catalog import DEFAULT_PATH, CatalogError, Interval, default_
 def test_packaged_catalog_has_every_design_metric() -> None:
     names = {spec.name for spec in default_catalog()}
     design = {
-        "tele_head_grad_norm", "tele_head_grad_norm_prev", "tele_policy_grad_norm", "tele_gradient_cv",
-        "tele_kl_divergence", "tele_seed_grad_ratio", "tele_seed_gradient_vanishing",
-        "tele_seed_gradient_exploding", "tele_ppo_updates_total", "tele_ppo_early_stops_total",
-        "tele_last_update_timestamp_seconds", "tele_nonfinite_gradients_total",
+        "tele_head_grad_norm",
+        "tele_head_grad_norm_prev",
+        "tele_policy_grad_norm",
+        "tele_gradient_cv",
+        "tele_kl_divergence",
+        "tele_seed_grad_ratio",
+        "tele_seed_gradient_vanishing",
+        "tele_seed_gradient_exploding",
+        "tele_ppo_updates_total",
+        "tele_ppo_early_stops_total",
+        "tele_last_update_timestamp_seconds",
+        "tele_nonfinite_gradients_total",
     }
     assert design <= names
 
@@ -26,17 +34,30 @@ def test_record_boundaries_are_exact() -> None:
     c = default_catalog()
     grad = c["policy_grad_norm"]
     assert [grad.level_of(v).name for v in (0.0999, 0.1, 5.0, 5.0001, 10.0, 10.0001)] == [  # type: ignore[union-attr]
-        "vanishing", "healthy", "healthy", "warning", "warning", "critical",
+        "vanishing",
+        "healthy",
+        "healthy",
+        "warning",
+        "warning",
+        "critical",
     ]
     kl = c["kl_divergence"]
     assert [kl.level_of(v).status for v in (0.0149, 0.015, 0.0299, 0.03)] == [  # type: ignore[union-attr]
-        "ok", "warning", "warning", "critical",
+        "ok",
+        "warning",
+        "warning",
+        "critical",
     ]
     cv = c["gradient_cv"]
     assert [cv.level_of(v).label for v in (0.49, 0.5, 1.99, 2.0)] == ["stable", "warn", "warn", "BAD"]  # type: ignore[union-attr]
     seed = c["seed_grad_ratio"]
     assert [seed.level_of(v).name for v in (0.0, 1e-9, 0.4999, 0.5, 2.0, 2.0001)] == [  # type: ignore[union-attr]
-        "no_data", "vanishing", "vanishing", "healthy", "healthy", "exploding",
+        "no_data",
+        "vanishing",
+        "vanishing",
+        "healthy",
+        "healthy",
+        "exploding",
     ]
     assert kl.early_stop_factor == 1.5
     assert grad.level_of(math.nan) is None
@@ -51,7 +72,12 @@ def test_histogram_buckets_contain_every_threshold() -> None:
 
 @pytest.mark.parametrize(
     ("text", "inside", "outside"),
-    [("[0.1, 5.0]", [0.1, 5.0], [0.0999, 5.0001]), ("(2.0, +inf]", [2.0001, math.inf], [2.0]), ("(2.0, +inf)", [2.0001], [2.0, math.inf]), ("[0, 0]", [0.0], [1e-12])],
+    [
+        ("[0.1, 5.0]", [0.1, 5.0], [0.0999, 5.0001]),
+        ("(2.0, +inf]", [2.0001, math.inf], [2.0]),
+        ("(2.0, +inf)", [2.0001], [2.0, math.inf]),
+        ("[0, 0]", [0.0], [1e-12]),
+    ],
 )
 def test_interval_parse(text: str, inside: list[float], outside: list[float]) -> None:
     iv = Interval.parse(text)
@@ -78,16 +104,43 @@ def _broken(tmp_path: Path, edit: object) -> Path:
     ("edit", "message"),
     [
         (lambda c: c["metrics"]["kl_divergence"].pop("help"), r"metrics\.kl_divergence\.help: is required"),
-        (lambda c: c["metrics"]["kl_divergence"].update(type="summary"), r"kl_divergence\.type: 'summary' is not one of"),
-        (lambda c: c["metrics"]["kl_divergence"]["levels"][1].update(when="[0.016, 0.03)"), r"kl_divergence\.levels: level 'warning'.*gap"),
-        (lambda c: c["metrics"]["kl_divergence"]["levels"][1].update(when="[0.01, 0.03)"), r"kl_divergence\.levels: level 'warning'.*overlaps"),
-        (lambda c: c["metrics"]["gradient_cv"]["levels"][2].update(when="[2.0, 9.0)"), r"gradient_cv\.levels: levels end at 9\.0"),
-        (lambda c: c["metrics"]["kl_divergence"]["levels"][0].update(when="0..0.015"), r"kl_divergence\.levels\[0\]\.when"),
-        (lambda c: c["metrics"]["ppo_updates"].update(name="tele_ppo_updates"), r"ppo_updates\.name: counter .* must end in _total"),
+        (
+            lambda c: c["metrics"]["kl_divergence"].update(type="summary"),
+            r"kl_divergence\.type: 'summary' is not one of",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"]["levels"][1].update(when="[0.016, 0.03)"),
+            r"kl_divergence\.levels: level 'warning'.*gap",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"]["levels"][1].update(when="[0.01, 0.03)"),
+            r"kl_divergence\.levels: level 'warning'.*overlaps",
+        ),
+        (
+            lambda c: c["metrics"]["gradient_cv"]["levels"][2].update(when="[2.0, 9.0)"),
+            r"gradient_cv\.levels: levels end at 9\.0",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"]["levels"][0].update(when="0..0.015"),
+            r"kl_divergence\.levels\[0\]\.when",
+        ),
+        (
+            lambda c: c["metrics"]["ppo_updates"].update(name="tele_ppo_updates"),
+            r"ppo_updates\.name: counter .* must end in _total",
+        ),
         (lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "job"]), r"seed_grad_ratio\.labels: 'job'"),
-        (lambda c: c["metrics"]["step_kl_divergence"].update(buckets=[0.01, 0.02]), r"step_kl_divergence\.buckets: thresholds \[0\.015, 0\.03\]"),
-        (lambda c: c["metrics"]["kl_divergence"]["levels"][2]["alert"].update(severity="page"), r"levels\[2\]\.alert\.severity"),
-        (lambda c: c["metrics"]["kl_divergence"]["levels"][2]["alert"].update(**{"for": "soon"}), r"alert\.for: 'soon' is not a duration"),
+        (
+            lambda c: c["metrics"]["step_kl_divergence"].update(buckets=[0.01, 0.02]),
+            r"step_kl_divergence\.buckets: thresholds \[0\.015, 0\.03\]",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"]["levels"][2]["alert"].update(severity="page"),
+            r"levels\[2\]\.alert\.severity",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"]["levels"][2]["alert"].update(**{"for": "soon"}),
+            r"alert\.for: 'soon' is not a duration",
+        ),
         (lambda c: c["metrics"]["kl_divergence"].update(colour="red"), r"kl_divergence\.colour: unknown field"),
         (lambda c: c["metrics"]["gradient_cv"].update(precision="three"), r"gradient_cv\.precision: expected int"),
     ],

@@ -99,12 +99,17 @@ def test_scrapes_during_training_never_see_a_torn_update(server: Server, tele: T
         while not stop.is_set():
             _, body = _get(server.url)
             values = {
-                (s.name, s.labels.get("head")): s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+                (s.name, s.labels.get("head")): s.value
+                for f in text_string_to_metric_families(body.decode())
+                for s in f.samples
             }
             if ("tele_head_grad_norm", "op") in values:
                 seen.append(
-                    (int(values[("tele_ppo_updates_total", None)]), values[("tele_head_grad_norm", "op")],
-                     values[("tele_head_grad_norm_prev", "op")])
+                    (
+                        int(values[("tele_ppo_updates_total", None)]),
+                        values[("tele_head_grad_norm", "op")],
+                        values[("tele_head_grad_norm_prev", "op")],
+                    )
                 )
 
     thread = threading.Thread(target=scrape)

@@ -16,13 +16,17 @@ from tele_exporter.stats import grad_norms, gradient_cv
 from .conftest import TinyPolicy, backward
 
 
-def _update(tele: Telemetry, policy: TinyPolicy, steps: int, scale: float = 1.0, seed: int = 0) -> list[dict[str, float]]:
+def _update(
+    tele: Telemetry, policy: TinyPolicy, steps: int, scale: float = 1.0, seed: int = 0
+) -> list[dict[str, float]]:
     """One PPO update of `steps` optimizer steps; returns the reference per-head norms of each step."""
     reference = []
     with tele.update() as upd:
         for i in range(steps):
             backward(policy, scale=scale, seed=seed * 100 + i)
-            ref = grad_norms({"op": [p.grad for p in policy.op.parameters()], "slot": [p.grad for p in policy.slot.parameters()]})
+            ref = grad_norms(
+                {"op": [p.grad for p in policy.op.parameters()], "slot": [p.grad for p in policy.slot.parameters()]}
+            )
             ref["total"] = grad_norms({"all": [p.grad for p in policy.parameters()]})["all"]
             reference.append({k: v.item() for k, v in ref.items()})
             upd.clip_grad_norm_(0.5)
@@ -185,7 +189,9 @@ def test_updates_do_not_nest_and_an_update_is_used_inside_its_block(tele: Teleme
         upd.observe_gradients()
 
 
-def test_head_without_parameters_is_allowed_and_always_missing(policy: TinyPolicy, caplog: pytest.LogCaptureFixture) -> None:
+def test_head_without_parameters_is_allowed_and_always_missing(
+    policy: TinyPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="tele_exporter")
     tele = Telemetry(policy, heads={"op": policy.op, "noop": nn.Identity()})
     with tele.update() as upd:

@@ -34,7 +34,8 @@ class BenchPolicy(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.trunk(x)
         logits = torch.stack([head(z) for head in self.heads.values()])
-        return logits.logsumexp(-1).mean() + self.value(z).pow(2).mean()
+        loss: Tensor = logits.logsumexp(-1).mean() + self.value(z).pow(2).mean()
+        return loss
 
 
 @dataclass
@@ -50,10 +51,11 @@ class Variant:
 
 def _naive_head_norms(policy: BenchPolicy) -> dict[str, float]:
     """What users write today: a host sync per head per step."""
-    return {
-        name: torch.sqrt(sum((p.grad.norm() ** 2 for p in head.parameters() if p.grad is not None), torch.zeros(()))).item()
-        for name, head in policy.heads.items()
-    }
+    out = {}
+    for name, head in policy.heads.items():
+        squares = [p.grad.norm() ** 2 for p in head.parameters() if p.grad is not None]
+        out[name] = float(torch.stack(squares).sum().sqrt().item()) if squares else float("nan")
+    return out
 
 
 def run_bench(steps: int, rounds: int, hidden: int, batch: int, device: str, max_norm: float = 0.5) -> Result:
@@ -69,12 +71,20 @@ def run_bench(steps: int, rounds: int, hidden: int, batch: int, device: str, max
     variants = [
         Variant("plain", policies[0], lambda: torch.nn.utils.clip_grad_norm_(policies[0].parameters(), max_norm)),
         Variant("telemetry", policies[1], lambda: updates[-1].clip_grad_norm_(max_norm)),
-        Variant("naive", policies[2], lambda: (
-            torch.nn.utils.clip_grad_norm_(policies[2].parameters(), max_norm), _naive_head_norms(policies[2])
-        )),
+        Variant(
+            "naive",
+            policies[2],
+            lambda: (
+                torch.nn.utils.clip_grad_norm_(policies[2].parameters(), max_norm),
+                _naive_head_norms(policies[2]),
+            ),
+        ),
     ]
     optims = [torch.optim.Adam(v.policy.parameters(), lr=1e-4) for v in variants]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def step(v: Variant, optim: torch.optim.Optimizer) -> float:
         optim.zero_grad(set_to_none=True)
@@ -145,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_bench(args.steps, args.rounds, args.hidden, args.batch, args.device)
-    print(f"tele-exporter bench: {args.rounds} rounds x {args.steps} steps, hidden={args.hidden}, "
-          f"batch={args.batch}, device={args.device}, torch {torch.__version__}")
+    print(
+        f"tele-exporter bench: {args.rounds} rounds x {args.steps} steps, hidden={args.hidden}, "
+        f"batch={args.batch}, device={args.device}, torch {torch.__version__}"
+    )
     print("step = zero_grad + forward + backward + clip + optimizer.step; clip = the clipping call alone")
     print(report(result))
     return 0

@@ -273,12 +273,28 @@ class _Reader:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({dict: "a mapping", list: "a list"}.get(k, k.__name__) for k in kinds)
+    names: dict[type, str] = {dict: "a mapping", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
 _METRIC_KEYS = (
-    "name", "type", "labels", "tele", "unit", "help", "question", "precision", "history",
-    "history_stable",    "levels", "trend", "alert_on", "early_stop_factor", "alerts", "of", "buckets",
+    "name",
+    "type",
+    "labels",
+    "tele",
+    "unit",
+    "help",
+    "question",
+    "precision",
+    "history",
+    "history_stable",
+    "levels",
+    "trend",
+    "alert_on",
+    "early_stop_factor",
+    "alerts",
+    "of",
+    "buckets",
 )
 
 
@@ -316,8 +332,10 @@ def _check_partition(r: _Reader, key: str, parts: list[tuple[str, Interval]]) ->
     cursor, cursor_covered = 0.0, False  # everything below `cursor` is covered
     for name, iv in parts:
         if iv.low != cursor or iv.low_closed == cursor_covered:
-            problem = "overlaps the level before it" if cursor_covered and iv.low_closed else (
-                "leaves a gap before it" if iv.low >= cursor else "overlaps the level before it"
+            problem = (
+                "overlaps the level before it"
+                if cursor_covered and iv.low_closed
+                else ("leaves a gap before it" if iv.low >= cursor else "overlaps the level before it")
             )
             raise r.fail(key, f"level {name!r} {iv} {problem}; levels must partition [0, +inf)")
         cursor, cursor_covered = iv.high, iv.high_closed
@@ -338,9 +356,7 @@ def _read_trend(r: _Reader) -> Trend | None:
     for i, raw in enumerate(tr.get("context", list)):
         cr = tr.child(f"context[{i}]", raw)
         cr.check_keys(("when", "up", "down"))
-        contexts.append(
-            TrendContext(cr.interval("when"), cr.choice("up", COLOUR_KEYS), cr.choice("down", COLOUR_KEYS))
-        )
+        contexts.append(TrendContext(cr.interval("when"), cr.choice("up", COLOUR_KEYS), cr.choice("down", COLOUR_KEYS)))
     _check_partition(tr, "context", [(f"context[{i}]", c.when) for i, c in enumerate(contexts)])
     return Trend(tr.interval("stable"), dict(arrows), tr.choice("stable_colour", COLOUR_KEYS), tuple(contexts))
 
@@ -435,9 +451,7 @@ def _check_cross_references(path: Path, metrics: Mapping[str, MetricSpec]) -> No
                 raise CatalogError(f"{where}.of: {ref!r} is not a metric id of the catalog")
             missing = [t for t in metrics[ref].thresholds() if t > 0 and t not in spec.buckets]
             if missing:
-                raise CatalogError(
-                    f"{where}.buckets: thresholds {missing} of {ref} must be bucket edges"
-                )
+                raise CatalogError(f"{where}.buckets: thresholds {missing} of {ref} must be bucket edges")
         for level in spec.levels:
             if level.flag is not None and level.flag not in metrics:
                 raise CatalogError(f"{where}.levels: flag {level.flag!r} is not a metric id")
@@ -472,8 +486,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         if not isinstance(colours.get(key), str):
             raise top.fail("colours", f"needs a colour for {key!r}")
     metrics = {
-        str(mid): _read_metric(file, str(mid), entry, namespace)
-        for mid, entry in top.get("metrics", dict).items()
+        str(mid): _read_metric(file, str(mid), entry, namespace) for mid, entry in top.get("metrics", dict).items()
     }
     names = [m.name for m in metrics.values()]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -85,19 +85,24 @@ class TeleCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         for spec in self._tele.catalog:
-            yield self._family(spec)
+            yield self._histogram(spec) if spec.type == "histogram" else self._scalar(spec)
 
     def collect(self) -> Iterator[Metric]:
         snap = self._tele.snapshot()
         errors = self._tele.errors()
         for spec in self._tele.catalog:
-            family = self._family(spec)
             if spec.type == "histogram":
+                histogram = self._histogram(spec)
                 for labels, state in snap.histograms.get(spec.id, {}).items():
-                    buckets = [(_le(e), c) for e, c in zip(state.edges, state.cumulative, strict=False)]
+                    buckets: list[tuple[str, float]] = [
+                        (_le(e), c) for e, c in zip(state.edges, state.cumulative, strict=False)
+                    ]
                     buckets.append(("+Inf", state.cumulative[-1]))
-                    family.add_metric(self._values(labels), buckets, state.total)
-            elif spec.id == "telemetry_errors":
+                    histogram.add_metric(self._values(labels), buckets, state.total)
+                yield histogram
+                continue
+            family = self._scalar(spec)
+            if spec.id == "telemetry_errors":
                 for site, count in sorted(errors.items()):
                     family.add_metric(self._values((site,)), count)
             else:
@@ -108,10 +113,15 @@ class TeleCollector(Collector):
     def _values(self, labels: tuple[str, ...]) -> list[str]:
         return [*labels, *self._tele.const_labels.values()]
 
-    def _family(self, spec: MetricSpec) -> Metric:
-        labels = [*spec.labels, *self._tele.const_labels]
-        kind = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
-        return kind[spec.type](spec.family_name, spec.help, labels=labels, unit=spec.unit)
+    def _labels(self, spec: MetricSpec) -> list[str]:
+        return [*spec.labels, *self._tele.const_labels]
+
+    def _scalar(self, spec: MetricSpec) -> GaugeMetricFamily | CounterMetricFamily:
+        kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
+        return kind(spec.family_name, spec.help, labels=self._labels(spec), unit=spec.unit)
+
+    def _histogram(self, spec: MetricSpec) -> HistogramMetricFamily:
+        return HistogramMetricFamily(spec.family_name, spec.help, labels=self._labels(spec), unit=spec.unit)
 
 
 def _le(edge: float) -> str:

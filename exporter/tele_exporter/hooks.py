@@ -43,7 +43,8 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 def _sq_norm(grad: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square()
+    norm: Tensor = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
+    return norm.square()
 
 
 class SeedProbe:
@@ -114,7 +115,7 @@ class SeedProbe:
         if not (isinstance(arg, Tensor) and arg.requires_grad and arg.is_floating_point()):
             return arg
         alias = arg.view_as(arg)
-        alias.register_hook(self._grad_hook(record.input_sq))
+        alias.register_hook(self._grad_hook(record.input_sq))  # type: ignore[no-untyped-call]
         return alias
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -126,7 +127,7 @@ class SeedProbe:
             if not outputs:
                 return
             for t in outputs:
-                t.register_hook(self._grad_hook(record.output_sq))
+                t.register_hook(self._grad_hook(record.output_sq))  # type: ignore[no-untyped-call]
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]

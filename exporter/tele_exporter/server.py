@@ -115,7 +115,9 @@ def serve(tele: Telemetry, port: int = DEFAULT_PORT, addr: str = DEFAULT_ADDR) -
     """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port)."""
     server_class = type("_Server", (_ThreadingServer,), {"address_family": _family(addr)})
     try:
-        httpd = make_server(addr, port, make_app(tele), server_class=server_class, handler_class=_QuietHandler)
+        httpd: WSGIServer = make_server(
+            addr, port, make_app(tele), server_class=server_class, handler_class=_QuietHandler
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(exc.errno, f"cannot listen on {addr}:{port}: address already in use") from None

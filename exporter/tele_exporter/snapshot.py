@@ -87,7 +87,7 @@ class Snapshot:
     def to_dict(self, catalog: Catalog) -> dict[str, Any]:
         """A JSON-ready dict with display fields; NaN and Inf become strings."""
         grad_spec, kl_spec = catalog["policy_grad_norm"], catalog["kl_divergence"]
-        return _jsonable(
+        out: dict[str, Any] = _jsonable(
             {
                 "updates": self.updates,
                 "early_stops": self.early_stops,
@@ -115,6 +115,7 @@ class Snapshot:
                 "seeds_refused": self.seeds_refused,
             }
         )
+        return out
 
 
 def _maybe(arrow: Arrow | None) -> dict[str, str] | None:

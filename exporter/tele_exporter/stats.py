@@ -29,7 +29,7 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     if len(by_device) == 1:
         return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
-    for device, idx in by_device.items():
+    for _device, idx in by_device.items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float64)
         out[torch.tensor(idx, device=first)] = torch.stack(norms).to(first)
     return out
@@ -85,9 +85,7 @@ def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tens
     return (kl_t * m).sum() / n_valid.clamp(min=1.0), n_valid
 
 
-def approx_kl(
-    log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
-) -> Tensor:
+def approx_kl(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
     """Causally weighted approx KL over heads (TELE-111) as a 0-d float64 tensor.
 
     weight = n_valid / T per head; approx_kl = sum(weight * head_kl) / max(sum(weight), 1e-8).
@@ -119,13 +117,10 @@ def _check_kl_inputs(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor
         mask = masks.get(name)
         if mask is not None and tuple(mask.shape) != tuple(r.shape):
             raise ValueError(
-                f"mask of head {name!r} has shape {tuple(mask.shape)}, "
-                f"its log_ratio has shape {tuple(r.shape)}"
+                f"mask of head {name!r} has shape {tuple(mask.shape)}, its log_ratio has shape {tuple(r.shape)}"
             )
         if steps is not None and r.numel() != steps[1]:
-            raise ValueError(
-                f"head {name!r} has {r.numel()} timesteps, head {steps[0]!r} has {steps[1]}"
-            )
+            raise ValueError(f"head {name!r} has {r.numel()} timesteps, head {steps[0]!r} has {steps[1]}")
         steps = steps or (name, r.numel())
 
 

@@ -9,6 +9,7 @@ for more than that swap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -151,10 +152,8 @@ class Telemetry:
         """Unregister from the registry and remove every seed's hooks."""
         for watch in list(self._seeds.values()):
             watch.remove()
-        try:
+        with contextlib.suppress(KeyError):
             self.registry.unregister(self._collector)
-        except KeyError:
-            pass
 
     # -- internals -------------------------------------------------------------------
 
@@ -208,17 +207,16 @@ class Telemetry:
                 self._grad_history.append(post)
             if host.kls.numel():
                 self._kl_history.append(kl)
-            seeds = tuple(
-                _seed_state(self.catalog, key, *seed_values.get(key, (0.0, 0))) for key in self._seeds
-            )
+            seeds = tuple(_seed_state(self.catalog, key, *seed_values.get(key, (0.0, 0))) for key in self._seeds)
             self._snapshot = Snapshot(
                 updates=old.updates + 1,
                 early_stops=old.early_stops + int(upd.stopped_early),
                 timestamp=time.time(),
                 steps=steps,
                 heads=tuple(
-                    head_state(self.catalog, h.name, heads[h.name], h.current if old.updates else 0.0,
-                               self._nonfinite[h.name])
+                    head_state(
+                        self.catalog, h.name, heads[h.name], h.current if old.updates else 0.0, self._nonfinite[h.name]
+                    )
                     for h in old.heads
                 ),
                 grad_norm_pre=pre,
@@ -271,9 +269,7 @@ class Update:
         self._open = False
         self._tele._close(self)
 
-    def clip_grad_norm_(
-        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
-    ) -> Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
         """Drop-in for torch.nn.utils.clip_grad_norm_ over the policy's parameters.
 
         Clips in place and returns the pre-clip total norm (a float64 tensor);
@@ -300,9 +296,7 @@ class Update:
             self._tele.record_error("observe_gradients", exc)
             return torch.tensor(math.nan, dtype=torch.float64)
 
-    def observe_kl(
-        self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
+    def observe_kl(self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
         """Record one epoch's causally weighted approx KL (TELE-111) and return it as a tensor."""
         self._check_open()
         unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._tele.heads]
@@ -362,9 +356,7 @@ class _Host:
         self.rows, self.kls, self.seed_ratios = rows, kls, seed_ratios
 
 
-def _to_host(
-    drained: Drained | None, kls: list[Tensor], passes: Mapping[tuple[str, str], list[BackwardPass]]
-) -> _Host:
+def _to_host(drained: Drained | None, kls: list[Tensor], passes: Mapping[tuple[str, str], list[BackwardPass]]) -> _Host:
     """Gather everything the update recorded and copy it to the host, one transfer per device."""
     parts: list[Tensor] = []
     if drained is not None:
@@ -440,11 +432,19 @@ def _check_heads(heads: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     return dict(heads)
 
 
+def _distributed_rank() -> int | None:
+    """This process's rank under torch.distributed with more than one process, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return int(dist.get_rank())
+    return None
+
+
 def _check_const_labels(labels: Mapping[str, str] | None, catalog: Catalog) -> dict[str, str]:
     out = {str(k): str(v) for k, v in (labels or {}).items()}
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            out.setdefault("rank", str(torch.distributed.get_rank()))
+    rank = _distributed_rank()
+    if rank is not None:
+        out.setdefault("rank", str(rank))
     used = {label for spec in catalog for label in spec.labels}
     for name in out:
         if name in RESERVED_LABELS or name in used or not name.isidentifier():
