@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -125,3 +126,21 @@ def test_scrapes_during_training_never_see_a_torn_update(server: Server, tele: T
     for update, current, prev in seen:
         assert current == currents[update]
         assert prev == currents.get(update - 1, 0.0)
+
+
+def test_snapshot_api_is_json_with_display_fields(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    status, body = _get(server.base_url + "/api/snapshot")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["version"] == 1 and doc["snapshot"]["updates"] == 0
+    assert doc["snapshot"]["heads"][0]["current"] == "NaN"  # nothing measured yet: strings, not bare NaN
+    _train(tele, policy, 2)
+    doc = json.loads(_get(server.base_url + "/api/snapshot")[1])
+    snap = doc["snapshot"]
+    assert snap["updates"] == 2
+    assert snap["heads"][0]["prev"] == tele.snapshot().head("op").prev
+    assert snap["heads"][0]["trend"]["arrow"] in {"→", "↗", "↘"}
+    assert snap["grad_norm"]["shown"]["status"] in {"ok", "warning", "critical"}
+    assert len(snap["grad_norm"]["history"]) == 2
+    assert doc["colours"]["critical"] == "red"
+    assert doc["metrics"]["kl_divergence"]["question"].startswith("What is the KL divergence trend")

@@ -7,6 +7,7 @@ a slow client never holds up a scrape and never touches the training thread.
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -52,7 +53,11 @@ class _QuietHandler(WSGIRequestHandler):
 def make_app(tele: Telemetry) -> WSGIApp:
     """The WSGI application: /metrics, the landing page at /, 404 and 405 otherwise."""
     metrics = make_wsgi_app(tele.registry)
-    routes: dict[str, WSGIApp] = {"/metrics": metrics, "/": _static(_LANDING, "text/html; charset=utf-8")}
+    routes: dict[str, WSGIApp] = {
+        "/metrics": metrics,
+        "/": _static(_LANDING, "text/html; charset=utf-8"),
+        "/api/snapshot": _snapshot_api(tele),
+    }
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         route = routes.get(environ.get("PATH_INFO") or "/")
@@ -61,6 +66,39 @@ def make_app(tele: Telemetry) -> WSGIApp:
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return _plain(start_response, "405 Method Not Allowed", "method not allowed\n", [("Allow", "GET, HEAD")])
         return route(environ, start_response)
+
+    return app
+
+
+def snapshot_document(tele: Telemetry) -> dict[str, Any]:
+    """The /api/snapshot document: the latest snapshot with display fields, and catalog facts.
+
+    Version 1. Values that are NaN or Inf are the strings "NaN"/"Inf"; statuses are
+    ok, warning, critical or neutral, and `colours` maps them to colour names.
+    """
+    catalog = tele.catalog
+    return {
+        "version": 1,
+        "colours": dict(catalog.colours),
+        "metrics": {
+            spec.id: {"name": spec.name, "tele": list(spec.tele), "question": spec.question, "precision": spec.precision}
+            for spec in catalog
+            if spec.type != "histogram"
+        },
+        "snapshot": tele.snapshot().to_dict(catalog),
+    }
+
+
+def _snapshot_api(tele: Telemetry) -> WSGIApp:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        data = json.dumps(snapshot_document(tele), ensure_ascii=False, allow_nan=False).encode()
+        headers = [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ]
+        start_response("200 OK", headers)
+        return [data]
 
     return app
 
