@@ -144,3 +144,24 @@ def test_snapshot_api_is_json_with_display_fields(server: Server, tele: Telemetr
     assert len(snap["grad_norm"]["history"]) == 2
     assert doc["colours"]["critical"] == "red"
     assert doc["metrics"]["kl_divergence"]["question"].startswith("What is the KL divergence trend")
+
+
+def test_half_open_slow_and_malformed_clients_do_not_stall_scrapes(server: Server, tele: Telemetry) -> None:
+    """A bounded burst on 127.0.0.1: idle sockets, a slowloris header, garbage; a scrape still answers."""
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(64)]
+    slow = []
+    for _ in range(16):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finishes its headers
+        slow.append(s)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as bad:
+            bad.sendall(b"\x00\x01GARBAGE\r\n\r\n")
+            reply = b"".join(iter(lambda: bad.recv(4096), b""))
+            assert b"400" in reply  # http.server answers a request line it cannot parse with 400
+        for _ in range(20):
+            status, body = _get(server.url)
+            assert status == 200 and b"tele_ppo_updates_total" in body
+    finally:
+        for s in idle + slow:
+            s.close()

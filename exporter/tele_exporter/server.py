@@ -7,51 +7,86 @@ a slow client never holds up a scrape and never touches the training thread.
 from __future__ import annotations
 
 import errno
+import importlib.resources
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
+from .webconfig import WebConfig, load_web_config
+
 if TYPE_CHECKING:
     from .telemetry import Telemetry
 
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
+CLIENT_TIMEOUT_SECONDS = 10.0
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-_LANDING = """<!doctype html>
-<html><head><meta charset="utf-8"><title>tele-exporter</title></head>
-<body><h1>tele-exporter</h1>
-<p>Training-health telemetry for PyTorch reinforcement learning.</p>
-<p><a href="metrics">/metrics</a></p></body></html>
-"""
+_LANDING = importlib.resources.files("tele_exporter").joinpath("page.html").read_text(encoding="utf-8")
 
 
 class PortInUseError(OSError):
     """The listen address is taken by another process."""
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: a trainer's console is for the trainer."""
+    """No access log on stderr; a bounded wait for slow or half-open clients; TLS handshake here.
+
+    The handshake runs in the connection's own thread, so a client that stalls it
+    never blocks the accept loop or other scrapes.
+    """
+
+    timeout = CLIENT_TIMEOUT_SECONDS
+
+    def setup(self) -> None:
+        self.request.settimeout(self.timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (OSError, ssl.SSLError):
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         return
 
 
-def make_app(tele: Telemetry) -> WSGIApp:
-    """The WSGI application: /metrics, the landing page at /, 404 and 405 otherwise."""
+class _TLSServerMixin:
+    """Wraps accepted sockets in TLS without a handshake; the handler thread does it."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()  # type: ignore[misc]
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # a broken client connection is that client's problem, not a traceback on stderr
+
+
+class _ThreadingServer(_TLSServerMixin, ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def make_app(tele: Telemetry, web_config: WebConfig | None = None) -> WSGIApp:
+    """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404 and 405 otherwise."""
     metrics = make_wsgi_app(tele.registry)
     routes: dict[str, WSGIApp] = {
         "/metrics": metrics,
@@ -60,6 +95,13 @@ def make_app(tele: Telemetry) -> WSGIApp:
     }
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if web_config is not None and not web_config.check_authorization(environ.get("HTTP_AUTHORIZATION")):
+            return _plain(
+                start_response,
+                "401 Unauthorized",
+                "unauthorized\n",
+                [("WWW-Authenticate", 'Basic realm="tele-exporter"')],
+            )
         route = routes.get(environ.get("PATH_INFO") or "/")
         if route is None:
             return _plain(start_response, "404 Not Found", "not found\n")
@@ -81,7 +123,12 @@ def snapshot_document(tele: Telemetry) -> dict[str, Any]:
         "version": 1,
         "colours": dict(catalog.colours),
         "metrics": {
-            spec.id: {"name": spec.name, "tele": list(spec.tele), "question": spec.question, "precision": spec.precision}
+            spec.id: {
+                "name": spec.name,
+                "tele": list(spec.tele),
+                "question": spec.question,
+                "precision": spec.precision,
+            }
             for spec in catalog
             if spec.type != "histogram"
         },
@@ -125,14 +172,14 @@ def _plain(
 class Server:
     """A running exporter; `.url` is the /metrics URL, `.close()` stops it."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, scheme: str = "http") -> None:
         self._httpd = httpd
         self._thread = thread
         host, port = httpd.server_address[:2]
         self.addr: str = str(host)
         self.port: int = int(port)
         shown = f"[{self.addr}]" if ":" in self.addr else self.addr
-        self.base_url = f"http://{shown}:{self.port}"
+        self.base_url = f"{scheme}://{shown}:{self.port}"
         self.url = f"{self.base_url}/metrics"
 
     def close(self) -> None:
@@ -149,12 +196,25 @@ class Server:
         self.close()
 
 
-def serve(tele: Telemetry, port: int = DEFAULT_PORT, addr: str = DEFAULT_ADDR) -> Server:
-    """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port)."""
-    server_class = type("_Server", (_ThreadingServer,), {"address_family": _family(addr)})
+def serve(
+    tele: Telemetry,
+    port: int = DEFAULT_PORT,
+    addr: str = DEFAULT_ADDR,
+    web_config: WebConfig | str | Path | None = None,
+) -> Server:
+    """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port).
+
+    `web_config` is an exporter-toolkit web config (a path or a loaded WebConfig)
+    that adds TLS and basic auth; the default binds loopback only, in plain HTTP.
+    """
+    config = load_web_config(web_config) if isinstance(web_config, (str, Path)) else web_config
+    attrs: dict[str, Any] = {"address_family": _family(addr)}
+    if config is not None and config.tls is not None:
+        attrs["ssl_context"] = config.tls.context()
+    server_class = type("_Server", (_ThreadingServer,), attrs)
     try:
         httpd: WSGIServer = make_server(
-            addr, port, make_app(tele), server_class=server_class, handler_class=_QuietHandler
+            addr, port, make_app(tele, config), server_class=server_class, handler_class=_QuietHandler
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -162,7 +222,8 @@ def serve(tele: Telemetry, port: int = DEFAULT_PORT, addr: str = DEFAULT_ADDR) -
         raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror}") from None
     thread = threading.Thread(target=httpd.serve_forever, name=f"tele-exporter:{port}", daemon=True)
     thread.start()
-    return Server(httpd, thread)
+    scheme = "https" if config is not None and config.tls is not None else "http"
+    return Server(httpd, thread, scheme)
 
 
 def _family(addr: str) -> socket.AddressFamily:
