@@ -177,3 +177,23 @@ def test_nonfinite_seed_gradients_are_data(setup: tuple[TinyPolicy, Telemetry, H
     tele.watch_seed(host.seed, env=0, slot="r")
     _train(tele, host, torch.randn(4, 4))
     assert not math.isfinite(tele.snapshot().seed("0", "r").ratio)
+
+
+def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pass(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    """A hook on a view is dropped when the view is modified in place; the probe then copies."""
+
+    class Tripler(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z.mul_(3.0)
+
+    _, tele, _ = setup
+    lin, seed, out = nn.Linear(4, 4), Tripler(), nn.Linear(4, 1)
+    tele.watch_seed(seed, env=0, slot="t")
+    with tele.update():
+        out(seed(lin(torch.randn(5, 4)))).sum().backward()
+    assert tele.snapshot().seed("0", "t").ratio == 0.0  # first pass: no data, and now detected
+    with tele.update():
+        out(seed(lin(torch.randn(5, 4)))).sum().backward()
+    assert tele.snapshot().seed("0", "t").ratio == pytest.approx(3.0)

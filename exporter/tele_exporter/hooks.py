@@ -3,8 +3,10 @@
 A seed's backward gain is measured with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
 alias: a hook on the input itself would also see gradient arriving through the
-host's skip path, which is not the seed's. The forward hook hooks the output.
-Each hook only appends a device-side squared norm; nothing syncs with the host.
+host's skip path, which is not the seed's. A seed that modifies its input in
+place would drop a hook on a view, so once a probe sees that (the alias's
+version counter moved) it hands that seed a copy instead. The forward hook hooks
+the output. Each hook only appends a device-side squared norm; no host sync.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class SeedProbe:
         self._lock = threading.Lock()
         self._passes: list[BackwardPass] = []
         self._current: BackwardPass | None = None
+        self._taps: list[tuple[Tensor, int]] = []
+        self.copies_inputs = False  # set once the seed is seen modifying its input in place
         self._handles: list[RemovableHandle] = [
             module.register_forward_pre_hook(self._before_forward),
             module.register_forward_hook(self._after_forward),
@@ -99,6 +103,7 @@ class SeedProbe:
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         self._current = None
+        self._taps = []
         if not torch.is_grad_enabled():
             return None
         try:
@@ -114,15 +119,19 @@ class SeedProbe:
         """An alias of a grad-requiring tensor whose hook sees only the seed's own gradient."""
         if not (isinstance(arg, Tensor) and arg.requires_grad and arg.is_floating_point()):
             return arg
-        alias = arg.view_as(arg)
+        alias = arg.clone() if self.copies_inputs else arg.view_as(arg)
         alias.register_hook(self._grad_hook(record.input_sq))  # type: ignore[no-untyped-call]
+        self._taps.append((alias, alias._version))
         return alias
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         try:
             record, self._current = self._current, None
+            taps, self._taps = self._taps, []
             if record is None:
                 return
+            if not self.copies_inputs and any(t._version != v for t, v in taps):
+                self.copies_inputs = True  # this pass's input hook was dropped; later passes copy
             outputs = _tensors(output)
             if not outputs:
                 return
