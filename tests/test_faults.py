@@ -110,6 +110,7 @@ def test_an_exception_raised_inside_a_hook(
     after = _faulty_update(tele, policy, lambda: seed(x).sum().backward())
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert tele.errors()["seed_hook"] == 2
+    assert after.seed("0", "s").ratio == 0.0
 
 
 def test_a_scrape_during_publish(tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
