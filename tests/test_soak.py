@@ -7,6 +7,7 @@ go down, pruned seeds' series disappear and memory stays bounded.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import threading
 import urllib.request
@@ -80,7 +81,7 @@ def test_scrapes_during_thousands_of_updates_are_whole_and_monotonic(policy: Tin
     assert failures == []
     assert scrapes > 100
     for obs in observations:
-        for (n, _, _, count), (n_next, _, _, count_next) in zip(obs, obs[1:], strict=False):
+        for (n, _, _, count), (n_next, _, _, count_next) in itertools.pairwise(obs):
             assert n_next >= n and count_next >= count  # counters never go down
         for n, current, prev, count in obs:
             assert current == currents[n]
