@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both set up first.
 PYTHON ?= python3
 TORCH_PIN := torch==2.13.0
-APT_PACKAGES := prometheus prometheus-alertmanager docker-compose
+APT_PACKAGES := prometheus prometheus-alertmanager docker-compose chromium fonts-dejavu-core
 
 .PHONY: install system-deps demo test bench generate
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=0
-for bin in prometheus promtool prometheus-alertmanager amtool docker-compose; do
+for bin in prometheus promtool prometheus-alertmanager amtool docker-compose chromium; do
   command -v "$bin" >/dev/null 2>&1 || missing=1
 done
 if [ "$missing" = 1 ]; then

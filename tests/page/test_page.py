@@ -1,0 +1,262 @@
+"""The live page at / and its /api/snapshot document; the page is checked in headless Chromium.
+
+Browser tests run the demo trainer twice, healthy and with a fault, and read both
+the DOM statuses and the screenshot's pixel colours against the catalog's levels.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tele_exporter import Telemetry, serve
+from tele_exporter.catalog import Catalog, default_catalog
+from tele_exporter.display import show
+from tele_exporter.server import Server
+
+from ..conftest import TinyPolicy, backward
+from .cdp import Chromium
+from .live import Shot, capture, demo_run, snapshot_document
+
+STATUSES = {"ok", "warning", "critical", "neutral"}
+HEALTHY_UPDATES = 3
+FAULT = "explode"
+
+
+class Gain(nn.Module):
+    """A seed whose backward gain |dL/dx| / |dL/dy| is exactly `k`."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.k
+
+
+@pytest.fixture
+def server(tele: Telemetry) -> Iterator[Server]:
+    srv = serve(tele, port=0)
+    yield srv
+    srv.close()
+
+
+def _get(server: Server, path: str) -> tuple[str, str, bytes]:
+    with urllib.request.urlopen(server.base_url + path, timeout=10) as resp:
+        return resp.headers["Content-Type"], resp.headers.get("Cache-Control", ""), resp.read()
+
+
+def _thresholds(catalog: Catalog) -> set[float]:
+    """Every number in the catalog that a level, colour or trend decision depends on."""
+    found: set[float] = set()
+    for spec in catalog:
+        found.update(spec.thresholds())
+        if spec.trend is not None:
+            found.update(abs(v) for v in spec.trend.stable.edges())
+        if spec.history_stable:
+            found.add(spec.history_stable)
+        if spec.early_stop_factor is not None:
+            found.add(spec.early_stop_factor)
+    return found - {0.0}
+
+
+# --- the page as served -------------------------------------------------------------------
+
+
+def test_page_is_served_at_root_and_loads_nothing_from_outside(server: Server) -> None:
+    content_type, _, body = _get(server, "/")
+    html = body.decode()
+    assert content_type == "text/html; charset=utf-8"
+    assert 'href="metrics"' in html and 'fetch("api/snapshot"' in html
+    assert re.findall(r"""(?:src|href|action)\s*=\s*["']?\s*(?:[a-z]+:)?//""", html, re.I) == []
+    assert re.findall(r"""url\(|@import|fetch\(\s*["'](?:[a-z]+:)?//""", html, re.I) == []
+    svg_namespace = "http://www.w3.org/2000/svg"  # an identifier, never fetched
+    assert set(re.findall(r"https?://[^\s\"'<>]+", html)) <= {svg_namespace}
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html)
+    assert csp is not None and "default-src 'none'" in csp.group(1) and "connect-src 'self'" in csp.group(1)
+
+
+def test_page_holds_no_threshold_of_the_catalog(server: Server) -> None:
+    """Levels and colours are decided server-side from the catalog; the page only paints them."""
+    html = _get(server, "/")[2].decode()
+    numbers = {float(n) for n in re.findall(r"(?<![\w#-])\d*\.\d+", html)}
+    assert numbers, "the pattern finds the page's decimals"
+    assert numbers & _thresholds(default_catalog()) == set()
+
+
+# --- the /api/snapshot document, beyond tests/test_server.py --------------------------------
+
+
+def test_snapshot_document_shape_is_version_1(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    with tele.update() as upd:
+        backward(policy)
+        upd.clip_grad_norm_(0.5)
+    content_type, cache, body = _get(server, "/api/snapshot")
+    assert content_type == "application/json; charset=utf-8" and cache == "no-store"
+    doc = json.loads(body)
+    assert set(doc) == {"version", "colours", "metrics", "snapshot"} and doc["version"] == 1
+    assert set(doc["colours"]) == STATUSES
+    catalog = default_catalog()
+    assert set(doc["metrics"]) == {s.id for s in catalog if s.type != "histogram"}
+    for metric in doc["metrics"].values():
+        assert set(metric) == {"name", "tele", "question", "precision"}
+    snap = doc["snapshot"]
+    parts = {"updates", "early_stops", "timestamp", "steps", "heads", "grad_norm", "kl", "gradient_cv", "seeds"}
+    assert parts <= set(snap)
+    for part in ("grad_norm", "kl", "gradient_cv"):
+        assert snap[part]["shown"]["status"] in STATUSES
+    assert snap["grad_norm"]["shown"] == asdict(show(catalog["policy_grad_norm"], snap["grad_norm"]["pre"]))
+    assert snap["kl"]["trend"] is None  # one KL value (none observed): no history trend yet
+
+
+def test_missing_values_are_the_string_nan_and_the_document_is_strict_json(
+    server: Server, tele: Telemetry, policy: TinyPolicy
+) -> None:
+    for u in range(2):
+        with tele.update() as upd:
+            backward(policy, seed=u, heads=("op",))
+            upd.clip_grad_norm_(0.5)
+    doc = snapshot_document(server)
+    slot = next(h for h in doc["snapshot"]["heads"] if h["name"] == "slot")
+    assert slot["current"] == "NaN" and slot["trend"] is None
+    assert doc["snapshot"]["kl"]["value"] == "NaN" and doc["snapshot"]["kl"]["shown"]["label"] == "NaN"
+
+
+@pytest.mark.parametrize(
+    ("gain", "label", "status", "flags"),
+    [
+        (3.0, "▲ EXPLODING", "critical", (False, True)),
+        (0.1, "▼ VANISHING", "warning", (True, False)),
+        (0.85, "ratio=0.85", "ok", (False, False)),
+    ],
+)
+def test_seeds_carry_the_tele_557_display_label(
+    server: Server, tele: Telemetry, policy: TinyPolicy, gain: float, label: str, status: str, flags: tuple[bool, bool]
+) -> None:
+    seed = Gain(gain)
+    tele.watch_seed(seed, env=3, slot="r0c1")
+    with tele.update() as upd:
+        backward(policy)
+        x = torch.randn(8, 4, requires_grad=True)
+        seed(x).pow(2).sum().backward()
+        upd.clip_grad_norm_(0.5)
+    (entry,) = snapshot_document(server)["snapshot"]["seeds"]
+    assert (entry["env"], entry["slot"]) == ("3", "r0c1")
+    assert entry["ratio"] == pytest.approx(gain)
+    assert entry["shown"]["label"] == label and entry["shown"]["status"] == status
+    assert (entry["vanishing"], entry["exploding"]) == flags
+    assert entry["passes"] == 1
+
+
+def test_unwatched_seed_leaves_the_document(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
+    seed = Gain(1.0)
+    watch = tele.watch_seed(seed, env=0, slot="a")
+    watch.remove()
+    with tele.update() as upd:
+        backward(policy)
+        upd.clip_grad_norm_(0.5)
+    assert snapshot_document(server)["snapshot"]["seeds"] == []
+
+
+# --- the page in headless Chromium --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Chromium]:
+    with Chromium() as chromium:
+        yield chromium
+
+
+@pytest.fixture(scope="module")
+def healthy(browser: Chromium) -> Shot:
+    with demo_run("none", updates=HEALTHY_UPDATES) as (_, server):
+        return capture(browser, server)
+
+
+@pytest.fixture(scope="module")
+def faulted(browser: Chromium) -> Shot:
+    with demo_run(FAULT, updates=HEALTHY_UPDATES, fault_after=1) as (_, server):
+        return capture(browser, server)
+
+
+def _expected(doc: dict[str, Any]) -> dict[str, str]:
+    """Each panel's status as the catalog's levels say for the document's values."""
+    catalog, snap = default_catalog(), doc["snapshot"]
+    return {
+        "kl": show(catalog["kl_divergence"], float(snap["kl"]["value"])).status,
+        "grad": show(catalog["policy_grad_norm"], float(snap["grad_norm"]["pre"])).status,
+        "cv": show(catalog["gradient_cv"], float(snap["gradient_cv"]["value"])).status,
+    }
+
+
+@pytest.mark.parametrize("run", ["healthy", "faulted"])
+@pytest.mark.slow
+def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytest.FixtureRequest) -> None:
+    shot: Shot = request.getfixturevalue(run)
+    colours = shot.document["colours"]
+    expected = _expected(shot.document)
+    assert shot.state["updates"] == HEALTHY_UPDATES
+    for panel, status in expected.items():
+        assert shot.state["panels"][panel] == status, panel
+        assert shot.hues[panel] == colours[status], f"{panel}: {status} should be drawn {colours[status]}"
+    assert shot.state["spark"] == {"kl": HEALTHY_UPDATES, "grad": HEALTHY_UPDATES}
+    assert shot.state["text"]["cv"].split(" ")[-1] in {"stable", "warn", "BAD"}
+
+
+@pytest.mark.slow
+def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, faulted: Shot) -> None:
+    assert healthy.state["panels"]["grad"] in {"ok", "warning"}
+    assert faulted.state["panels"]["grad"] == "critical" and faulted.state["text"]["grad"] == "critical"
+    assert (healthy.hues["grad"], faulted.hues["grad"]) == ("green", "red")
+    assert healthy.png != faulted.png
+
+
+@pytest.mark.parametrize("run", ["healthy", "faulted"])
+@pytest.mark.slow
+def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRequest) -> None:
+    shot: Shot = request.getfixturevalue(run)
+    snap = shot.document["snapshot"]
+    shown_heads = {h["name"]: h for h in shot.state["heads"]}
+    assert list(shown_heads) == [h["name"] for h in snap["heads"]]
+    for head in snap["heads"]:
+        trend = head["trend"]
+        assert shown_heads[head["name"]]["trend"] == (trend["status"] if trend else "none")
+        assert shown_heads[head["name"]]["arrow"] == (trend["arrow"] if trend else "")
+    assert len(shot.state["seeds"]) == len(snap["seeds"]) > 0
+    for shown, seed in zip(shot.state["seeds"], snap["seeds"], strict=True):
+        expected = (seed["env"], seed["slot"], seed["shown"]["label"], seed["shown"]["status"])
+        assert (shown["env"], shown["slot"], shown["label"], shown["status"]) == expected
+        assert (int(shown["bold"]) >= 700) == (seed["exploding"] or seed["vanishing"])
+
+
+@pytest.mark.slow
+def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
+    """TELE-321: a head above the upper context rising is drawn critical."""
+    assert any(h["trend"] == "critical" and h["arrow"] == "↗" for h in faulted.state["heads"])
+
+
+@pytest.mark.parametrize("run", ["healthy", "faulted"])
+@pytest.mark.slow
+def test_page_logs_no_console_errors(run: str, request: pytest.FixtureRequest) -> None:
+    shot: Shot = request.getfixturevalue(run)
+    assert shot.errors == []
+
+
+@pytest.mark.slow
+def test_a_nan_gradient_shows_as_missing_in_red(browser: Chromium) -> None:
+    """NaN arrives as the string "NaN": shown as a dash, labelled NaN, critical, a gap in the sparkline."""
+    with demo_run("nan", updates=2, fault_after=1) as (_, server):
+        shot = capture(browser, server, full_page=False)
+    assert shot.document["snapshot"]["grad_norm"]["pre"] == "NaN"
+    assert shot.state["panels"]["grad"] == "critical" and shot.state["text"]["grad"] == "NaN"
+    assert shot.state["values"]["grad"] == "—" and shot.hues["grad"] == "red"
+    assert shot.state["spark"]["grad"] == 1
+    assert shot.errors == []
