@@ -1,0 +1,243 @@
+"""Every dashboard query returns data from a real Prometheus that scraped a demo run.
+
+The demo trainer (`tele-exporter demo`) serves /metrics; Debian's Prometheus scrapes
+it every second with the repo's rules. Then each panel target, with the template
+variables substituted as Grafana would ("All" and each concrete value the
+variable's own query offers), runs against Prometheus' HTTP API and must return
+at least one series with samples.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tele_exporter.catalog import default_catalog
+from tele_exporter.display import head_trend
+from tele_exporter.generate import dashboards
+from tests.support.servers import Running, poll, prometheus_config, start_prometheus
+
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / dashboards.PATH
+SCRAPE_S = 1
+MIN_UPDATES = 4
+MIN_SCRAPES = 15
+ALL = {"job": ".*", "instance": ".*", "env": ".*"}
+LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[str]:
+    """A running demo trainer (until stopped); yields its host:port."""
+    # `python -m tele_exporter.cli` is the tele-exporter command of this very interpreter.
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tele_exporter.cli",
+            "demo",
+            "--updates",
+            "0",
+            "--seed",
+            "7",
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        found = re.search(r"https?://([\d.]+:\d+)/", first)
+        assert found, f"the demo did not print its /metrics URL first: {first!r}"
+        yield found.group(1)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Scraped:
+    """Prometheus holding the demo run: `start` of the run, `at` a time when seeds were live."""
+
+    prom: Running
+    start: float
+    at: float
+
+
+@pytest.fixture(scope="module")
+def scraped(demo: str) -> Iterator[Scraped]:
+    """Prometheus scraping the demo until it holds MIN_SCRAPES scrapes, MIN_UPDATES updates
+    and live seeds."""
+    catalog = default_catalog()
+    rules = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+    start = time.time()
+    config = prometheus_config([demo], interval=f"{SCRAPE_S}s")
+    with start_prometheus(config, rule_files=rules) as prom:
+        updates, seeds = catalog["ppo_updates"].name, catalog["seed_grad_ratio"].name
+
+        def ready() -> float | None:
+            # The demo grows and prunes seeds, so some instants have none: find one that has.
+            at = time.time()
+            history = f"count_over_time({updates}[5m]) >= {MIN_SCRAPES}"
+            if not prom.query(f"{updates} >= {MIN_UPDATES}") or not prom.query(history):
+                return None
+            live = prom.api("/api/v1/query", query=f"count({seeds})", time=f"{at:.3f}")
+            return at if live["data"]["result"] else None
+
+        at = poll(ready, timeout=240, interval=0.5, what=f"{MIN_UPDATES} updates and live seeds")
+        yield Scraped(prom, start, float(at))
+
+
+def board() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+
+
+def query_targets() -> list[tuple[str, dict[str, Any]]]:
+    """(panel title/refId, target) for every PromQL target of the dashboard."""
+    out = []
+    for panel in board()["panels"]:
+        if panel["type"] == "alertlist":
+            # The alert list reads rules from the data source's ruler API; it has no PromQL.
+            assert not panel.get("targets")
+            continue
+        for target in panel.get("targets", []):
+            out.append((f"{panel['title']}/{target['refId']}", target))
+    return out
+
+
+def substitute(expr: str, values: dict[str, str], window_s: int) -> str:
+    """Grafana's variable interpolation for the variables this dashboard uses."""
+    rate = max(4 * SCRAPE_S, 15)
+    builtins = {
+        "$__rate_interval": f"{rate}s",
+        "$__range": f"{window_s}s",
+        "$__interval": f"{SCRAPE_S}s",
+    }
+    for name, value in builtins.items():
+        expr = expr.replace(name, value)
+    for name in sorted(values, key=len, reverse=True):
+        expr = expr.replace(f"${name}", values[name])
+    assert "$" not in expr, f"unsubstituted variable in {expr}"
+    return expr
+
+
+def grafana_escape(value: str) -> str:
+    """A variable value as Grafana's Prometheus data source puts it into a =~ matcher.
+
+    Regex metacharacters get a backslash, doubled because the regex sits inside a
+    PromQL string literal (prometheusSpecialRegexEscape).
+    """
+    value = value.replace("\\", "\\\\\\\\")
+    return re.sub(r"""[$^*{}\[\]'+?.()|]""", lambda m: "\\\\" + m.group(0), value)
+
+
+def variable_values(run: Scraped, values: dict[str, str], instant: bool) -> dict[str, list[str]]:
+    """Each label variable's options from its label_values() query, as Grafana lists them.
+
+    For instant (table) targets only the values with a series at `run.at` are kept:
+    a seed pruned earlier is offered by the variable but has no current value.
+    """
+    out: dict[str, list[str]] = {}
+    for var in board()["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        parsed = LABEL_VALUES.match(var["query"]["query"])
+        assert parsed, var["query"]
+        label = parsed["label"]
+        match = substitute(parsed["match"], values, 60) if parsed["match"] else None
+        params = {"match[]": match} if match else {}
+        found = list(run.prom.api(f"/api/v1/label/{label}/values", **params)["data"])
+        assert found, f"variable {var['name']} has no values"
+        if instant and match:
+            body = run.prom.api("/api/v1/query", query=f"count by ({label}) ({match})", time=f"{run.at:.3f}")
+            now = {r["metric"][label] for r in body["data"]["result"]}
+            found = [v for v in found if v in now]
+        out[var["name"]] = found
+    return out
+
+
+def execute(run: Scraped, target: dict[str, Any], expr: str) -> list[dict[str, Any]]:
+    """The query as the panel runs it: instant for table targets, else a range query."""
+    if target.get("instant"):
+        body = run.prom.api("/api/v1/query", query=expr, time=f"{run.at:.3f}")
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+    body = run.prom.api(
+        "/api/v1/query_range", query=expr, start=f"{run.start:.3f}", end=f"{time.time():.3f}", step=f"{SCRAPE_S}s"
+    )
+    assert body["status"] == "success", body
+    return [series for series in body["data"]["result"] if series["values"]]
+
+
+def test_variables_offer_the_demo_run(scraped: Scraped) -> None:
+    options = variable_values(scraped, ALL, instant=False)
+    assert options["job"] == ["tele"]
+    assert len(options["instance"]) == 1
+    assert options["env"]
+
+
+@pytest.mark.parametrize("name,target", query_targets(), ids=[n for n, _ in query_targets()])
+def test_query_returns_data(scraped: Scraped, name: str, target: dict[str, Any]) -> None:
+    window = max(int(time.time() - scraped.start), 10)
+    options = variable_values(scraped, ALL, instant=bool(target.get("instant")))
+    choices = [ALL] + [{**ALL, var: grafana_escape(value)} for var, values in options.items() for value in values]
+    for values in choices:
+        expr = substitute(target["expr"], values, window)
+        assert execute(scraped, target, expr), f"{name}: no data for {expr}"
+
+
+def test_every_query_is_valid_promql(scraped: Scraped) -> None:
+    """The API parses each query (a typo would make Grafana show an error, not 'no data')."""
+    for name, target in query_targets():
+        body = scraped.prom.api("/api/v1/query", query=substitute(target["expr"], ALL, 60))
+        assert body["status"] == "success", (name, body)
+
+
+def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
+    """Per head, the trend code Prometheus computes is the arrow display.head_trend gives."""
+    prom = scraped.prom
+    catalog = default_catalog()
+    cur, prev = catalog["head_grad_norm"], catalog["head_grad_norm_prev"]
+    assert prev.trend is not None
+    codes = dashboards.trend_codes(prev.trend)
+    table = next(
+        p for p in board()["panels"] if p["type"] == "table" and p["targets"][0]["expr"].startswith(f"{cur.name}{{")
+    )
+    expr = substitute(next(t["expr"] for t in table["targets"] if t["refId"] == "C"), ALL, 60)
+    checked = 0
+    for step in range(int(scraped.start) + 2, int(scraped.at)):
+        # One evaluation time for all three: their latest samples come from one scrape.
+        at = f"{step:.3f}"
+        got, now, before = (
+            {
+                r["metric"]["head"]: float(r["value"][1])
+                for r in prom.api("/api/v1/query", query=q, time=at)["data"]["result"]
+            }
+            for q in (expr, cur.name, prev.name)
+        )
+        for head, code in got.items():
+            arrow = head_trend(prev, now[head], before[head])
+            if arrow is None:
+                assert code == dashboards.TREND_NONE, head
+            else:
+                assert codes[int(code)] == (arrow.arrow, arrow.status), (head, now[head], before[head])
+            checked += 1
+    assert checked
