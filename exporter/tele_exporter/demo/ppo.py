@@ -1,0 +1,296 @@
+"""PPO for the factored seed-management policy, instrumented with Telemetry.
+
+One update = a rollout of every environment (under no_grad) + GAE + clipped
+surrogate epochs over minibatches, all inside `tele.update()`, so the seeds'
+backward passes during the rollout and the policy's gradients, KL and early
+stop during optimisation land in the same published snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import Tensor
+
+from ..catalog import default_catalog
+from ..telemetry import Telemetry, Update
+from .env import HEADS, Action, EnvConfig, VecEnv
+from .faults import FaultPlan
+from .policy import Policy, causal_masks, entropies, log_probs, sample
+
+RESULTS_KEPT = 1000
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything a demo run depends on; a fixed seed gives a reproducible run."""
+
+    updates: int = 50  # 0: run until stopped
+    envs: int = 8
+    steps: int = 32  # environment steps per env per update
+    epochs: int = 4
+    minibatches: int = 4
+    lr: float = 1e-3
+    gamma: float = 0.9
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    ent_coef: float = 0.15
+    vf_coef: float = 0.5
+    target_kl: float = 0.01
+    max_grad_norm: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+    fault: FaultPlan = field(default_factory=FaultPlan)
+    env: EnvConfig = field(default_factory=EnvConfig)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one PPO update did, as read back from the published snapshot."""
+
+    update: int  # 1-based
+    reward: float  # mean per-step reward of the rollout
+    kl: float
+    grad_norm_pre: float
+    grad_norm_post: float
+    gradient_cv: float
+    early_stopped: bool
+    fault_active: bool
+    live_seeds: int
+    seconds: float
+
+
+@dataclass
+class Rollout:
+    """One update's transitions, [T, E] per field, on the policy's device."""
+
+    obs: Tensor
+    actions: dict[str, Tensor]
+    logp: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    values: Tensor
+    rewards: Tensor
+    dones: Tensor
+    last_value: Tensor
+
+
+def gae(
+    rewards: Tensor, values: Tensor, dones: Tensor, last_value: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimates and returns; `dones[t]` ends the episode after step t."""
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_value = last_value if t == rewards.shape[0] - 1 else values[t + 1]
+        keep = 1.0 - dones[t]
+        delta = rewards[t] + gamma * next_value * keep - values[t]
+        running = delta + gamma * lam * keep * running
+        adv[t] = running
+    return adv, adv + values
+
+
+class Trainer:
+    """The demo trainer: environments, policy, optimizer and the Telemetry that watches them."""
+
+    def __init__(
+        self,
+        config: DemoConfig | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        const_labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = cfg = config if config is not None else DemoConfig()
+        if cfg.envs < 1 or cfg.steps < 1 or cfg.epochs < 1 or cfg.minibatches < 1:
+            raise ValueError("envs, steps, epochs and minibatches must be >= 1")
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.vec = VecEnv(cfg.envs, cfg.env, cfg.seed)
+        self.policy = Policy(self.vec.obs_dim, cfg.env.slots).to(self.device)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr, eps=1e-5)
+        self.tele = Telemetry(
+            self.policy,
+            heads=self.policy.head_modules(),
+            registry=registry,
+            const_labels=const_labels,
+        )
+        for env in self.vec.envs:
+            env.tele = self.tele
+        self.kl_stop = default_catalog()["kl_divergence"].early_stop_factor
+        if self.kl_stop is None:
+            raise ValueError("the catalog's kl_divergence has no early_stop_factor")
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.obs = self.vec.observe()
+        self.updates_done = 0
+
+    def update(self) -> UpdateResult:
+        """Run one rollout and one PPO update; publish the telemetry of both."""
+        start = time.perf_counter()
+        k = self.updates_done + 1
+        on = self.config.fault.active(k)
+        with self.tele.update() as upd:
+            rollout = self.rollout(on)
+            self._optimise(upd, rollout, on)
+        self.updates_done = k
+        snap = self.tele.snapshot()
+        result = UpdateResult(
+            update=k,
+            reward=float(rollout.rewards.mean()),
+            kl=snap.kl,
+            grad_norm_pre=snap.grad_norm_pre,
+            grad_norm_post=snap.grad_norm_post,
+            gradient_cv=snap.gradient_cv,
+            early_stopped=upd.stopped_early,
+            fault_active=on,
+            live_seeds=sum(len(e.live_seeds()) for e in self.vec.envs),
+            seconds=time.perf_counter() - start,
+        )
+        return result
+
+    def run(
+        self,
+        updates: int | None = None,
+        on_update: Callable[[UpdateResult], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> list[UpdateResult]:
+        """Run `updates` updates (default: the config's; 0 runs until `stop` is set).
+
+        Returns the results of the run (the latest RESULTS_KEPT of an endless one).
+        """
+        n = self.config.updates if updates is None else updates
+        done: deque[UpdateResult] = deque(maxlen=n or RESULTS_KEPT)
+        ran = 0
+        while (n == 0 or ran < n) and not (stop is not None and stop.is_set()):
+            result = self.update()
+            done.append(result)
+            ran += 1
+            if on_update is not None:
+                on_update(result)
+        return list(done)
+
+    def rollout(self, fault_on: bool = False, uniform: bool = False) -> Rollout:
+        """Step every env `steps` times with the current (or a uniform random) policy."""
+        cfg = self.config
+        obs_buf: list[Tensor] = []
+        acts: dict[str, list[Tensor]] = {h: [] for h in HEADS}
+        logps: dict[str, list[Tensor]] = {h: [] for h in HEADS}
+        values: list[Tensor] = []
+        rewards: list[Tensor] = []
+        dones: list[Tensor] = []
+        with torch.no_grad():
+            for _ in range(cfg.steps):
+                cfg.fault.prepare_envs(self.vec, fault_on)
+                obs = self.obs.to(self.device)
+                logits, value = self.policy(obs)
+                if uniform:
+                    logits = {h: torch.zeros_like(lg) for h, lg in logits.items()}
+                behaviour = cfg.fault.behaviour_logits(logits, fault_on, self.generator)
+                chosen = sample(behaviour, self.generator)
+                lp = log_probs(behaviour, chosen)
+                for h in HEADS:
+                    acts[h].append(chosen[h])
+                    logps[h].append(lp[h])
+                obs_buf.append(obs)
+                values.append(value)
+                rows = torch.stack([chosen[h] for h in HEADS], dim=1).cpu().tolist()
+                self.obs, reward, done = self.vec.step([Action(*row) for row in rows])
+                rewards.append(reward.to(self.device))
+                dones.append(done.to(self.device))
+            _, last_value = self.policy(self.obs.to(self.device))
+        actions = {h: torch.stack(acts[h]) for h in HEADS}
+        return Rollout(
+            obs=torch.stack(obs_buf),
+            actions=actions,
+            logp={h: torch.stack(logps[h]) for h in HEADS},
+            masks=causal_masks(actions["op"]),
+            values=torch.stack(values),
+            rewards=torch.stack(rewards),
+            dones=torch.stack(dones),
+            last_value=last_value,
+        )
+
+    def random_rewards(self, updates: int) -> list[float]:
+        """Mean per-step reward of `updates` rollouts with a uniform random policy (a baseline)."""
+        return [float(self.rollout(uniform=True).rewards.mean()) for _ in range(updates)]
+
+    def close(self) -> None:
+        """Release the seeds' watches and unregister the telemetry."""
+        self.vec.close()
+        self.tele.close()
+
+    def _optimise(self, upd: Update, ro: Rollout, fault_on: bool) -> None:
+        cfg = self.config
+        adv, returns = gae(ro.rewards, ro.values, ro.dones, ro.last_value, cfg.gamma, cfg.gae_lambda)
+        n = adv.numel()
+        obs = ro.obs.reshape(n, -1)
+        adv, returns = adv.reshape(n), returns.reshape(n)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        actions = {h: a.reshape(n) for h, a in ro.actions.items()}
+        old_logp = {h: lp.reshape(n) for h, lp in ro.logp.items()}
+        masks = {h: m.reshape(n) for h, m in ro.masks.items()}
+        mb_size = max(1, n // cfg.minibatches)
+        scale = cfg.fault.loss_scale(fault_on)
+        assert self.kl_stop is not None
+        host_masks = {h: m.bool().cpu() for h, m in masks.items()}
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=self.generator, device=self.device)
+            host_order = order.cpu()
+            ratios: dict[str, list[Tensor]] = {h: [] for h in HEADS}
+            for begin in range(0, n, mb_size):
+                idx = order[begin : begin + mb_size]
+                host_idx = host_order[begin : begin + mb_size]
+                logits, value = self.policy(obs[idx])
+                cfg.fault.poison(logits, fault_on)
+                new_logp = log_probs(logits, {h: a[idx] for h, a in actions.items()})
+                ent = entropies(logits)
+                policy_loss = torch.zeros((), device=self.device)
+                entropy = torch.zeros((), device=self.device)
+                for h in HEADS:
+                    log_ratio = new_logp[h] - old_logp[h][idx]
+                    ratios[h].append(log_ratio.detach())
+                    if not bool(host_masks[h][host_idx].any()):
+                        continue  # no step in the minibatch used this head: no gradient, not zero
+                    m = masks[h][idx]
+                    valid = m.sum()
+                    ratio = log_ratio.exp()
+                    head_adv = adv[idx] * m
+                    clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
+                    surrogate = torch.min(ratio * head_adv, clipped * head_adv)
+                    policy_loss = policy_loss - surrogate.sum() / valid
+                    entropy = entropy + (ent[h] * m).sum() / valid
+                value_loss = 0.5 * (value - returns[idx]).pow(2).mean()
+                policy_term = (policy_loss - cfg.ent_coef * entropy) / len(HEADS)
+                loss = policy_term + cfg.vf_coef * value_loss
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * scale).backward()
+                pre = upd.clip_grad_norm_(cfg.max_grad_norm)
+                if bool(torch.isfinite(pre)):
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            kl = upd.observe_kl(
+                {h: torch.cat(r) for h, r in ratios.items()},
+                {h: m[order] for h, m in masks.items()},
+            )
+            if float(kl) > self.kl_stop * cfg.target_kl:
+                upd.early_stop()
+                break
+
+
+def run_demo(
+    config: DemoConfig | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    on_update: Callable[[UpdateResult], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[UpdateResult]:
+    """Train for `config.updates` updates (0: until `stop`) and return every update's result."""
+    trainer = Trainer(config, registry=registry)
+    try:
+        return trainer.run(on_update=on_update, stop=stop)
+    finally:
+        trainer.close()

@@ -1,0 +1,199 @@
+"""The PPO trainer in-process: live scrapes, faults, determinism and learning."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tele_exporter import default_catalog, serve
+from tele_exporter.demo import DemoConfig, FaultPlan, Trainer, UpdateResult
+from tele_exporter.demo.ppo import gae
+from tele_exporter.snapshot import Snapshot
+
+CATALOG = default_catalog()
+SMALL = DemoConfig(updates=4, envs=4, steps=16)
+DESIGN_5 = (
+    "tele_head_grad_norm",
+    "tele_head_grad_norm_prev",
+    "tele_policy_grad_norm",
+    "tele_gradient_cv",
+    "tele_kl_divergence",
+    "tele_seed_grad_ratio",
+    "tele_seed_gradient_vanishing",
+    "tele_seed_gradient_exploding",
+    "tele_ppo_updates_total",
+    "tele_ppo_early_stops_total",
+    "tele_last_update_timestamp_seconds",
+    "tele_nonfinite_gradients_total",
+)
+HEADS = {"op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve"}
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    samples: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name].append((dict(s.labels), s.value))
+    return samples
+
+
+def by(samples: Samples, name: str, label: str) -> dict[str, float]:
+    return {labels[label]: v for labels, v in samples[name]}
+
+
+def test_gae_matches_a_hand_computation() -> None:
+    rewards = torch.tensor([[1.0], [0.0], [2.0]])
+    values = torch.tensor([[0.5], [0.5], [0.5]])
+    dones = torch.tensor([[0.0], [1.0], [0.0]])
+    adv, ret = gae(rewards, values, dones, torch.tensor([1.0]), gamma=0.9, lam=0.5)
+    d2 = 2.0 + 0.9 * 1.0 - 0.5
+    d1 = 0.0 - 0.5  # the episode ends after step 1
+    d0 = 1.0 + 0.9 * 0.5 - 0.5
+    expected = torch.tensor([[d0 + 0.45 * d1], [d1], [d2]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, expected + values)
+
+
+def test_live_scrape_has_every_design_metric() -> None:
+    trainer = Trainer(SMALL)
+    server = serve(trainer.tele, port=0)
+    scrapes: list[Samples] = []
+    try:
+        trainer.run(on_update=lambda r: scrapes.append(scrape(server.url)))
+    finally:
+        server.close()
+        trainer.close()
+    assert len(scrapes) == SMALL.updates
+    seen_seeds = False
+    for k, s in enumerate(scrapes, start=1):
+        missing = [m for m in DESIGN_5 if m not in s]
+        if not s["tele_seed_grad_ratio"]:
+            missing = [m for m in missing if not m.startswith("tele_seed_")]
+        assert not missing, f"update {k}: missing {missing}"
+        assert s["tele_ppo_updates_total"][0][1] == k
+        current = by(s, "tele_head_grad_norm", "head")
+        assert set(current) == HEADS
+        assert all((math.isfinite(v) and v >= 0) or math.isnan(v) for v in current.values())
+        assert set(by(s, "tele_nonfinite_gradients_total", "head").values()) == {0.0}
+        prev = by(s, "tele_head_grad_norm_prev", "head")
+        expected_prev = by(scrapes[k - 2], "tele_head_grad_norm", "head") if k > 1 else dict.fromkeys(HEADS, 0.0)
+        for head in HEADS:
+            assert prev[head] == expected_prev[head] or (math.isnan(prev[head]) and math.isnan(expected_prev[head]))
+        clip = by(s, "tele_policy_grad_norm", "clip")
+        assert 0 < clip["post"] <= min(clip["pre"], SMALL.max_grad_norm) + 1e-9
+        kl = s["tele_kl_divergence"][0][1]
+        assert 0 <= kl < 1
+        assert s["tele_gradient_cv"][0][1] >= 0
+        assert s["tele_last_update_timestamp_seconds"][0][1] > 1.6e9
+        for labels, ratio in s["tele_seed_grad_ratio"]:
+            seen_seeds = True
+            assert re.fullmatch(r"[0-3]", labels["env"]) and re.fullmatch(r"r0c[0-2]", labels["slot"])
+            assert ratio == 0.0 or 0.5 <= ratio <= 2.0, "healthy seeds in a run without faults"
+    assert seen_seeds, "the random early policy germinates seeds"
+
+
+def run_with_snapshots(config: DemoConfig) -> list[tuple[UpdateResult, Snapshot]]:
+    trainer = Trainer(config)
+    out: list[tuple[UpdateResult, Snapshot]] = []
+    try:
+        trainer.run(on_update=lambda r: out.append((r, trainer.tele.snapshot())))
+    finally:
+        trainer.close()
+    return out
+
+
+def kl_critical(snap: Snapshot) -> bool:
+    return CATALOG["kl_divergence"].level_of(snap.kl).status == "critical"  # type: ignore[union-attr]
+
+
+def grad_critical(snap: Snapshot) -> bool:
+    return CATALOG["policy_grad_norm"].level_of(snap.grad_norm_pre).status == "critical"  # type: ignore[union-attr]
+
+
+def seed_vanishing(snap: Snapshot) -> bool:
+    levels = [CATALOG["seed_grad_ratio"].level_of(s.ratio) for s in snap.seeds]
+    return any(level is not None and level.name == "vanishing" for level in levels)
+
+
+@pytest.mark.parametrize(
+    ("mode", "bad"),
+    [("kl", kl_critical), ("explode", grad_critical), ("vanish", seed_vanishing)],
+)
+def test_fault_drives_its_signal_past_the_threshold_and_recovers(mode: str, bad: object) -> None:
+    plan = FaultPlan(mode, after=1, until=4)
+    runs = run_with_snapshots(DemoConfig(updates=7, envs=4, steps=16, fault=plan))
+    assert callable(bad)
+    flags = [bad(snap) for _, snap in runs]
+    assert [r.fault_active for r, _ in runs] == [False, True, True, True, False, False, False]
+    assert flags[0] is False
+    assert flags[1:4] == [True, True, True], "critical from the first faulty update and held"
+    assert flags[5:] == [False, False], "recovers once the fault is off"
+
+
+def test_kl_fault_counts_early_stops() -> None:
+    runs = run_with_snapshots(DemoConfig(updates=2, envs=2, steps=16, fault=FaultPlan("kl")))
+    assert all(r.early_stopped for r, _ in runs)
+    assert runs[-1][1].early_stops == 2
+
+
+def test_vanish_fault_keeps_a_seed_live_in_every_update() -> None:
+    runs = run_with_snapshots(DemoConfig(updates=5, envs=2, steps=16, fault=FaultPlan("vanish")))
+    for _, snap in runs:
+        pinned = [s for s in snap.seeds if (s.env, s.slot) == ("0", "r0c0")]
+        assert pinned and pinned[0].vanishing and 0 < pinned[0].ratio < 0.5
+
+
+def test_nan_fault_counts_nonfinite_gradients_and_keeps_params_finite() -> None:
+    plan = FaultPlan("nan", after=0, until=3)
+    trainer = Trainer(DemoConfig(updates=5, envs=2, steps=16, fault=plan))
+    totals: list[dict[str, int]] = []
+    try:
+        trainer.run(
+            on_update=lambda r: totals.append({h.name: h.nonfinite_total for h in trainer.tele.snapshot().heads})
+        )
+        assert all(torch.isfinite(p).all() for p in trainer.policy.parameters())
+    finally:
+        trainer.close()
+    (head,) = {h for t in totals for h, n in t.items() if n}
+    counts = [t[head] for t in totals]
+    assert counts[0] > 0 and counts[0] < counts[1] < counts[2], "increases every faulty update"
+    assert counts[2] == counts[3] == counts[4], "stops once the fault is off"
+
+
+def test_same_seed_same_run() -> None:
+    config = DemoConfig(updates=2, envs=2, steps=8, seed=7)
+    a = [(r.reward, r.kl, r.grad_norm_pre) for r, _ in run_with_snapshots(config)]
+    b = [(r.reward, r.kl, r.grad_norm_pre) for r, _ in run_with_snapshots(config)]
+    assert a == b
+
+
+def test_default_run_beats_a_random_policy() -> None:
+    config = DemoConfig(seed=0)
+    trainer = Trainer(config)
+    try:
+        results = trainer.run()
+        random = statistics.mean(trainer.random_rewards(10))
+    finally:
+        trainer.close()
+    learned = statistics.mean(r.reward for r in results[-10:])
+    assert learned > random + 0.02, f"learned {learned:.4f} vs random {random:.4f}"
