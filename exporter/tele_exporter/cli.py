@@ -47,7 +47,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported, so one cannot break another."""
     parser = argparse.ArgumentParser(prog="tele-exporter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="write Prometheus rules, runbook and dashboards from the catalog")
@@ -56,15 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--root", default=None, help="repository root (default: found from the cwd)")
     gen.set_defaults(func=_generate)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(cmd)
-        cmd.set_defaults(func=module.run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(cmd)
+            cmd.set_defaults(func=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in args_list if not a.startswith("-")), None)
+    args = build_parser(chosen).parse_args(args_list)
     return int(args.func(args))
 
 
