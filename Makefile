@@ -6,7 +6,7 @@ APT_PACKAGES := prometheus prometheus-alertmanager docker-compose chromium fonts
 .PHONY: install system-deps demo test bench generate
 
 install:  ## the package with its test extras; torch pinned in the same command
-	$(PYTHON) -m pip install -q "$(TORCH_PIN)" -e ".[test]"
+	$(PYTHON) -m pip install -q "$(TORCH_PIN)" -e ".[test,sb3]"
 
 system-deps:  ## Debian's Prometheus, Alertmanager, promtool, amtool, docker-compose; npm schema tools
 	scripts/system-deps.sh $(APT_PACKAGES)

@@ -306,6 +306,13 @@ class Update:
         self.kls.append(kl.detach())
         return kl
 
+    def observe_kl_value(self, value: float | Tensor) -> Tensor:
+        """Record an approx KL the trainer computed itself (e.g. a PPO library's own); no host sync."""
+        self._check_open()
+        kl = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+        self.kls.append(kl)
+        return kl
+
     def early_stop(self) -> None:
         """Count this update as stopped early by the KL trust region."""
         self.stopped_early = True

@@ -1,0 +1,1 @@
+"""Integrations with other training libraries; each imports its library lazily, only when used."""

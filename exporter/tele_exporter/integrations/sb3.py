@@ -1,0 +1,223 @@
+"""Stable-Baselines3: publish PPO's own KL and clip fraction and the policy's gradient norms.
+
+`TelemetryCallback` opens one `Telemetry.update()` per `PPO.train()` call: SB3
+calls `on_rollout_end` right before `train()` and `on_rollout_start` (or
+`on_training_end`) right after it, which is where the update is published.
+
+Gradients: SB3 clips with `clip_grad_norm_` and then calls `optimizer.step()`,
+so an optimizer hook only ever sees post-clip gradients and the pre-clip norm is
+not observable there. The callback therefore takes clipping over for the span
+of `train()`: it lifts the model's `max_grad_norm` to float32's largest value
+(SB3's own call still runs and multiplies by exactly 1) and clips with
+`Update.clip_grad_norm_(max_grad_norm)` in an optimizer step pre-hook. The
+update applied is the same as SB3's; `tele_policy_grad_norm{clip="pre"}` is the
+true pre-clip norm and `{clip="post"}` what the optimizer saw. `max_grad_norm`
+is restored after every `train()`, so checkpoints never save the lifted value.
+
+KL and clip fraction are SB3's own: `train/approx_kl` (mean over the
+minibatches of the last epoch run) and `train/clip_fraction` (mean over every
+minibatch), read from the model's logger after `train()`. The clip fraction is
+an SB3-specific gauge, `tele_sb3_clip_fraction`, outside the TELE catalog.
+
+Heads are the policy's `action_net` and `value_net`. For MultiDiscrete action
+spaces SB3 builds one `nn.Linear` whose output rows are the sub-actions' logits;
+per-sub-action norms would need row slices of one weight, which the gradient
+meter does not measure, so the sub-actions are reported together as `action_net`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from stable_baselines3.common.callbacks import BaseCallback
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..distributed import rank_port
+from ..server import DEFAULT_ADDR, Server, serve
+from ..telemetry import Telemetry, Update
+
+CLIP_FRACTION = "tele_sb3_clip_fraction"
+_LIFTED_MAX_NORM = float(torch.finfo(torch.float32).max)
+
+
+def policy_heads(policy: nn.Module) -> dict[str, nn.Module]:
+    """The heads of an SB3 actor-critic policy: `action_net` and `value_net`."""
+    heads: dict[str, nn.Module] = {}
+    for name in ("action_net", "value_net"):
+        module = getattr(policy, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            heads[name] = module
+    if not heads:
+        raise TypeError(f"{type(policy).__name__} has neither an action_net nor a value_net with parameters")
+    return heads
+
+
+class _ClipFractionCollector(Collector):
+    """`tele_sb3_clip_fraction`, shown only alongside the snapshot of the update it belongs to."""
+
+    def __init__(self, tele: Telemetry) -> None:
+        self._tele = tele
+        self.by_update: dict[int, float] = {}
+
+    def set(self, update: int, value: float) -> None:
+        """Record the clip fraction that update number `update` will publish; keeps the last two."""
+        self.by_update = {u: v for u, v in self.by_update.items() if u >= update - 1} | {update: value}
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        value = self.by_update.get(self._tele.snapshot().updates)
+        if value is not None:
+            family.add_metric(list(self._tele.const_labels.values()), value)
+        yield family
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            CLIP_FRACTION,
+            "Fraction of samples whose probability ratio left [1 - clip_range, 1 + clip_range] in the "
+            "latest PPO update, as Stable-Baselines3 logs it (train/clip_fraction).",
+            labels=list(self._tele.const_labels),
+        )
+
+
+class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
+    """An SB3 callback that publishes one Telemetry update per PPO `train()` call.
+
+    Pass a Telemetry built over `model.policy`, or None to have one built with
+    `policy_heads(model.policy)` when training starts. With `port` set, the
+    callback serves /metrics on `port + LOCAL_RANK` (see `tele_exporter.distributed`).
+    """
+
+    def __init__(
+        self,
+        tele: Telemetry | None = None,
+        *,
+        port: int | None = None,
+        addr: str = DEFAULT_ADDR,
+        registry: CollectorRegistry | None = None,
+        const_labels: Mapping[str, str] | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        self.tele = tele
+        self.server: Server | None = None
+        self._port, self._addr = port, addr
+        self._registry, self._const_labels = registry, const_labels
+        self._clip_fraction: _ClipFractionCollector | None = None
+        self._hook: RemovableHandle | None = None
+        self._upd: Update | None = None
+        self._max_norm: float | None = None
+        self._steps = 0
+        self._epochs_before = 0
+
+    # -- SB3 callback events -----------------------------------------------------------
+
+    def _init_callback(self) -> None:
+        if self.tele is None:
+            policy = self.model.policy
+            self.tele = Telemetry(
+                policy, heads=policy_heads(policy), registry=self._registry, const_labels=self._const_labels
+            )
+        if {id(p) for p in self.tele.params} != {id(p) for p in self.model.policy.parameters()}:
+            raise ValueError("the Telemetry must be built over model.policy: it clips the policy's gradients")
+        if self._clip_fraction is None:
+            self._clip_fraction = _ClipFractionCollector(self.tele)
+            self.tele.registry.register(self._clip_fraction)
+        if self._port is not None and self.server is None:
+            self.server = serve(self.tele, rank_port(self._port), self._addr)
+
+    def _on_training_start(self) -> None:
+        self._finish()
+        if self._hook is None:
+            self._hook = self.model.policy.optimizer.register_step_pre_hook(self._before_step)
+
+    def _on_rollout_end(self) -> None:
+        self._finish()
+        assert self.tele is not None
+        self._upd = self.tele.update().__enter__()
+        self._steps = 0
+        model: Any = self.model
+        self._epochs_before = int(model._n_updates)
+        max_norm = getattr(model, "max_grad_norm", None)
+        if isinstance(max_norm, (int, float)) and math.isfinite(max_norm):
+            self._max_norm = float(max_norm)
+            model.max_grad_norm = _LIFTED_MAX_NORM
+
+    def _on_rollout_start(self) -> None:
+        self._finish()
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_training_end(self) -> None:
+        self._finish()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- public --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Publish an update still open, stop the server and unregister the telemetry."""
+        self._on_training_end()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.tele is not None:
+            if self._clip_fraction is not None:
+                self.tele.registry.unregister(self._clip_fraction)
+                self._clip_fraction = None
+            self.tele.close()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: SB3 has just run its (lifted) clip; clip and measure here."""
+        upd = self._upd
+        if upd is None:
+            return
+        self._steps += 1
+        if self._max_norm is not None:
+            upd.clip_grad_norm_(self._max_norm)
+        else:
+            upd.observe_gradients()
+
+    def _finish(self) -> None:
+        """Close the open update, if any: restore max_grad_norm and publish SB3's own values."""
+        upd, self._upd = self._upd, None
+        if upd is None:
+            return
+        model: Any = self.model
+        if self._max_norm is not None:
+            model.max_grad_norm = self._max_norm
+            self._max_norm = None
+        assert self.tele is not None
+        logged = model.logger.name_to_value
+        epochs = int(model._n_updates)
+        completed = epochs > self._epochs_before and logged.get("train/n_updates") == epochs
+        try:
+            if not completed:
+                return  # train() did not finish (it raised): SB3 logged nothing for this update
+            if "train/approx_kl" in logged:
+                upd.observe_kl_value(float(logged["train/approx_kl"]))
+            if self._steps < self._planned_steps():
+                upd.early_stop()
+            if self._clip_fraction is not None and "train/clip_fraction" in logged:
+                self._clip_fraction.set(self.tele.snapshot().updates + 1, float(logged["train/clip_fraction"]))
+        finally:
+            upd.__exit__(None, None, None)
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps `train()` makes without a KL early stop: epochs x minibatches."""
+        model: Any = self.model
+        samples = int(model.n_steps) * int(model.n_envs)
+        return int(model.n_epochs) * math.ceil(samples / int(model.batch_size))

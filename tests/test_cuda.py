@@ -1,0 +1,69 @@
+"""On CUDA, telemetry adds no host-device synchronisation to an optimizer step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from tele_exporter import Telemetry
+
+from .conftest import TinyPolicy
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@contextmanager
+def _no_sync() -> Iterator[None]:
+    """Any synchronising CUDA call inside raises (torch.cuda.set_sync_debug_mode("error"))."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _loss(policy: TinyPolicy, x: torch.Tensor) -> torch.Tensor:
+    op, slot, value = policy(x)
+    return op.logsumexp(-1).mean() + slot.logsumexp(-1).mean() + value.pow(2).mean()
+
+
+def test_optimizer_steps_make_no_host_sync() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3, momentum=0.9)
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot})
+    x = torch.randn(256, 6, device=device)
+    log_ratio = {"op": torch.randn(64, device=device) * 0.01, "slot": torch.randn(64, device=device) * 0.01}
+    masks = {"op": torch.ones(64, device=device), "slot": (torch.arange(64, device=device) % 2).float()}
+    try:
+        with tele.update() as upd:
+            # The first step of a pattern of present gradients builds the meter's index plan (once).
+            _loss(policy, x).backward()
+            upd.clip_grad_norm_(0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            with _no_sync():
+                for _ in range(80):  # past the meter's initial 64 rows: growing the buffer must not sync
+                    _loss(policy, x).backward()
+                    pre = upd.clip_grad_norm_(0.5)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                kl = upd.observe_kl(log_ratio, masks)
+                upd.observe_kl_value(kl * 2)
+                assert pre.device.type == "cuda" and kl.device.type == "cuda"
+        snap = tele.snapshot()
+        assert snap.steps == 81
+        assert math.isfinite(snap.grad_norm_pre) and snap.grad_norm_post <= 0.5 + 1e-6
+        assert math.isfinite(snap.head("op").current) and math.isfinite(snap.head("slot").current)
+        assert snap.kl == pytest.approx(1.5 * float(kl))
+    finally:
+        tele.close()
