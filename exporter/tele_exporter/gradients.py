@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .stats import clip_coefficient, tensor_norms
+from .stats import clip_coefficient, index_tensor, tensor_norms
 
 _INITIAL_ROWS = 64
 
@@ -126,11 +126,7 @@ class GradientMeter:
             for head in self._membership[i]:
                 has[head] = True
             col += 1
-        return _Plan(_index(tensors, device), _index(outputs, device), tuple(has))
-
-
-def _index(values: list[int], device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+        return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has))
 
 
 def _scale_(grads: list[Tensor], coef: Tensor) -> None:

@@ -18,6 +18,14 @@ CV_MEAN_FLOOR = 1e-8
 KL_WEIGHT_FLOOR = 1e-8
 
 
+def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
+    """A long tensor on `device` without a blocking host-to-device copy (pinned, non_blocking on CUDA)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device."""
     if not tensors:
@@ -31,7 +39,7 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
     for _device, idx in by_device.items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float64)
-        out[torch.tensor(idx, device=first)] = torch.stack(norms).to(first)
+        out[index_tensor(idx, first)] = torch.stack(norms).to(first)
     return out
 
 
@@ -50,7 +58,7 @@ def grad_norms(groups: Mapping[str, Iterable[Tensor | None]]) -> dict[str, Tenso
         if grads:
             out[name] = torch.linalg.vector_norm(norms[start:stop])
         else:
-            out[name] = torch.tensor(math.nan, dtype=torch.float64, device=norms.device)
+            out[name] = torch.full((), math.nan, dtype=torch.float64, device=norms.device)
         start = stop
     return out
 
@@ -78,7 +86,7 @@ def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tens
     r = log_ratio.detach().to(torch.float64).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     kl_t = torch.expm1(r) - r
     if mask is None:
-        n_valid = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+        n_valid = torch.full((), float(r.numel()), dtype=torch.float64, device=r.device)
         return kl_t.sum() / max(r.numel(), 1), n_valid
     m = mask.detach().to(torch.float64)
     n_valid = m.sum()
