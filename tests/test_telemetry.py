@@ -208,3 +208,17 @@ def test_an_update_that_raises_still_publishes_what_it_measured(policy: TinyPoli
         upd.clip_grad_norm_(1.0)
         raise KeyError("trainer bug")
     assert tele.snapshot().updates == 1
+
+
+def test_kl_and_clip_fraction_computed_by_the_trainer_are_published(tele: Telemetry) -> None:
+    with tele.update() as upd:
+        upd.observe_kl_value(0.02)
+        upd.observe_kl_value(torch.tensor(0.04))
+        upd.observe_clip_fraction(0.1)
+        upd.observe_clip_fraction(torch.tensor(0.3))
+    snap = tele.snapshot()
+    assert snap.kl == pytest.approx(0.03)
+    assert snap.clip_fraction == pytest.approx(0.2)
+    with tele.update():
+        pass
+    assert math.isnan(tele.snapshot().clip_fraction)  # none reported: not exported, not stale

@@ -6,6 +6,7 @@ Snapshot read once per scrape, so a scrape never mixes two updates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,7 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "policy_grad_norm": _policy_grad_norm,
     "gradient_cv": _scalar("gradient_cv", lambda s: s.updates > 0),
     "kl_divergence": _scalar("kl", lambda s: bool(s.kl_history)),
+    "clip_fraction": _scalar("clip_fraction", lambda s: not math.isnan(s.clip_fraction)),
     "seed_grad_ratio": _seed("ratio"),
     "seed_gradient_vanishing": _seed("vanishing"),
     "seed_gradient_exploding": _seed("exploding"),

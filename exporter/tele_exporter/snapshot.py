@@ -68,6 +68,7 @@ class Snapshot:
     kl: float
     kl_history: tuple[float, ...]  # oldest first (TELE-111)
     gradient_cv: float
+    clip_fraction: float = math.nan  # NaN: the trainer reported none this update
     seeds: tuple[SeedState, ...] = ()
     histograms: Mapping[str, Mapping[tuple[str, ...], HistogramState]] = field(default_factory=dict)
     seeds_refused: int = 0
@@ -111,6 +112,7 @@ class Snapshot:
                     "value": self.gradient_cv,
                     "shown": asdict(show(catalog["gradient_cv"], self.gradient_cv)),
                 },
+                "clip_fraction": self.clip_fraction,
                 "seeds": [asdict(s) for s in self.seeds],
                 "seeds_refused": self.seeds_refused,
             }

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 
 import torch
@@ -184,7 +184,7 @@ class Telemetry:
     def _publish(self, upd: Update) -> None:
         drained = self._meter.drain()
         passes = {key: watch.drain() for key, watch in list(self._seeds.items())}
-        host = _to_host(drained, upd.kls, passes)
+        host = _to_host(drained, upd.kls, upd.clip_fractions, passes)
         heads, steps = self._head_values(drained, host.rows)
         pre = float(host.rows[:, -2].mean()) if steps else math.nan
         post = float(host.rows[:, -1].mean()) if steps else math.nan
@@ -192,6 +192,7 @@ class Telemetry:
             self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
             self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
         kl = float(host.kls.mean()) if host.kls.numel() else math.nan
+        clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else math.nan
         self._histograms["step_kl_divergence"].observe_many((), host.kls)
         seed_values: dict[tuple[str, str], tuple[float, int]] = {}
         for key, ratios in host.seed_ratios.items():
@@ -225,6 +226,7 @@ class Telemetry:
                 kl=kl,
                 kl_history=tuple(self._kl_history),
                 gradient_cv=cv,
+                clip_fraction=clip_fraction,
                 seeds=seeds,
                 histograms={hid: h.states() for hid, h in self._histograms.items()},
                 seeds_refused=self._seeds_refused,
@@ -252,6 +254,7 @@ class Update:
     def __init__(self, tele: Telemetry) -> None:
         self._tele = tele
         self.kls: list[Tensor] = []
+        self.clip_fractions: list[Tensor] = []
         self.stopped_early = False
         self._open = False
 
@@ -313,6 +316,11 @@ class Update:
         self.kls.append(kl)
         return kl
 
+    def observe_clip_fraction(self, value: float | Tensor) -> None:
+        """Record the PPO clip fraction of a minibatch or epoch; the update publishes their mean."""
+        self._check_open()
+        self.clip_fractions.append(torch.as_tensor(value, dtype=torch.float64).detach().reshape(()))
+
     def early_stop(self) -> None:
         """Count this update as stopped early by the KL trust region."""
         self.stopped_early = True
@@ -356,19 +364,28 @@ class SeedWatch:
         self.remove()
 
 
+@dataclass(frozen=True)
 class _Host:
     """What one update recorded, on the host."""
 
-    def __init__(self, rows: Tensor, kls: Tensor, seed_ratios: dict[tuple[str, str], Tensor]):
-        self.rows, self.kls, self.seed_ratios = rows, kls, seed_ratios
+    rows: Tensor
+    kls: Tensor
+    clip_fractions: Tensor
+    seed_ratios: dict[tuple[str, str], Tensor]
 
 
-def _to_host(drained: Drained | None, kls: list[Tensor], passes: Mapping[tuple[str, str], list[BackwardPass]]) -> _Host:
+def _to_host(
+    drained: Drained | None,
+    kls: list[Tensor],
+    clip_fractions: list[Tensor],
+    passes: Mapping[tuple[str, str], list[BackwardPass]],
+) -> _Host:
     """Gather everything the update recorded and copy it to the host, one transfer per device."""
     parts: list[Tensor] = []
     if drained is not None:
         parts.append(drained.rows.reshape(-1))
     parts.extend(k.reshape(1) for k in kls)
+    parts.extend(c.reshape(1) for c in clip_fractions)
     seed_counts: list[tuple[tuple[str, str], int]] = []
     for key, seed_passes in passes.items():
         complete = [p for p in seed_passes if p.input_sq and p.output_sq]
@@ -383,13 +400,15 @@ def _to_host(drained: Drained | None, kls: list[Tensor], passes: Mapping[tuple[s
     offset = n_rows * width
     kl_t = flat[offset : offset + len(kls)]
     offset += len(kls)
+    clip_t = flat[offset : offset + len(clip_fractions)]
+    offset += len(clip_fractions)
     ratios: dict[tuple[str, str], Tensor] = {}
     for key, n in seed_counts:
         g_in = flat[offset : offset + n].sqrt()
         g_out = flat[offset + n : offset + 2 * n].sqrt()
         ratios[key] = seed_grad_ratio(g_in, g_out)
         offset += 2 * n
-    return _Host(rows, kl_t, ratios)
+    return _Host(rows, kl_t, clip_t, ratios)
 
 
 def _summed(squares: list[Tensor]) -> Tensor:

@@ -15,7 +15,8 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
-from tele_exporter.integrations.sb3 import CLIP_FRACTION, TelemetryCallback, policy_heads
+from tele_exporter.catalog import default_catalog
+from tele_exporter.integrations.sb3 import TelemetryCallback, policy_heads
 
 
 class _Recorder(BaseCallback):  # type: ignore[misc]
@@ -83,7 +84,7 @@ def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
         body = urllib.request.urlopen(cb.server.url, timeout=5).read().decode()
         last = rec.pairs[-1]
         assert f"tele_kl_divergence {last['approx_kl']!r}" in body
-        assert f"{CLIP_FRACTION} {last['clip_fraction']!r}" in body
+        assert f"{default_catalog()['clip_fraction'].name} {last['clip_fraction']!r}" in body
         assert 'tele_head_grad_norm{head="action_net"}' in body
         assert 'tele_head_grad_norm{head="value_net"}' in body
     finally:

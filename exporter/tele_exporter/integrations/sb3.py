@@ -16,8 +16,8 @@ is restored after every `train()`, so checkpoints never save the lifted value.
 
 KL and clip fraction are SB3's own: `train/approx_kl` (mean over the
 minibatches of the last epoch run) and `train/clip_fraction` (mean over every
-minibatch), read from the model's logger after `train()`. The clip fraction is
-an SB3-specific gauge, `tele_sb3_clip_fraction`, outside the TELE catalog.
+minibatch), read from the model's logger after `train()` and published as
+`tele_kl_divergence` and `tele_ppo_clip_fraction`.
 
 Heads are the policy's `action_net` and `value_net`. For MultiDiscrete action
 spaces SB3 builds one `nn.Linear` whose output rows are the sub-actions' logits;
@@ -28,13 +28,11 @@ meter does not measure, so the sub-actions are reported together as `action_net`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -43,7 +41,6 @@ from ..distributed import rank_port
 from ..server import DEFAULT_ADDR, Server, serve
 from ..telemetry import Telemetry, Update
 
-CLIP_FRACTION = "tele_sb3_clip_fraction"
 _LIFTED_MAX_NORM = float(torch.finfo(torch.float32).max)
 
 
@@ -57,36 +54,6 @@ def policy_heads(policy: nn.Module) -> dict[str, nn.Module]:
     if not heads:
         raise TypeError(f"{type(policy).__name__} has neither an action_net nor a value_net with parameters")
     return heads
-
-
-class _ClipFractionCollector(Collector):
-    """`tele_sb3_clip_fraction`, shown only alongside the snapshot of the update it belongs to."""
-
-    def __init__(self, tele: Telemetry) -> None:
-        self._tele = tele
-        self.by_update: dict[int, float] = {}
-
-    def set(self, update: int, value: float) -> None:
-        """Record the clip fraction that update number `update` will publish; keeps the last two."""
-        self.by_update = {u: v for u, v in self.by_update.items() if u >= update - 1} | {update: value}
-
-    def describe(self) -> Iterator[Metric]:
-        yield self._family()
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        value = self.by_update.get(self._tele.snapshot().updates)
-        if value is not None:
-            family.add_metric(list(self._tele.const_labels.values()), value)
-        yield family
-
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            CLIP_FRACTION,
-            "Fraction of samples whose probability ratio left [1 - clip_range, 1 + clip_range] in the "
-            "latest PPO update, as Stable-Baselines3 logs it (train/clip_fraction).",
-            labels=list(self._tele.const_labels),
-        )
 
 
 class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
@@ -112,7 +79,6 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         self.server: Server | None = None
         self._port, self._addr = port, addr
         self._registry, self._const_labels = registry, const_labels
-        self._clip_fraction: _ClipFractionCollector | None = None
         self._hook: RemovableHandle | None = None
         self._upd: Update | None = None
         self._max_norm: float | None = None
@@ -129,9 +95,6 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
             )
         if {id(p) for p in self.tele.params} != {id(p) for p in self.model.policy.parameters()}:
             raise ValueError("the Telemetry must be built over model.policy: it clips the policy's gradients")
-        if self._clip_fraction is None:
-            self._clip_fraction = _ClipFractionCollector(self.tele)
-            self.tele.registry.register(self._clip_fraction)
         if self._port is not None and self.server is None:
             self.server = serve(self.tele, rank_port(self._port), self._addr)
 
@@ -173,9 +136,6 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
             self.server.close()
             self.server = None
         if self.tele is not None:
-            if self._clip_fraction is not None:
-                self.tele.registry.unregister(self._clip_fraction)
-                self._clip_fraction = None
             self.tele.close()
 
     # -- internals -----------------------------------------------------------------
@@ -211,8 +171,8 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
                 upd.observe_kl_value(float(logged["train/approx_kl"]))
             if self._steps < self._planned_steps():
                 upd.early_stop()
-            if self._clip_fraction is not None and "train/clip_fraction" in logged:
-                self._clip_fraction.set(self.tele.snapshot().updates + 1, float(logged["train/clip_fraction"]))
+            if "train/clip_fraction" in logged:
+                upd.observe_clip_fraction(float(logged["train/clip_fraction"]))
         finally:
             upd.__exit__(None, None, None)
 
