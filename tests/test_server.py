@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import socket
@@ -165,3 +166,47 @@ def test_half_open_slow_and_malformed_clients_do_not_stall_scrapes(server: Serve
     finally:
         for s in idle + slow:
             s.close()
+
+
+def _fetch(url: str, headers: dict[str, str]) -> tuple[dict[str, str], bytes]:
+    req = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return dict(resp.headers.items()), resp.read()
+
+
+def test_cached_render_equals_prometheus_client_and_follows_each_publish(
+    server: Server, tele: Telemetry, policy: TinyPolicy
+) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    _train(tele, policy, 1)
+    _, first = _fetch(server.url, {})
+    assert first == generate_latest(tele.registry)
+    headers, om = _fetch(server.url, {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert headers["Content-Type"].startswith("application/openmetrics-text") and om.endswith(b"# EOF\n")
+    assert om == generate_openmetrics(tele.registry)
+    headers, packed = _fetch(server.url, {"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip" and gzip.decompress(packed) == first
+    _train(tele, policy, 1)
+    assert _fetch(server.url, {})[1] == generate_latest(tele.registry) != first  # a publish invalidates
+    tele.record_error("seed_hook", RuntimeError("x"))
+    assert b'tele_telemetry_errors_total{site="seed_hook"} 1.0' in _fetch(server.url, {})[1]
+    _, only = _fetch(server.url + "?name[]=tele_ppo_updates_total", {})
+    assert only.decode().count("# TYPE") == 1  # filters go to prometheus_client's own app
+
+
+def test_a_shared_registry_is_never_served_from_the_cache(policy: TinyPolicy) -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    other = Counter("other_events", "another library's counter", registry=registry)
+    tele = Telemetry(policy, heads={"op": policy.op}, registry=registry)
+    srv = serve(tele, port=0)
+    try:
+        _fetch(srv.url, {})
+        other.inc()
+        assert b"other_events_total 1.0" in _fetch(srv.url, {})[1]
+    finally:
+        srv.close()
+        tele.close()

@@ -7,6 +7,7 @@ a slow client never holds up a scrape and never touches the training thread.
 from __future__ import annotations
 
 import errno
+import gzip
 import importlib.resources
 import json
 import socket
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .webconfig import WebConfig, load_web_config
 
@@ -87,7 +89,7 @@ class _ThreadingServer(_TLSServerMixin, ThreadingMixIn, WSGIServer):
 
 def make_app(tele: Telemetry, web_config: WebConfig | None = None) -> WSGIApp:
     """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404 and 405 otherwise."""
-    metrics = make_wsgi_app(tele.registry)
+    metrics = _cached_metrics(tele) if tele.owns_registry else make_wsgi_app(tele.registry)
     routes: dict[str, WSGIApp] = {
         "/metrics": metrics,
         "/": _static(_LANDING, "text/html; charset=utf-8"),
@@ -108,6 +110,42 @@ def make_app(tele: Telemetry, web_config: WebConfig | None = None) -> WSGIApp:
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             return _plain(start_response, "405 Method Not Allowed", "method not allowed\n", [("Allow", "GET, HEAD")])
         return route(environ, start_response)
+
+    return app
+
+
+def _cached_metrics(tele: Telemetry) -> WSGIApp:
+    """/metrics rendered once per published snapshot and format, then served as bytes.
+
+    Only for a registry Telemetry owns: nothing else can change between two
+    snapshots but the error counters, which are part of the cache key. Queries
+    with parameters (name[] filters) go to prometheus_client's own app.
+    """
+    fallback = make_wsgi_app(tele.registry)
+    cache: dict[str, tuple[object, object, bytes, bytes]] = {}
+    lock = threading.Lock()
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("QUERY_STRING"):
+            filtered: Iterable[bytes] = fallback(environ, start_response)
+            return filtered
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        snapshot, errors = tele.snapshot(), tele.errors()
+        with lock:
+            hit = cache.get(content_type)
+        if hit is None or hit[0] is not snapshot or hit[1] != errors:
+            body = encoder(tele.registry)
+            hit = (snapshot, errors, body, gzip.compress(body, compresslevel=6))
+            with lock:
+                cache[content_type] = hit
+        headers = [("Content-Type", content_type)]
+        body = hit[2]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = hit[3]
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     return app
 

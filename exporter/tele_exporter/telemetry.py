@@ -95,6 +95,7 @@ class Telemetry:
 
         from .collector import TeleCollector  # the collector reads Telemetry; import late
 
+        self.owns_registry = registry is None  # nothing but this Telemetry writes to it
         self.registry = registry if registry is not None else CollectorRegistry()
         self._collector = TeleCollector(self)
         self.registry.register(self._collector)
