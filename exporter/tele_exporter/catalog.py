@@ -200,6 +200,7 @@ class Catalog:
     path: Path
     # PromQL label matchers (without braces) for the trainer's series; "" selects all.
     selector: str = ""
+    runbook: str = ""
 
     def __getitem__(self, metric_id: str) -> MetricSpec:
         return self.metrics[metric_id]
@@ -476,7 +477,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     except yaml.YAMLError as exc:
         raise CatalogError(f"{file}: not valid YAML: {exc}") from None
     top = _Reader(file, "catalog", raw)
-    top.check_keys(("namespace", "selector", "colours", "metrics"))
+    top.check_keys(("namespace", "selector", "runbook", "colours", "metrics"))
     namespace = top.get("namespace", str)
     selector = top.get("selector", str, "")
     if selector and not _SELECTOR_RE.match(selector):
@@ -493,7 +494,10 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     if dupes:
         raise top.fail("metrics", f"metric name {dupes[0]!r} is used twice")
     _check_cross_references(file, metrics)
-    return Catalog(namespace, dict(colours), metrics, file, selector.strip())
+    runbook = top.get("runbook", str, "")
+    if runbook and not runbook.startswith(("https://", "http://")):
+        raise top.fail("runbook", f"{runbook!r} is not an http(s) URL")
+    return Catalog(namespace, dict(colours), metrics, file, selector.strip(), runbook)
 
 
 @cache

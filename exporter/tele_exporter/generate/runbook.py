@@ -1,0 +1,129 @@
+"""docs/runbook.md: one section per alert, built from the catalog's TELE text.
+
+Every alert's `runbook_url` points at its section here; thresholds, `for:` and
+PromQL come from the catalog and the rules generator, the advice from ADVICE.
+"""
+
+from __future__ import annotations
+
+from ..catalog import Catalog, MetricSpec
+from .rules import alert_rules, anchor
+
+PATH = "docs/runbook.md"
+
+# What an operator should do, by alert name. Prose only: thresholds stay in the catalog.
+ADVICE: dict[str, str] = {
+    "TeleGradNormHigh": (
+        "Gradients are growing toward explosion. Lower the learning rate, check the loss scale "
+        "and reward normalisation, and look at `tele_head_grad_norm` to find the head that "
+        "carries the norm. A steadily rising `tele_policy_grad_norm` trend usually precedes a "
+        "NaN (see TeleNonFiniteGradients)."
+    ),
+    "TeleGradNormVanishing": (
+        "Learning has stalled: the pre-clip gradient is almost zero. Check that the loss still "
+        "depends on the policy (entropy collapse, saturated activations, a detached tensor), "
+        "and that the learning rate schedule has not decayed to nothing."
+    ),
+    "TeleKLDivergenceHigh": (
+        "The policy changes too fast per update; PPO's trust region is being stretched and "
+        "early stopping (`tele_ppo_early_stops_total`) cuts updates short. Lower the learning "
+        "rate or the number of epochs per update, or lower `target_kl`. High KL in the first "
+        "few updates after a fresh start can be initialisation noise."
+    ),
+    "TeleGradientCVHigh": (
+        "Gradient signal is unevenly spread across the action heads: some heads dominate or "
+        "starve. Compare `tele_head_grad_norm` per head, check the causal masks of the heads "
+        "that starve, and consider per-head loss weights."
+    ),
+    "TeleSeedGradientVanishing": (
+        "The seed attenuates the gradient it passes back: the host layers before it learn "
+        "little. Check the seed's alpha blending and initialisation; a seed that stays here "
+        "is a prune candidate. A ratio of exactly 0 means no gradient data, not vanishing."
+    ),
+    "TeleSeedGradientExploding": (
+        "The seed amplifies the gradient it passes back and can destabilise the host. Lower "
+        "the seed's alpha or learning rate, or prune it."
+    ),
+    "TeleNonFiniteGradients": (
+        "An optimizer step produced a NaN or Inf gradient (the `metric` label names the series, "
+        "`head` the action head). Training on non-finite gradients corrupts the weights: stop, "
+        "restore the last good checkpoint, and look for a log of zero, a division by a "
+        "vanishing std or an overflow in mixed precision. NaN fails every PromQL comparison, "
+        "so the level alerts go silent on NaN; this alert covers it."
+    ),
+    "TeleTelemetryAbsent": (
+        "Prometheus cannot see a live trainer: the process died or hangs, the target is down or "
+        "missing from the scrape config, or the trainer is alive but publishes no PPO updates. "
+        "Check the trainer's logs and `up`, then the scrape config's job against the rules' "
+        "selector (docs/alerting.md)."
+    ),
+}
+
+
+def _clip_note(spec: MetricSpec) -> str:
+    on = ", ".join(f'{key}="{value}"' for key, value in spec.alert_on.items())
+    return (
+        f"**Pre- vs post-clip.** The TELE record is torn between the pre- and the post-clip "
+        f"norm. `{spec.name}` exports both; the alert watches only `{on}`, because a post-clip "
+        "norm never exceeds `max_norm` (with max_norm 0.5 it could never reach the warning "
+        "level). Dashboards show both.\n"
+    )
+
+
+def _section(catalog: Catalog, name: str) -> str:
+    rules = [r for r in alert_rules(catalog) if r.name == name]
+    spec = rules[0].metric
+    tele = ", ".join(spec.tele) if spec.tele else "none (tele-exporter's own health)"
+    lines = [
+        f"## {name}",
+        "",
+        f"**Metric:** `{spec.name}` · **TELE:** {tele}",
+        "",
+        f"> {spec.question}",
+        "",
+        spec.help,
+        "",
+    ]
+    if spec.levels:
+        lines += ["| Level | Values | Status | Alert |", "|---|---|---|---|"]
+        for level in spec.levels:
+            alert = f"{level.alert.name}, {level.alert.severity}, for {level.alert.for_}" if level.alert else "none"
+            lines.append(f"| {level.name} | `{level.when}` | {level.status} | {alert} |")
+        lines += [
+            "",
+            "Intervals: `[` and `]` include the boundary, `(` and `)` exclude it.",
+            "",
+        ]
+    lines += ["| Severity | for | PromQL |", "|---|---|---|"]
+    for rule in rules:
+        expr = rule.expr.replace("\n", " ").replace("|", "\\|")
+        lines.append(f"| {rule.severity} | {rule.for_} | `{expr}` |")
+    lines += ["", f"**What to do.** {ADVICE.get(name, spec.question)}", ""]
+    if spec.alert_on and spec.levels:
+        lines.append(_clip_note(spec))
+    return "\n".join(lines)
+
+
+def alert_names(catalog: Catalog) -> list[str]:
+    """Alert names in catalog order, each once."""
+    return list(dict.fromkeys(r.name for r in alert_rules(catalog)))
+
+
+def files(catalog: Catalog) -> dict[str, str]:
+    """The runbook, by path relative to the repository root."""
+    names = alert_names(catalog)
+    head = [
+        "<!-- generated by tele-exporter generate from catalog.yaml; do not edit -->",
+        "# tele-exporter runbook",
+        "",
+        "One section per alert of `prometheus/rules/tele-alerts.yml`; each alert's "
+        "`runbook_url` links here. Warning and critical of one condition share the alert "
+        "name and differ in the `severity` label; Alertmanager lets a critical inhibit the "
+        "warning of the same alert name. Every rule selects the trainer with "
+        f"`{{{catalog.selector}}}` (the catalog's `selector`).",
+        "",
+        *[f"- [{name}](#{anchor(name)})" for name in names],
+        "",
+    ]
+    body = [_section(catalog, name) for name in names]
+    return {PATH: "\n".join(head) + "\n" + "\n".join(body).rstrip("\n") + "\n"}

@@ -1,0 +1,186 @@
+"""The generated Prometheus rules: fresh, valid, exact to the catalog, and passing promtool tests."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tele_exporter import cli, generate
+from tele_exporter.catalog import Interval, default_catalog, load_catalog
+from tele_exporter.generate import rules
+from tests.prometheus import promtool_cases
+from tests.support.servers import PROMTOOL, binary
+
+ROOT = Path(__file__).resolve().parents[2]
+RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([binary(PROMTOOL), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_generated_files_are_fresh() -> None:
+    """`tele-exporter generate --check`: every committed generated file matches the catalog."""
+    assert generate.stale(ROOT, default_catalog()) == []
+
+
+def test_generate_check_command_passes() -> None:
+    assert cli.main(["generate", "--check", "--root", str(ROOT)]) == 0
+
+
+def test_generate_check_command_fails_on_a_stale_file(tmp_path: Path) -> None:
+    generate.write(tmp_path, default_catalog())
+    (tmp_path / rules.ALERTS_PATH).write_text("groups: []\n", encoding="utf-8")
+    assert cli.main(["generate", "--check", "--root", str(tmp_path)]) == 1
+
+
+def test_rules_and_runbook_are_produced() -> None:
+    produced = generate.render(default_catalog())
+    assert {rules.RECORDING_PATH, rules.ALERTS_PATH, "docs/runbook.md"} <= set(produced)
+    for path in (rules.RECORDING_PATH, rules.ALERTS_PATH):
+        assert produced[path].startswith(rules.HEADER)
+
+
+def test_generation_is_deterministic() -> None:
+    assert rules.files(default_catalog()) == rules.files(load_catalog())
+
+
+@pytest.mark.servers
+def test_promtool_check_rules() -> None:
+    result = _promtool("check", "rules", *map(str, RULE_FILES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.servers
+def test_promtool_unit_tests_pass() -> None:
+    tests = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
+    assert tests, "no promtool tests in prometheus/tests"
+    result = _promtool("test", "rules", *map(str, tests))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_tests_are_fresh() -> None:
+    """prometheus/tests/*.yml are built from tests/prometheus/cases; rerun the builder if not."""
+    for path, text in promtool_cases.outputs().items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path} is stale: run `python -m tests.prometheus.promtool_cases`"
+        )
+
+
+def test_every_alert_has_promtool_tests() -> None:
+    alerts = {r.name for r in rules.alert_rules(default_catalog())}
+    tested: set[str] = set()
+    for path in (ROOT / "prometheus" / "tests").glob("*.yml"):
+        for test in yaml.safe_load(path.read_text(encoding="utf-8"))["tests"]:
+            tested.update(check["alertname"] for check in test.get("alert_rule_test", []))
+    assert alerts == tested
+
+
+@pytest.mark.parametrize(
+    ("text", "promql"),
+    [
+        ("(5.0, 10.0]", "> 5 <= 10"),
+        ("[0.1, 5.0]", ">= 0.1 <= 5"),
+        ("[0.015, 0.03)", ">= 0.015 < 0.03"),
+        ("(0, 0.5)", "> 0 < 0.5"),
+        ("(10.0, +inf]", "> 10"),
+        ("(10.0, +inf)", "> 10 < +Inf"),
+        ("[0, 0.1)", ">= 0 < 0.1"),
+    ],
+)
+def test_interval_filter_keeps_both_ends_exact(text: str, promql: str) -> None:
+    assert rules.interval_filter(Interval.parse(text)) == promql
+
+
+def test_level_alerts_match_catalog_levels() -> None:
+    """Each level with an alert has exactly one rule, with its filter, for: and severity."""
+    catalog = default_catalog()
+    by_key = {(r.name, r.severity): r for r in rules.alert_rules(catalog)}
+    count = 0
+    for spec in catalog:
+        for level in spec.levels:
+            if level.alert is None:
+                continue
+            rule = by_key[(level.alert.name, level.alert.severity)]
+            assert rule.expr.endswith(rules.interval_filter(level.when))
+            assert rule.for_ == level.alert.for_
+            assert catalog.selector in rule.expr
+            for key, value in spec.alert_on.items():
+                assert f'{key}="{value}"' in rule.expr
+            count += 1
+    assert count == 9
+
+
+def test_seed_ratio_zero_is_never_vanishing() -> None:
+    rule = next(r for r in rules.alert_rules(default_catalog()) if r.name == "TeleSeedGradientVanishing")
+    assert "> 0 <" in rule.expr
+
+
+def test_warning_and_critical_share_an_alert_name() -> None:
+    names: dict[str, set[str]] = {}
+    for rule in rules.alert_rules(default_catalog()):
+        names.setdefault(rule.name, set()).add(rule.severity)
+    assert names["TeleKLDivergenceHigh"] == {"warning", "critical"}
+    assert names["TeleGradNormHigh"] == {"warning", "critical"}
+    assert names["TeleGradientCVHigh"] == {"warning", "critical"}
+    assert set(names) == {
+        "TeleGradNormHigh",
+        "TeleGradNormVanishing",
+        "TeleKLDivergenceHigh",
+        "TeleGradientCVHigh",
+        "TeleSeedGradientExploding",
+        "TeleSeedGradientVanishing",
+        "TeleNonFiniteGradients",
+        "TeleTelemetryAbsent",
+    }
+
+
+def test_annotations_follow_the_mixin_style() -> None:
+    alerts = yaml.safe_load(rules.files(default_catalog())[rules.ALERTS_PATH])["groups"][0]["rules"]
+    for alert in alerts:
+        assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
+        assert "$value" in alert["annotations"]["description"]
+        assert "$labels.instance" in alert["annotations"]["description"]
+        assert alert["annotations"]["runbook_url"].startswith(default_catalog().runbook + "#")
+        assert alert["labels"]["severity"] in ("warning", "critical")
+
+
+def test_recording_rules_follow_level_metric_operation() -> None:
+    records = [r["record"] for r in rules.recording_rules(default_catalog())]
+    assert len(records) == len(set(records))
+    for name in records:
+        level, metric, operation = name.split(":")
+        assert level and metric.startswith("tele_") and operation
+    assert "instance:tele_kl_divergence:delta5m" in records
+    assert "job_clip:tele_step_policy_grad_norm_critical:ratio_rate5m" in records
+
+
+def test_selector_is_configurable(tmp_path: Path) -> None:
+    """A catalog with another selector changes every rule and nothing else."""
+    source = default_catalog().path.read_text(encoding="utf-8")
+    custom = tmp_path / "catalog.yaml"
+    custom.write_text(source.replace("selector: 'job=\"tele\"'", 'selector: \'job="ppo", team="rl"\''))
+    catalog = load_catalog(custom)
+    assert catalog.selector == 'job="ppo", team="rl"'
+    produced = rules.files(catalog)
+    for text in produced.values():
+        assert 'job="tele"' not in text
+    assert 'tele_kl_divergence{job="ppo", team="rl"} >= 0.015 < 0.03' in produced[rules.ALERTS_PATH]
+    assert 'absent(up{job="ppo", team="rl"})' in produced[rules.ALERTS_PATH]
+
+
+def test_bad_selector_is_refused(tmp_path: Path) -> None:
+    source = default_catalog().path.read_text(encoding="utf-8")
+    custom = tmp_path / "catalog.yaml"
+    custom.write_text(source.replace("selector: 'job=\"tele\"'", "selector: '{job=tele}'"))
+    with pytest.raises(ValueError, match="selector"):
+        load_catalog(custom)
+
+
+def test_number_literals_round_trip() -> None:
+    for value in (0.015, 0.03, 5.0, 10.0, 0.1, 2.0, 600.0, math.inf):
+        assert float(rules.number(value).replace("Inf", "inf")) == value
