@@ -10,6 +10,22 @@ from torch import nn
 
 from tele_exporter import Telemetry
 
+DESIGN_METRICS = (
+    "tele_head_grad_norm",
+    "tele_head_grad_norm_prev",
+    "tele_policy_grad_norm",
+    "tele_gradient_cv",
+    "tele_kl_divergence",
+    "tele_seed_grad_ratio",
+    "tele_seed_gradient_vanishing",
+    "tele_seed_gradient_exploding",
+    "tele_ppo_updates_total",
+    "tele_ppo_early_stops_total",
+    "tele_last_update_timestamp_seconds",
+    "tele_nonfinite_gradients_total",
+)
+"""Every metric of DESIGN.md section 5, the contract's names."""
+
 
 class TinyPolicy(nn.Module):
     """A trunk, two action heads and a value head: enough structure for per-head telemetry."""

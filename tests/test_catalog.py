@@ -10,24 +10,12 @@ import yaml
 
 from tele_exporter.catalog import DEFAULT_PATH, CatalogError, Interval, default_catalog, load_catalog
 
+from .conftest import DESIGN_METRICS
+
 
 def test_packaged_catalog_has_every_design_metric() -> None:
     names = {spec.name for spec in default_catalog()}
-    design = {
-        "tele_head_grad_norm",
-        "tele_head_grad_norm_prev",
-        "tele_policy_grad_norm",
-        "tele_gradient_cv",
-        "tele_kl_divergence",
-        "tele_seed_grad_ratio",
-        "tele_seed_gradient_vanishing",
-        "tele_seed_gradient_exploding",
-        "tele_ppo_updates_total",
-        "tele_ppo_early_stops_total",
-        "tele_last_update_timestamp_seconds",
-        "tele_nonfinite_gradients_total",
-    }
-    assert design <= names
+    assert set(DESIGN_METRICS) <= names
 
 
 def test_record_boundaries_are_exact() -> None:

@@ -18,22 +18,10 @@ from tele_exporter.demo import DemoConfig, FaultPlan, Trainer, UpdateResult
 from tele_exporter.demo.ppo import gae
 from tele_exporter.snapshot import Snapshot
 
+from ..conftest import DESIGN_METRICS
+
 CATALOG = default_catalog()
 SMALL = DemoConfig(updates=4, envs=4, steps=16)
-DESIGN_5 = (
-    "tele_head_grad_norm",
-    "tele_head_grad_norm_prev",
-    "tele_policy_grad_norm",
-    "tele_gradient_cv",
-    "tele_kl_divergence",
-    "tele_seed_grad_ratio",
-    "tele_seed_gradient_vanishing",
-    "tele_seed_gradient_exploding",
-    "tele_ppo_updates_total",
-    "tele_ppo_early_stops_total",
-    "tele_last_update_timestamp_seconds",
-    "tele_nonfinite_gradients_total",
-)
 HEADS = {"op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve"}
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -86,7 +74,7 @@ def test_live_scrape_has_every_design_metric() -> None:
     assert len(scrapes) == SMALL.updates
     seen_seeds = False
     for k, s in enumerate(scrapes, start=1):
-        missing = [m for m in DESIGN_5 if m not in s]
+        missing = [m for m in DESIGN_METRICS if m not in s]
         if not s["tele_seed_grad_ratio"]:
             missing = [m for m in missing if not m.startswith("tele_seed_")]
         assert not missing, f"update {k}: missing {missing}"

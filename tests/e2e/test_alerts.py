@@ -146,7 +146,7 @@ def test_fault_notifies_and_resolves(run: Run, fault: Fault) -> None:
         f"faulty update (for: {for_s:.0f}s, so {latency - for_s:.1f}s of scrape, rule and "
         f"notification delay; {run.rate:.2f} updates/s)"
     )
-    assert fired.annotations["runbook_url"] == rules.runbook_url(fault.alertname)
+    assert fired.annotations["runbook_url"] == rules.runbook_url(default_catalog(), fault.alertname)
     if fault.mode == "vanish":
         assert fired.labels.get("env") and fired.labels.get("slot")
     if fault.mode == "explode":
@@ -176,7 +176,7 @@ def test_healthy_demo_fires_nothing(run: Run) -> None:
 
 
 def test_every_recording_rule_returns_data(run: Run) -> None:
-    records = [r["record"] for r in rules.recording_rules(default_catalog())]
+    records = [r["record"] for r in (*rules.recording_rules(default_catalog()), *rules.rank_rules(default_catalog()))]
 
     def missing() -> list[str]:
         return [r for r in records if not run.prometheus.query(r)]

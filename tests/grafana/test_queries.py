@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import pytest
 from tele_exporter.catalog import default_catalog
 from tele_exporter.display import head_trend
 from tele_exporter.generate import dashboards
+from tests.support.demo import start_demo
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
@@ -40,37 +39,8 @@ LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\
 @pytest.fixture(scope="module")
 def demo() -> Iterator[str]:
     """A running demo trainer (until stopped); yields its host:port."""
-    # `python -m tele_exporter.cli` is the tele-exporter command of this very interpreter.
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tele_exporter.cli",
-            "demo",
-            "--updates",
-            "0",
-            "--seed",
-            "7",
-            "--web.listen-address",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        found = re.search(r"https?://([\d.]+:\d+)/", first)
-        assert found, f"the demo did not print its /metrics URL first: {first!r}"
-        yield found.group(1)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with start_demo("--seed", "7") as running:
+        yield running.address
 
 
 @dataclass(frozen=True)

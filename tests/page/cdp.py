@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from tests.support.processes import stop_process
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FLAGS = (
     "--headless",
@@ -135,13 +137,7 @@ class Chromium:
 
     def close(self) -> None:
         """End the browser process and remove its profile."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         os.close(self._to_browser)
         self._reader.join(timeout=5)
         os.close(self._from_browser)

@@ -18,6 +18,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .processes import stop_process
+
 _URL = re.compile(r"(https?://\S+/metrics)")
 _UPDATE = re.compile(r"^update (\d+)/")
 START_TIMEOUT_S = 120.0
@@ -85,13 +87,7 @@ class Demo:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15s."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, grace_s=15.0)
 
     def __enter__(self) -> Demo:
         return self

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from .processes import stop_process
+
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "prometheus-alertmanager"
 PROMTOOL = "promtool"
@@ -126,13 +128,7 @@ class Running:
 
     def stop(self) -> None:
         """Kill by PID, wait, and delete the temp dir; idempotent."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
