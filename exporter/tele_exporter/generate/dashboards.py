@@ -226,6 +226,21 @@ def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> 
     return target
 
 
+def _merged_table(renames: dict[str, str]) -> list[dict[str, Any]]:
+    """Merge instant queries into one table row per series, renamed and ordered as `renames`."""
+    return [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True, "job": True, "instance": True},
+                "indexByName": {name: i for i, name in enumerate(renames)},
+                "renameByName": renames,
+            },
+        },
+    ]
+
+
 def _instant(expr: str, ref: str) -> Json:
     return _target(expr, ref, "__auto", format="table", instant=True, range=False)
 
@@ -515,17 +530,7 @@ def _heads_row(b: _Builder) -> None:
                 "sortBy": [{"desc": False, "displayName": "Head"}],
             },
             "targets": [_instant(_sel(cur), "A"), _instant(_sel(prev), "B"), _instant(code, "C")],
-            "transformations": [
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True, "job": True, "instance": True},
-                        "indexByName": {name: i for i, name in enumerate(renames)},
-                        "renameByName": renames,
-                    },
-                },
-            ],
+            "transformations": _merged_table(renames),
         },
         24,
         9,
@@ -637,17 +642,7 @@ def _seeds_row(b: _Builder) -> None:
                 _instant(e, "C"),
                 _instant(v, "D"),
             ],
-            "transformations": [
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True, "job": True, "instance": True},
-                        "indexByName": {name: i for i, name in enumerate(renames)},
-                        "renameByName": renames,
-                    },
-                },
-            ],
+            "transformations": _merged_table(renames),
         },
         24,
         10,
