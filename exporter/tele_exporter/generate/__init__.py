@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..catalog import Catalog
 
-PRODUCERS = ("rules", "runbook", "dashboards")
+PRODUCERS = ("rules", "runbook", "dashboards", "grafana_alerts")
 
 
 def render(catalog: Catalog) -> dict[str, str]:

@@ -312,17 +312,22 @@ def _histogram_rules(catalog: Catalog, spec: MetricSpec, of: list[MetricSpec]) -
     return rules
 
 
+def alert_annotations(catalog: Catalog, rule: AlertRule) -> dict[str, str]:
+    """An alert's summary, description and runbook_url; shared with the Grafana-managed rules."""
+    return {
+        "summary": rule.summary,
+        "description": rule.description,
+        "runbook_url": runbook_url(catalog, rule.name),
+    }
+
+
 def _alert_dict(catalog: Catalog, rule: AlertRule) -> dict[str, Any]:
     return {
         "alert": rule.name,
         "expr": rule.expr,
         "for": rule.for_,
         "labels": {"severity": rule.severity},
-        "annotations": {
-            "summary": rule.summary,
-            "description": rule.description,
-            "runbook_url": runbook_url(catalog, rule.name),
-        },
+        "annotations": alert_annotations(catalog, rule),
     }
 
 
@@ -338,15 +343,20 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str)
 
 
-def _dump(groups: list[dict[str, Any]]) -> str:
+def dump(data: dict[str, Any]) -> str:
+    """The generated-file header and `data` as YAML; also writes the Grafana alerting files."""
     return HEADER + yaml.dump(
-        {"groups": groups},
+        data,
         Dumper=_Dumper,
         sort_keys=False,
         default_flow_style=False,
         width=120,
         allow_unicode=True,
     )
+
+
+def _dump(groups: list[dict[str, Any]]) -> str:
+    return dump({"groups": groups})
 
 
 def files(catalog: Catalog) -> dict[str, str]:
