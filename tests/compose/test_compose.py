@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tele_exporter.generate import grafana_alerts
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"trainer", "prometheus", "alertmanager", "grafana"}
@@ -128,6 +130,15 @@ def test_mounts_exist(compose: dict[str, Any]) -> None:
     prom = volume_map(compose["services"]["prometheus"])
     assert prom["/prometheus"] == "prometheus-data"
     assert set(compose["volumes"]) == {"prometheus-data"}
+
+
+def test_grafana_mounts_the_generated_alerting_provisioning(compose: dict[str, Any]) -> None:
+    """Grafana reads /etc/grafana/provisioning/alerting: the generated rules, contact points and policy."""
+    grafana = volume_map(compose["services"]["grafana"])
+    source = ROOT / grafana["/etc/grafana/provisioning"]
+    for path in (grafana_alerts.RULES_PATH, grafana_alerts.NOTIFICATIONS_PATH):
+        assert (source / "alerting" / Path(path).name) == ROOT / path
+        assert (ROOT / path).is_file(), path
 
 
 def test_prometheus_config_for_compose(compose: dict[str, Any]) -> None:

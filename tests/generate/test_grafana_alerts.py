@@ -312,6 +312,54 @@ def test_broken_objects_fail_the_sdk_check(broken: str) -> None:
     assert errors, f"the SDK check accepted a {broken}"
 
 
+# Keys of Grafana's file provisioning types (pkg/services/provisioning/alerting/: AlertRuleGroupV1,
+# AlertRuleV1 and QueryV1 in rules_types.go, ContactPointV1 and ReceiverV1 in contact_point_types.go).
+GROUP_KEYS = {"orgId", "name", "folder", "interval", "rules"}
+RULE_KEYS = {
+    "uid", "title", "condition", "data", "dasboardUid", "dashboardUid", "panelId", "noDataState", "execErrState",
+    "for", "keepFiringFor", "missing_series_evals_to_resolve", "annotations", "labels", "isPaused",
+    "notification_settings", "record",
+}  # fmt: skip
+QUERY_KEYS = {"refId", "queryType", "relativeTimeRange", "datasourceUid", "model"}
+CONTACT_POINT_KEYS = {"orgId", "name", "receivers"}
+RECEIVER_KEYS = {"uid", "type", "settings", "disableResolveMessage"}
+
+
+def test_files_use_grafanas_provisioning_keys() -> None:
+    rules_doc, notes_doc = load(grafana_alerts.RULES_PATH), load(grafana_alerts.NOTIFICATIONS_PATH)
+    assert set(rules_doc) == {"apiVersion", "groups"} and set(notes_doc) == {"apiVersion", "contactPoints", "policies"}
+    for group in rules_doc["groups"]:
+        assert set(group) == GROUP_KEYS
+        for rule in group["rules"]:
+            assert set(rule) <= RULE_KEYS, rule["uid"]
+            assert all(set(query) <= QUERY_KEYS for query in rule["data"]), rule["uid"]
+    for point in notes_doc["contactPoints"]:
+        assert set(point) == CONTACT_POINT_KEYS
+        assert all(set(receiver) <= RECEIVER_KEYS for receiver in point["receivers"])
+
+
+def _strings(data: Any, skip: tuple[str, ...]) -> list[str]:
+    """Every string in `data`, leaving out the values of keys in `skip`."""
+    if isinstance(data, dict):
+        return [s for key, value in data.items() if key not in skip for s in _strings(value, skip)]
+    if isinstance(data, list):
+        return [s for item in data for s in _strings(item, skip)]
+    return [data] if isinstance(data, str) else []
+
+
+def test_grafanas_env_interpolation_changes_nothing() -> None:
+    """Grafana runs os.ExpandEnv over provisioning strings, except query models and annotations.
+
+    Annotations are read raw since Grafana 9.1 (newer versions expand only ${VAR}), so their
+    {{ $labels.x }} survive; everywhere else a "$" would be replaced by an environment variable.
+    """
+    docs = [load(grafana_alerts.RULES_PATH), load(grafana_alerts.NOTIFICATIONS_PATH)]
+    for text in (s for doc in docs for s in _strings(doc, skip=("model", "annotations"))):
+        assert "$" not in text, text
+    for rule in grafana_rules():
+        assert all("${" not in text for text in rule["annotations"].values()), rule["uid"]
+
+
 # --- routing: the notification policy against prometheus/alertmanager.yml -------------------------
 
 
