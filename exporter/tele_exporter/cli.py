@@ -51,7 +51,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported, so one cannot break another."""
     parser = argparse.ArgumentParser(prog="tele-exporter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    gen = sub.add_parser("generate", help="write Prometheus rules, runbook and dashboards from the catalog")
+    gen = sub.add_parser("generate", help="write rules, runbook, dashboards and Grafana alerting from the catalog")
     gen.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
     gen.add_argument("--catalog", default=None, help="catalog file (default: the packaged one)")
     gen.add_argument("--root", default=None, help="repository root (default: found from the cwd)")
