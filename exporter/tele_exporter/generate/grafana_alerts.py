@@ -37,7 +37,7 @@ EXPRESSION = DataSourceRef(type_val="__expr__", uid="__expr__")
 ORG_ID = 1
 # A folder of its own: the dashboards' provider owns "TELE" (uid tele).
 FOLDER = "TELE alerts"
-# Grafana's smallest evaluation interval (min_interval); Prometheus evaluates every 5s.
+# Grafana's default smallest evaluation interval (min_interval); Prometheus evaluates every 5s.
 INTERVAL = "10s"
 # How far back the instant query may look, as Grafana's importer sets it.
 LOOKBACK_S = 600
