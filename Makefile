@@ -20,5 +20,5 @@ test: install system-deps  ## the whole test suite, real servers included
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step
 	tele-exporter bench
 
-generate: install  ## regenerate Prometheus rules, runbook and dashboards from the catalog
+generate: install  ## regenerate Prometheus rules, runbook, dashboards and Grafana alerting from the catalog
 	tele-exporter generate
