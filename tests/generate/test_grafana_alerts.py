@@ -27,7 +27,7 @@ from grafana_foundation_sdk.models import alerting
 from tele_exporter import cli, generate
 from tele_exporter.catalog import default_catalog, duration_seconds
 from tele_exporter.generate import grafana_alerts, rules
-from tests.support.servers import PROMTOOL, binary
+from tests.support.servers import AMTOOL, PROMTOOL, binary
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
@@ -397,6 +397,47 @@ def test_every_severity_has_a_route_and_a_contact_point() -> None:
     severities = {r["labels"]["severity"] for r in grafana_rules()}
     assert severities <= set(routed)
     assert set(routed.values()) <= {p["name"] for p in notes["contactPoints"]}
+
+
+def as_alertmanager(notes: dict[str, Any]) -> dict[str, Any]:
+    """The Grafana policy and contact points as an Alertmanager config (object_matchers as matcher strings)."""
+
+    def route(node: dict[str, Any]) -> dict[str, Any]:
+        out = {key: value for key, value in node.items() if key not in ("orgId", "object_matchers", "routes")}
+        if "object_matchers" in node:
+            out["matchers"] = [f'{name}{op}"{value}"' for name, op, value in node["object_matchers"]]
+        if "routes" in node:
+            out["routes"] = [route(child) for child in node["routes"]]
+        return out
+
+    receivers = [
+        {"name": p["name"], "webhook_configs": [{"url": r["settings"]["url"]}]}
+        for p in notes["contactPoints"]
+        for r in p["receivers"]
+    ]
+    (tree,) = notes["policies"]
+    return {"route": route(tree), "receivers": receivers}
+
+
+@pytest.mark.servers
+def test_alertmanager_routes_each_severity_to_the_same_receiver(tmp_path: Path) -> None:
+    """Alertmanager's own routing (amtool) sends each label set to the same receiver under both policies."""
+    converted = tmp_path / "grafana-policy.yml"
+    converted.write_text(yaml.safe_dump(as_alertmanager(load(grafana_alerts.NOTIFICATIONS_PATH))), encoding="utf-8")
+    check = subprocess.run([binary(AMTOOL), "check-config", str(converted)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    def receiver(config: Path, labels: list[str]) -> str:
+        argv = [binary(AMTOOL), "config", "routes", "test", f"--config.file={config}", *labels]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip()
+
+    base = ["alertname=TeleKLDivergenceHigh", "job=tele", "instance=t"]
+    for severity in ("critical", "warning", None):
+        labels = base + ([f"severity={severity}"] if severity else [])
+        ours, theirs = receiver(converted, labels), receiver(ROOT / "prometheus" / "alertmanager.yml", labels)
+        assert ours == theirs == (f"tele-{severity}" if severity else "tele-warning"), (severity, ours, theirs)
 
 
 # --- evaluation: each Grafana query against the Prometheus rule engine, in promtool ----------------
