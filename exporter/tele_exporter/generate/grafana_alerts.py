@@ -5,8 +5,8 @@ generate/rules.py, and a contact point per severity with a notification policy
 that routes by severity like prometheus/alertmanager.yml. Each rule runs the way
 Grafana's own Prometheus-rule importer runs one: the rule's PromQL as an instant
 query, a math expression that turns every returned sample (0, NaN and ±Inf
-included) into 1, and a threshold "> 0" on that, so a Grafana rule fires for
-exactly the series its Prometheus rule fires for. The objects are the
+included) into 1, and a threshold "> 0" on that, so at one instant a Grafana rule
+selects exactly the series its Prometheus rule selects. The objects are the
 grafana-foundation-sdk's alerting models, laid out as Grafana's provisioning files.
 """
 
