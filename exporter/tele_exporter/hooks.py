@@ -1,11 +1,12 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
-`HostProbe` measures TELE-557's ratio: one multi-grad hook over a host's
-parameters and all its watched seeds' parameters fires once per backward pass,
-when every gradient of that pass is ready, and takes the squared norm of the
-host's and of each seed's parameter gradients in one fused `_foreach_norm` and
-one `index_add_`, left on the device: no host sync, one Python call per host
-per pass (plus torch's per-tensor bookkeeping).
+`HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
+and of its watched seeds keeps the gradient that arrives in a backward pass; the
+first one of a pass queues an engine callback that runs once the pass is done
+and takes the squared norm of the host's and of each seed's gradients in one
+fused `_foreach_norm` and one `index_add_`, left on the device: no host sync.
+(torch's `register_multi_grad_hook` does the same bookkeeping but raises inside
+`torch.autograd.grad` over leaf parameters, which would break a user's backward.)
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -19,14 +20,13 @@ the output. Each hook only appends a device-side squared norm; no host sync.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.hooks import RemovableHandle
 
 from .stats import index_tensor, tensor_norms
@@ -201,7 +201,8 @@ class HostProbe:
         self._lock = threading.Lock()
         self._seeds: dict[SeedKey, nn.Module] = {}
         self._layout: _Layout | None = None
-        self._handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []
+        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the grads so far
         self._passes: list[HostPass] = []
 
     @property
@@ -240,10 +241,10 @@ class HostProbe:
         return passes
 
     def _register(self) -> None:
-        """(Re-)register one multi-grad hook over the host's own and every seed's trainable parameters."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """(Re-)register the tensor hooks over the host's own and every seed's trainable parameters."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
         seed_ids = {id(p) for seed in self._seeds.values() for p in seed.parameters()}
         host_params = [p for p in dict.fromkeys(self.host.parameters()) if p.requires_grad and id(p) not in seed_ids]
         keys = tuple(self._seeds)
@@ -262,9 +263,35 @@ class HostProbe:
             return
         layout = _Layout(tuple(tensors), tuple(groups), keys, tuple(numels))
         self._layout = layout
-        self._handle = register_multi_grad_hook(layout.tensors, lambda grads: self._on_grads(layout, grads))
+        self._handles = [
+            p.register_hook(self._keep(layout, i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(layout.tensors)
+        ]
 
-    def _on_grads(self, layout: _Layout, grads: Sequence[Tensor | None]) -> None:
+    def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
+        """A parameter's hook: keep this pass's gradient; the pass's first one queues the measurement."""
+
+        def hook(grad: Tensor) -> None:
+            try:
+                task = torch._C._current_graph_task_id()
+                with self._lock:
+                    grads = self._pending.get(task)
+                    if grads is None:
+                        grads = self._pending[task] = [None] * len(layout.tensors)
+                        engine = torch.autograd.Variable._execution_engine
+                        engine.queue_callback(lambda: self._finish(layout, task))
+                    grads[index] = grad
+            except Exception as exc:  # telemetry must never break the backward pass
+                self._on_error(self._site, exc)
+
+        return hook
+
+    def _finish(self, layout: _Layout, task: int) -> None:
+        """End of a backward pass: the fused squared norms of the host's and each seed's gradients."""
+        with self._lock:
+            grads = self._pending.pop(task, None)
+        if grads is None or layout is not self._layout:
+            return
         try:
             key = tuple(g is not None for g in grads)
             present = [g.detach() for g in grads if g is not None]
