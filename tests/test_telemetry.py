@@ -326,18 +326,20 @@ def test_sparse_gradients_are_missing_not_zero(tele: Telemetry) -> None:
 
 def test_an_update_without_a_step_keeps_prev_and_publishes_no_cv(policy: TinyPolicy, tele: Telemetry) -> None:
     first = _update(tele, policy, steps=2, seed=1)
+    measured = sum(r["op"] for r in first) / 2
     with tele.update() as upd:  # early stop before the first optimizer step
         upd.observe_kl({"op": torch.full((4,), 0.5)})
         upd.early_stop()
     snap = tele.snapshot()
     assert snap.gradient_cv is None and snap.grad_norm_pre is None
-    assert snap.head("op").prev == 0.0 and snap.head("op").steps == 0  # prev kept, not NaN
+    assert snap.head("op").steps == 0 and math.isnan(snap.head("op").current)
+    assert snap.head("op").prev == pytest.approx(measured, rel=1e-9)  # the last measured value, not NaN
     samples = _scrape(tele)
     assert not any(name in ("tele_policy_grad_norm", "tele_gradient_cv") for name, _ in samples)
-    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == 0.0
+    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == pytest.approx(measured, rel=1e-9)
     _update(tele, policy, steps=2, scale=3.0, seed=2)
     head = tele.snapshot().head("op")
-    assert head.prev == pytest.approx(sum(r["op"] for r in first) / 2, rel=1e-9)
+    assert head.prev == pytest.approx(measured, rel=1e-9)  # still the last measured value, not NaN
     assert head.trend is not None  # the arrow survives the empty update
 
 

@@ -257,12 +257,11 @@ class Telemetry:
             )
 
     def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
-        """TELE-320/321 after this update: prev is the last measured value, never a missing one."""
+        """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
         current, steps = measured
-        if not steps:
-            return head_state(self.catalog, old.name, math.nan, old.prev, self._nonfinite[old.name], 0)
         prev = self._last_measured.get(old.name, 0.0)
-        self._last_measured[old.name] = current
+        if steps:
+            self._last_measured[old.name] = current
         return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps)
 
     def _head_values(self, present: Tensor, rows: Tensor) -> tuple[dict[str, tuple[float, int]], int]:
