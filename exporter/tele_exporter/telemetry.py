@@ -108,13 +108,16 @@ class Telemetry:
         """A context manager for one PPO update; the snapshot is published on exit."""
         return Update(self)
 
-    def watch_seed(self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str) -> SeedWatch:
+    def watch_seed(
+        self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str, backward_gain: bool = True
+    ) -> SeedWatch:
         """Measure TELE-557 for a seed module grown in `host` until the handle is removed.
 
         Per backward pass: the seed's parameter-gradient RMS over the host's (the
-        host's parameters without any watched seed's), and the seed's backward
-        gain. Past `max_seeds` live seeds the call is refused and counted: the
-        returned handle is inert and training goes on.
+        host's parameters without any watched seed's), and, unless backward_gain
+        is False, the seed's backward gain (forward hooks: the costlier part).
+        Past `max_seeds` live seeds the call is refused and counted: the returned
+        handle is inert and training goes on.
         """
         key = (str(env), str(slot))
         if not isinstance(module, nn.Module):
@@ -143,7 +146,8 @@ class Telemetry:
             if probe.empty:
                 del self._hosts[id(host)]
             raise
-        watch = SeedWatch(self, key, SeedProbe(module, self.record_error), probe)
+        gain = SeedProbe(module, self.record_error) if backward_gain else None
+        watch = SeedWatch(self, key, gain, probe)
         with self._lock:
             self._seeds[key] = watch
             self._set_seeds_locked()
@@ -378,20 +382,23 @@ class SeedWatch:
         self.env, self.slot = key
         self._probe = probe
         self._host = host
+        self._removed = False
 
     @property
     def active(self) -> bool:
         """False once removed, or when the watch was refused by the seed cap."""
-        return self._probe is not None and self._probe.active
+        return self._host is not None and not self._removed
 
     def drain(self) -> list[BackwardPass]:
         """The backward-gain passes recorded since the last drain."""
         return self._probe.drain() if self._probe is not None else []
 
     def remove(self) -> None:
-        if self._probe is None or self._host is None:
+        if self._host is None or self._removed:
             return
-        self._probe.remove()
+        self._removed = True
+        if self._probe is not None:
+            self._probe.remove()
         self._tele._drop_seed((self.env, self.slot), self, self._host)
 
     def __enter__(self) -> SeedWatch:
