@@ -13,10 +13,10 @@ from tele_exporter.stats import (
     clip_coefficient,
     grad_norms,
     gradient_cv,
-    seed_rms_ratio,
-    step_cvs,
     post_clip_norm,
     seed_grad_ratio,
+    seed_rms_ratio,
+    step_cvs,
     tensor_norms,
 )
 
