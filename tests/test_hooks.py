@@ -370,3 +370,26 @@ def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pas
     with tele.update():
         out(seed(lin(torch.randn(5, 4)))).sum().backward()
     assert tele.snapshot().seed("0", "t").backward_gain == pytest.approx(3.0)
+
+
+def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback of the TELE-557 probe: no pass is recorded (never a 0.0 that passes for data)."""
+    import tele_exporter.hooks as hooks
+
+    def boom(tensors: object) -> torch.Tensor:
+        raise RuntimeError("injected")
+
+    _, tele, _ = setup
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, "tensor_norms", boom)
+    with tele.update():
+        _backward_pass(host, 0)
+        _backward_pass(host, 1)
+    assert all(p.grad is not None for p in host.parameters())
+    assert tele.errors() == {"seed_grad_hook": 2}
+    state = tele.snapshot().seed("0", "s")
+    assert state.ratio == 0.0 and state.passes == 0 and not state.vanishing
