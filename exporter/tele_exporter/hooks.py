@@ -1,10 +1,11 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
 `HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
-and of its watched seeds keeps the gradient that arrives in a backward pass; the
-first one of a pass queues an engine callback that runs once the pass is done
-and takes the squared norm of the host's and of each seed's gradients in one
-fused `_foreach_norm` and one `index_add_`, left on the device: no host sync.
+and of its watched seeds takes the norm of the gradient that arrives in a
+backward pass (keeping the gradient itself would stop autograd from stealing it
+into .grad and double its memory); the first one of a pass queues an engine
+callback that runs once the pass is done and sums the squared norms per host and
+seed with one `index_add_`, left on the device: no host sync.
 (torch's `register_multi_grad_hook` does the same bookkeeping but raises inside
 `torch.autograd.grad` over leaf parameters, which would break a user's backward.)
 
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, tensor_norms
+from .stats import index_tensor, tensor_norm, tensor_norms
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
@@ -176,7 +177,7 @@ class HostPass:
 
 @dataclass(frozen=True)
 class _Layout:
-    """What one registration of the multi-grad hook covers."""
+    """What one registration of the tensor hooks covers."""
 
     tensors: tuple[nn.Parameter, ...]
     groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
@@ -189,7 +190,7 @@ class HostProbe:
     """Per-backward-pass parameter-gradient norms of one host and the seeds watched in it (TELE-557).
 
     The host's parameters exclude every watched seed's. Seeds join and leave with
-    `add` and `discard`; the hook is re-registered over the new set each time.
+    `add` and `discard`; the hooks are re-registered over the new set each time.
     """
 
     def __init__(self, host: nn.Module, on_error: ErrorSink, site: str = "seed_grad_hook") -> None:
@@ -202,7 +203,7 @@ class HostProbe:
         self._seeds: dict[SeedKey, nn.Module] = {}
         self._layout: _Layout | None = None
         self._handles: list[RemovableHandle] = []
-        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the grads so far
+        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the norms so far
         self._passes: list[HostPass] = []
 
     @property
@@ -269,39 +270,40 @@ class HostProbe:
         ]
 
     def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
-        """A parameter's hook: keep this pass's gradient; the pass's first one queues the measurement."""
+        """A parameter's hook: the norm of this pass's gradient; the pass's first one queues the sums."""
 
         def hook(grad: Tensor) -> None:
             try:
+                norm = tensor_norm(grad.detach())
                 task = torch._C._current_graph_task_id()
                 with self._lock:
-                    grads = self._pending.get(task)
-                    if grads is None:
-                        grads = self._pending[task] = [None] * len(layout.tensors)
+                    norms = self._pending.get(task)
+                    if norms is None:
+                        norms = self._pending[task] = [None] * len(layout.tensors)
                         engine = torch.autograd.Variable._execution_engine
                         engine.queue_callback(lambda: self._finish(layout, task))
-                    grads[index] = grad
+                    norms[index] = norm
             except Exception as exc:  # telemetry must never break the backward pass
                 self._on_error(self._site, exc)
 
         return hook
 
     def _finish(self, layout: _Layout, task: int) -> None:
-        """End of a backward pass: the fused squared norms of the host's and each seed's gradients."""
+        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed."""
         with self._lock:
-            grads = self._pending.pop(task, None)
-        if grads is None or layout is not self._layout:
+            norms = self._pending.pop(task, None)
+        if norms is None or layout is not self._layout:
             return
         try:
-            key = tuple(g is not None for g in grads)
-            present = [g.detach() for g in grads if g is not None]
+            key = tuple(n is not None for n in norms)
+            present = [n for n in norms if n is not None]
             if not present:
                 return
             plan = layout.plans.get(key)
             if plan is None:
                 groups = [grp for grp, has in zip(layout.groups, key, strict=True) if has]
                 plan = layout.plans[key] = index_tensor(groups, present[0].device)
-            squares = tensor_norms(present).square()
+            squares = torch.stack([n.to(present[0].device) for n in present]).square()
             sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=squares.device)
             sums.index_add_(0, plan, squares)
             with self._lock:

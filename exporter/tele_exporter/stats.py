@@ -38,6 +38,12 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
 
 
+def tensor_norm(tensor: Tensor) -> Tensor:
+    """L2 norm of one tensor as a 0-d float64 tensor, taken in the tensor's own precision (see _norm_dtype)."""
+    norm: Tensor = torch.linalg.vector_norm(tensor, dtype=_norm_dtype(tensor.dtype))
+    return norm.to(torch.float64)
+
+
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device and dtype."""
     if not tensors:
