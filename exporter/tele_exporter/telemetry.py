@@ -223,8 +223,9 @@ class Telemetry:
         clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
         self._histograms["step_kl_divergence"].observe_many((), host.kls)
         seed_values: dict[SeedKey, SeedValues] = {}
+        all_ratios = _seed_ratios(host.host_passes)
         for key in self._seeds:
-            ratios = _seed_ratios(key, host.host_passes)
+            ratios = all_ratios.get(key, torch.zeros(0, dtype=torch.float64))
             with_data = ratios[ratios != 0]
             self._histograms["step_seed_grad_ratio"].observe_many((), with_data)
             gain = host.gains.get(key, torch.zeros(0, dtype=torch.float64))
@@ -487,27 +488,26 @@ def _to_host(
     return _Host(rows, kl_t, clip_t, gain_t, on_host)
 
 
-def _seed_ratios(key: SeedKey, passes: list[tuple[HostPass, Tensor]]) -> Tensor:
-    """TELE-557 ratio of one seed at each recorded backward pass that covered it (0.0: no data)."""
-    seed_sq: list[float] = []
-    host_sq: list[float] = []
-    seed_n: list[int] = []
-    host_n: list[int] = []
+def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]:
+    """TELE-557 ratio of every seed at each recorded backward pass that covered it (0.0: no data)."""
+    columns: dict[SeedKey, tuple[list[float], list[float], list[int], list[int]]] = {}
     for p, squares in passes:
-        if key in p.seeds:
-            col = 1 + p.seeds.index(key)
-            seed_sq.append(float(squares[col]))
-            host_sq.append(float(squares[0]))
+        values = squares.tolist()
+        for col, key in enumerate(p.seeds, start=1):
+            seed_sq, host_sq, seed_n, host_n = columns.setdefault(key, ([], [], [], []))
+            seed_sq.append(values[col])
+            host_sq.append(values[0])
             seed_n.append(p.numels[col])
             host_n.append(p.numels[0])
-    if not seed_sq:
-        return torch.zeros(0, dtype=torch.float64)
-    return seed_rms_ratio(
-        torch.tensor(seed_sq, dtype=torch.float64).sqrt(),
-        torch.tensor(seed_n, dtype=torch.float64),
-        torch.tensor(host_sq, dtype=torch.float64).sqrt(),
-        torch.tensor(host_n, dtype=torch.float64),
-    )
+    return {
+        key: seed_rms_ratio(
+            torch.tensor(seed_sq, dtype=torch.float64).sqrt(),
+            torch.tensor(seed_n, dtype=torch.float64),
+            torch.tensor(host_sq, dtype=torch.float64).sqrt(),
+            torch.tensor(host_n, dtype=torch.float64),
+        )
+        for key, (seed_sq, host_sq, seed_n, host_n) in columns.items()
+    }
 
 
 def _summed(squares: list[Tensor]) -> Tensor:
