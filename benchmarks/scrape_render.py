@@ -35,7 +35,7 @@ def instrumented(seeds: int) -> tuple[Telemetry, list[SeedWatch]]:
     policy = BenchPolicy(16, 32)
     tele = Telemetry(policy, heads=dict(policy.heads.items()), max_seeds=max(seeds, 1))
     module = nn.Linear(2, 2)
-    watches = [tele.watch_seed(module, env=str(i // 4), slot=f"r{i % 4}") for i in range(seeds)]
+    watches = [tele.watch_seed(module, host=policy, env=str(i // 4), slot=f"r{i % 4}") for i in range(seeds)]
     with tele.update() as upd:
         policy(torch.randn(8, 16)).backward()
         upd.clip_grad_norm_(0.5)

@@ -63,7 +63,7 @@ def run(rounds: int, seconds: float, rate: float, steps: int = 32, seeds: int = 
     policy = BenchPolicy(64, 128)
     tele = Telemetry(policy, heads=dict(policy.heads.items()))
     seed_module = nn.Linear(2, 2)
-    watches = [tele.watch_seed(seed_module, env=str(i // 4), slot=f"r{i % 4}") for i in range(seeds)]
+    watches = [tele.watch_seed(seed_module, host=policy, env=str(i // 4), slot=f"r{i % 4}") for i in range(seeds)]
     optim = torch.optim.Adam(policy.parameters(), lr=1e-4)
     x = torch.randn(256, 64)
     server = serve(tele, 0, "127.0.0.1")

@@ -19,6 +19,7 @@ DESIGN_METRICS = (
     "tele_seed_grad_ratio",
     "tele_seed_gradient_vanishing",
     "tele_seed_gradient_exploding",
+    "tele_seed_backward_gain",
     "tele_ppo_updates_total",
     "tele_ppo_early_stops_total",
     "tele_last_update_timestamp_seconds",

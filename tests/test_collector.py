@@ -40,11 +40,11 @@ def test_before_the_first_update_only_counters_and_histograms_are_exported(polic
 def test_every_catalog_metric_is_exported_with_catalog_type_and_help(policy: TinyPolicy) -> None:
     registry = CollectorRegistry()
     tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, registry=registry)
-    seed = torch.nn.Linear(6, 6)
-    tele.watch_seed(seed, env=3, slot="r0c1")
+    seed, host = torch.nn.Linear(6, 6), torch.nn.Linear(6, 1)
+    tele.watch_seed(seed, host=host, env=3, slot="r0c1")
     with tele.update() as upd:
         backward(policy)
-        seed(torch.randn(2, 6, requires_grad=True)).sum().backward()
+        host(seed(torch.randn(2, 6, requires_grad=True))).sum().backward()
         upd.clip_grad_norm_(0.5)
         upd.observe_kl({"op": torch.full((4,), 0.1)})
     families = _families(registry)
@@ -56,6 +56,7 @@ def test_every_catalog_metric_is_exported_with_catalog_type_and_help(policy: Tin
     assert samples[("tele_head_grad_norm", (("head", "op"),))] == tele.snapshot().head("op").current
     assert samples[("tele_policy_grad_norm", (("clip", "post"),))] <= 0.5 + 1e-6
     assert samples[("tele_seed_grad_ratio", (("env", "3"), ("slot", "r0c1")))] > 0
+    assert samples[("tele_seed_backward_gain", (("env", "3"), ("slot", "r0c1")))] > 0
     assert samples[("tele_step_head_grad_norm_count", (("head", "op"),))] == 1
     assert samples[("tele_step_kl_divergence_bucket", (("le", "+Inf"),))] == 1
 

@@ -1,10 +1,11 @@
-"""hooks: TELE-557 seed probes measure the backward gain; handles remove themselves, idempotently."""
+"""hooks: TELE-557 probes, the seed/host gradient RMS ratio and the backward gain; handles remove themselves."""
 
 from __future__ import annotations
 
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class InPlaceSeed(nn.Module):
         return y.mul_(3.0)
 
 
-def _reference_ratio(host: Host, x: torch.Tensor) -> float:
+def _reference_gain(host: Host, x: torch.Tensor) -> float:
     """|dL/d input| / |dL/d output| of the seed, computed with autograd.grad directly."""
     h = torch.relu(host.inp(x))
     y = host.seed(h)
@@ -63,53 +64,223 @@ def _train(tele: Telemetry, host: Host, x: torch.Tensor) -> None:
         host(x).sum().backward()
 
 
-def test_ratio_matches_autograd_reference(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+def test_backward_gain_matches_autograd_reference(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
     x = torch.randn(16, 4)
-    expected = _reference_ratio(host, x)
-    tele.watch_seed(host.seed, env=0, slot="r0c0")
+    expected = _reference_gain(host, x)
+    tele.watch_seed(host.seed, host=host, env=0, slot="r0c0")
     _train(tele, host, x)
     seed = tele.snapshot().seed("0", "r0c0")
-    assert seed.ratio == pytest.approx(expected, rel=1e-6)
+    assert seed.backward_gain == pytest.approx(expected, rel=1e-6)
     assert seed.passes == 1
-    assert seed.vanishing == (0 < seed.ratio < 0.5) and seed.exploding == (seed.ratio > 2.0)
 
 
-def test_flags_follow_the_catalog_levels(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
-    _, tele, host = setup
+class Parallel(nn.Module):
+    """A host layer `a` with seeds as parallel branches: y = a(x) + sum(alpha_i * seed_i(x)), a linear loss.
+
+    The seeds are submodules of the host, so the host's own parameters must exclude them.
+    """
+
+    def __init__(self, seeds: dict[str, nn.Module], alphas: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.seeds = nn.ModuleDict(seeds)
+        self.alphas = alphas or dict.fromkeys(seeds, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        for name, seed in self.seeds.items():
+            y = y + self.alphas[name] * seed(x)
+        return y
+
+
+def _relu_seed(scale: float = 1.0) -> nn.Module:
+    seed = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 5))
     with torch.no_grad():
-        host.seed.weight.mul_(100.0)  # type: ignore[operator]
-    tele.watch_seed(host.seed, env=1, slot="a")
-    _train(tele, host, torch.randn(16, 4))
-    seed = tele.snapshot().seed("1", "a")
-    assert seed.ratio > 2.0 and seed.exploding and not seed.vanishing
-    assert seed.shown.label == "▲ EXPLODING"
+        for p in seed.parameters():
+            p.mul_(scale)
+    return seed
+
+
+def _reference_rms_ratio(host: nn.Module, seed: nn.Module, grads: dict[int, np.ndarray]) -> float:
+    """DESIGN §4 in float64 numpy: (|g_seed|/sqrt(n_seed)) / (|g_host|/sqrt(n_host) + 1e-8); 0 below 1e-8."""
+    seed_ids = {id(p) for p in seed.parameters()}
+    seeds_of_host = {id(p) for m in getattr(host, "seeds", {}).values() for p in m.parameters()}
+    host_params = [p for p in host.parameters() if id(p) not in seeds_of_host]
+    g_s = np.sqrt(sum(np.sum(grads[id(p)] ** 2) for p in seed.parameters() if id(p) in seed_ids))
+    g_h = np.sqrt(sum(np.sum(grads[id(p)] ** 2) for p in host_params))
+    n_s = sum(p.numel() for p in seed.parameters())
+    n_h = sum(p.numel() for p in host_params)
+    if g_s < 1e-8 or g_h < 1e-8:
+        return 0.0
+    return float((g_s / np.sqrt(n_s)) / (g_h / np.sqrt(n_h) + 1e-8))
+
+
+def _backward_pass(host: Parallel, seed_x: int) -> dict[int, np.ndarray]:
+    """One backward pass of a linear loss; returns that pass's gradients in float64, by parameter id."""
+    gen = torch.Generator().manual_seed(seed_x)
+    x = torch.randn(16, 6, generator=gen)
+    c = torch.randn(16, 5, generator=gen)
+    host.zero_grad(set_to_none=True)
+    (host(x) * c).sum().backward()
+    return {id(p): p.grad.numpy().astype(np.float64) for p in host.parameters() if p.grad is not None}
+
+
+def test_a_seed_that_learns_as_fast_as_its_host_has_ratio_one(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(1)
+    twin = nn.Linear(6, 5)
+    host = Parallel({"s": twin})
+    with torch.no_grad():
+        twin.weight.copy_(host.a.weight)
+        twin.bias.copy_(host.a.bias)
+    tele.watch_seed(twin, host=host, env=0, slot="s")
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    state = tele.snapshot().seed("0", "s")
+    assert state.ratio == pytest.approx(_reference_rms_ratio(host, twin, grads), rel=1e-6)
+    assert state.ratio == pytest.approx(1.0, rel=1e-6) and state.shown.label == "ratio=1.00"
+    assert not state.vanishing and not state.exploding and state.passes == 1
+
+
+@pytest.mark.parametrize(("alpha", "level"), [(1e-3, "vanishing"), (1e-12, "no_data"), (0.0, "no_data")])
+def test_alpha_toward_zero_vanishes_then_has_no_data(
+    setup: tuple[TinyPolicy, Telemetry, Host], alpha: float, level: str
+) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(2)
+    seed = _relu_seed()
+    host = Parallel({"s": seed}, {"s": alpha})
+    tele.watch_seed(seed, host=host, env=0, slot="s")
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    state = tele.snapshot().seed("0", "s")
+    assert state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6, abs=0)
+    assert tele.catalog["seed_grad_ratio"].level_of(state.ratio).name == level  # type: ignore[union-attr]
+    assert state.vanishing == (level == "vanishing") and not state.exploding
+
+
+def test_weights_scaled_by_100_explode(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(3)
+    calm, wild = _relu_seed(), _relu_seed()
+    with torch.no_grad():
+        for p, q in zip(calm.parameters(), wild.parameters(), strict=True):
+            q.copy_(p * 100.0)
+    host = Parallel({"calm": calm, "wild": wild})
+    tele.watch_seed(calm, host=host, env=0, slot="calm")
+    tele.watch_seed(wild, host=host, env=0, slot="wild")
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    snap = tele.snapshot()
+    assert snap.seed("0", "calm").ratio == pytest.approx(_reference_rms_ratio(host, calm, grads), rel=1e-6)
+    assert snap.seed("0", "wild").ratio == pytest.approx(_reference_rms_ratio(host, wild, grads), rel=1e-6)
+    assert snap.seed("0", "wild").ratio > 50 * snap.seed("0", "calm").ratio
+    assert snap.seed("0", "wild").exploding and snap.seed("0", "wild").shown.label == "▲ EXPLODING"
+    assert not snap.seed("0", "calm").exploding
+
+
+def test_several_seeds_on_one_host_over_several_passes(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    """One hook per host; the host's parameters exclude every seed's; the update's value is the mean over passes."""
+    _, tele, _ = setup
+    torch.manual_seed(4)
+    seeds = {f"s{i}": _relu_seed(0.5 + i) for i in range(4)}
+    host = Parallel(seeds, {f"s{i}": 0.3 * (i + 1) for i in range(4)})
+    for name, seed in seeds.items():
+        tele.watch_seed(seed, host=host, env="7", slot=name)
+    assert len(tele._hosts) == 1
+    expected: dict[str, list[float]] = {name: [] for name in seeds}
+    with tele.update():
+        for k in range(3):
+            grads = _backward_pass(host, k)
+            for name, seed in seeds.items():
+                expected[name].append(_reference_rms_ratio(host, seed, grads))
+    for name in seeds:
+        state = tele.snapshot().seed("7", name)
+        assert state.passes == 3
+        assert state.ratio == pytest.approx(float(np.mean(expected[name])), rel=1e-6)
+
+
+def test_removing_a_seed_during_training_leaves_the_others_and_no_hooks(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(5)
+    seeds = {"keep": _relu_seed(), "drop": _relu_seed()}
+    host = Parallel(seeds)
+    watches = {name: tele.watch_seed(seed, host=host, env=0, slot=name) for name, seed in seeds.items()}
+    with tele.update():
+        _backward_pass(host, 0)
+        watches["drop"].remove()
+        watches["drop"].remove()
+        grads = _backward_pass(host, 1)
+    snap = tele.snapshot()
+    assert [s.slot for s in snap.seeds] == ["keep"]
+    # after the removal the dropped seed's parameters count as the host's own again
+    del host.seeds["drop"]
+    later = _reference_rms_ratio(host, seeds["keep"], grads)
+    assert snap.seed("0", "keep").passes == 2 and later > 0
+    watches["keep"].remove()
+    assert not tele._hosts
+    assert all(not p._backward_hooks for p in (*host.parameters(), *seeds["drop"].parameters()))  # type: ignore[attr-defined]
+    with tele.update():
+        _backward_pass(host, 2)
+    assert tele.snapshot().seeds == ()
+
+
+def test_autograd_grad_over_the_parameters_is_one_pass_and_never_breaks(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    """torch.autograd.grad runs the hooks too (register_multi_grad_hook would raise there)."""
+    _, tele, _ = setup
+    torch.manual_seed(6)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s")
+    x = torch.randn(16, 6)
+    with tele.update():
+        params = list(host.parameters())
+        grads = torch.autograd.grad(host(x).sum(), params)
+    assert all(p.grad is None for p in params)
+    by_id = {id(p): g.numpy().astype(np.float64) for p, g in zip(params, grads, strict=True)}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, by_id), rel=1e-6)
+    assert tele.errors() == {}
+
+
+def test_host_and_seed_must_be_modules_and_distinct(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    _, tele, host = setup
+    with pytest.raises(TypeError, match="host as an nn.Module"):
+        tele.watch_seed(host.seed, host="net", env=0, slot="a")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="its own host"):
+        tele.watch_seed(host.seed, host=host.seed, env=0, slot="a")
+    assert not tele._hosts and tele.snapshot().seeds == ()
 
 
 def test_in_place_op_inside_the_seed(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, _ = setup
     host = Host(InPlaceSeed())
     x = torch.randn(16, 4)
-    expected = _reference_ratio(host, x)
-    tele.watch_seed(host.seed, env=0, slot="s")
+    expected = _reference_gain(host, x)
+    tele.watch_seed(host.seed, host=host, env=0, slot="s")
     _train(tele, host, x)
-    assert tele.snapshot().seed("0", "s").ratio == pytest.approx(expected, rel=1e-6)
+    assert tele.snapshot().seed("0", "s").backward_gain == pytest.approx(expected, rel=1e-6)
 
 
 def test_seed_whose_input_does_not_require_grad_reports_no_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, _ = setup
     seed = nn.Linear(4, 1)
-    tele.watch_seed(seed, env=0, slot="first")
+    tele.watch_seed(seed, host=nn.Linear(1, 1), env=0, slot="first")
     with tele.update():
         seed(torch.randn(3, 4)).sum().backward()  # raw data: no gradient reaches the input
     state = tele.snapshot().seed("0", "first")
-    assert state.ratio == 0.0 and state.shown.label == "OK"
+    assert state.backward_gain == 0.0 and state.ratio == 0.0 and state.shown.label == "OK"
     assert not state.vanishing  # 0.0 is "no data", never vanishing
 
 
 def test_seed_without_backward_reports_no_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
-    tele.watch_seed(host.seed, env=0, slot="r")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r")
     with tele.update(), torch.no_grad():
         host(torch.randn(2, 4))
     assert tele.snapshot().seed("0", "r").ratio == 0.0
@@ -117,7 +288,7 @@ def test_seed_without_backward_reports_no_data(setup: tuple[TinyPolicy, Telemetr
 
 def test_remove_is_idempotent_leaves_no_hooks_and_drops_the_series(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
-    watch = tele.watch_seed(host.seed, env=0, slot="r0c1")
+    watch = tele.watch_seed(host.seed, host=host, env=0, slot="r0c1")
     assert host.seed._forward_hooks and host.seed._forward_pre_hooks
     assert [(s.env, s.slot) for s in tele.snapshot().seeds] == [("0", "r0c1")]
     watch.remove()
@@ -125,25 +296,25 @@ def test_remove_is_idempotent_leaves_no_hooks_and_drops_the_series(setup: tuple[
     assert not host.seed._forward_hooks and not host.seed._forward_pre_hooks
     assert tele.snapshot().seeds == ()
     assert not watch.active
-    with tele.watch_seed(host.seed, env=0, slot="r0c1") as again:
+    with tele.watch_seed(host.seed, host=host, env=0, slot="r0c1") as again:
         assert again.active
     assert not host.seed._forward_hooks and tele.snapshot().seeds == ()
 
 
 def test_watching_the_same_slot_twice_is_a_user_error(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
-    tele.watch_seed(host.seed, env=0, slot="x")
+    tele.watch_seed(host.seed, host=host, env=0, slot="x")
     with pytest.raises(ValueError, match="env='0' slot='x'"):
-        tele.watch_seed(nn.Linear(2, 2), env=0, slot="x")
+        tele.watch_seed(nn.Linear(2, 2), host=host, env=0, slot="x")
     with pytest.raises(TypeError, match="nn.Module"):
-        tele.watch_seed("seed", env=0, slot="y")  # type: ignore[arg-type]
+        tele.watch_seed("seed", host=host, env=0, slot="y")  # type: ignore[arg-type]
 
 
 def test_seed_cap_refuses_and_counts(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     policy, _, host = setup
     tele = Telemetry(policy, heads={"op": policy.op}, max_seeds=1)
-    tele.watch_seed(host.seed, env=0, slot="a")
-    refused = tele.watch_seed(nn.Linear(2, 2), env=0, slot="b")
+    tele.watch_seed(host.seed, host=host, env=0, slot="a")
+    refused = tele.watch_seed(nn.Linear(2, 2), host=host, env=0, slot="b")
     assert not refused.active
     refused.remove()
     assert tele.snapshot().seeds_refused == 1
@@ -161,22 +332,24 @@ def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
 
     monkeypatch.setattr(hooks, "_sq_norm", boom)
     caplog.set_level(logging.WARNING, logger="tele_exporter")
-    tele.watch_seed(host.seed, env=0, slot="r")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r")
     for _ in range(2):
         _train(tele, host, torch.randn(4, 4))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in host.parameters())
     assert tele.errors()["seed_hook"] == 4  # two hooks a pass, two passes
-    assert caplog.text.count("seed_hook") == 1
-    assert tele.snapshot().seed("0", "r").ratio == 0.0
+    assert caplog.text.count("telemetry failed in seed_hook") == 1
+    assert tele.snapshot().seed("0", "r").backward_gain == 0.0
 
 
 def test_nonfinite_seed_gradients_are_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
     with torch.no_grad():
         host.seed.weight[0, 0] = float("inf")  # type: ignore[index]
-    tele.watch_seed(host.seed, env=0, slot="r")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r")
     _train(tele, host, torch.randn(4, 4))
-    assert not math.isfinite(tele.snapshot().seed("0", "r").ratio)
+    state = tele.snapshot().seed("0", "r")
+    assert not math.isfinite(state.backward_gain) and not math.isfinite(state.ratio)
+    assert state.exploding and state.shown.label == "▲ EXPLODING"  # a non-finite ratio is exploding
 
 
 def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pass(
@@ -190,10 +363,33 @@ def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pas
 
     _, tele, _ = setup
     lin, seed, out = nn.Linear(4, 4), Tripler(), nn.Linear(4, 1)
-    tele.watch_seed(seed, env=0, slot="t")
+    tele.watch_seed(seed, host=out, env=0, slot="t")
     with tele.update():
         out(seed(lin(torch.randn(5, 4)))).sum().backward()
-    assert tele.snapshot().seed("0", "t").ratio == 0.0  # first pass: no data, and now detected
+    assert tele.snapshot().seed("0", "t").backward_gain == 0.0  # first pass: no data, and now detected
     with tele.update():
         out(seed(lin(torch.randn(5, 4)))).sum().backward()
-    assert tele.snapshot().seed("0", "t").ratio == pytest.approx(3.0)
+    assert tele.snapshot().seed("0", "t").backward_gain == pytest.approx(3.0)
+
+
+def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback of the TELE-557 probe: no pass is recorded (never a 0.0 that passes for data)."""
+    import tele_exporter.hooks as hooks
+
+    def boom(tensors: object) -> torch.Tensor:
+        raise RuntimeError("injected")
+
+    _, tele, _ = setup
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, "tensor_norm", boom)
+    with tele.update():
+        _backward_pass(host, 0)
+        _backward_pass(host, 1)
+    assert all(p.grad is not None for p in host.parameters())
+    assert tele.errors() == {"seed_grad_hook": 2 * len(list(host.parameters()))}  # every parameter, both passes
+    state = tele.snapshot().seed("0", "s")
+    assert state.ratio == 0.0 and state.passes == 0 and not state.vanishing

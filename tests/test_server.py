@@ -61,7 +61,7 @@ def test_scrape_parses_and_matches_the_snapshot(server: Server, tele: Telemetry,
 
 def test_promtool_check_metrics_accepts_a_live_scrape(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
     _train(tele, policy, 2)
-    tele.watch_seed(policy.trunk, env=0, slot="r0c0")
+    tele.watch_seed(policy.trunk, host=policy, env=0, slot="r0c0")
     _train(tele, policy, 1)
     _, body = _get(server.url)
     assert shutil.which("promtool"), "promtool is missing: install Debian's prometheus package"
@@ -134,7 +134,7 @@ def test_snapshot_api_is_json_with_display_fields(server: Server, tele: Telemetr
     assert status == 200
     doc = json.loads(body)
     assert doc["version"] == 1 and doc["snapshot"]["updates"] == 0
-    assert doc["snapshot"]["heads"][0]["current"] == "NaN"  # nothing measured yet: strings, not bare NaN
+    assert doc["snapshot"]["heads"][0]["current"] is None  # nothing measured yet: null (missing), not bare NaN
     _train(tele, policy, 2)
     doc = json.loads(_get(server.base_url + "/api/snapshot")[1])
     snap = doc["snapshot"]

@@ -97,10 +97,10 @@ def test_ten_thousand_germinate_prune_cycles_keep_memory_bounded(policy: TinyPol
     rss: dict[int, int] = {}
     for cycle in range(SEED_CYCLES):
         seed = nn.Linear(8, 8)
-        watch = tele.watch_seed(seed, env=cycle % 4, slot=f"s{cycle}")
+        watch = tele.watch_seed(seed, host=host, env=cycle % 4, slot=f"s{cycle}")
         if cycle % 10 == 0:
             with tele.update():
-                seed(host(x)).sum().backward()
+                host(seed(x)).sum().backward()
             assert tele.snapshot().seed(str(cycle % 4), f"s{cycle}").ratio > 0
         watch.remove()
         if cycle + 1 in (1000, SEED_CYCLES):

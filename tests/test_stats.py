@@ -15,6 +15,8 @@ from tele_exporter.stats import (
     gradient_cv,
     post_clip_norm,
     seed_grad_ratio,
+    seed_rms_ratio,
+    step_cvs,
     tensor_norms,
 )
 
@@ -90,11 +92,11 @@ def test_tensor_norms_one_per_tensor() -> None:
         ([2.0], 0.0),  # a single head
         ([], 0.0),
         ([0.0, 0.0, 0.0], 0.0),  # all norms zero
-        ([float("nan"), 1.0, 3.0], math.sqrt(2.0) / 2.0),  # a head without gradient is left out
-        ([float("nan"), 1.0], 0.0),  # one head left with data
+        ([None, 1.0, 3.0], math.sqrt(2.0) / 2.0),  # a head without gradient is left out
+        ([None, 1.0], 0.0),  # one head left with data
     ],
 )
-def test_gradient_cv_hand_computed(norms: list[float], expected: float) -> None:
+def test_gradient_cv_hand_computed(norms: list[float | None], expected: float) -> None:
     assert gradient_cv(norms) == pytest.approx(expected)
 
 
@@ -108,6 +110,68 @@ def test_gradient_cv_matches_numpy_sample_std() -> None:
 def test_gradient_cv_mean_floor_and_inf() -> None:
     assert gradient_cv([1e-12, 0.0]) == pytest.approx(np.std([1e-12, 0.0], ddof=1) / 1e-8)
     assert math.isnan(gradient_cv([float("inf"), 1.0]))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_nonfinite_head_makes_the_step_cv_nan_and_missing_is_left_out(bad: float) -> None:
+    """NaN and Inf agree (both non-finite data); only a missing head (None) is left out (issue 11, bug 2)."""
+    assert math.isnan(gradient_cv([bad, 0.17, 0.25]))
+    assert math.isnan(gradient_cv([bad, 0.0]))  # not 0.0 for "all zero"
+    assert gradient_cv([None, 0.17, 0.25]) == pytest.approx(np.std([0.17, 0.25], ddof=1) / 0.21, rel=1e-12)
+    assert gradient_cv([None, 0.17]) == 0.0
+
+
+def _cv_reference(row: np.ndarray, present: np.ndarray) -> float:
+    """DESIGN §4 in float64 numpy, written from the formula."""
+    values = row[present]
+    if not np.all(np.isfinite(values)):
+        return math.nan
+    if values.size <= 1 or np.all(values == 0):
+        return 0.0
+    return float(np.std(values, ddof=1) / max(abs(np.mean(values)), 1e-8))
+
+
+def test_step_cvs_match_a_float64_reference_with_missing_nan_and_inf() -> None:
+    rng = np.random.default_rng(11)
+    norms = rng.lognormal(-1.0, 1.5, size=(400, 6))
+    norms[rng.random(norms.shape) < 0.05] = np.nan
+    norms[rng.random(norms.shape) < 0.03] = np.inf
+    norms[rng.random(norms.shape) < 0.05] = 0.0
+    norms[::17] = 0.0
+    present = rng.random(norms.shape) > 0.25
+    got = step_cvs(torch.from_numpy(norms), torch.from_numpy(present)).numpy()
+    expected = np.array([_cv_reference(r, p) for r, p in zip(norms, present, strict=True)])
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    assert np.isnan(expected).any() and (expected == 0).any() and (expected > 0).any()
+    for r, p, cv in zip(norms, present, got, strict=True):
+        same = gradient_cv([float(v) if has else None for v, has in zip(r, p, strict=True)])
+        assert same == pytest.approx(cv, rel=1e-12, nan_ok=True)
+
+
+def test_the_mean_of_per_step_cvs_is_not_the_cv_of_means() -> None:
+    """(1, 3) then (3, 1): per-step CVs 0.707 and 0.707, mean 0.707 ("warn"); the CV of the means is 0."""
+    cvs = step_cvs(torch.tensor([[1.0, 3.0], [3.0, 1.0]], dtype=torch.float64), torch.ones(2, 2, dtype=torch.bool))
+    assert cvs.tolist() == [math.sqrt(2.0) / 2.0] * 2
+    assert gradient_cv([2.0, 2.0]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("seed", "n_seed", "host", "n_host", "expected"),
+    [
+        (2.0, 4, 3.0, 9, (2.0 / 2.0) / (3.0 / 3.0 + 1e-8)),
+        (1e-9, 4, 3.0, 9, 0.0),  # the seed's norm below 1e-8: no data
+        (2.0, 4, 1e-9, 9, 0.0),  # the host's norm below 1e-8: no data
+        (0.0, 4, 0.0, 9, 0.0),
+    ],
+)
+def test_seed_rms_ratio(seed: float, n_seed: int, host: float, n_host: int, expected: float) -> None:
+    assert seed_rms_ratio(seed, n_seed, host, n_host).item() == pytest.approx(expected, rel=1e-15)
+
+
+def test_seed_rms_ratio_nonfinite_is_data() -> None:
+    assert math.isinf(seed_rms_ratio(math.inf, 4, 1.0, 4).item())
+    assert math.isnan(seed_rms_ratio(math.nan, 4, 1.0, 4).item())
+    assert math.isnan(seed_rms_ratio(1.0, 4, math.nan, 4).item())
 
 
 def _kl_reference(log_ratio: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> float:

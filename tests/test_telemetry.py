@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from tele_exporter import Telemetry
@@ -53,7 +55,7 @@ def test_head_values_are_the_mean_over_the_update_steps(policy: TinyPolicy, tele
     assert snap.grad_norm_pre == pytest.approx(sum(r["total"] for r in ref) / 3, rel=1e-9)
     expected_post = sum(min(r["total"], r["total"] * 0.5 / (r["total"] + 1e-6)) for r in ref) / 3
     assert snap.grad_norm_post == pytest.approx(expected_post, rel=1e-9)
-    assert snap.gradient_cv == pytest.approx(gradient_cv([snap.head("op").current, snap.head("slot").current]))
+    assert snap.gradient_cv == pytest.approx(sum(gradient_cv([r["op"], r["slot"]]) for r in ref) / 3, rel=1e-9)
     assert snap.steps == 3
 
 
@@ -118,7 +120,7 @@ def test_kl_is_the_mean_of_the_updates_calls_and_early_stops_count(policy: TinyP
     snap = tele.snapshot()
     assert snap.kl == pytest.approx((a.item() + b.item()) / 2)
     assert snap.early_stops == 1
-    assert snap.steps == 0 and math.isnan(snap.grad_norm_pre)
+    assert snap.steps == 0 and snap.grad_norm_pre is None and snap.gradient_cv is None
     with tele.update():
         pass
     assert tele.snapshot().early_stops == 1
@@ -221,4 +223,171 @@ def test_kl_and_clip_fraction_computed_by_the_trainer_are_published(tele: Teleme
     assert snap.clip_fraction == pytest.approx(0.2)
     with tele.update():
         pass
-    assert math.isnan(tele.snapshot().clip_fraction)  # none reported: not exported, not stale
+    assert tele.snapshot().clip_fraction is None  # none reported: not exported, not stale
+
+
+def _scrape(tele: Telemetry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the registry's exposition, parsed back by prometheus_client."""
+    text = generate_latest(tele.registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+class TwoScalars(nn.Module):
+    """Two heads of one parameter element each, so a test sets every head norm exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op = nn.Linear(1, 1, bias=False)
+        self.slot = nn.Linear(1, 1, bias=False)
+
+
+def _steps(tele: Telemetry, net: TwoScalars, grads: list[tuple[float | None, float | None]]) -> None:
+    """One update whose steps have these head gradients (None: the head has no gradient)."""
+    with tele.update() as upd:
+        for op, slot in grads:
+            net.op.weight.grad = None if op is None else torch.tensor([[op]])
+            net.slot.weight.grad = None if slot is None else torch.tensor([[slot]])
+            upd.observe_gradients()
+
+
+@pytest.fixture
+def scalars() -> tuple[TwoScalars, Telemetry]:
+    net = TwoScalars()
+    return net, Telemetry(net, heads={"op": net.op, "slot": net.slot})
+
+
+def test_cv_is_the_mean_of_per_step_cvs(scalars: tuple[TwoScalars, Telemetry]) -> None:
+    """(1, 3) then (3, 1): each step's CV is 0.707, so the update's is 0.707 ("warn"), not the CV of means (0.0)."""
+    net, tele = scalars
+    _steps(tele, net, [(1.0, 3.0), (3.0, 1.0)])
+    snap = tele.snapshot()
+    assert snap.gradient_cv == pytest.approx(math.sqrt(2.0) / 2.0, rel=1e-12)
+    assert tele.catalog["gradient_cv"].level_of(snap.gradient_cv).name == "warning"  # type: ignore[arg-type, union-attr]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_inf_heads_agree_and_missing_heads_are_left_out(
+    scalars: tuple[TwoScalars, Telemetry], bad: float
+) -> None:
+    net, tele = scalars
+    _steps(tele, net, [(bad, 0.25), (1.0, 3.0)])  # a non-finite head makes its step's CV NaN
+    assert math.isnan(tele.snapshot().gradient_cv)  # type: ignore[arg-type]
+    _steps(tele, net, [(None, 0.25), (1.0, 3.0)])  # a missing head is left out: CVs 0.0 and 0.707
+    assert tele.snapshot().gradient_cv == pytest.approx(math.sqrt(2.0) / 4.0, rel=1e-12)
+
+
+def test_a_step_whose_measurement_fails_records_nothing(
+    policy: TinyPolicy, tele: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed step is missing (no 0.0 for heads or the global norm); torch clips instead; errors count."""
+    import tele_exporter.gradients as gradients
+
+    def boom(tensors: object) -> torch.Tensor:
+        raise RuntimeError("injected, like sparse or DTensor gradients")
+
+    twin = copy.deepcopy(policy)
+    backward(policy, scale=10.0)
+    backward(twin, scale=10.0)
+    with monkeypatch.context() as m:
+        m.setattr(gradients, "tensor_norms", boom)
+        with tele.update() as upd:
+            got = upd.clip_grad_norm_(0.5)
+            assert math.isnan(upd.observe_gradients().item())
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    snap = tele.snapshot()
+    assert snap.steps == 0 and snap.grad_norm_pre is None and snap.gradient_cv is None
+    assert all(h.steps == 0 and math.isnan(h.current) for h in snap.heads)
+    assert tele.errors() == {"clip_grad_norm": 1, "observe_gradients": 1}
+    samples = _scrape(tele)
+    assert not any(name in ("tele_policy_grad_norm", "tele_gradient_cv") for name, _ in samples)
+    assert samples[("tele_telemetry_errors_total", (("site", "clip_grad_norm"),))] == 1.0
+    with tele.update() as upd:  # a later good step is measured as usual, with nothing of the failed one
+        backward(policy, seed=1)
+        upd.clip_grad_norm_(0.5)
+    assert tele.snapshot().steps == 1
+
+
+def test_sparse_gradients_are_missing_not_zero(tele: Telemetry) -> None:
+    """torch's fused norm cannot read sparse gradients: the step is missing and counted, never 0.0."""
+    emb = nn.Embedding(5, 3, sparse=True)
+    t = Telemetry(emb, heads={"op": emb})
+    with t.update() as upd:
+        emb(torch.tensor([1, 2])).sum().backward()
+        assert math.isnan(upd.observe_gradients().item())
+    snap = t.snapshot()
+    assert snap.steps == 0 and snap.grad_norm_pre is None and math.isnan(snap.head("op").current)
+    assert t.errors() == {"observe_gradients": 1}
+
+
+def test_an_update_without_a_step_keeps_prev_and_publishes_no_cv(policy: TinyPolicy, tele: Telemetry) -> None:
+    first = _update(tele, policy, steps=2, seed=1)
+    measured = sum(r["op"] for r in first) / 2
+    with tele.update() as upd:  # early stop before the first optimizer step
+        upd.observe_kl({"op": torch.full((4,), 0.5)})
+        upd.early_stop()
+    snap = tele.snapshot()
+    assert snap.gradient_cv is None and snap.grad_norm_pre is None
+    assert snap.head("op").steps == 0 and math.isnan(snap.head("op").current)
+    assert snap.head("op").prev == pytest.approx(measured, rel=1e-9)  # the last measured value, not NaN
+    samples = _scrape(tele)
+    assert not any(name in ("tele_policy_grad_norm", "tele_gradient_cv") for name, _ in samples)
+    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == pytest.approx(measured, rel=1e-9)
+    _update(tele, policy, steps=2, scale=3.0, seed=2)
+    head = tele.snapshot().head("op")
+    assert head.prev == pytest.approx(measured, rel=1e-9)  # still the last measured value, not NaN
+    assert head.trend is not None  # the arrow survives the empty update
+
+
+def test_clip_error_if_nonfinite_raises_before_touching_gradients(policy: TinyPolicy, tele: Telemetry) -> None:
+    backward(policy)
+    policy.op.weight.grad[0, 0] = float("inf")  # type: ignore[index]
+    before = [p.grad.clone() for p in policy.parameters()]  # type: ignore[union-attr]
+    twin = copy.deepcopy(policy)
+    for q, b in zip(twin.parameters(), before, strict=True):
+        q.grad = b.clone()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5, error_if_nonfinite=True)
+    with tele.update() as upd, pytest.raises(RuntimeError, match="non-finite"):
+        upd.clip_grad_norm_(0.5, error_if_nonfinite=True)
+    for p, b, q in zip(policy.parameters(), before, twin.parameters(), strict=True):
+        assert torch.equal(p.grad, b) and torch.equal(q.grad, b)  # type: ignore[arg-type]
+    assert tele.snapshot().steps == 0  # nothing was recorded for the refused step
+
+
+def test_the_returned_norm_is_the_callers_own(policy: TinyPolicy, tele: Telemetry) -> None:
+    backward(policy)
+    with tele.update() as upd:
+        pre = upd.clip_grad_norm_(0.5)
+        value = pre.item()
+        pre.zero_()
+    assert tele.snapshot().grad_norm_pre == pytest.approx(value, rel=1e-12) and value > 0
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e6])
+@pytest.mark.parametrize("norm_type", [2.0, 2, "2"])
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_clip_matches_torch_for_every_argument(
+    policy: TinyPolicy,
+    tele: Telemetry,
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+) -> None:
+    twin = copy.deepcopy(policy)
+    backward(policy, scale=5.0, seed=7)
+    backward(twin, scale=5.0, seed=7)
+    expected = torch.nn.utils.clip_grad_norm_(
+        twin.parameters(), max_norm, float(norm_type), error_if_nonfinite=error_if_nonfinite, foreach=foreach
+    )
+    with tele.update() as upd:
+        got = upd.clip_grad_norm_(max_norm, norm_type, error_if_nonfinite, foreach)  # type: ignore[arg-type]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)

@@ -22,7 +22,7 @@ METRIC_TYPES = ("gauge", "counter", "histogram")
 STATUSES = ("ok", "warning", "critical")
 COLOUR_KEYS = (*STATUSES, "neutral")
 SEVERITIES = ("warning", "critical")
-ALERT_KINDS = ("stale", "increase")
+ALERT_KINDS = ("stale", "increase", "errors")
 RESERVED_LABELS = frozenset({"job", "instance", "pod", "namespace", "le", "quantile"})
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ALERT_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
@@ -375,7 +375,7 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
                 severity=ar.choice("severity", SEVERITIES),
                 for_=ar.duration("for"),
                 after=ar.duration("after") if kind == "stale" else None,
-                window=ar.duration("window") if kind == "increase" else None,
+                window=ar.duration("window") if kind in ("increase", "errors") else None,
             )
         )
     return tuple(alerts)

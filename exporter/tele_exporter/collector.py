@@ -6,7 +6,6 @@ Snapshot read once per scrape, so a scrape never mixes two updates.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -36,7 +35,9 @@ def _head_prev(s: Snapshot) -> Samples:
 
 
 def _policy_grad_norm(s: Snapshot) -> Samples:
-    return [(("pre",), s.grad_norm_pre), (("post",), s.grad_norm_post)] if s.steps else []
+    if s.grad_norm_pre is None or s.grad_norm_post is None:
+        return []
+    return [(("pre",), s.grad_norm_pre), (("post",), s.grad_norm_post)]
 
 
 def _seed(field: str) -> Callable[[Snapshot], Samples]:
@@ -46,9 +47,12 @@ def _seed(field: str) -> Callable[[Snapshot], Samples]:
     return samples
 
 
-def _scalar(field: str, when: Callable[[Snapshot], bool] = lambda s: True) -> Callable[[Snapshot], Samples]:
+def _scalar(field: str) -> Callable[[Snapshot], Samples]:
+    """One unlabelled sample, or none while the value is missing (None)."""
+
     def samples(s: Snapshot) -> Samples:
-        return [((), float(getattr(s, field)))] if when(s) else []
+        value = getattr(s, field)
+        return [] if value is None else [((), float(value))]
 
     return samples
 
@@ -58,15 +62,16 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "head_grad_norm": _head_current,
     "head_grad_norm_prev": _head_prev,
     "policy_grad_norm": _policy_grad_norm,
-    "gradient_cv": _scalar("gradient_cv", lambda s: s.updates > 0),
-    "kl_divergence": _scalar("kl", lambda s: bool(s.kl_history)),
-    "clip_fraction": _scalar("clip_fraction", lambda s: not math.isnan(s.clip_fraction)),
+    "gradient_cv": _scalar("gradient_cv"),
+    "kl_divergence": _scalar("kl"),
+    "clip_fraction": _scalar("clip_fraction"),
     "seed_grad_ratio": _seed("ratio"),
+    "seed_backward_gain": _seed("backward_gain"),
     "seed_gradient_vanishing": _seed("vanishing"),
     "seed_gradient_exploding": _seed("exploding"),
     "ppo_updates": _scalar("updates"),
     "ppo_early_stops": _scalar("early_stops"),
-    "last_update_timestamp": _scalar("timestamp", lambda s: s.timestamp is not None),
+    "last_update_timestamp": _scalar("timestamp"),
     "nonfinite_gradients": lambda s: [((h.name,), float(h.nonfinite_total)) for h in s.heads],
     "seeds_refused": _scalar("seeds_refused"),
 }

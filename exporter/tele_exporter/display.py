@@ -22,8 +22,10 @@ class Shown:
     status: str  # ok | warning | critical | neutral
 
 
-def show(spec: MetricSpec, value: float) -> Shown:
-    """The level a value falls in and its label; NaN, which no level holds, shows as critical."""
+def show(spec: MetricSpec, value: float | None) -> Shown:
+    """The level a value falls in and its label; None (missing) shows as missing, NaN as critical."""
+    if value is None:
+        return Shown(None, "missing", "neutral")
     if math.isnan(value):
         return Shown(None, "NaN", "critical")
     level = spec.level_of(value)

@@ -5,11 +5,14 @@ A `GradientMeter` measures the gradients of a policy at each optimizer step with
 squared norm at once (a matrix product would let 0 * NaN leak a NaN from one head
 into all others), and optionally clips in place like
 `torch.nn.utils.clip_grad_norm_`. Results stay on the device in a row buffer that
-the aggregator drains once per PPO update: no host synchronisation per step.
+the aggregator drains once per PPO update: no host synchronisation per step. A
+row is reserved only after its step was measured in full, so a failure records
+nothing rather than a 0.0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,32 +65,55 @@ class GradientMeter:
         """Columns of a row: one per head, then pre-clip and post-clip totals."""
         return len(self.head_names) + 2
 
-    def measure(self, max_norm: float | None) -> Tensor:
-        """Record this step's norms; clip in place when max_norm is given. Returns the pre-clip norm."""
+    def measure(
+        self, max_norm: float | None, *, error_if_nonfinite: bool = False, foreach: bool | None = None
+    ) -> Tensor:
+        """Record this step's norms; clip in place when max_norm is given. Returns the pre-clip norm.
+
+        Nothing is recorded, and no gradient touched, unless every part succeeds: a
+        step whose measurement raises is missing, never 0.0. With error_if_nonfinite
+        a non-finite total raises before the gradients are scaled, as torch does.
+        A step without any gradient records nothing and returns 0.0, as torch does.
+        """
         grads = [p.grad for p in self.params]
         key = tuple(g is not None for g in grads)
         present_grads = [g for g in grads if g is not None]
+        if not present_grads:
+            return torch.zeros((), dtype=torch.float64)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
+        norms = self._reduce(present_grads, plan)
         h = len(self.head_names)
-        row = self._next_row(present_grads[0].device if present_grads else torch.device("cpu"))
-        self._present.append(plan.present)
-        if present_grads:
-            squares = tensor_norms(present_grads).square()
-            sums = torch.zeros(h + 1, dtype=torch.float64, device=squares.device)
-            sums.index_add_(0, plan.head_index, squares.index_select(0, plan.tensor_index))
-            torch.sqrt(sums, out=row[: h + 1])
+        pre = norms[h]
+        if error_if_nonfinite and not bool(torch.isfinite(pre)):
+            raise NonFiniteNormError(
+                f"The total norm of order 2.0 for gradients from `parameters` is non-finite ({float(pre)}), "
+                "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                "norm anyway, set `error_if_nonfinite=False`"
+            )
+        if max_norm is None:
+            post = pre
         else:
-            row.zero_()
-        pre = row[h]
-        if max_norm is not None and present_grads:
             coef = clip_coefficient(pre, max_norm)
-            _scale_(present_grads, coef)
-            torch.mul(pre, coef, out=row[h + 1])
-        else:
-            row[h + 1].copy_(pre)
-        return pre
+            _scale_(present_grads, coef, foreach)
+            post = pre * coef
+        row = self._next_row(pre.device)
+        row[: h + 1].copy_(norms)
+        row[h + 1].copy_(post)
+        self._present.append(plan.present)
+        return pre  # a view of this call's own `norms`, never of the row buffer
+
+    def _reduce(self, present_grads: list[Tensor], plan: _Plan) -> Tensor:
+        """Per-head and global L2 norms [H + 1] (float64) of this step's gradients, one fused pass.
+
+        The one place that turns local per-tensor norms into totals; a sharded
+        gradient would add its cross-rank reduction of `sums` here.
+        """
+        squares = tensor_norms(present_grads).square()
+        sums = torch.zeros(len(self.head_names) + 1, dtype=torch.float64, device=squares.device)
+        sums.index_add_(0, plan.head_index, squares.index_select(0, plan.tensor_index))
+        return sums.sqrt()
 
     def drain(self) -> Drained | None:
         """Hand over the recorded steps and start afresh; None when nothing was recorded."""
@@ -100,12 +126,12 @@ class GradientMeter:
     def _next_row(self, device: torch.device) -> Tensor:
         n = len(self._present)
         if self._rows is None or self._rows.device != device:
-            rows = torch.zeros(max(_INITIAL_ROWS, 2 * n), self.width, dtype=torch.float64, device=device)
+            rows = _unwritten(max(_INITIAL_ROWS, 2 * n), self.width, device)
             if self._rows is not None and n:
                 rows[:n] = self._rows[:n].to(device)
             self._rows = rows
         elif n == self._rows.shape[0]:
-            rows = torch.zeros(2 * n, self.width, dtype=torch.float64, device=device)
+            rows = _unwritten(2 * n, self.width, device)
             rows[:n] = self._rows
             self._rows = rows
         return self._rows[n]
@@ -129,11 +155,22 @@ class GradientMeter:
         return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has))
 
 
-def _scale_(grads: list[Tensor], coef: Tensor) -> None:
-    """Multiply gradients in place by a 0-d tensor, one foreach call per device."""
-    devices = {g.device for g in grads}
-    if len(devices) == 1:
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
-        return
-    for device in devices:
-        torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
+def _unwritten(n: int, width: int, device: torch.device) -> Tensor:
+    """Row storage filled with NaN, so a row read before it is written can never pass for a measured 0.0."""
+    return torch.full((n, width), math.nan, dtype=torch.float64, device=device)
+
+
+class NonFiniteNormError(RuntimeError):
+    """The total gradient norm is NaN or Inf and the caller asked clip_grad_norm_ to raise."""
+
+
+def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None) -> None:
+    """Multiply gradients in place by a 0-d tensor: one foreach call per device, or one mul_ each (foreach=False)."""
+    for device in dict.fromkeys(g.device for g in grads):
+        on_device = [g for g in grads if g.device == device]
+        factor = coef.to(device)
+        if foreach is False:
+            for g in on_device:
+                g.mul_(factor)
+        else:
+            torch._foreach_mul_(on_device, factor)

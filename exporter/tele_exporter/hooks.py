@@ -1,6 +1,15 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
-A seed's backward gain is measured with tensor hooks, not full backward hooks.
+`HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
+and of its watched seeds takes the norm of the gradient that arrives in a
+backward pass (keeping the gradient itself would stop autograd from stealing it
+into .grad and double its memory); the first one of a pass queues an engine
+callback that runs once the pass is done and sums the squared norms per host and
+seed with one `index_add_`, left on the device: no host sync.
+(torch's `register_multi_grad_hook` does the same bookkeeping but raises inside
+`torch.autograd.grad` over leaf parameters, which would break a user's backward.)
+
+`SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
 alias: a hook on the input itself would also see gradient arriving through the
 host's skip path, which is not the seed's. A seed that modifies its input in
@@ -21,7 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .stats import index_tensor, tensor_norm, tensor_norms
+
 ErrorSink = Callable[[str, BaseException], None]
+SeedKey = tuple[str, str]
 MAX_PENDING_PASSES = 4096
 
 
@@ -45,8 +57,8 @@ def _tensors(value: Any) -> list[Tensor]:
 
 
 def _sq_norm(grad: Tensor) -> Tensor:
-    norm: Tensor = torch.linalg.vector_norm(grad.detach(), dtype=torch.float64)
-    return norm.square()
+    """Squared L2 norm as float64, the norm itself in the gradient's precision (an upcast costs ~3x)."""
+    return tensor_norms([grad.detach()]).square().reshape(())
 
 
 class SeedProbe:
@@ -152,3 +164,151 @@ class SeedProbe:
                 self._on_error(self._site, exc)
 
         return hook
+
+
+@dataclass(frozen=True)
+class HostPass:
+    """Squared parameter-gradient norms of one backward pass: the host's, then each seed's in `seeds` order."""
+
+    seeds: tuple[SeedKey, ...]
+    numels: tuple[int, ...]  # trainable parameter elements: the host's, then each seed's
+    squares: Tensor  # [1 + len(seeds)] float64, on the gradients' device
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What one registration of the tensor hooks covers."""
+
+    tensors: tuple[nn.Parameter, ...]
+    groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
+    seeds: tuple[SeedKey, ...]
+    numels: tuple[int, ...]
+    plans: dict[tuple[bool, ...], Tensor] = field(default_factory=dict)  # group index per pattern of present grads
+
+
+class HostProbe:
+    """Per-backward-pass parameter-gradient norms of one host and the seeds watched in it (TELE-557).
+
+    The host's parameters exclude every watched seed's. Seeds join and leave with
+    `add` and `discard`; the hooks are re-registered over the new set each time.
+    """
+
+    def __init__(self, host: nn.Module, on_error: ErrorSink, site: str = "seed_grad_hook") -> None:
+        if not isinstance(host, nn.Module):
+            raise TypeError(f"watch_seed needs the host as an nn.Module, got {type(host).__name__}")
+        self.host = host
+        self._on_error = on_error
+        self._site = site
+        self._lock = threading.Lock()
+        self._seeds: dict[SeedKey, nn.Module] = {}
+        self._layout: _Layout | None = None
+        self._handles: list[RemovableHandle] = []
+        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the norms so far
+        self._passes: list[HostPass] = []
+
+    @property
+    def empty(self) -> bool:
+        return not self._seeds
+
+    def add(self, key: SeedKey, seed: nn.Module) -> None:
+        """Start measuring `seed` in this host."""
+        if not isinstance(seed, nn.Module):
+            raise TypeError(f"watch_seed needs an nn.Module, got {type(seed).__name__}")
+        if seed is self.host:
+            raise ValueError(f"seed env={key[0]!r} slot={key[1]!r} is its own host; pass the module it grows in")
+        self._seeds[key] = seed
+        try:
+            self._register()
+        except Exception:
+            del self._seeds[key]
+            self._register()
+            raise
+
+    def discard(self, key: SeedKey) -> None:
+        """Stop measuring a seed (its recorded passes are no longer read). Safe to call more than once."""
+        if self._seeds.pop(key, None) is None:
+            return
+        self._register()
+
+    def remove(self) -> None:
+        """Detach the hook; safe to call more than once."""
+        self._seeds.clear()
+        self._register()
+
+    def drain(self) -> list[HostPass]:
+        """The passes recorded since the last drain."""
+        with self._lock:
+            passes, self._passes = self._passes, []
+        return passes
+
+    def _register(self) -> None:
+        """(Re-)register the tensor hooks over the host's own and every seed's trainable parameters."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        seed_ids = {id(p) for seed in self._seeds.values() for p in seed.parameters()}
+        host_params = [p for p in dict.fromkeys(self.host.parameters()) if p.requires_grad and id(p) not in seed_ids]
+        keys = tuple(self._seeds)
+        tensors: list[nn.Parameter] = list(host_params)
+        groups = [0] * len(host_params)
+        numels = [sum(p.numel() for p in host_params)]
+        seen = {id(p) for p in host_params}
+        for i, key in enumerate(keys):
+            own = [p for p in dict.fromkeys(self._seeds[key].parameters()) if p.requires_grad and id(p) not in seen]
+            seen.update(id(p) for p in own)
+            tensors.extend(own)
+            groups.extend([1 + i] * len(own))
+            numels.append(sum(p.numel() for p in own))
+        if not keys or not tensors:
+            self._layout = None
+            return
+        layout = _Layout(tuple(tensors), tuple(groups), keys, tuple(numels))
+        self._layout = layout
+        self._handles = [
+            p.register_hook(self._keep(layout, i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(layout.tensors)
+        ]
+
+    def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
+        """A parameter's hook: the norm of this pass's gradient; the pass's first one queues the sums."""
+
+        def hook(grad: Tensor) -> None:
+            try:
+                norm = tensor_norm(grad.detach())
+                task = torch._C._current_graph_task_id()
+                with self._lock:
+                    norms = self._pending.get(task)
+                    if norms is None:
+                        norms = self._pending[task] = [None] * len(layout.tensors)
+                        engine = torch.autograd.Variable._execution_engine
+                        engine.queue_callback(lambda: self._finish(layout, task))
+                    norms[index] = norm
+            except Exception as exc:  # telemetry must never break the backward pass
+                self._on_error(self._site, exc)
+
+        return hook
+
+    def _finish(self, layout: _Layout, task: int) -> None:
+        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed."""
+        with self._lock:
+            norms = self._pending.pop(task, None)
+        if norms is None or layout is not self._layout:
+            return
+        try:
+            key = tuple(n is not None for n in norms)
+            present = [n for n in norms if n is not None]
+            if not present:
+                return
+            plan = layout.plans.get(key)
+            if plan is None:
+                groups = [grp for grp, has in zip(layout.groups, key, strict=True) if has]
+                plan = layout.plans[key] = index_tensor(groups, present[0].device)
+            squares = torch.stack([n.to(present[0].device) for n in present]).square()
+            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=squares.device)
+            sums.index_add_(0, plan, squares)
+            with self._lock:
+                if len(self._passes) >= MAX_PENDING_PASSES:
+                    del self._passes[: MAX_PENDING_PASSES // 2]
+                self._passes.append(HostPass(layout.seeds, layout.numels, sums))
+        except Exception as exc:  # telemetry must never break the backward pass
+            self._on_error(self._site, exc)

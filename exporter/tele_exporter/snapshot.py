@@ -21,10 +21,11 @@ class HeadState:
     """TELE-320/321 for one action head."""
 
     name: str
-    current: float  # NaN: the head had no gradient in the update
-    prev: float  # the previous update's current; 0.0 until the second update
+    current: float  # NaN: missing (no gradient in the update) or non-finite data; `steps` tells which
+    prev: float  # the latest earlier measured current; 0.0 until the head has been measured once
     trend: Arrow | None
     nonfinite_total: int
+    steps: int = 0  # optimizer steps of the latest update in which the head had a gradient; 0: missing
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,12 @@ class SeedState:
 
     env: str
     slot: str
-    ratio: float  # 0.0: no gradient data
+    ratio: float  # seed/host parameter-gradient RMS, mean over passes with data; 0.0: no gradient data
     vanishing: bool
     exploding: bool
     shown: Shown
     passes: int  # backward passes with data in the latest update
+    backward_gain: float = 0.0  # |dL/d input| / |dL/d output|, mean over passes with data; 0.0: no data
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,15 @@ class Snapshot:
     updates: int
     early_stops: int
     timestamp: float | None
-    steps: int  # optimizer steps in the latest update
+    steps: int  # optimizer steps measured in the latest update
     heads: tuple[HeadState, ...]
-    grad_norm_pre: float
-    grad_norm_post: float
+    grad_norm_pre: float | None  # None (missing): no step was measured
+    grad_norm_post: float | None
     grad_norm_history: tuple[float, ...]  # post-clip, oldest first (TELE-311)
-    kl: float
+    kl: float | None  # None (missing): no KL observed in the latest update
     kl_history: tuple[float, ...]  # oldest first (TELE-111)
-    gradient_cv: float
-    clip_fraction: float = math.nan  # NaN: the trainer reported none this update
+    gradient_cv: float | None  # mean of the per-step CVs; None (missing): no step was measured
+    clip_fraction: float | None = None  # None: the trainer reported none this update
     seeds: tuple[SeedState, ...] = ()
     histograms: Mapping[str, Mapping[tuple[str, ...], HistogramState]] = field(default_factory=dict)
     seeds_refused: int = 0
@@ -86,7 +88,7 @@ class Snapshot:
         raise KeyError(f"no watched seed env={env!r} slot={slot!r}")
 
     def to_dict(self, catalog: Catalog) -> dict[str, Any]:
-        """A JSON-ready dict with display fields; NaN and Inf become strings."""
+        """A JSON-ready dict with display fields; missing values are null, NaN and Inf become strings."""
         grad_spec, kl_spec = catalog["policy_grad_norm"], catalog["kl_divergence"]
         out: dict[str, Any] = _jsonable(
             {
@@ -94,7 +96,7 @@ class Snapshot:
                 "early_stops": self.early_stops,
                 "timestamp": self.timestamp,
                 "steps": self.steps,
-                "heads": [asdict(h) for h in self.heads],
+                "heads": [{**asdict(h), "current": h.current if h.steps else None} for h in self.heads],
                 "grad_norm": {
                     "pre": self.grad_norm_pre,
                     "post": self.grad_norm_post,
@@ -142,14 +144,15 @@ def empty_snapshot(heads: tuple[str, ...]) -> Snapshot:
         timestamp=None,
         steps=0,
         heads=tuple(HeadState(h, math.nan, 0.0, None, 0) for h in heads),
-        grad_norm_pre=math.nan,
-        grad_norm_post=math.nan,
+        grad_norm_pre=None,
+        grad_norm_post=None,
         grad_norm_history=(),
-        kl=math.nan,
+        kl=None,
         kl_history=(),
-        gradient_cv=0.0,
+        gradient_cv=None,
     )
 
 
-def head_state(catalog: Catalog, name: str, current: float, prev: float, nonfinite: int) -> HeadState:
-    return HeadState(name, current, prev, head_trend(catalog["head_grad_norm_prev"], current, prev), nonfinite)
+def head_state(catalog: Catalog, name: str, current: float, prev: float, nonfinite: int, steps: int) -> HeadState:
+    trend = head_trend(catalog["head_grad_norm_prev"], current, prev)
+    return HeadState(name, current, prev, trend, nonfinite, steps)

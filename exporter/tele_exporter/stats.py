@@ -16,6 +16,7 @@ KL_LOG_RATIO_CLAMP = 20.0
 CLIP_EPS = 1e-6
 CV_MEAN_FLOOR = 1e-8
 KL_WEIGHT_FLOOR = 1e-8
+SEED_NORM_FLOOR = 1e-8
 
 
 def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
@@ -35,6 +36,12 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     tensors and heads, where float32 would overflow, are float64 (see callers).
     """
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def tensor_norm(tensor: Tensor) -> Tensor:
+    """L2 norm of one tensor as a 0-d float64 tensor, taken in the tensor's own precision (see _norm_dtype)."""
+    norm: Tensor = torch.linalg.vector_norm(tensor, dtype=_norm_dtype(tensor.dtype))
+    return norm.to(torch.float64)
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
@@ -75,22 +82,35 @@ def grad_norms(groups: Mapping[str, Iterable[Tensor | None]]) -> dict[str, Tenso
     return out
 
 
-def gradient_cv(norms: Iterable[float | Tensor]) -> float:
-    """Coefficient of variation, sample std / max(|mean|, 1e-8), of the norms with data.
+def gradient_cv(norms: Iterable[float | Tensor | None]) -> float:
+    """One optimizer step's coefficient of variation, sample std / max(|mean|, 1e-8), of its head norms (TELE-330).
 
-    NaN entries (heads without a gradient) are left out; 0.0 when fewer than two
-    remain or all are zero (TELE-330). Inf in the input yields NaN: it is data.
+    None marks a head without gradient data that step and is left out; NaN or Inf
+    (non-finite gradients) make the CV NaN; 0.0 when fewer than two heads remain or all are zero.
     """
-    values = [float(v) for v in norms]
-    values = [v for v in values if not math.isnan(v)]
+    values = [float(v) for v in norms if v is not None]
     n = len(values)
+    if any(not math.isfinite(v) for v in values):
+        return math.nan
     if n <= 1 or all(v == 0.0 for v in values):
         return 0.0
-    if any(math.isinf(v) for v in values):
-        return math.nan
     mean = math.fsum(values) / n
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     return math.sqrt(var) / max(abs(mean), CV_MEAN_FLOOR)
+
+
+def step_cvs(norms: Tensor, present: Tensor) -> Tensor:
+    """gradient_cv of every step at once: norms [S, H] float64, present [S, H] bool; returns [S] (host math)."""
+    norms = norms.to(torch.float64)
+    n = present.sum(dim=1)
+    values = torch.where(present, norms, torch.zeros_like(norms))
+    mean = values.sum(dim=1) / n.clamp(min=1)
+    var = torch.where(present, (norms - mean[:, None]).square(), torch.zeros_like(norms)).sum(dim=1)
+    cv = (var / (n - 1).clamp(min=1)).sqrt() / mean.abs().clamp(min=CV_MEAN_FLOOR)
+    trivial = (n <= 1) | (values == 0).all(dim=1)
+    nonfinite = (present & ~torch.isfinite(norms)).any(dim=1)
+    cv = torch.where(trivial, torch.zeros_like(cv), cv)
+    return torch.where(nonfinite, torch.full_like(cv, math.nan), cv)
 
 
 def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -144,8 +164,25 @@ def _check_kl_inputs(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor
         steps = steps or (name, r.numel())
 
 
-def seed_grad_ratio(grad_in_norm: Tensor | float, grad_out_norm: Tensor | float) -> Tensor:
-    """Backward gain |dL/d input| / |dL/d output|; 0.0 (no data) when the output grad is 0.
+def seed_rms_ratio(
+    seed_norm: Tensor | float, seed_numel: Tensor | int, host_norm: Tensor | float, host_numel: Tensor | int
+) -> Tensor:
+    """TELE-557: seed parameter-gradient RMS over its host's, (|g_s|/sqrt(n_s)) / (|g_h|/sqrt(n_h) + 1e-8).
+
+    0.0 (no gradient data) where either norm is below 1e-8; NaN or Inf norms
+    propagate, and a non-finite ratio is exploding. Works elementwise over passes.
+    """
+    s_norm = torch.as_tensor(seed_norm, dtype=torch.float64)
+    h_norm = torch.as_tensor(host_norm, dtype=torch.float64, device=s_norm.device)
+    s_n = torch.as_tensor(seed_numel, dtype=torch.float64, device=s_norm.device).clamp(min=1)
+    h_n = torch.as_tensor(host_numel, dtype=torch.float64, device=s_norm.device).clamp(min=1)
+    ratio = (s_norm / s_n.sqrt()) / (h_norm / h_n.sqrt() + SEED_NORM_FLOOR)
+    no_data = (s_norm < SEED_NORM_FLOOR) | (h_norm < SEED_NORM_FLOOR)
+    return torch.where(no_data, torch.zeros_like(ratio), ratio)
+
+
+def backward_gain(grad_in_norm: Tensor | float, grad_out_norm: Tensor | float) -> Tensor:
+    """A seed's backward gain |dL/d input| / |dL/d output|; 0.0 (no data) when the output grad is 0.
 
     Non-finite norms propagate as NaN or Inf: they are data to report.
     """
@@ -153,6 +190,10 @@ def seed_grad_ratio(grad_in_norm: Tensor | float, grad_out_norm: Tensor | float)
     g_out = torch.as_tensor(grad_out_norm, dtype=torch.float64, device=g_in.device)
     safe = torch.where(g_out == 0, torch.ones_like(g_out), g_out)
     return torch.where(g_out == 0, torch.zeros_like(g_in), g_in / safe)
+
+
+# The first version's name for backward_gain, which DESIGN §3 lists; TELE-557's ratio is seed_rms_ratio.
+seed_grad_ratio = backward_gain
 
 
 def post_clip_norm(pre: Tensor, max_norm: float) -> Tensor:

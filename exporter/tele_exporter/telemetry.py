@@ -24,12 +24,12 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
 from .catalog import RESERVED_LABELS, Catalog, default_catalog
-from .display import show
-from .gradients import Drained, GradientMeter
+from .display import Shown, show
+from .gradients import Drained, GradientMeter, NonFiniteNormError
 from .histogram import LabelledHistogram
-from .hooks import BackwardPass, SeedProbe
-from .snapshot import SeedState, Snapshot, empty_snapshot, head_state
-from .stats import approx_kl, gradient_cv, seed_grad_ratio
+from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
+from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
+from .stats import approx_kl, backward_gain, seed_rms_ratio, step_cvs
 
 log = logging.getLogger("tele_exporter")
 
@@ -89,6 +89,8 @@ class Telemetry:
         self._histograms["step_kl_divergence"].ensure(())
         self._histograms["step_seed_grad_ratio"].ensure(())
         self._seeds: dict[tuple[str, str], SeedWatch] = {}
+        self._hosts: dict[int, HostProbe] = {}
+        self._last_measured: dict[str, float] = {}
         self._seeds_refused = 0
         self._errors: dict[str, int] = {}
         self._update: Update | None = None
@@ -106,13 +108,22 @@ class Telemetry:
         """A context manager for one PPO update; the snapshot is published on exit."""
         return Update(self)
 
-    def watch_seed(self, module: nn.Module, *, env: str | int, slot: str) -> SeedWatch:
-        """Measure TELE-557's backward gain of a seed module until the handle is removed.
+    def watch_seed(
+        self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str, backward_gain: bool = True
+    ) -> SeedWatch:
+        """Measure TELE-557 for a seed module grown in `host` until the handle is removed.
 
+        Per backward pass: the seed's parameter-gradient RMS over the host's (the
+        host's parameters without any watched seed's), and, unless backward_gain
+        is False, the seed's backward gain (forward hooks: the costlier part).
         Past `max_seeds` live seeds the call is refused and counted: the returned
         handle is inert and training goes on.
         """
         key = (str(env), str(slot))
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"watch_seed needs an nn.Module, got {type(module).__name__}")
+        if not isinstance(host, nn.Module):
+            raise TypeError(f"watch_seed needs the host as an nn.Module, got {type(host).__name__}")
         with self._lock:
             if key in self._seeds:
                 raise ValueError(f"a seed is already watched at env={key[0]!r} slot={key[1]!r}")
@@ -125,8 +136,18 @@ class Telemetry:
         if refused:
             if refused == 1:
                 log.warning("max_seeds=%d live seeds reached: further seeds are not watched", self.max_seeds)
-            return SeedWatch(self, key, None)
-        watch = SeedWatch(self, key, SeedProbe(module, self.record_error))
+            return SeedWatch(self, key, None, None)
+        probe = self._hosts.get(id(host))
+        if probe is None:
+            probe = self._hosts[id(host)] = HostProbe(host, self.record_error)
+        try:
+            probe.add(key, module)
+        except Exception:
+            if probe.empty:
+                del self._hosts[id(host)]
+            raise
+        gain = SeedProbe(module, self.record_error) if backward_gain else None
+        watch = SeedWatch(self, key, gain, probe)
         with self._lock:
             self._seeds[key] = watch
             self._set_seeds_locked()
@@ -158,16 +179,19 @@ class Telemetry:
 
     # -- internals -------------------------------------------------------------------
 
-    def _drop_seed(self, key: tuple[str, str], watch: SeedWatch) -> None:
+    def _drop_seed(self, key: tuple[str, str], watch: SeedWatch, host: HostProbe) -> None:
+        host.discard(key)
+        if host.empty and self._hosts.get(id(host.host)) is host:
+            del self._hosts[id(host.host)]
         with self._lock:
             if self._seeds.get(key) is watch:
                 del self._seeds[key]
                 self._set_seeds_locked()
 
     def _set_seeds_locked(self) -> None:
-        """Republish the seed list (new seeds show 0.0, removed ones vanish) without an update."""
+        """Republish the seed list (new seeds show 0.0, no data; removed ones vanish) without an update."""
         old = {(s.env, s.slot): s for s in self._snapshot.seeds}
-        seeds = tuple(old.get(key) or _seed_state(self.catalog, key, 0.0, 0) for key in self._seeds)
+        seeds = tuple(old.get(key) or _seed_state(self.catalog, key, _NO_SEED_DATA) for key in self._seeds)
         self._snapshot = replace(self._snapshot, seeds=seeds, seeds_refused=self._seeds_refused)
 
     def _open(self, upd: Update) -> None:
@@ -184,43 +208,47 @@ class Telemetry:
 
     def _publish(self, upd: Update) -> None:
         drained = self._meter.drain()
-        passes = {key: watch.drain() for key, watch in list(self._seeds.items())}
-        host = _to_host(drained, upd.kls, upd.clip_fractions, passes)
-        heads, steps = self._head_values(drained, host.rows)
-        pre = float(host.rows[:, -2].mean()) if steps else math.nan
-        post = float(host.rows[:, -1].mean()) if steps else math.nan
+        gains = {key: watch.drain() for key, watch in list(self._seeds.items())}
+        host_passes = {id(probe): probe.drain() for probe in list(self._hosts.values())}
+        host = _to_host(drained, upd.kls, upd.clip_fractions, gains, host_passes)
+        present = _present(drained, len(self.heads))
+        heads, steps = self._head_values(present, host.rows)
+        pre = post = cv = None
         if steps:
+            pre, post = float(host.rows[:, -2].mean()), float(host.rows[:, -1].mean())
             self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
             self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
-        kl = float(host.kls.mean()) if host.kls.numel() else math.nan
-        clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else math.nan
+            cv = float(step_cvs(host.rows[:, : len(self.heads)], present).mean())
+        kl = float(host.kls.mean()) if host.kls.numel() else None
+        clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
         self._histograms["step_kl_divergence"].observe_many((), host.kls)
-        seed_values: dict[tuple[str, str], tuple[float, int]] = {}
-        for key, ratios in host.seed_ratios.items():
+        seed_values: dict[SeedKey, SeedValues] = {}
+        all_ratios = _seed_ratios(host.host_passes)
+        for key in self._seeds:
+            ratios = all_ratios.get(key, torch.zeros(0, dtype=torch.float64))
             with_data = ratios[ratios != 0]
             self._histograms["step_seed_grad_ratio"].observe_many((), with_data)
-            mean = float(with_data.mean()) if with_data.numel() else 0.0
-            seed_values[key] = (mean, int(with_data.numel()))
-        cv = gradient_cv(heads.values())
+            gain = host.gains.get(key, torch.zeros(0, dtype=torch.float64))
+            gain = gain[gain != 0]
+            seed_values[key] = SeedValues(
+                float(with_data.mean()) if with_data.numel() else 0.0,
+                int(with_data.numel()),
+                float(gain.mean()) if gain.numel() else 0.0,
+            )
 
         with self._lock:
             old = self._snapshot
-            if steps:
+            if post is not None:
                 self._grad_history.append(post)
-            if host.kls.numel():
+            if kl is not None:
                 self._kl_history.append(kl)
-            seeds = tuple(_seed_state(self.catalog, key, *seed_values.get(key, (0.0, 0))) for key in self._seeds)
+            seeds = tuple(_seed_state(self.catalog, key, seed_values.get(key, _NO_SEED_DATA)) for key in self._seeds)
             self._snapshot = Snapshot(
                 updates=old.updates + 1,
                 early_stops=old.early_stops + int(upd.stopped_early),
                 timestamp=time.time(),
                 steps=steps,
-                heads=tuple(
-                    head_state(
-                        self.catalog, h.name, heads[h.name], h.current if old.updates else 0.0, self._nonfinite[h.name]
-                    )
-                    for h in old.heads
-                ),
+                heads=tuple(self._head_state(h, heads[h.name]) for h in old.heads),
                 grad_norm_pre=pre,
                 grad_norm_post=post,
                 grad_norm_history=tuple(self._grad_history),
@@ -233,20 +261,27 @@ class Telemetry:
                 seeds_refused=self._seeds_refused,
             )
 
-    def _head_values(self, drained: Drained | None, rows: Tensor) -> tuple[dict[str, float], int]:
-        """Per-head mean over the steps where the head had a gradient; NaN where it never did."""
-        values = dict.fromkeys(self.heads, math.nan)
-        if drained is None:
+    def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
+        """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
+        current, steps = measured
+        prev = self._last_measured.get(old.name, 0.0)
+        if steps:
+            self._last_measured[old.name] = current
+        return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps)
+
+    def _head_values(self, present: Tensor, rows: Tensor) -> tuple[dict[str, tuple[float, int]], int]:
+        """Per head: (mean over the steps where it had a gradient, how many); (NaN, 0) where it never did."""
+        values = dict.fromkeys(self.heads, (math.nan, 0))
+        if not present.shape[0]:
             return values, 0
-        present = torch.tensor(drained.present, dtype=torch.bool).reshape(len(drained.present), -1)
         hist = self._histograms["step_head_grad_norm"]
         for h, name in enumerate(self.heads):
             vals = rows[present[:, h], h]
             if vals.numel():
-                values[name] = float(vals.mean())
+                values[name] = (float(vals.mean()), int(vals.numel()))
                 self._nonfinite[name] += int((~torch.isfinite(vals)).sum())
                 hist.observe_many((name,), vals)
-        return values, len(drained.present)
+        return values, int(present.shape[0])
 
 
 class Update:
@@ -273,26 +308,35 @@ class Update:
         self._open = False
         self._tele._close(self)
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> Tensor:
         """Drop-in for torch.nn.utils.clip_grad_norm_ over the policy's parameters.
 
-        Clips in place and returns the pre-clip total norm (a float64 tensor);
-        per-head norms come from the same fused pass.
+        Clips in place and returns the pre-clip total norm as a new float64 tensor;
+        per-head norms come from the same fused pass. With error_if_nonfinite a
+        NaN or Inf total raises before any gradient is touched, as torch does. If
+        the measurement itself fails, the step is missing and torch clips instead.
         """
         self._check_open()
         if float(norm_type) != 2.0:
             raise ValueError(f"tele-exporter measures L2 norms; norm_type={norm_type} is not supported")
         try:
-            pre = self._tele._meter.measure(float(max_norm))
+            return self._tele._meter.measure(float(max_norm), error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+        except NonFiniteNormError:
+            raise
         except Exception as exc:
             self._tele.record_error("clip_grad_norm", exc)
-            return torch.nn.utils.clip_grad_norm_(self._tele.params, max_norm)
-        if error_if_nonfinite and not bool(torch.isfinite(pre)):
-            raise RuntimeError(f"The total norm of gradients is non-finite ({float(pre)})")
-        return pre
+            return torch.nn.utils.clip_grad_norm_(
+                self._tele.params, max_norm, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+            )
 
     def observe_gradients(self) -> Tensor:
-        """Measure this step's gradients without clipping; returns the total norm."""
+        """Measure this step's gradients without clipping; returns the total norm (NaN if it cannot be measured)."""
         self._check_open()
         try:
             return self._tele._meter.measure(None)
@@ -334,24 +378,29 @@ class Update:
 class SeedWatch:
     """Handle of a watched seed; remove() (idempotent) drops its hooks and its series."""
 
-    def __init__(self, tele: Telemetry, key: tuple[str, str], probe: SeedProbe | None) -> None:
+    def __init__(self, tele: Telemetry, key: tuple[str, str], probe: SeedProbe | None, host: HostProbe | None) -> None:
         self._tele = tele
         self.env, self.slot = key
         self._probe = probe
+        self._host = host
+        self._removed = False
 
     @property
     def active(self) -> bool:
         """False once removed, or when the watch was refused by the seed cap."""
-        return self._probe is not None and self._probe.active
+        return self._host is not None and not self._removed
 
     def drain(self) -> list[BackwardPass]:
+        """The backward-gain passes recorded since the last drain."""
         return self._probe.drain() if self._probe is not None else []
 
     def remove(self) -> None:
-        if self._probe is None:
+        if self._host is None or self._removed:
             return
-        self._probe.remove()
-        self._tele._drop_seed((self.env, self.slot), self)
+        self._removed = True
+        if self._probe is not None:
+            self._probe.remove()
+        self._tele._drop_seed((self.env, self.slot), self, self._host)
 
     def __enter__(self) -> SeedWatch:
         return self
@@ -366,20 +415,41 @@ class SeedWatch:
 
 
 @dataclass(frozen=True)
+class SeedValues:
+    """One seed's TELE-557 values of an update: mean ratio and passes with data, mean backward gain."""
+
+    ratio: float
+    passes: int
+    backward_gain: float
+
+
+_NO_SEED_DATA = SeedValues(0.0, 0, 0.0)
+
+
+@dataclass(frozen=True)
 class _Host:
     """What one update recorded, on the host."""
 
     rows: Tensor
     kls: Tensor
     clip_fractions: Tensor
-    seed_ratios: dict[tuple[str, str], Tensor]
+    gains: dict[SeedKey, Tensor]
+    host_passes: list[tuple[HostPass, Tensor]]  # each pass with its squared norms on the host
+
+
+def _present(drained: Drained | None, heads: int) -> Tensor:
+    """[steps, heads] bool: which head had a gradient at which recorded step."""
+    if drained is None:
+        return torch.zeros(0, heads, dtype=torch.bool)
+    return torch.tensor(drained.present, dtype=torch.bool).reshape(len(drained.present), heads)
 
 
 def _to_host(
     drained: Drained | None,
     kls: list[Tensor],
     clip_fractions: list[Tensor],
-    passes: Mapping[tuple[str, str], list[BackwardPass]],
+    gains: Mapping[SeedKey, list[BackwardPass]],
+    host_passes: Mapping[int, list[HostPass]],
 ) -> _Host:
     """Gather everything the update recorded and copy it to the host, one transfer per device."""
     parts: list[Tensor] = []
@@ -387,14 +457,15 @@ def _to_host(
         parts.append(drained.rows.reshape(-1))
     parts.extend(k.reshape(1) for k in kls)
     parts.extend(c.reshape(1) for c in clip_fractions)
-    seed_counts: list[tuple[tuple[str, str], int]] = []
-    for key, seed_passes in passes.items():
+    gain_counts: list[tuple[SeedKey, int]] = []
+    for key, seed_passes in gains.items():
         complete = [p for p in seed_passes if p.input_sq and p.output_sq]
-        seed_counts.append((key, len(complete)))
+        gain_counts.append((key, len(complete)))
         parts.extend(_summed(p.input_sq) for p in complete)
         parts.extend(_summed(p.output_sq) for p in complete)
+    passes = [p for probe_passes in host_passes.values() for p in probe_passes]
+    parts.extend(p.squares for p in passes)
     flat = _gather(parts)
-    offset = 0
     width = drained.rows.shape[1] if drained is not None else 0
     n_rows = drained.rows.shape[0] if drained is not None else 0
     rows = flat[: n_rows * width].reshape(n_rows, width)
@@ -403,13 +474,40 @@ def _to_host(
     offset += len(kls)
     clip_t = flat[offset : offset + len(clip_fractions)]
     offset += len(clip_fractions)
-    ratios: dict[tuple[str, str], Tensor] = {}
-    for key, n in seed_counts:
+    gain_t: dict[SeedKey, Tensor] = {}
+    for key, n in gain_counts:
         g_in = flat[offset : offset + n].sqrt()
         g_out = flat[offset + n : offset + 2 * n].sqrt()
-        ratios[key] = seed_grad_ratio(g_in, g_out)
+        gain_t[key] = backward_gain(g_in, g_out)
         offset += 2 * n
-    return _Host(rows, kl_t, clip_t, ratios)
+    on_host: list[tuple[HostPass, Tensor]] = []
+    for p in passes:
+        n = p.squares.numel()
+        on_host.append((p, flat[offset : offset + n]))
+        offset += n
+    return _Host(rows, kl_t, clip_t, gain_t, on_host)
+
+
+def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]:
+    """TELE-557 ratio of every seed at each recorded backward pass that covered it (0.0: no data)."""
+    columns: dict[SeedKey, tuple[list[float], list[float], list[int], list[int]]] = {}
+    for p, squares in passes:
+        values = squares.tolist()
+        for col, key in enumerate(p.seeds, start=1):
+            seed_sq, host_sq, seed_n, host_n = columns.setdefault(key, ([], [], [], []))
+            seed_sq.append(values[col])
+            host_sq.append(values[0])
+            seed_n.append(p.numels[col])
+            host_n.append(p.numels[0])
+    return {
+        key: seed_rms_ratio(
+            torch.tensor(seed_sq, dtype=torch.float64).sqrt(),
+            torch.tensor(seed_n, dtype=torch.float64),
+            torch.tensor(host_sq, dtype=torch.float64).sqrt(),
+            torch.tensor(host_n, dtype=torch.float64),
+        )
+        for key, (seed_sq, host_sq, seed_n, host_n) in columns.items()
+    }
 
 
 def _summed(squares: list[Tensor]) -> Tensor:
@@ -433,18 +531,23 @@ def _gather(parts: list[Tensor]) -> Tensor:
     return torch.cat(out)
 
 
-def _seed_state(catalog: Catalog, key: tuple[str, str], ratio: float, passes: int) -> SeedState:
+def _seed_state(catalog: Catalog, key: tuple[str, str], values: SeedValues) -> SeedState:
+    """A seed's display state; a NaN ratio (non-finite gradients) is exploding, like Inf."""
     spec = catalog["seed_grad_ratio"]
-    level = spec.level_of(ratio)
+    level = spec.level_of(math.inf if math.isnan(values.ratio) else values.ratio)
     flag = level.flag if level is not None else None
+    shown = show(spec, values.ratio)
+    if level is not None:
+        shown = Shown(level.name, level.render(values.ratio, spec.precision), level.status)
     return SeedState(
         env=key[0],
         slot=key[1],
-        ratio=ratio,
+        ratio=values.ratio,
         vanishing=flag == "seed_gradient_vanishing",
         exploding=flag == "seed_gradient_exploding",
-        shown=show(spec, ratio),
-        passes=passes,
+        shown=shown,
+        passes=values.passes,
+        backward_gain=values.backward_gain,
     )
 
 

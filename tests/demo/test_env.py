@@ -62,7 +62,7 @@ def test_invalid_ops_cost_the_invalid_penalty() -> None:
     assert r_wait - r_bad == pytest.approx(cfg.invalid_penalty)
 
 
-def test_live_seed_reports_a_healthy_gradient_ratio(tele: Telemetry) -> None:
+def test_live_seed_reports_a_measured_gradient_ratio(tele: Telemetry) -> None:
     env = SeedEnv("0", EnvConfig(), seed=0, tele=tele)
     env.step(Action(op=Op.GERMINATE, slot=0))
     with tele.update():
@@ -70,7 +70,7 @@ def test_live_seed_reports_a_healthy_gradient_ratio(tele: Telemetry) -> None:
             env.step(Action(op=Op.WAIT))
     (seed,) = tele.snapshot().seeds
     assert seed.passes == 4, "the germinating step and three more trained the host through it"
-    assert tele.catalog["seed_grad_ratio"].level_of(seed.ratio).name == "healthy"
+    assert seed.ratio > 0 and 0.5 <= seed.backward_gain <= 2.0  # measured; the residual seed passes gradient on
 
 
 def test_episode_ends_and_resets_the_slots(tele: Telemetry) -> None:

@@ -136,6 +136,7 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleSeedGradientVanishing",
         "TeleNonFiniteGradients",
         "TeleTelemetryAbsent",
+        "TeleTelemetryErrors",
     }
 
 
@@ -184,3 +185,11 @@ def test_bad_selector_is_refused(tmp_path: Path) -> None:
 def test_number_literals_round_trip() -> None:
     for value in (0.015, 0.03, 5.0, 10.0, 0.1, 2.0, 600.0, math.inf):
         assert float(rules.number(value).replace("Inf", "inf")) == value
+
+
+def test_telemetry_errors_alert_on_any_increase_of_the_error_counter() -> None:
+    """Telemetry that cannot measure is itself an alert: its values are missing, never 0."""
+    (rule,) = [r for r in rules.alert_rules(default_catalog()) if r.name == "TeleTelemetryErrors"]
+    assert rule.expr == 'increase(tele_telemetry_errors_total{job="tele"}[10m]) > 0'
+    assert (rule.severity, rule.for_) == ("warning", "1m")
+    assert "{{ $labels.site }}" in rule.description

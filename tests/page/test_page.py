@@ -32,14 +32,16 @@ FAULT = "explode"
 
 
 class Gain(nn.Module):
-    """A seed whose backward gain |dL/dx| / |dL/dy| is exactly `k`."""
+    """A seed beside a host layer of the same shape whose parameter gradients are `k` times the host's."""
 
     def __init__(self, k: float) -> None:
         super().__init__()
         self.k = k
+        self.lin = nn.Linear(4, 4, bias=False)
+        self.host = nn.Linear(4, 4, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.k
+        return self.host(x) + self.k * self.lin(x)
 
 
 @pytest.fixture
@@ -117,7 +119,7 @@ def test_snapshot_document_shape_is_version_1(server: Server, tele: Telemetry, p
     assert snap["kl"]["trend"] is None  # one KL value (none observed): no history trend yet
 
 
-def test_missing_values_are_the_string_nan_and_the_document_is_strict_json(
+def test_missing_values_are_null_and_the_document_is_strict_json(
     server: Server, tele: Telemetry, policy: TinyPolicy
 ) -> None:
     for u in range(2):
@@ -126,8 +128,8 @@ def test_missing_values_are_the_string_nan_and_the_document_is_strict_json(
             upd.clip_grad_norm_(0.5)
     doc = snapshot_document(server)
     slot = next(h for h in doc["snapshot"]["heads"] if h["name"] == "slot")
-    assert slot["current"] == "NaN" and slot["trend"] is None
-    assert doc["snapshot"]["kl"]["value"] == "NaN" and doc["snapshot"]["kl"]["shown"]["label"] == "NaN"
+    assert slot["current"] is None and slot["steps"] == 0 and slot["trend"] is None
+    assert doc["snapshot"]["kl"]["value"] is None and doc["snapshot"]["kl"]["shown"]["label"] == "missing"
 
 
 @pytest.mark.parametrize(
@@ -142,15 +144,15 @@ def test_seeds_carry_the_tele_557_display_label(
     server: Server, tele: Telemetry, policy: TinyPolicy, gain: float, label: str, status: str, flags: tuple[bool, bool]
 ) -> None:
     seed = Gain(gain)
-    tele.watch_seed(seed, env=3, slot="r0c1")
+    tele.watch_seed(seed.lin, host=seed, env=3, slot="r0c1")
     with tele.update() as upd:
         backward(policy)
-        x = torch.randn(8, 4, requires_grad=True)
-        seed(x).pow(2).sum().backward()
+        x = torch.randn(8, 4)
+        (seed(x) * torch.randn(8, 4)).sum().backward()
         upd.clip_grad_norm_(0.5)
     (entry,) = snapshot_document(server)["snapshot"]["seeds"]
     assert (entry["env"], entry["slot"]) == ("3", "r0c1")
-    assert entry["ratio"] == pytest.approx(gain)
+    assert entry["ratio"] == pytest.approx(gain, rel=1e-6)
     assert entry["shown"]["label"] == label and entry["shown"]["status"] == status
     assert (entry["vanishing"], entry["exploding"]) == flags
     assert entry["passes"] == 1
@@ -158,7 +160,7 @@ def test_seeds_carry_the_tele_557_display_label(
 
 def test_unwatched_seed_leaves_the_document(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
     seed = Gain(1.0)
-    watch = tele.watch_seed(seed, env=0, slot="a")
+    watch = tele.watch_seed(seed.lin, host=seed, env=0, slot="a")
     watch.remove()
     with tele.update() as upd:
         backward(policy)

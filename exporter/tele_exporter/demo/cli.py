@@ -219,10 +219,12 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def _word(spec: MetricSpec, value: float) -> str:
-    level = spec.level_of(value)
+def _word(spec: MetricSpec, value: float | None) -> str:
+    level = spec.level_of(value) if value is not None else None
     return level.name if level is not None else show(spec, value).status
 
 
-def _fmt(value: float, digits: int) -> str:
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None:
+        return "missing"
     return f"{value:.{digits}f}" if math.isfinite(value) else str(value)

@@ -202,7 +202,7 @@ class SeedEnv:
         for slot in self.slots:
             if slot.name != self.pinned:
                 self._clear(slot)
-        self.host = Host(self.cfg, self.gen)
+        self.host.load_state_dict(Host(self.cfg, self.gen).state_dict())  # in place: watches keep their host
         self.t = 0
         self.val = self._val_loss()
         self.val_ref = max(self.val, 1e-6)
@@ -270,7 +270,7 @@ class SeedEnv:
         slot.alpha_target = ALPHA_TARGETS[alpha_target]
         slot.alpha_speed, slot.curve, slot.tempo = DEFAULT_SPEED, 0, TEMPOS[tempo]
         if self.tele is not None:
-            slot.watch = self.tele.watch_seed(seed, env=self.env_id, slot=slot.name)
+            slot.watch = self.tele.watch_seed(seed, host=self.host, env=self.env_id, slot=slot.name)
         return True
 
     def clear_slot(self, slot_index: int) -> None:

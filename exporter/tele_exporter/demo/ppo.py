@@ -56,10 +56,10 @@ class UpdateResult:
 
     update: int  # 1-based
     reward: float  # mean per-step reward of the rollout
-    kl: float
-    grad_norm_pre: float
-    grad_norm_post: float
-    gradient_cv: float
+    kl: float | None  # None: missing (nothing was measured), as in the snapshot
+    grad_norm_pre: float | None
+    grad_norm_post: float | None
+    gradient_cv: float | None
     early_stopped: bool
     fault_active: bool
     live_seeds: int

@@ -134,6 +134,8 @@ def alert_rules(catalog: Catalog) -> list[AlertRule]:
         for alert in spec.alerts:
             if alert.kind == "stale":
                 rules.append(_stale_rule(catalog, spec, alert.name, alert.severity, alert.for_, alert.after))
+            elif alert.kind == "errors":
+                rules.append(_errors_rule(catalog, spec, alert.name, alert.severity, alert.for_, alert.window))
             else:
                 rules.append(_increase_rule(catalog, spec, alert.name, alert.severity, alert.for_, alert.window))
     return rules
@@ -187,6 +189,25 @@ def _increase_rule(
             "{{ with $labels.head }} (head {{ . }}){{ end }} "
             f"shows a non-finite gradient within the last {window} (value {VALUE}: new "
             f"non-finite optimizer steps, or NaN). {spec.question}"
+        ),
+        metric=spec,
+    )
+
+
+def _errors_rule(
+    catalog: Catalog, spec: MetricSpec, name: str, severity: str, for_: str, window: str | None
+) -> AlertRule:
+    """Telemetry that cannot measure: its error counter grew within `window`, at any site."""
+    return AlertRule(
+        name=name,
+        severity=severity,
+        expr=f"increase({selector(catalog, spec.name)}[{window}]) > 0",
+        for_=for_,
+        summary="tele-exporter failed to measure; some values are missing.",
+        description=(
+            "{{ $labels.job }}/{{ $labels.instance }}: telemetry failed at site {{ $labels.site }} "
+            f"{VALUE} times within the last {window}. Training goes on, but the values measured "
+            f"there are missing from the latest updates. {spec.question}"
         ),
         metric=spec,
     )

@@ -36,13 +36,16 @@ ADVICE: dict[str, str] = {
         "that starve, and consider per-head loss weights."
     ),
     "TeleSeedGradientVanishing": (
-        "The seed attenuates the gradient it passes back: the host layers before it learn "
-        "little. Check the seed's alpha blending and initialisation; a seed that stays here "
-        "is a prune candidate. A ratio of exactly 0 means no gradient data, not vanishing."
+        "The seed's parameters receive far less gradient per element than its host's: it "
+        "learns much slower than the network it grows in. Check the seed's alpha blending (an "
+        "alpha near 0 starves it) and initialisation; a seed that stays here is a prune "
+        "candidate. A ratio of exactly 0 means no gradient data, not vanishing. "
+        "`tele_seed_backward_gain` tells whether the seed also damps the gradient it passes back."
     ),
     "TeleSeedGradientExploding": (
-        "The seed amplifies the gradient it passes back and can destabilise the host. Lower "
-        "the seed's alpha or learning rate, or prune it."
+        "The seed's parameters receive far more gradient per element than its host's and can "
+        "destabilise it (a NaN or Inf ratio counts here too, and fires TeleNonFiniteGradients). "
+        "Lower the seed's alpha or learning rate, check its weight scale, or prune it."
     ),
     "TeleNonFiniteGradients": (
         "An optimizer step produced a NaN or Inf gradient (the `metric` label names the series, "
@@ -50,6 +53,14 @@ ADVICE: dict[str, str] = {
         "restore the last good checkpoint, and look for a log of zero, a division by a "
         "vanishing std or an overflow in mixed precision. NaN fails every PromQL comparison, "
         "so the level alerts go silent on NaN; this alert covers it."
+    ),
+    "TeleTelemetryErrors": (
+        "tele-exporter caught an exception while measuring (the `site` label says where: "
+        "`clip_grad_norm`, `observe_gradients`, `seed_hook`, `seed_grad_hook`, `publish`). "
+        "Training went on; the failed values are missing (absent or NaN), never 0, so the "
+        "level alerts stay silent about them. The trainer's log holds the first traceback per "
+        "site. Common causes: sparse gradients, sharded (FSDP2/DTensor) parameters, a seed "
+        "module that returns something unexpected. `tele_telemetry_errors_total` counts them."
     ),
     "TeleTelemetryAbsent": (
         "Prometheus cannot see a live trainer: the process died or hangs, the target is down or "

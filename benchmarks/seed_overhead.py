@@ -1,0 +1,127 @@
+"""Cost of watching seeds (TELE-557) per backward pass, as a ratio from one run (target <= 1.05x with 4 seeds).
+
+A host MLP with `seeds` residual seeds (Linear-ReLU-Linear, alpha-blended) trains
+with SGD: forward, backward, step. Two copies of the same host train side by side,
+one plain and one with every seed watched by `tele.watch_seed(seed, host=host, ...)`,
+in alternating single steps on the same data, so the ratio is the watch's
+alone: per backward pass, tensor hooks keep each parameter's gradient and one
+engine callback takes one fused norm per host; the backward-gain probe adds
+forward hooks and two tensor hooks per seed. The update's publish (once per PPO
+update, not per pass) is timed separately.
+
+    python benchmarks/seed_overhead.py [--seeds 4] [--width 256] [--batch 256] [--updates 10] [--steps 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+
+from tele_exporter import Telemetry
+
+
+class Seed(nn.Module):
+    """A residual seed: x + alpha * up(relu(down(x)))."""
+
+    def __init__(self, width: int, inner: int, alpha: float = 0.5) -> None:
+        super().__init__()
+        self.down = nn.Linear(width, inner)
+        self.up = nn.Linear(inner, width)
+        self.alpha = alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.alpha * self.up(torch.relu(self.down(x)))
+
+
+class Host(nn.Module):
+    """An MLP whose hidden layers are each followed by a seed."""
+
+    def __init__(self, width: int, seeds: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(max(seeds, 1)))
+        self.seeds = nn.ModuleList(Seed(width, width // 8) for _ in range(seeds))
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        for i, layer in enumerate(self.layers):
+            h = torch.tanh(layer(h))
+            if i < len(self.seeds):
+                h = self.seeds[i](h)
+        out: Tensor = self.out(h)
+        return out
+
+
+def _step(host: Host, optim: torch.optim.Optimizer, x: Tensor, y: Tensor) -> float:
+    """Seconds of one training step: forward, backward, SGD step."""
+    t0 = time.perf_counter()
+    optim.zero_grad(set_to_none=True)
+    (host(x) - y).pow(2).mean().backward()
+    optim.step()
+    return time.perf_counter() - t0
+
+
+def run(seeds: int, width: int, batch: int, updates: int, steps: int, gain: bool) -> dict[str, float]:
+    """Alternate single steps of a plain and a watched copy of one host; returns medians and ratios."""
+    torch.manual_seed(0)
+    plain_host = Host(width, seeds)
+    watched_host = copy.deepcopy(plain_host)
+    policy = nn.Linear(1, 1)
+    tele = Telemetry(policy, heads={"op": policy})
+    for i, seed in enumerate(watched_host.seeds):
+        tele.watch_seed(seed, host=watched_host, env="0", slot=f"r0c{i}", backward_gain=gain)
+    optims = {
+        "plain": torch.optim.SGD(plain_host.parameters(), lr=1e-3),
+        "watched": torch.optim.SGD(watched_host.parameters(), lr=1e-3),
+    }
+    hosts = {"plain": plain_host, "watched": watched_host}
+    x, y = torch.randn(batch, 32), torch.randn(batch, 1)
+    times: dict[str, list[float]] = {"plain": [], "watched": []}
+    publish: list[float] = []
+    for u in range(updates + 1):
+        with tele.update():
+            for k in range(steps):
+                for name in ("plain", "watched") if (u + k) % 2 else ("watched", "plain"):
+                    seconds = _step(hosts[name], optims[name], x, y)
+                    if u:
+                        times[name].append(seconds)
+            t0 = time.perf_counter()
+        if u:
+            publish.append(time.perf_counter() - t0)
+    pairs = [w / p for w, p in zip(times["watched"], times["plain"], strict=True)]
+    return {
+        "plain_ms": 1e3 * statistics.median(times["plain"]),
+        "watched_ms": 1e3 * statistics.median(times["watched"]),
+        "ratio_median_pair": statistics.median(pairs),
+        "ratio_total": sum(times["watched"]) / sum(times["plain"]),
+        "publish_ms": 1e3 * statistics.median(publish),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--updates", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for gain, what in ((False, "ratio only (backward_gain=False)"), (True, "ratio and backward gain")):
+        res = run(args.seeds, args.width, args.batch, args.updates, args.steps, gain)
+        print(f"{what}:")
+        print(f"  host step without watched seeds: {res['plain_ms']:.3f} ms")
+        print(f"  host step with {args.seeds} watched seeds: {res['watched_ms']:.3f} ms")
+        print(f"  seed watch ratio per backward pass: {res['ratio_median_pair']:.4f}x median of pairs, ", end="")
+        print(f"{res['ratio_total']:.4f}x total (target <= 1.05x)")
+        print(f"  publish at the end of an update of {args.steps} passes: {res['publish_ms']:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

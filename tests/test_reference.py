@@ -1,0 +1,294 @@
+"""Every published number against DESIGN §4 written independently in float64 numpy, read from a real scrape.
+
+A trainer-shaped scenario runs multi-step PPO updates with missing heads, NaN and
+Inf gradients, an early stop before the first step, clipped and unclipped steps,
+KL observations and watched seeds (one pruned mid-run). The expected values come
+from the gradients themselves with numpy float64 and the formulas as DESIGN §4
+states them; the actual values come from GET /metrics on a running server, parsed
+by prometheus_client. Tolerance: 1e-6 relative where tele-exporter takes float32
+per-tensor norms, float64 rounding for KL, exact for counts and presence.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+from tele_exporter import Telemetry, serve
+from tele_exporter.server import Server
+
+HEADS = ("op", "slot", "blueprint")
+MAX_NORM = 0.5
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class Policy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(5, 7)
+        self.op = nn.Linear(7, 4)
+        self.slot = nn.Linear(7, 3)
+        self.blueprint = nn.Linear(7, 2)
+
+
+class Host(nn.Module):
+    """A host layer with two seeds as alpha-blended parallel branches (submodules: excluded from the host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 5)
+        self.s1 = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 5))
+        self.s2 = nn.Linear(6, 5)
+        self.alpha = {"s1": 1.0, "s2": 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.alpha["s1"] * self.s1(x) + self.alpha["s2"] * self.s2(x)
+        out: torch.Tensor = self.b(torch.tanh(y))
+        return out
+
+
+# --- DESIGN §4 in float64 numpy --------------------------------------------------------
+
+
+def l2(arrays: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in arrays)))
+
+
+def step_cv(norms: list[float | None]) -> float:
+    values = np.array([v for v in norms if v is not None], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        return math.nan
+    if values.size <= 1 or np.all(values == 0):
+        return 0.0
+    return float(np.std(values, ddof=1) / max(abs(float(np.mean(values))), 1e-8))
+
+
+def approx_kl(log_ratio: np.ndarray, mask: np.ndarray) -> float:
+    r = np.clip(log_ratio.astype(np.float64), -20.0, 20.0)
+    kl_t = np.exp(r) - 1.0 - r
+    n_valid = float(mask.sum())
+    head = float((kl_t * mask).sum()) / max(n_valid, 1.0)
+    w = n_valid / log_ratio.size
+    return (w * head) / max(w, 1e-8)
+
+
+def rms_ratio(seed: list[np.ndarray], host: list[np.ndarray]) -> float:
+    g_s, g_h = l2(seed), l2(host)
+    if g_s < 1e-8 or g_h < 1e-8:
+        return 0.0
+    n_s, n_h = sum(a.size for a in seed), sum(a.size for a in host)
+    return (g_s / math.sqrt(n_s)) / (g_h / math.sqrt(n_h) + 1e-8)
+
+
+@dataclass
+class Expected:
+    """What the exporter should publish, kept by the reference alone."""
+
+    updates: int = 0
+    early_stops: int = 0
+    last_measured: dict[str, float] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEADS, 0))
+    head_steps: dict[str, list[float]] = field(default_factory=dict)  # every finite-or-not step value per head
+    current: dict[str, float] = field(default_factory=dict)
+    prev: dict[str, float] = field(default_factory=dict)
+    pre: float | None = None
+    post: float | None = None
+    cv: float | None = None
+    kl: float | None = None
+    seeds: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+
+# --- the scenario -------------------------------------------------------------------------
+
+
+class Scenario:
+    """Drives Telemetry like a trainer and keeps the float64 reference of every step."""
+
+    def __init__(self, tele: Telemetry, policy: Policy, host: Host) -> None:
+        self.tele, self.policy, self.host = tele, policy, host
+        self.rng = np.random.default_rng(11)
+        self.exp = Expected()
+        self.head_params = {h: list(getattr(policy, h).parameters()) for h in HEADS}
+        self.watches = {
+            name: tele.watch_seed(getattr(host, name), host=host, env="1", slot=name) for name in ("s1", "s2")
+        }
+
+    def _grads(self, missing: tuple[str, ...], poison: dict[str, float]) -> dict[int, np.ndarray]:
+        """Random float32 gradients; heads in `missing` get none; `poison` puts NaN/Inf into a head."""
+        grads: dict[int, np.ndarray] = {}
+        for module_name in ("trunk", *HEADS):
+            for p in getattr(self.policy, module_name).parameters():
+                if module_name in missing:
+                    p.grad = None
+                    continue
+                g = (self.rng.normal(0.0, self.rng.uniform(0.01, 2.0), size=tuple(p.shape))).astype(np.float32)
+                if module_name in poison and p is self.head_params[module_name][0]:
+                    g.flat[0] = poison[module_name]
+                grads[id(p)] = g
+                p.grad = torch.from_numpy(g.copy())
+        return grads
+
+    def update(
+        self,
+        steps: list[tuple[tuple[str, ...], dict[str, float], bool]],
+        kls: int,
+        early_stop: bool = False,
+        seed_passes: int = 0,
+    ) -> None:
+        """One PPO update: each step is (missing heads, poison, clip?)."""
+        e = self.exp
+        rows: list[tuple[dict[str, float | None], float, float]] = []
+        kl_values: list[float] = []
+        ratios: dict[str, list[float]] = {k: [] for k in self.watches}
+        with self.tele.update() as upd:
+            for missing, poison, clip in steps:
+                grads = self._grads(missing, poison)
+                heads: dict[str, float | None] = {
+                    h: None if h in missing else l2([grads[id(p)] for p in self.head_params[h]]) for h in HEADS
+                }
+                pre = l2(list(grads.values()))
+                post = pre * min(1.0, MAX_NORM / (pre + 1e-6)) if clip else pre
+                rows.append((heads, pre, post))
+                if clip:
+                    upd.clip_grad_norm_(MAX_NORM)
+                else:
+                    upd.observe_gradients()
+            for _ in range(kls):
+                r = self.rng.normal(0.0, 0.2, size=32).astype(np.float32)
+                m = self.rng.random(32) < 0.7
+                kl_values.append(approx_kl(r, m))
+                upd.observe_kl({"op": torch.from_numpy(r)}, {"op": torch.from_numpy(m)})
+            for k in range(seed_passes):
+                self.host.alpha["s2"] = 0.0 if k == 0 else 1.0  # s2 gets no gradient in the first pass: no data
+                live = [name for name, w in self.watches.items() if w.active]
+                x = torch.from_numpy(self.rng.normal(size=(8, 6)).astype(np.float32))
+                self.host.zero_grad(set_to_none=True)
+                self.host(x).pow(2).mean().backward()
+                seed_ids = {id(p) for name in live for p in getattr(self.host, name).parameters()}
+                host_grads = [
+                    p.grad.numpy() for p in self.host.parameters() if id(p) not in seed_ids and p.grad is not None
+                ]
+                for name in live:
+                    seed_grads = [p.grad.numpy() for p in getattr(self.host, name).parameters() if p.grad is not None]
+                    seed_grads = seed_grads or [np.zeros(1)]
+                    ratios[name].append(rms_ratio(seed_grads, host_grads))
+            if early_stop:
+                upd.early_stop()
+        e.updates += 1
+        e.early_stops += int(early_stop)
+        for h in HEADS:
+            values = [row[0][h] for row in rows if row[0][h] is not None]
+            e.nonfinite[h] += sum(1 for v in values if not math.isfinite(v))  # type: ignore[arg-type]
+            e.prev[h] = e.last_measured.get(h, 0.0)
+            e.current[h] = float(np.mean(values)) if values else math.nan
+            if values:
+                e.last_measured[h] = e.current[h]
+        e.pre = float(np.mean([r[1] for r in rows])) if rows else None
+        e.post = float(np.mean([r[2] for r in rows])) if rows else None
+        e.cv = float(np.mean([step_cv(list(r[0].values())) for r in rows])) if rows else None
+        e.kl = float(np.mean(kl_values)) if kl_values else None
+        e.seeds = {}
+        for name, w in self.watches.items():
+            if w.active:
+                with_data = [r for r in ratios[name] if r != 0.0]
+                e.seeds[name] = (float(np.mean(with_data)) if with_data else 0.0, len(with_data))
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+def scrape(server: Server) -> Samples:
+    with urllib.request.urlopen(server.url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def close(actual: float, expected: float, rel: float) -> bool:
+    if math.isnan(expected):
+        return math.isnan(actual)
+    if math.isinf(expected):
+        return actual == expected
+    return actual == pytest.approx(expected, rel=rel, abs=0)
+
+
+def check(samples: Samples, e: Expected) -> None:
+    def value(name: str, **labels: str) -> float | None:
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    assert value("tele_ppo_updates_total") == e.updates
+    assert value("tele_ppo_early_stops_total") == e.early_stops
+    for h in HEADS:
+        got = value("tele_head_grad_norm", head=h)
+        assert got is not None and close(got, e.current[h], 1e-6), (h, got, e.current[h])
+        prev = value("tele_head_grad_norm_prev", head=h)
+        assert prev is not None and close(prev, e.prev[h], 1e-6), (h, prev, e.prev[h])
+        assert value("tele_nonfinite_gradients_total", head=h) == e.nonfinite[h]
+    for clip, want in (("pre", e.pre), ("post", e.post)):
+        got = value("tele_policy_grad_norm", clip=clip)
+        if want is None:
+            assert got is None, f"no step measured: {clip} must be absent, got {got}"
+        else:
+            assert got is not None and close(got, want, 1e-6), (clip, got, want)
+    cv = value("tele_gradient_cv")
+    assert (cv is None) == (e.cv is None), (cv, e.cv)
+    if cv is not None and e.cv is not None:
+        assert close(cv, e.cv, 1e-6), (cv, e.cv)
+    kl = value("tele_kl_divergence")
+    assert (kl is None) == (e.kl is None), (kl, e.kl)
+    if kl is not None and e.kl is not None:
+        assert close(kl, e.kl, 1e-12), (kl, e.kl)
+    published = {labels for name, labels in samples if name == "tele_seed_grad_ratio"}
+    assert published == {(("env", "1"), ("slot", name)) for name in e.seeds}
+    for name, (ratio, _) in e.seeds.items():
+        got = value("tele_seed_grad_ratio", env="1", slot=name)
+        assert got is not None and close(got, ratio, 1e-6), (name, got, ratio)
+        exploding = not math.isfinite(ratio) or ratio > 2.0
+        vanishing = 0.0 < ratio < 0.5
+        assert value("tele_seed_gradient_exploding", env="1", slot=name) == float(exploding)
+        assert value("tele_seed_gradient_vanishing", env="1", slot=name) == float(vanishing and not exploding)
+    assert not any(name == "tele_telemetry_errors_total" for name, _ in samples)
+
+
+@pytest.fixture
+def scenario() -> Iterator[tuple[Scenario, Server]]:
+    torch.manual_seed(0)
+    policy, host = Policy(), Host()
+    tele = Telemetry(policy, heads={h: getattr(policy, h) for h in HEADS})
+    server = serve(tele, port=0)
+    try:
+        yield Scenario(tele, policy, host), server
+    finally:
+        server.close()
+        tele.close()
+
+
+def test_every_published_number_matches_the_float64_reference(scenario: tuple[Scenario, Server]) -> None:
+    sc, server = scenario
+    healthy: tuple[tuple[str, ...], dict[str, float], bool] = ((), {}, True)
+    updates: list[dict[str, object]] = [
+        {"steps": [healthy] * 3, "kls": 2, "seed_passes": 3},
+        {"steps": [(("slot",), {}, True), ((), {"blueprint": math.nan}, False)], "kls": 0},
+        {"steps": [], "kls": 1, "early_stop": True},  # early stop before the first step
+        {"steps": [((), {"op": math.inf}, True), (("blueprint",), {}, True)], "kls": 1, "seed_passes": 2},
+        {"steps": [((), {}, True), (("op", "slot", "blueprint"), {}, False)], "kls": 2, "seed_passes": 2},
+        {"steps": [(("blueprint",), {}, True)] * 2, "kls": 1},
+    ]
+    for k, spec in enumerate(updates):
+        if k == 4:
+            sc.watches["s1"].remove()  # pruned between updates: its series go
+        sc.update(**spec)  # type: ignore[arg-type]
+        check(scrape(server), sc.exp)
+    assert sc.exp.nonfinite == {"op": 1, "slot": 0, "blueprint": 1}
