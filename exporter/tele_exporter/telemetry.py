@@ -28,6 +28,7 @@ from .display import Shown, show
 from .gradients import Drained, GradientMeter, NonFiniteNormError
 from .histogram import LabelledHistogram
 from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
+from .sharding import refuse_legacy_fsdp
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, step_cvs
 
@@ -59,6 +60,7 @@ class Telemetry:
         self.catalog = catalog if catalog is not None else default_catalog()
         self.heads = _check_heads(heads)
         params = list(dict.fromkeys(policy.parameters()))
+        refuse_legacy_fsdp(params, policy)
         owned = {id(p) for p in params}
         head_params: dict[str, list[nn.Parameter]] = {}
         for name, module in self.heads.items():
