@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
@@ -132,8 +132,10 @@ def run(name: str, model: nn.Module, policy: nn.Module, backward: Backward, seed
         for p, s in zip(params, saved, strict=True):
             if p.grad is not None and s is not None:
                 local(p.grad).copy_(s)
-        with tele.update() as upd, collectives(counts["tele"]):
-            pre = upd.clip_grad_norm_(MAX_NORM)
+        with tele.update() as upd:
+            observed = upd.observe_gradients()
+            with collectives(counts["tele"]):
+                pre = upd.clip_grad_norm_(MAX_NORM)
         vs_torch = max(
             float((local(p.grad) - t).abs().max() / t.abs().max())
             for p, t in zip(params, torch_clipped, strict=True)
@@ -147,7 +149,8 @@ def run(name: str, model: nn.Module, policy: nn.Module, backward: Backward, seed
         steps.append(
             {
                 "expected": expected,
-                "pre": float(full(pre) if isinstance(pre, DTensor) else pre),
+                "observed": float(observed),
+                "pre": float(pre),
                 "torch_pre": float(full(torch_total)),
                 "clip_vs_torch": vs_torch,
                 "clip_vs_reference": vs_ref,
@@ -204,8 +207,13 @@ def tensor_parallel(mesh: DeviceMesh) -> dict[str, Any]:
     return run("tp", policy, policy, shared_backward, same_data_seeds)
 
 
-def placed(mesh: DeviceMesh, placements: dict[str, list[Placement]], name: str) -> dict[str, Any]:
-    """Parameters and gradients as DTensors of these placements; gradients from a plain twin's backward."""
+def placed(
+    mesh: DeviceMesh, placements: dict[str, list[Placement]], name: str, partial: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Parameters and gradients as DTensors of these placements; gradients from a plain twin's backward.
+
+    A parameter named in `partial` is replicated, and its gradient holds pending sums (Partial), as under TP.
+    """
     torch.manual_seed(0)
     policy = TinyPolicy()
     twin = copy.deepcopy(policy)
@@ -220,7 +228,13 @@ def placed(mesh: DeviceMesh, placements: dict[str, list[Placement]], name: str) 
         loss_of(twin, 100 * update).backward()
         for (pname, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
             assert q.grad is not None
-            p.grad = distribute_tensor(q.grad, mesh, placements[pname]) if isinstance(p, DTensor) else q.grad.clone()
+            if pname in partial:
+                share = q.grad * (dist.get_rank() + 1) / sum(range(1, mesh.size() + 1))  # unequal summands
+                p.grad = DTensor.from_local(share, mesh, [Partial()] * mesh.ndim, run_check=False)
+            elif isinstance(p, DTensor):
+                p.grad = distribute_tensor(q.grad, mesh, placements[pname])
+            else:
+                p.grad = q.grad.clone()
 
     return run(name, policy, policy, backward, same_data_seeds)
 
@@ -230,6 +244,13 @@ def dtensor_1d(mesh: DeviceMesh) -> dict[str, Any]:
     s0, s1, rep = [Shard(0)], [Shard(1)], [Replicate()]
     placements = {"trunk.weight": s1, "trunk.bias": rep, "op.weight": s0, "op.bias": s0, "value.weight": s0}
     return placed(mesh, placements, "dtensor")
+
+
+def dtensor_partial(mesh: DeviceMesh) -> dict[str, Any]:
+    """Shard(0) parameters beside a replicated one whose gradient is still a Partial sum."""
+    s0, rep = [Shard(0)], [Replicate()]
+    placements = {"trunk.weight": s0, "op.weight": s0, "slot.bias": rep}
+    return placed(mesh, placements, "dtensor_partial", partial=("slot.bias",))
 
 
 def dtensor_2d(mesh: DeviceMesh) -> dict[str, Any]:
@@ -268,6 +289,7 @@ def main() -> None:
             results["fsdp2"] = fsdp2(mesh)
             results["tp"] = tensor_parallel(mesh)
             results["dtensor"] = dtensor_1d(mesh)
+            results["dtensor_partial"] = dtensor_partial(mesh)
         else:
             mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
             results["dtensor_2d"] = dtensor_2d(mesh2)
