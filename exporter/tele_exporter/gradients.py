@@ -88,7 +88,7 @@ class GradientMeter:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
-        parts = local_parts(present_grads)
+        parts = local_parts(present_grads, plan.sharding)
         norms = self._reduce(norm_parts(present_grads, parts, plan.sharding), plan)
         h = len(self.head_names)
         pre = norms[h]

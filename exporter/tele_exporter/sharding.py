@@ -36,14 +36,15 @@ class Sharding:
 
     slots: tuple[int, ...]  # per gradient: LOCAL, REPLICA, or the index of its mesh's reduction
     reductions: tuple[tuple[ProcessGroup | None, ...], ...]  # per mesh: the groups to all-reduce over, in turn
-    partial: tuple[bool, ...]  # per gradient: a DTensor with pending (Partial) sums, made whole before its norm
+    partial: tuple[int, ...]  # gradients that are DTensors with pending (Partial) sums, made whole before the norm
+    dtensors: bool  # whether any gradient is a DTensor; False keeps plain gradients on the plain path
 
 
 def plan_sharding(grads: Sequence[Tensor]) -> Sharding:
     """Slots and reductions of these gradients; every rank of a mesh builds the same reductions in the same order."""
     n = len(grads)
     if not _dist_available or not any(isinstance(g, DTensor) for g in grads):
-        return Sharding((LOCAL,) * n, (), (False,) * n)
+        return Sharding((LOCAL,) * n, (), (), False)
     meshes: dict[DeviceMesh, set[int]] = {}
     for g in grads:
         if isinstance(g, DTensor):
@@ -51,14 +52,14 @@ def plan_sharding(grads: Sequence[Tensor]) -> Sharding:
             dims.update(d for d, p in enumerate(g.placements) if p.is_shard())
     reduced = [mesh for mesh, dims in meshes.items() if dims]
     slots: list[int] = []
-    partial: list[bool] = []
-    for g in grads:
+    partial: list[int] = []
+    for i, g in enumerate(grads):
         if not isinstance(g, DTensor):
             slots.append(LOCAL)
-            partial.append(False)
             continue
         mesh = g.device_mesh
-        partial.append(any(p.is_partial() for p in g.placements))
+        if any(p.is_partial() for p in g.placements):
+            partial.append(i)
         dims = meshes[mesh]
         coordinate = mesh.get_coordinate()
         if coordinate is None:
@@ -69,7 +70,8 @@ def plan_sharding(grads: Sequence[Tensor]) -> Sharding:
             slots.append(REPLICA)
         else:
             slots.append(reduced.index(mesh))
-    return Sharding(tuple(slots), tuple(_groups(mesh, sorted(meshes[mesh])) for mesh in reduced), tuple(partial))
+    reductions = tuple(_groups(mesh, sorted(meshes[mesh])) for mesh in reduced)
+    return Sharding(tuple(slots), reductions, tuple(partial), True)
 
 
 def _groups(mesh: DeviceMesh, dims: list[int]) -> tuple[ProcessGroup | None, ...]:
@@ -81,24 +83,23 @@ def _groups(mesh: DeviceMesh, dims: list[int]) -> tuple[ProcessGroup | None, ...
     return tuple(mesh.get_group(d) for d in dims)
 
 
-def local_parts(grads: Sequence[Tensor]) -> list[Tensor]:
-    """This rank's part of each gradient (the DTensor's local tensor, in place): what clipping scales."""
-    if not _dist_available:
-        return list(grads)
+def local_parts(grads: list[Tensor], sharding: Sharding) -> list[Tensor]:
+    """This rank's part of each gradient (a DTensor's local tensor, shared in place): what clipping scales."""
+    if not sharding.dtensors:
+        return grads
     return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
 
 
 def norm_parts(grads: Sequence[Tensor], parts: list[Tensor], sharding: Sharding) -> list[Tensor]:
     """What each gradient's norm is taken of: its local part, with pending Partial sums reduced first."""
-    if not any(sharding.partial):
+    if not sharding.partial:
         return parts
     out = list(parts)
-    for i, is_partial in enumerate(sharding.partial):
-        if is_partial:
-            g = grads[i]
-            assert isinstance(g, DTensor)
-            whole = [Replicate() if p.is_partial() else p for p in g.placements]
-            out[i] = g.redistribute(g.device_mesh, whole).to_local()
+    for i in sharding.partial:
+        g = grads[i]
+        assert isinstance(g, DTensor)
+        whole = [Replicate() if p.is_partial() else p for p in g.placements]
+        out[i] = g.redistribute(g.device_mesh, whole).to_local()
     return out
 
 
