@@ -8,6 +8,7 @@ reference each rank computed on the same data. Run alone with `pytest -m slow te
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
-from tele_exporter.sharding import LEGACY_FSDP_MESSAGE
+from tele_exporter.sharding import LEGACY_FSDP_MESSAGE, LOCAL, Sharding, plan_sharding
 
 from .conftest import TinyPolicy, backward
 
@@ -133,6 +134,53 @@ def test_two_d_meshes_issue_one_reduction(four_ranks: list[dict[str, Any]]) -> N
 def _single_process_group(tmp_path: Path) -> None:
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+def _reference(policy: TinyPolicy) -> dict[str, float]:
+    """Float64 norms of the concatenated gradients of each head and of the whole policy."""
+    heads = {"op": policy.op, "slot": policy.slot, "total": policy}
+    grads = {
+        name: [p.grad.to(torch.float64).flatten() for p in m.parameters() if p.grad is not None]
+        for name, m in heads.items()
+    }
+    return {name: float(torch.cat(g).norm()) for name, g in grads.items()}
+
+
+def test_plain_gradients_plan_no_reduction(policy: TinyPolicy) -> None:
+    backward(policy)
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert plan_sharding(grads) == Sharding((LOCAL,) * len(grads), (), (), False)
+
+
+def test_fully_shard_in_one_process_matches_torch(tmp_path: Path) -> None:
+    """The DTensor path without torchrun: a one-rank FSDP2 mesh, one all-reduce in place of torch's."""
+    from torch.distributed.fsdp import fully_shard
+
+    _single_process_group(tmp_path)
+    try:
+        torch.manual_seed(0)
+        policy = TinyPolicy()
+        twin = copy.deepcopy(policy)
+        fully_shard(policy)
+        tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot})
+        backward(policy, seed=2)  # type: ignore[arg-type]
+        backward(twin, seed=2)
+        expected = _reference(twin)
+        torch_total = torch.nn.utils.clip_grad_norm_(twin.parameters(), MAX_NORM)
+        with tele.update() as upd, torch.profiler.profile() as prof:
+            pre = upd.clip_grad_norm_(MAX_NORM)
+        assert sum(e.name.startswith("gloo:") for e in prof.events()) == 1
+        assert float(pre) == pytest.approx(expected["total"], rel=REL)
+        assert float(pre) == pytest.approx(float(torch_total), rel=REL)
+        snap = tele.snapshot()
+        assert {h: snap.head(h).current for h in ("op", "slot")} == pytest.approx(
+            {h: expected[h] for h in ("op", "slot")}, rel=REL
+        )
+        for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+            assert torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=0)  # type: ignore[union-attr, arg-type]
+        assert tele.errors() == {}
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
