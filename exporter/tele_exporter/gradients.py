@@ -68,7 +68,6 @@ class GradientMeter:
         """Columns of a row: one per head, then pre-clip and post-clip totals."""
         return len(self.head_names) + 2
 
-    @torch.no_grad()
     def measure(
         self, max_norm: float | None, *, error_if_nonfinite: bool = False, foreach: bool | None = None
     ) -> Tensor:
@@ -118,14 +117,15 @@ class GradientMeter:
         """
         h = len(self.head_names)
         squares = tensor_norms(parts).square()
-        rows = 1 + len(plan.sharding.reductions)
-        sums = torch.zeros(rows, h + 1, dtype=torch.float64, device=squares.device)
-        sums.view(-1).index_add_(0, plan.sum_index, squares.index_select(0, plan.tensor_index))
-        if rows == 1:
-            return sums[0].sqrt()
-        for k, groups in enumerate(plan.sharding.reductions):
-            all_reduce_(sums[1 + k], groups)
-        return sums.sum(dim=0).sqrt()
+        reductions = plan.sharding.reductions
+        sums = torch.zeros((1 + len(reductions)) * (h + 1), dtype=torch.float64, device=squares.device)
+        sums.index_add_(0, plan.sum_index, squares.index_select(0, plan.tensor_index))
+        if not reductions:
+            return sums.sqrt()
+        rows = sums.view(-1, h + 1)
+        for k, groups in enumerate(reductions):
+            all_reduce_(rows[1 + k], groups)
+        return rows.sum(dim=0).sqrt()
 
     def drain(self) -> Drained | None:
         """Hand over the recorded steps and start afresh; None when nothing was recorded."""

@@ -87,7 +87,8 @@ def local_parts(grads: list[Tensor], sharding: Sharding) -> list[Tensor]:
     """This rank's part of each gradient (a DTensor's local tensor, shared in place): what clipping scales."""
     if not sharding.dtensors:
         return grads
-    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    with torch.no_grad():  # the local tensor itself, not an autograd view of it
+        return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
 
 
 def norm_parts(grads: Sequence[Tensor], parts: list[Tensor], sharding: Sharding) -> list[Tensor]:
@@ -95,11 +96,12 @@ def norm_parts(grads: Sequence[Tensor], parts: list[Tensor], sharding: Sharding)
     if not sharding.partial:
         return parts
     out = list(parts)
-    for i in sharding.partial:
-        g = grads[i]
-        assert isinstance(g, DTensor)
-        whole = [Replicate() if p.is_partial() else p for p in g.placements]
-        out[i] = g.redistribute(g.device_mesh, whole).to_local()
+    with torch.no_grad():
+        for i in sharding.partial:
+            g = grads[i]
+            assert isinstance(g, DTensor)
+            whole = [Replicate() if p.is_partial() else p for p in g.placements]
+            out[i] = g.redistribute(g.device_mesh, whole).to_local()
     return out
 
 
