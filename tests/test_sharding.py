@@ -113,6 +113,16 @@ def test_two_d_meshes_match_the_single_process_reference(four_ranks: list[dict[s
 
 
 @pytest.mark.slow
+def test_a_head_held_wholly_by_other_ranks_is_measured_on_every_rank(two_ranks: list[dict[str, Any]]) -> None:
+    """Under FSDP2 the one-row value head lies on rank 0 alone; rank 1 publishes its full norm all the same."""
+    assert two_ranks[0]["fsdp2"]["held"]["value"] == 17
+    assert two_ranks[1]["fsdp2"]["held"]["value"] == 0
+    for step in two_ranks[1]["fsdp2"]["steps"]:
+        published = _published(step["metrics"], 1, "fsdp2")
+        assert published["value"] == pytest.approx(step["expected"]["value"], rel=REL)
+
+
+@pytest.mark.slow
 def test_sharded_steps_issue_no_more_collectives_than_torch(two_ranks: list[dict[str, Any]]) -> None:
     """One all-reduce replaces torch's for a sharded model; DDP's gradients need none."""
     counts = {name: res["collectives"] for name, res in two_ranks[0].items()}

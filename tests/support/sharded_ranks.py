@@ -161,7 +161,8 @@ def run(name: str, model: nn.Module, policy: nn.Module, backward: Backward, seed
         opt.step()
         ref_opt.step()
     tele.close()
-    return {"steps": steps, "collectives": counts}
+    held = {h: sum(local(p).numel() for p in getattr(policy, h).parameters()) for h in HEADS}
+    return {"steps": steps, "collectives": counts, "held": held}
 
 
 def data_parallel_seeds(update: int) -> list[int]:
