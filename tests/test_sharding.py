@@ -24,7 +24,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
-from tele_exporter.sharding import LEGACY_FSDP_MESSAGE, LOCAL, Sharding, plan_sharding
+from tele_exporter.sharding import LEGACY_FSDP_MESSAGE, LOCAL, LegacyFSDPError, Sharding, plan_sharding
 
 from .conftest import TinyPolicy, backward
 
@@ -212,7 +212,7 @@ def test_legacy_fsdp_is_refused_with_what_to_use(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_legacy_fsdp_wrapped_later_is_counted_not_measured(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_legacy_fsdp_wrapped_later_is_refused_at_the_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     _single_process_group(tmp_path)
@@ -224,6 +224,8 @@ def test_legacy_fsdp_wrapped_later_is_counted_not_measured(tmp_path: Path, caplo
         with caplog.at_level(logging.WARNING, "tele_exporter"), tele.update() as upd:
             backward(wrapped.module, seed=1)  # type: ignore[arg-type]
             upd.observe_gradients()
+            with pytest.raises(LegacyFSDPError, match="fully_shard"):
+                upd.clip_grad_norm_(MAX_NORM)  # torch's clip would go by this rank's shard alone
         assert tele.errors() == {"observe_gradients": 1}
         assert LEGACY_FSDP_MESSAGE in caplog.text
         assert math.isnan(tele.snapshot().head("op").current)

@@ -119,9 +119,13 @@ def refuse_legacy_fsdp(params: Iterable[nn.Parameter], policy: nn.Module | None 
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(m, FullyShardedDataParallel) for m in policy.modules()):
-            raise TypeError(LEGACY_FSDP_MESSAGE)
+            raise LegacyFSDPError(LEGACY_FSDP_MESSAGE)
     if any(getattr(p, "_fsdp_flattened", False) for p in params):
-        raise TypeError(LEGACY_FSDP_MESSAGE)
+        raise LegacyFSDPError(LEGACY_FSDP_MESSAGE)
+
+
+class LegacyFSDPError(TypeError):
+    """The policy is sharded by legacy FullyShardedDataParallel, whose per-rank norms would be false."""
 
 
 LEGACY_FSDP_MESSAGE = (
