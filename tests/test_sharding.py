@@ -194,14 +194,15 @@ def test_fully_shard_in_one_process_matches_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_legacy_fsdp_is_refused_with_what_to_use(tmp_path: Path) -> None:
+@pytest.mark.parametrize("orig", [True, False])
+def test_legacy_fsdp_is_refused_with_what_to_use(tmp_path: Path, orig: bool) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     _single_process_group(tmp_path)
     try:
         torch.manual_seed(0)
         policy = TinyPolicy()
-        wrapped = FullyShardedDataParallel(policy, use_orig_params=True, device_id=torch.device("cpu"))
+        wrapped = FullyShardedDataParallel(policy, use_orig_params=orig, device_id=torch.device("cpu"))
         with pytest.raises(TypeError, match="fully_shard") as info:
             Telemetry(wrapped, heads={"op": policy.op})
         assert str(info.value) == LEGACY_FSDP_MESSAGE
