@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -199,6 +200,25 @@ def fsdp2(mesh: DeviceMesh) -> dict[str, Any]:
     return run("fsdp2", policy, policy, rank_backward, data_parallel_seeds)
 
 
+def fsdp2_nonfinite(mesh: DeviceMesh) -> dict[str, Any]:
+    """One FSDP2 step where only the last rank's shards hold an Inf (op) and a NaN (slot): every rank must see them."""
+    torch.manual_seed(0)
+    policy = TinyPolicy()
+    for module in (policy.trunk, policy.op, policy.slot, policy.value):
+        fully_shard(module, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    tele = Telemetry(policy, heads={h: getattr(policy, h) for h in HEADS}, const_labels={"scenario": "nonfinite"})
+    rank_backward(policy, 0)
+    if dist.get_rank() == dist.get_world_size() - 1:
+        local(policy.op.weight.grad)[0, 0] = math.inf  # type: ignore[index]
+        local(policy.slot.weight.grad)[0, 0] = math.nan  # type: ignore[index]
+    with tele.update() as upd:
+        total = upd.observe_gradients()
+    body = scrape(tele)
+    tele.close()
+    return {"total": repr(float(total)), "metrics": body, "errors": tele.errors()}
+
+
 def tensor_parallel(mesh: DeviceMesh) -> dict[str, Any]:
     """Column-parallel action heads (DTensor), a plain trunk and value head (replicated Tensors)."""
     torch.manual_seed(0)
@@ -288,6 +308,7 @@ def main() -> None:
             mesh = init_device_mesh("cpu", (2,))
             results["ddp"] = ddp()
             results["fsdp2"] = fsdp2(mesh)
+            results["nonfinite"] = fsdp2_nonfinite(mesh)
             results["tp"] = tensor_parallel(mesh)
             results["dtensor"] = dtensor_1d(mesh)
             results["dtensor_partial"] = dtensor_partial(mesh)
