@@ -7,7 +7,8 @@ into all others), and optionally clips in place like
 `torch.nn.utils.clip_grad_norm_`. Results stay on the device in a row buffer that
 the aggregator drains once per PPO update: no host synchronisation per step. A
 row is reserved only after its step was measured in full, so a failure records
-nothing rather than a 0.0.
+nothing rather than a 0.0. Sharded (DTensor) gradients are measured on their
+local parts and reduced once per device mesh (see sharding.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .sharding import LOCAL, REPLICA, Sharding, all_reduce_, local_parts, norm_parts, plan_sharding, refuse_legacy_fsdp
 from .stats import clip_coefficient, index_tensor, tensor_norms
 
 _INITIAL_ROWS = 64
@@ -29,8 +31,9 @@ class _Plan:
     """What one pattern of present gradients needs: (tensor, head) pairs and which heads have data."""
 
     tensor_index: Tensor  # [P] which present gradient each pair reads
-    head_index: Tensor  # [P] which output it adds to: a head, or H for the global total
+    sum_index: Tensor  # [P] which sum it adds to: row r (0 local, 1 + k mesh k) x (head, or H for the total)
     present: tuple[bool, ...]  # per head: has at least one gradient in this pattern
+    sharding: Sharding  # which gradients are counted here, and the reductions of each device mesh
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class GradientMeter:
         step whose measurement raises is missing, never 0.0. With error_if_nonfinite
         a non-finite total raises before the gradients are scaled, as torch does.
         A step without any gradient records nothing and returns 0.0, as torch does.
+        Under sharding every rank of a mesh must measure the same steps, as with torch's clip.
         """
         grads = [p.grad for p in self.params]
         key = tuple(g is not None for g in grads)
@@ -83,7 +87,8 @@ class GradientMeter:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
-        norms = self._reduce(present_grads, plan)
+        parts = local_parts(present_grads, plan.sharding)
+        norms = self._reduce(norm_parts(present_grads, parts, plan.sharding), plan)
         h = len(self.head_names)
         pre = norms[h]
         if error_if_nonfinite and not bool(torch.isfinite(pre)):
@@ -96,7 +101,7 @@ class GradientMeter:
             post = pre
         else:
             coef = clip_coefficient(pre, max_norm)
-            _scale_(present_grads, coef, foreach)
+            _scale_(parts, coef, foreach)
             post = pre * coef
         row = self._next_row(pre.device)
         row[: h + 1].copy_(norms)
@@ -104,16 +109,23 @@ class GradientMeter:
         self._present.append(plan.present)
         return pre  # a view of this call's own `norms`, never of the row buffer
 
-    def _reduce(self, present_grads: list[Tensor], plan: _Plan) -> Tensor:
+    def _reduce(self, parts: list[Tensor], plan: _Plan) -> Tensor:
         """Per-head and global L2 norms [H + 1] (float64) of this step's gradients, one fused pass.
 
-        The one place that turns local per-tensor norms into totals; a sharded
-        gradient would add its cross-rank reduction of `sums` here.
+        The one place that turns per-tensor norms of local parts into totals: local
+        sums, plus one all-reduced row of sums per device mesh of sharded gradients.
         """
-        squares = tensor_norms(present_grads).square()
-        sums = torch.zeros(len(self.head_names) + 1, dtype=torch.float64, device=squares.device)
-        sums.index_add_(0, plan.head_index, squares.index_select(0, plan.tensor_index))
-        return sums.sqrt()
+        h = len(self.head_names)
+        squares = tensor_norms(parts).square()
+        reductions = plan.sharding.reductions
+        sums = torch.zeros((1 + len(reductions)) * (h + 1), dtype=torch.float64, device=squares.device)
+        sums.index_add_(0, plan.sum_index, squares.index_select(0, plan.tensor_index))
+        if not reductions:
+            return sums.sqrt()
+        rows = sums.view(-1, h + 1)
+        for k, groups in enumerate(reductions):
+            all_reduce_(rows[1 + k], groups)
+        return rows.sum(dim=0).sqrt()
 
     def drain(self) -> Drained | None:
         """Hand over the recorded steps and start afresh; None when nothing was recorded."""
@@ -139,6 +151,8 @@ class GradientMeter:
     def _build_plan(self, key: tuple[bool, ...], present_grads: list[Tensor]) -> _Plan:
         h = len(self.head_names)
         device = present_grads[0].device if present_grads else torch.device("cpu")
+        refuse_legacy_fsdp(self.params)  # wrapped in legacy FSDP after Telemetry was built
+        sharding = plan_sharding(present_grads)
         tensors: list[int] = []
         outputs: list[int] = []
         has = [False] * h
@@ -146,13 +160,16 @@ class GradientMeter:
         for i, is_present in enumerate(key):
             if not is_present:
                 continue
-            for out in (*self._membership[i], h):
-                tensors.append(col)
-                outputs.append(out)
+            slot = sharding.slots[col]
+            if slot != REPLICA:
+                row = 0 if slot == LOCAL else 1 + slot
+                for out in (*self._membership[i], h):
+                    tensors.append(col)
+                    outputs.append(row * (h + 1) + out)
             for head in self._membership[i]:
                 has[head] = True
             col += 1
-        return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has))
+        return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has), sharding)
 
 
 def _unwritten(n: int, width: int, device: torch.device) -> Tensor:

@@ -28,6 +28,7 @@ from .display import Shown, show
 from .gradients import Drained, GradientMeter, NonFiniteNormError
 from .histogram import LabelledHistogram
 from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
+from .sharding import LegacyFSDPError, refuse_legacy_fsdp
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, step_cvs
 
@@ -59,6 +60,7 @@ class Telemetry:
         self.catalog = catalog if catalog is not None else default_catalog()
         self.heads = _check_heads(heads)
         params = list(dict.fromkeys(policy.parameters()))
+        refuse_legacy_fsdp(params, policy)
         owned = {id(p) for p in params}
         head_params: dict[str, list[nn.Parameter]] = {}
         for name, module in self.heads.items():
@@ -320,14 +322,15 @@ class Update:
         Clips in place and returns the pre-clip total norm as a new float64 tensor;
         per-head norms come from the same fused pass. With error_if_nonfinite a
         NaN or Inf total raises before any gradient is touched, as torch does. If
-        the measurement itself fails, the step is missing and torch clips instead.
+        the measurement itself fails, the step is missing and torch clips instead;
+        under legacy FSDP it raises, since torch would clip by one shard's norm.
         """
         self._check_open()
         if float(norm_type) != 2.0:
             raise ValueError(f"tele-exporter measures L2 norms; norm_type={norm_type} is not supported")
         try:
             return self._tele._meter.measure(float(max_norm), error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-        except NonFiniteNormError:
+        except (NonFiniteNormError, LegacyFSDPError):
             raise
         except Exception as exc:
             self._tele.record_error("clip_grad_norm", exc)

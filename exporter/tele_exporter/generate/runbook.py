@@ -59,8 +59,9 @@ ADVICE: dict[str, str] = {
         "`clip_grad_norm`, `observe_gradients`, `seed_hook`, `seed_grad_hook`, `publish`). "
         "Training went on; the failed values are missing (absent or NaN), never 0, so the "
         "level alerts stay silent about them. The trainer's log holds the first traceback per "
-        "site. Common causes: sparse gradients, sharded (FSDP2/DTensor) parameters, a seed "
-        "module that returns something unexpected. `tele_telemetry_errors_total` counts them."
+        "site. Common causes: sparse gradients, a policy wrapped in legacy FullyShardedDataParallel "
+        "after its Telemetry was built (use FSDP2's fully_shard, docs/scale.md), a seed module that "
+        "returns something unexpected. `tele_telemetry_errors_total` counts them."
     ),
     "TeleTelemetryAbsent": (
         "Prometheus cannot see a live trainer: the process died or hangs, the target is down or "
