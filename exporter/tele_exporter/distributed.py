@@ -20,6 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .launch import env_int
 from .server import DEFAULT_ADDR, DEFAULT_PORT, Server, serve
 from .telemetry import Telemetry
 
@@ -28,15 +29,7 @@ MAX_PORT = 65535
 
 def local_rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank on its host: LOCAL_RANK as torchrun sets it, 0 when unset."""
-    env = os.environ if environ is None else environ
-    text = env.get("LOCAL_RANK", "0").strip() or "0"
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {value}")
-    return value
+    return env_int("LOCAL_RANK", os.environ if environ is None else environ, 0) or 0
 
 
 def rank_port(base_port: int, environ: Mapping[str, str] | None = None) -> int:
