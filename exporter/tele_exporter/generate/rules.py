@@ -22,6 +22,8 @@ RECORDING_PATH = "prometheus/rules/tele-recording.yml"
 RANKS_PATH = "prometheus/rules/tele-ranks.yml"
 # Labels that tell the ranks of one distributed job apart (node: the file_sd host label).
 RANK_LABELS = "instance, rank, node"
+# The matcher of series from a rank of a multi-process job (single processes have no rank).
+RANKED = 'rank!=""'
 # Cross-rank aggregations by catalog id: max finds the rank to worry about, avg the
 # typical one, min the slowest or stalest; counters are summed or min'd as rates.
 RANK_AGGREGATIONS: dict[str, tuple[str, ...]] = {
@@ -292,6 +294,12 @@ def _job_where(catalog: Catalog) -> str:
     return f"{{{{ $labels.job }}}}{named}"
 
 
+def _ranked(catalog: Catalog, name: str) -> str:
+    """`name{<catalog selector>, rank!=""}`: the series of ranks of a multi-process job."""
+    matchers = [catalog.selector] if catalog.selector else []
+    return f"{name}{{{', '.join([*matchers, RANKED])}}}"
+
+
 def _rank_alert(catalog: Catalog, spec: MetricSpec, alert: MetricAlert) -> AlertRule:
     """An alert about the ranks of a training job, written to tele-ranks.yml."""
     job = job_labels(catalog)
@@ -305,8 +313,9 @@ def _rank_alert(catalog: Catalog, spec: MetricSpec, alert: MetricAlert) -> Alert
             f"{spec.question}"
         )
     else:
-        updates = selector(catalog, catalog["ppo_updates"].name)
-        stamp = selector(catalog, spec.name)
+        # Only series with a rank: unrelated single-process trainers at their own paces are never compared.
+        updates = _ranked(catalog, catalog["ppo_updates"].name)
+        stamp = _ranked(catalog, spec.name)
         # Seconds between a rank's latest update and its latest scrape: aligned to each
         # target's own scrape, so targets scraped at different offsets compare fairly.
         age = f"(timestamp({stamp}) - {stamp})"
