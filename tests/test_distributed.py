@@ -115,6 +115,7 @@ def _scrape(port: int) -> str | None:
 
 @pytest.mark.slow
 def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
+    """Rank 1 fails the first launch; torchrun restarts both, and each serves its rank and restart number."""
     base = _free_pair()
     stop = tmp_path / "stop"
     env = {
@@ -125,7 +126,7 @@ def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_pair()),
         "-m", "tests.test_distributed",
     ]  # fmt: skip
@@ -148,6 +149,8 @@ def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
         assert re.search(rf'^tele_ppo_updates_total\{{rank="{r}"\}} 1\.0$', body, re.M), body
         assert re.search(rf'^tele_head_grad_norm\{{head="op",rank="{r}"\}} \d', body, re.M), body
         assert re.search(rf'^tele_kl_divergence\{{rank="{r}"\}} ', body, re.M), body
+        assert re.search(rf'^tele_world_size\{{rank="{r}"\}} 2\.0$', body, re.M), body
+        assert re.search(rf'^tele_torchrun_restarts\{{rank="{r}"\}} 1\.0$', body, re.M), body
 
 
 def _doc_files() -> dict[str, str]:
@@ -177,6 +180,8 @@ def _worker() -> None:
     """One torchrun rank: a DDP-style all-reduce of gradients, one update, serve, wait for the test."""
     from .conftest import TinyPolicy, backward
 
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and local_rank() == 1:
+        raise SystemExit("rank 1 fails its first launch, so that torchrun restarts the job")
     torch.distributed.init_process_group("gloo")
     try:
         rank = torch.distributed.get_rank()

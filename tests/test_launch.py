@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -57,3 +58,12 @@ def test_restarts_are_absent_outside_torchrun(policy: TinyPolicy, monkeypatch: p
     Telemetry(policy, heads={"op": policy.op}, registry=registry)
     assert _samples(registry, "tele_world_size") == [1.0]
     assert _samples(registry, "tele_torchrun_restarts") == []
+
+
+def test_an_initialised_process_group_wins_over_the_environment() -> None:
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert launch_info({"WORLD_SIZE": "4"}).world_size == 1
+    finally:
+        torch.distributed.destroy_process_group()
