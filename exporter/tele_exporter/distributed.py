@@ -59,7 +59,7 @@ def serve_rank(tele: Telemetry, base_port: int = DEFAULT_PORT, addr: str = DEFAU
 
 def _port_taken(tele: Telemetry, base_port: int, port: int, addr: str) -> str:
     """Why this rank cannot listen: the port, who holds it, and how to give each job its own range."""
-    label = default_catalog().job_label
+    label = tele.catalog.job_label
     mine = tele.const_labels.get(label) if label else None
     nproc = env_int("LOCAL_WORLD_SIZE", os.environ, 1) or 1
     return (
