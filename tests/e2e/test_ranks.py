@@ -96,8 +96,8 @@ def _start_job(name: str, mode: str, base: int, control: Path) -> Job:
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         "-m", "tests.e2e.test_ranks",
     ]  # fmt: skip
-    log = (control / f"{name}.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with (control / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     return Job(name, base, proc, {})
 
 
@@ -146,8 +146,9 @@ def jobs(tmp_path: Path) -> Iterator[tuple[Running, dict[str, Job]]]:
             for job in started.values():
                 for rank in (0, 1):
                     pid_file = tmp_path / f"{job.name}-{rank}.pid"
-                    poll(pid_file.exists, 120, what=f"rank {rank} of job {job.name} started")
-                    job.pids[rank] = int(pid_file.read_text())
+                    job.pids[rank] = poll(
+                        lambda f=pid_file: int(f.read_text()), 120, what=f"rank {rank} of job {job.name} started"
+                    )
             yield prom, started
     finally:
         for job in started.values():
