@@ -115,7 +115,7 @@ def _scrape(port: int) -> str | None:
 
 @pytest.mark.slow
 def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
-    """Rank 1 fails the first launch; torchrun restarts both, and each serves its rank and restart number."""
+    """The first launch fails; torchrun restarts both ranks, and each serves its rank and restart number."""
     base = _free_pair()
     stop = tmp_path / "stop"
     env = {
@@ -180,8 +180,10 @@ def _worker() -> None:
     """One torchrun rank: a DDP-style all-reduce of gradients, one update, serve, wait for the test."""
     from .conftest import TinyPolicy, backward
 
-    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and local_rank() == 1:
-        raise SystemExit("rank 1 fails its first launch, so that torchrun restarts the job")
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        # Every rank fails before init_process_group: when only rank 1 failed, rank 0 was
+        # stopped inside it, and the restarted rank 1 sometimes dialled its stale gloo address.
+        raise SystemExit("the first launch fails, so that torchrun restarts the job")
     torch.distributed.init_process_group("gloo")
     try:
         rank = torch.distributed.get_rank()
