@@ -148,3 +148,18 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("metrics: [unclosed\n")
     with pytest.raises(CatalogError, match="bad.yaml: not valid YAML"):
         load_catalog(path)
+
+
+@pytest.mark.parametrize(
+    ("intervals", "message"),
+    [(None, r"alerts\[1\]\.intervals: is required"), (0, r"alerts\[1\]\.intervals: must be a positive")],
+)
+def test_rank_lag_needs_a_positive_number_of_intervals(tmp_path: Path, intervals: int | None, message: str) -> None:
+    def edit(c: dict) -> None:  # type: ignore[type-arg]
+        lag = c["metrics"]["last_update_timestamp"]["alerts"][1]
+        lag.pop("intervals")
+        if intervals is not None:
+            lag["intervals"] = intervals
+
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(_broken(tmp_path, edit))

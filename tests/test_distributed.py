@@ -18,6 +18,9 @@ import torch
 
 from tele_exporter import Telemetry
 from tele_exporter.distributed import file_sd_targets, local_rank, main, rank_port, serve_rank
+from tele_exporter.server import PortInUseError
+
+from .conftest import TinyPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +46,45 @@ def test_file_sd_lists_every_rank_of_every_host(capsys: pytest.CaptureFixture[st
     assert json.loads(capsys.readouterr().out)[1]["targets"] == ["h2:9842", "h2:9843"]
     with pytest.raises(ValueError, match="nproc"):
         file_sd_targets(["h1"], 0)
+
+
+def test_file_sd_carries_the_job_label(capsys: pytest.CaptureFixture[str]) -> None:
+    """--job sets the catalog's job_label, the label Telemetry's const_labels carry and the rank rules group by."""
+    assert file_sd_targets(["h1"], 2, 9844, job="b") == [
+        {"targets": ["h1:9844", "h1:9845"], "labels": {"node": "h1", "training_job": "b"}}
+    ]
+    assert main(["file-sd", "--hosts", "h1", "--nproc", "2", "--base-port", "9844", "--job", "b"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["labels"] == {"node": "h1", "training_job": "b"}
+    with pytest.raises(ValueError, match="contradicts job 'b'"):
+        file_sd_targets(["h1"], 2, 9844, {"training_job": "a"}, job="b")
+
+
+def test_a_port_taken_by_another_job_names_it(policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs whose port ranges overlap: the second fails at once, naming the port and the first job."""
+    base = _free_pair()
+    first = Telemetry(policy, heads={"op": policy.op}, const_labels={"training_job": "a"})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with serve_rank(first, base + 1, "127.0.0.1"):
+        second = Telemetry(policy, heads={"op": policy.op}, const_labels={"training_job": "b"})
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(PortInUseError) as caught:
+            serve_rank(second, base, "127.0.0.1")
+    message = str(caught.value)
+    assert f"training job 'b': cannot serve on 127.0.0.1:{base + 1} (base port {base} + LOCAL_RANK 1)" in message
+    assert "another tele-exporter (training_job='a')" in message
+    assert f"({base}..{base + 1} for this one)" in message
+
+
+def test_a_port_taken_by_something_else_says_so(policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = int(holder.getsockname()[1])
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        tele = Telemetry(policy, heads={"op": policy.op})
+        with pytest.raises(PortInUseError, match=f"this job: cannot serve on 127.0.0.1:{port} .* another process"):
+            serve_rank(tele, port, "127.0.0.1")
 
 
 def _free_pair() -> int:
@@ -73,6 +115,7 @@ def _scrape(port: int) -> str | None:
 
 @pytest.mark.slow
 def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
+    """The first launch fails; torchrun restarts both ranks, and each serves its rank and restart number."""
     base = _free_pair()
     stop = tmp_path / "stop"
     env = {
@@ -83,7 +126,7 @@ def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_pair()),
         "-m", "tests.test_distributed",
     ]  # fmt: skip
@@ -106,6 +149,8 @@ def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
         assert re.search(rf'^tele_ppo_updates_total\{{rank="{r}"\}} 1\.0$', body, re.M), body
         assert re.search(rf'^tele_head_grad_norm\{{head="op",rank="{r}"\}} \d', body, re.M), body
         assert re.search(rf'^tele_kl_divergence\{{rank="{r}"\}} ', body, re.M), body
+        assert re.search(rf'^tele_world_size\{{rank="{r}"\}} 2\.0$', body, re.M), body
+        assert re.search(rf'^tele_torchrun_restarts\{{rank="{r}"\}} 1\.0$', body, re.M), body
 
 
 def _doc_files() -> dict[str, str]:
@@ -135,6 +180,10 @@ def _worker() -> None:
     """One torchrun rank: a DDP-style all-reduce of gradients, one update, serve, wait for the test."""
     from .conftest import TinyPolicy, backward
 
+    if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        # Every rank fails before init_process_group: when only rank 1 failed, rank 0 was
+        # stopped inside it, and the restarted rank 1 sometimes dialled its stale gloo address.
+        raise SystemExit("the first launch fails, so that torchrun restarts the job")
     torch.distributed.init_process_group("gloo")
     try:
         rank = torch.distributed.get_rank()

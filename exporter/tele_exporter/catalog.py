@@ -22,7 +22,7 @@ METRIC_TYPES = ("gauge", "counter", "histogram")
 STATUSES = ("ok", "warning", "critical")
 COLOUR_KEYS = (*STATUSES, "neutral")
 SEVERITIES = ("warning", "critical")
-ALERT_KINDS = ("stale", "increase", "errors")
+ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag")
 RESERVED_LABELS = frozenset({"job", "instance", "pod", "namespace", "le", "quantile"})
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ALERT_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
@@ -117,6 +117,8 @@ class MetricAlert:
     for_: str
     after: str | None = None
     window: str | None = None
+    # rank_lag: how many update intervals a rank may trail the freshest rank of its job.
+    intervals: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ class Catalog:
     # PromQL label matchers (without braces) for the trainer's series; "" selects all.
     selector: str = ""
     runbook: str = ""
+    # The label that tells training jobs apart in the rank rules ("" groups by job alone).
+    job_label: str = ""
 
     def __getitem__(self, metric_id: str) -> MetricSpec:
         return self.metrics[metric_id]
@@ -366,8 +370,13 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
     alerts = []
     for i, raw in enumerate(r.get("alerts", list, [])):
         ar = r.child(f"alerts[{i}]", raw)
-        ar.check_keys(("name", "kind", "severity", "for", "after", "window"))
+        ar.check_keys(("name", "kind", "severity", "for", "after", "window", "intervals"))
         kind = ar.choice("kind", ALERT_KINDS)
+        intervals = None
+        if kind == "rank_lag":
+            intervals = float(ar.get("intervals", (int, float)))
+            if not 0 < intervals < math.inf:
+                raise ar.fail("intervals", f"must be a positive number of update intervals, got {intervals}")
         alerts.append(
             MetricAlert(
                 name=ar.get("name", str),
@@ -376,6 +385,7 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
                 for_=ar.duration("for"),
                 after=ar.duration("after") if kind == "stale" else None,
                 window=ar.duration("window") if kind in ("increase", "errors") else None,
+                intervals=intervals,
             )
         )
     return tuple(alerts)
@@ -477,7 +487,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     except yaml.YAMLError as exc:
         raise CatalogError(f"{file}: not valid YAML: {exc}") from None
     top = _Reader(file, "catalog", raw)
-    top.check_keys(("namespace", "selector", "runbook", "colours", "metrics"))
+    top.check_keys(("namespace", "selector", "job_label", "runbook", "colours", "metrics"))
     namespace = top.get("namespace", str)
     selector = top.get("selector", str, "")
     if selector and not _SELECTOR_RE.match(selector):
@@ -497,7 +507,12 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     runbook = top.get("runbook", str, "")
     if runbook and not runbook.startswith(("https://", "http://")):
         raise top.fail("runbook", f"{runbook!r} is not an http(s) URL")
-    return Catalog(namespace, dict(colours), metrics, file, selector.strip(), runbook)
+    job_label = top.get("job_label", str, "")
+    used = {label for spec in metrics.values() for label in spec.labels}
+    taken = RESERVED_LABELS | used | {"rank", "node"}  # rank and node tell the ranks of one job apart
+    if job_label and (not _NAME_RE.match(job_label) or job_label in taken):
+        raise top.fail("job_label", f"{job_label!r} is not a label name, or is reserved, a rank label or a metric's")
+    return Catalog(namespace, dict(colours), metrics, file, selector.strip(), runbook, job_label)
 
 
 @cache

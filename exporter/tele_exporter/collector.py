@@ -18,6 +18,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .catalog import MetricSpec
+from .launch import launch_info
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -82,10 +83,19 @@ class TeleCollector(Collector):
 
     def __init__(self, tele: Telemetry) -> None:
         self._tele = tele
+        launch = launch_info()
+        # Facts of the process's launch, the same at every scrape.
+        self._static: dict[str, Samples] = {
+            "world_size": [((), float(launch.world_size))],
+            "torchrun_restarts": [] if launch.restarts is None else [((), float(launch.restarts))],
+        }
         missing = [
             spec.id
             for spec in tele.catalog
-            if spec.type != "histogram" and spec.id not in SOURCES and spec.id != "telemetry_errors"
+            if spec.type != "histogram"
+            and spec.id not in SOURCES
+            and spec.id not in self._static
+            and spec.id != "telemetry_errors"
         ]
         if missing:
             raise ValueError(f"catalog metrics without a source in the collector: {missing}")
@@ -113,7 +123,8 @@ class TeleCollector(Collector):
                 for site, count in sorted(errors.items()):
                     family.add_metric(self._values((site,)), count)
             else:
-                for labels, value in SOURCES[spec.id](snap):
+                samples = self._static[spec.id] if spec.id in self._static else SOURCES[spec.id](snap)
+                for labels, value in samples:
                     family.add_metric(self._values(labels), value)
             yield family
 

@@ -137,6 +137,8 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleNonFiniteGradients",
         "TeleTelemetryAbsent",
         "TeleTelemetryErrors",
+        "TeleRanksMissing",
+        "TeleRankLagging",
     }
 
 
@@ -193,3 +195,35 @@ def test_telemetry_errors_alert_on_any_increase_of_the_error_counter() -> None:
     assert rule.expr == 'increase(tele_telemetry_errors_total{job="tele"}[10m]) > 0'
     assert (rule.severity, rule.for_) == ("warning", "1m")
     assert "{{ $labels.site }}" in rule.description
+def test_rank_alerts_live_in_the_rank_rules_with_catalog_values() -> None:
+    """The rank alerts go to tele-ranks.yml, group by job and the catalog's job_label, and take its lag."""
+    catalog = default_catalog()
+    produced = rules.files(catalog)
+    ranks = yaml.safe_load(produced[rules.RANKS_PATH])["groups"][0]["rules"]
+    alerts = {r["alert"]: r for r in ranks if "alert" in r}
+    assert set(alerts) == {"TeleRanksMissing", "TeleRankLagging"}
+    assert "TeleRanksMissing" not in produced[rules.ALERTS_PATH]
+    lag = next(a for a in catalog["last_update_timestamp"].alerts if a.kind == "rank_lag")
+    assert alerts["TeleRankLagging"]["expr"].endswith(f"> {rules.number(lag.intervals or 0)}")
+    assert alerts["TeleRankLagging"]["for"] == lag.for_
+    for alert in alerts.values():
+        assert f"by (job, {catalog.job_label})" in alert["expr"]
+        assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
+        assert "$value" in alert["annotations"]["description"]
+        assert f"$labels.{catalog.job_label}" in alert["annotations"]["description"]
+    assert "$labels.instance" in alerts["TeleRankLagging"]["annotations"]["description"]
+    records = {r["record"]: r["expr"] for r in ranks if "record" in r}
+    assert records["job:tele_ranks:count"] == f"sum by (job, {catalog.job_label}) (up{{{catalog.selector}}})"
+
+
+def test_job_label_is_configurable_and_checked(tmp_path: Path) -> None:
+    source = default_catalog().path.read_text(encoding="utf-8")
+    custom = tmp_path / "catalog.yaml"
+    custom.write_text(source.replace("job_label: training_job", "job_label: experiment"))
+    produced = rules.files(load_catalog(custom))[rules.RANKS_PATH]
+    assert "training_job" not in produced
+    assert "by (job, experiment)" in produced
+    for bad in ("instance", "rank", "head", "1x"):
+        custom.write_text(source.replace("job_label: training_job", f"job_label: {bad!r}"))
+        with pytest.raises(ValueError, match="job_label"):
+            load_catalog(custom)
