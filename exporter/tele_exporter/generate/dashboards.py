@@ -24,7 +24,7 @@ PATH = "grafana/dashboards/tele-training-health.json"
 UID = "tele-training-health"
 TITLE = "TELE training health"
 TAGS = ["tele", "pytorch", "rl"]
-SCHEMA_VERSION = 41
+SCHEMA_VERSION = 42
 PROMETHEUS_UID = "tele-prometheus"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 WIDTH = 24
@@ -34,9 +34,6 @@ Json = dict[str, Any]
 # Codes the head-trend query returns; value mappings turn them into arrows.
 TREND_NONE = 0
 TREND_STABLE = 1
-# Codes the seed "gradient" query returns for the flags (ratios are >= 0).
-SEED_EXPLODING = -2
-SEED_VANISHING = -1
 
 
 def files(catalog: Catalog) -> dict[str, str]:
@@ -105,35 +102,38 @@ def trend_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
     return [{"type": "value", "options": options}]
 
 
+def nan_mapping(catalog: Catalog) -> Json:
+    """NaN is data: shown as "NaN" in the critical colour, as the exporter's own display does."""
+    return {"type": "special", "options": {"match": "nan", "result": {"color": catalog.colour("critical"), "text": "NaN"}}}
+
+
+def with_nan(catalog: Catalog, mappings: list[Json]) -> list[Json]:
+    """`mappings` plus the NaN mapping (an override's mappings replace the defaults', so each needs it)."""
+    return [*mappings, nan_mapping(catalog)]
+
+
+def flag_codes(ratio: MetricSpec) -> dict[str, int]:
+    """Seed flag metric id -> the negative code the seed query returns for it, in TELE-557 priority.
+
+    The higher level wins (exploding over vanishing): it comes first and gets the lowest code.
+    """
+    flagged = sorted((lv for lv in ratio.levels if lv.flag), key=lambda lv: lv.when.low, reverse=True)
+    return {str(lv.flag): i - len(flagged) for i, lv in enumerate(flagged)}
+
+
 def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
-    """TELE-557 display: flags first (exploding over vanishing), then OK for ratio 0."""
-    by_flag = {level.flag: level for level in ratio.levels if level.flag}
-    exploding = by_flag[_flag_id(catalog, "exploding")]
-    vanishing = by_flag[_flag_id(catalog, "vanishing")]
-    no_data = ratio.level_of(0.0)
-    assert no_data is not None
-    return [
-        {
-            "type": "value",
-            "options": {
-                str(SEED_EXPLODING): {
-                    "color": catalog.colour(exploding.status),
-                    "index": 0,
-                    "text": exploding.label,
-                },
-                str(SEED_VANISHING): {
-                    "color": catalog.colour(vanishing.status),
-                    "index": 1,
-                    "text": vanishing.label,
-                },
-                "0": {"color": catalog.colour(no_data.status), "index": 2, "text": no_data.label},
-            },
-        }
-    ]
+    """TELE-557 display: a raised flag's code shows its level, and so does a ratio in a labelled level.
 
-
-def _flag_id(catalog: Catalog, kind: str) -> str:
-    return catalog[f"seed_gradient_{kind}"].id
+    Levels whose label is fixed text ("OK", "▼ VANISHING", "▲ EXPLODING") are range mappings,
+    so +Inf shows "▲ EXPLODING" even where no flag says so; "ratio={value}" stays a number.
+    """
+    by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
+    codes = {
+        str(code): {"color": catalog.colour(by_flag[flag].status), "index": i, "text": by_flag[flag].label}
+        for i, (flag, code) in enumerate(sorted(flag_codes(ratio).items(), key=lambda kv: kv[1]))
+    }
+    ranges = [range_mapping(catalog, lv, lv.label) for lv in ratio.levels if "{value}" not in lv.label]
+    return with_nan(catalog, [{"type": "value", "options": codes}, *ranges])
 
 
 def _bool_cmp(expr: str, interval: Interval) -> str:
@@ -226,23 +226,44 @@ def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> 
     return target
 
 
+# Who a series comes from: the scrape target, and the rank under torchrun (DESIGN §9).
+SOURCE_LABELS = ("job", "instance", "rank")
+SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
+# Legends name the instance, and the rank where the series has one: label_replace adds
+# " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
+RANK_TEXT = "rank_text"
+LEGEND = "{{instance}}{{%s}}" % RANK_TEXT
+
+
+def _named(expr: str) -> str:
+    """`expr` with the RANK_TEXT label the LEGEND needs."""
+    return f'label_replace({expr}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
+
+
 def _merged_table(renames: dict[str, str]) -> list[dict[str, Any]]:
-    """Merge instant queries into one table row per series, renamed and ordered as `renames`."""
+    """Merge instant queries into one table row per series, renamed and ordered as `renames`.
+
+    Every target is aggregated `by` the same labels, so no frame carries `__name__` and
+    `merge` finds equal label columns; `__name__` is dropped here too, for backends that keep it.
+    """
+    columns = {**SOURCE_COLUMNS, **renames}
     return [
         {"id": "merge", "options": {}},
         {
             "id": "organize",
             "options": {
-                "excludeByName": {"Time": True, "job": True, "instance": True},
-                "indexByName": {name: i for i, name in enumerate(renames)},
-                "renameByName": renames,
+                "excludeByName": {"Time": True, "__name__": True, "job": True},
+                "indexByName": {name: i for i, name in enumerate(columns)},
+                "renameByName": columns,
             },
         },
     ]
 
 
-def _instant(expr: str, ref: str) -> Json:
-    return _target(expr, ref, "__auto", format="table", instant=True, range=False)
+def _instant(expr: str, ref: str, labels: list[str]) -> Json:
+    """A table target: one row per series of `labels` (and its source), without `__name__`."""
+    by = ", ".join([*SOURCE_LABELS, *labels])
+    return _target(f"max by ({by}) ({expr})", ref, "__auto", format="table", instant=True, range=False)
 
 
 def _description(spec: MetricSpec, note: str = "") -> str:
@@ -280,6 +301,7 @@ def _stat(
     note: str = "",
     description: str | None = None,
     decimals: int | None = None,
+    unit: str | None = None,
 ) -> Json:
     return {
         "type": "stat",
@@ -289,9 +311,9 @@ def _stat(
             "defaults": {
                 "color": {"mode": "thresholds"},
                 "decimals": spec.precision if decimals is None else decimals,
-                "mappings": mappings or [],
+                "mappings": with_nan(catalog, mappings or []),
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": _unit(spec),
+                "unit": _unit(spec) if unit is None else unit,
             },
             "overrides": [],
         },
@@ -301,12 +323,12 @@ def _stat(
             "justifyMode": "auto",
             "orientation": "auto",
             "percentChangeColorMode": "standard",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
             "showPercentChange": False,
             "textMode": text_mode,
             "wideLayout": True,
         },
-        "targets": [_target(expr)],
+        "targets": [_target(_named(expr), legend=LEGEND)],
     }
 
 
@@ -335,7 +357,7 @@ def _timeseries(
                     "thresholdsStyle": {"mode": "line+area"},
                 },
                 "decimals": spec.precision,
-                "mappings": [],
+                "mappings": with_nan(catalog, []),
                 "min": 0,
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
                 "unit": _unit(spec),
@@ -344,7 +366,7 @@ def _timeseries(
         },
         "options": {
             "legend": {
-                "calcs": ["lastNotNull", "max"],
+                "calcs": ["last", "max"],
                 "displayMode": "table",
                 "placement": "bottom",
                 "showLegend": True,
@@ -381,7 +403,7 @@ def _policy_row(b: _Builder) -> None:
         _timeseries(
             kl,
             "KL divergence over time",
-            [_target(_sel(kl), legend="KL")],
+            [_target(_named(_sel(kl)), legend=LEGEND)],
             catalog=c,
             note=_boundary_note(kl),
         ),
@@ -392,7 +414,7 @@ def _policy_row(b: _Builder) -> None:
         _stat(
             updates,
             "PPO updates in range",
-            f"sum(increase({_sel(updates)}[$__range]))",
+            f"sum by (instance, rank) (increase({_sel(updates)}[$__range]))",
             catalog=c,
             graph=False,
             steps=_neutral(c),
@@ -404,7 +426,7 @@ def _policy_row(b: _Builder) -> None:
         _stat(
             early,
             "Early stops in range",
-            f"sum(increase({_sel(early)}[$__range]))",
+            f"sum by (instance, rank) (increase({_sel(early)}[$__range]))",
             catalog=c,
             graph=False,
             steps=_neutral(c),
@@ -425,7 +447,7 @@ def _gradients_row(b: _Builder) -> None:
             _timeseries(
                 g,
                 f"Policy gradient norm, {word}",
-                [_target(_sel(g, f'clip="{clip}"'), legend=word)],
+                [_target(_named(_sel(g, f'clip="{clip}"')), legend=f"{LEGEND} {word}")],
                 catalog=c,
                 note=note,
             ),
@@ -500,6 +522,7 @@ def _heads_row(b: _Builder) -> None:
         f' Arrow colours by context: {rules}. "no trend": a head without gradient (NaN).'
     )
     renames = {"head": "Head", "Value #A": "Current", "Value #B": "Previous", "Value #C": "Trend"}
+    labels = list(cur.labels)
     b.add(
         {
             "type": "table",
@@ -510,14 +533,14 @@ def _heads_row(b: _Builder) -> None:
                     "color": {"mode": "thresholds"},
                     "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
                     "decimals": cur.precision,
-                    "mappings": [],
+                    "mappings": with_nan(c, []),
                     "thresholds": thresholds(_neutral(c)),
                     "unit": _unit(cur),
                 },
                 "overrides": [
                     _override(
                         "Trend",
-                        mappings=trend_mappings(c, prev),
+                        mappings=with_nan(c, trend_mappings(c, prev)),
                         decimals=0,
                         **{"custom.cellOptions": COLOR_TEXT},
                     )
@@ -529,7 +552,11 @@ def _heads_row(b: _Builder) -> None:
                 "showHeader": True,
                 "sortBy": [{"desc": False, "displayName": "Head"}],
             },
-            "targets": [_instant(_sel(cur), "A"), _instant(_sel(prev), "B"), _instant(code, "C")],
+            "targets": [
+                _instant(_sel(cur), "A", labels),
+                _instant(_sel(prev), "B", labels),
+                _instant(code, "C", labels),
+            ],
             "transformations": _merged_table(renames),
         },
         24,
@@ -558,7 +585,7 @@ def _cv_row(b: _Builder) -> None:
         8,
     )
     b.add(
-        _timeseries(cv, "Gradient CV over time", [_target(_sel(cv), legend="CV")], catalog=c, note=note),
+        _timeseries(cv, "Gradient CV over time", [_target(_named(_sel(cv)), legend=LEGEND)], catalog=c, note=note),
         12,
         8,
     )
@@ -581,9 +608,12 @@ def _seeds_row(b: _Builder) -> None:
         c["seed_gradient_vanishing"],
         c["seed_gradient_exploding"],
     )
-    r, v, e = _sel(ratio, env=True), _sel(van, env=True), _sel(exp, env=True)
-    # Priority as TELE-557 shows it: exploding, then vanishing, then the ratio (0 shows OK).
-    gradient = f"{SEED_EXPLODING} * {e} + {SEED_VANISHING} * {v} * (1 - {e}) + {r} * (1 - clamp_max({e} + {v}, 1))"
+    r = _sel(ratio, env=True)
+    # Priority as TELE-557 shows it: each raised flag's code in turn, then the ratio itself.
+    # `or` picks the first that exists per seed, with no arithmetic on the ratio (Inf * 0 is NaN).
+    raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in flag_codes(ratio).items()]
+    gradient = " or ".join([*raised, r])
+    labels = list(ratio.labels)
     renames = {
         "env": "Env",
         "slot": "Slot",
@@ -607,7 +637,7 @@ def _seeds_row(b: _Builder) -> None:
                     "color": {"mode": "thresholds"},
                     "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
                     "decimals": ratio.precision,
-                    "mappings": [],
+                    "mappings": with_nan(c, []),
                     "thresholds": thresholds(level_steps(c, ratio)),
                     "unit": _unit(ratio),
                 },
@@ -623,10 +653,10 @@ def _seeds_row(b: _Builder) -> None:
                         _override(
                             name,
                             decimals=0,
-                            thresholds=thresholds(_count_steps(c)),
+                            thresholds=thresholds(_flag_steps(c, ratio, flag)),
                             **{"custom.cellOptions": COLOR_TEXT},
                         )
-                        for name in ("Exploding", "Vanishing")
+                        for name, flag in (("Exploding", exp), ("Vanishing", van))
                     ),
                 ],
             },
@@ -637,16 +667,22 @@ def _seeds_row(b: _Builder) -> None:
                 "sortBy": [{"desc": False, "displayName": "Env"}],
             },
             "targets": [
-                _instant(gradient, "A"),
-                _instant(r, "B"),
-                _instant(e, "C"),
-                _instant(v, "D"),
+                _instant(gradient, "A", labels),
+                _instant(r, "B", labels),
+                _instant(_sel(exp, env=True), "C", labels),
+                _instant(_sel(van, env=True), "D", labels),
             ],
             "transformations": _merged_table(renames),
         },
         24,
         10,
     )
+
+
+def _flag_steps(catalog: Catalog, ratio: MetricSpec, flag: MetricSpec) -> list[Json]:
+    """A 0/1 flag column: 0 is ok, 1 in the colour of the level it flags (TELE-557: vanishing yellow)."""
+    level = next(lv for lv in ratio.levels if lv.flag == flag.id)
+    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(level.status), "value": 1}]
 
 
 def stale_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
@@ -699,13 +735,16 @@ def _alerts_row(b: _Builder) -> None:
             steps=_count_steps(c),
             color_mode="background",
             decimals=0,
+            unit="none",
             description="How many Tele alerts are firing now? (Prometheus ALERTS series, 0 when none.)",
         ),
         6,
         8,
     )
     stale = next(a for a in last.alerts if a.kind == "stale")
-    seconds = f"time() - max({_sel(last)})"
+    # Whole seconds, rounded up: ceil(x) > limit exactly when x > limit, so the colour turns
+    # with the alert and the text ("10 minutes" / "10 minutes, 1 second") differs across it.
+    seconds = f"ceil(time() - max by (instance, rank) ({_sel(last)}))"
     b.add(
         _stat(
             last,
@@ -714,6 +753,7 @@ def _alerts_row(b: _Builder) -> None:
             catalog=c,
             graph=False,
             steps=stale_steps(c, last),
+            unit="dtdurations",
             note=f"Red once the latest update is older than {stale.after}, when {stale.name} fires.",
         ),
         6,
