@@ -104,7 +104,10 @@ def trend_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
 
 def nan_mapping(catalog: Catalog) -> Json:
     """NaN is data: shown as "NaN" in the critical colour, as the exporter's own display does."""
-    return {"type": "special", "options": {"match": "nan", "result": {"color": catalog.colour("critical"), "text": "NaN"}}}
+    return {
+        "type": "special",
+        "options": {"match": "nan", "result": {"color": catalog.colour("critical"), "text": "NaN"}},
+    }
 
 
 def with_nan(catalog: Catalog, mappings: list[Json]) -> list[Json]:
@@ -232,7 +235,7 @@ SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
 # Legends name the instance, and the rank where the series has one: label_replace adds
 # " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
 RANK_TEXT = "rank_text"
-LEGEND = "{{instance}}{{%s}}" % RANK_TEXT
+LEGEND = "{{instance}}{{" + RANK_TEXT + "}}"
 
 
 def _named(expr: str) -> str:
@@ -510,6 +513,51 @@ def _override(name: str, **properties: Any) -> Json:
     }
 
 
+def _table(
+    spec: MetricSpec,
+    title: str,
+    columns: dict[str, tuple[str, Json]],
+    *,
+    catalog: Catalog,
+    defaults: Json,
+    description: str,
+) -> Json:
+    """One row per series of `spec.labels`: `columns` maps a header to (PromQL, its field overrides).
+
+    Label columns are text as they are (unit "string": Grafana would read env "0" as a number);
+    value columns colour their text, so NaN reads red and levels show their colours.
+    """
+    labels = {name: name.capitalize() for name in spec.labels}
+    refs = {header: chr(ord("A") + i) for i, header in enumerate(columns)}
+    renames = {**labels, **{f"Value #{refs[h]}": h for h in columns}}
+    plain = {"unit": "string", "custom.cellOptions": {"type": "auto"}}
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "thresholds"},
+                "custom": {"align": "auto", "inspect": False, "cellOptions": COLOR_TEXT},
+                "mappings": with_nan(catalog, []),
+                **defaults,
+            },
+            "overrides": [
+                *(_override(name, **plain) for name in [*SOURCE_COLUMNS.values(), *labels.values()]),
+                *(_override(header, **props) for header, (_, props) in columns.items() if props),
+            ],
+        },
+        "options": {
+            "cellHeight": "sm",
+            "frameIndex": 0,
+            "showHeader": True,
+            "sortBy": [{"desc": False, "displayName": next(iter(labels.values()))}],
+        },
+        "targets": [_instant(expr, refs[header], list(spec.labels)) for header, (expr, _) in columns.items()],
+        "transformations": _merged_table(renames),
+    }
+
+
 def _heads_row(b: _Builder) -> None:
     c = b.catalog
     cur, prev = c["head_grad_norm"], c["head_grad_norm_prev"]
@@ -521,44 +569,16 @@ def _heads_row(b: _Builder) -> None:
         f"delta = {cur.name} - {prev.name}; stable (→) while delta is in {prev.trend.stable}."
         f' Arrow colours by context: {rules}. "no trend": a head without gradient (NaN).'
     )
-    renames = {"head": "Head", "Value #A": "Current", "Value #B": "Previous", "Value #C": "Trend"}
-    labels = list(cur.labels)
+    trend = {"mappings": with_nan(c, trend_mappings(c, prev)), "decimals": 0}
     b.add(
-        {
-            "type": "table",
-            "title": "Action heads: gradient norm and trend",
-            "description": _description(prev, note),
-            "fieldConfig": {
-                "defaults": {
-                    "color": {"mode": "thresholds"},
-                    "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
-                    "decimals": cur.precision,
-                    "mappings": with_nan(c, []),
-                    "thresholds": thresholds(_neutral(c)),
-                    "unit": _unit(cur),
-                },
-                "overrides": [
-                    _override(
-                        "Trend",
-                        mappings=with_nan(c, trend_mappings(c, prev)),
-                        decimals=0,
-                        **{"custom.cellOptions": COLOR_TEXT},
-                    )
-                ],
-            },
-            "options": {
-                "cellHeight": "sm",
-                "frameIndex": 0,
-                "showHeader": True,
-                "sortBy": [{"desc": False, "displayName": "Head"}],
-            },
-            "targets": [
-                _instant(_sel(cur), "A", labels),
-                _instant(_sel(prev), "B", labels),
-                _instant(code, "C", labels),
-            ],
-            "transformations": _merged_table(renames),
-        },
+        _table(
+            cur,
+            "Action heads: gradient norm and trend",
+            {"Current": (_sel(cur), {}), "Previous": (_sel(prev), {}), "Trend": (code, trend)},
+            catalog=c,
+            defaults={"decimals": cur.precision, "thresholds": thresholds(_neutral(c)), "unit": _unit(cur)},
+            description=_description(prev, note),
+        ),
         24,
         9,
     )
@@ -603,77 +623,38 @@ def healthy_unit(ratio: MetricSpec) -> str:
 
 def _seeds_row(b: _Builder) -> None:
     c = b.catalog
-    ratio, van, exp = (
-        c["seed_grad_ratio"],
-        c["seed_gradient_vanishing"],
-        c["seed_gradient_exploding"],
-    )
+    ratio = c["seed_grad_ratio"]
     r = _sel(ratio, env=True)
+    codes = flag_codes(ratio)
     # Priority as TELE-557 shows it: each raised flag's code in turn, then the ratio itself.
     # `or` picks the first that exists per seed, with no arithmetic on the ratio (Inf * 0 is NaN).
-    raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in flag_codes(ratio).items()]
-    gradient = " or ".join([*raised, r])
-    labels = list(ratio.labels)
-    renames = {
-        "env": "Env",
-        "slot": "Slot",
-        "Value #A": "Gradient",
-        "Value #B": "Ratio",
-        "Value #C": "Exploding",
-        "Value #D": "Vanishing",
-    }
+    raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in codes.items()]
+    gradient = {"mappings": seed_mappings(c, ratio), "unit": healthy_unit(ratio)}
+    columns: dict[str, tuple[str, Json]] = {"Gradient": (" or ".join([*raised, r]), gradient), "Ratio": (r, {})}
+    for flag in codes:
+        steps = thresholds(_flag_steps(c, ratio, c[flag]))
+        level = next(lv for lv in ratio.levels if lv.flag == flag)
+        columns[level.name.capitalize()] = (_sel(c[flag], env=True), {"decimals": 0, "thresholds": steps})
+    flags = ", then ".join(c[flag].name for flag in codes)
+    no_data = ratio.level_of(0.0)
     note = (
-        f"{_boundary_note(ratio)} Gradient column: {exp.name} first, then {van.name}, then"
-        " the ratio; a ratio of 0 (no gradient data) shows OK."
+        f"{_boundary_note(ratio)} Gradient column: {flags}, then the ratio's own level"
+        f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}").'
     )
     b.row("Seeds")
     b.add(
-        {
-            "type": "table",
-            "title": "Seeds: gradient flow per env and slot",
-            "description": _description(ratio, note),
-            "fieldConfig": {
-                "defaults": {
-                    "color": {"mode": "thresholds"},
-                    "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
-                    "decimals": ratio.precision,
-                    "mappings": with_nan(c, []),
-                    "thresholds": thresholds(level_steps(c, ratio)),
-                    "unit": _unit(ratio),
-                },
-                "overrides": [
-                    _override(
-                        "Gradient",
-                        mappings=seed_mappings(c, ratio),
-                        unit=healthy_unit(ratio),
-                        **{"custom.cellOptions": COLOR_TEXT},
-                    ),
-                    _override("Ratio", **{"custom.cellOptions": COLOR_TEXT}),
-                    *(
-                        _override(
-                            name,
-                            decimals=0,
-                            thresholds=thresholds(_flag_steps(c, ratio, flag)),
-                            **{"custom.cellOptions": COLOR_TEXT},
-                        )
-                        for name, flag in (("Exploding", exp), ("Vanishing", van))
-                    ),
-                ],
+        _table(
+            ratio,
+            "Seeds: gradient flow per env and slot",
+            columns,
+            catalog=c,
+            defaults={
+                "decimals": ratio.precision,
+                "thresholds": thresholds(level_steps(c, ratio)),
+                "unit": _unit(ratio),
             },
-            "options": {
-                "cellHeight": "sm",
-                "frameIndex": 0,
-                "showHeader": True,
-                "sortBy": [{"desc": False, "displayName": "Env"}],
-            },
-            "targets": [
-                _instant(gradient, "A", labels),
-                _instant(r, "B", labels),
-                _instant(_sel(exp, env=True), "C", labels),
-                _instant(_sel(van, env=True), "D", labels),
-            ],
-            "transformations": _merged_table(renames),
-        },
+            description=_description(ratio, note),
+        ),
         24,
         10,
     )
