@@ -150,7 +150,11 @@ def _bool_cmp(expr: str, interval: Interval) -> str:
 
 
 def trend_query(current: str, prev: str, trend: Trend) -> str:
-    """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down, 0 NaN."""
+    """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down.
+
+    0 ("no trend") where either value is NaN or infinite, as display.head_trend reads it:
+    the code is kept only where the delta is finite, and `or` fills in 0 for the rest.
+    """
     delta = f"({current} - {prev})"
     stable = trend.stable
     up = f"({delta} {'>' if stable.high_closed else '>='} bool {stable.high!r})"
@@ -159,7 +163,8 @@ def trend_query(current: str, prev: str, trend: Trend) -> str:
     down_terms = " + ".join(
         f"{10 * (i + 1) + 2} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context)
     )
-    return f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
+    code = f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
+    return f"({code}) and (abs{delta} < +Inf) or {TREND_NONE} * ({current} >= bool -Inf)"
 
 
 class _Builder:
@@ -735,6 +740,7 @@ def _alerts_row(b: _Builder) -> None:
             graph=False,
             steps=stale_steps(c, last),
             unit="dtdurations",
+            decimals=1,  # two units: "9 minutes, 59 seconds", "10 minutes, 0 seconds", "10 minutes, 1 second"
             note=f"Red once the latest update is older than {stale.after}, when {stale.name} fires.",
         ),
         6,
