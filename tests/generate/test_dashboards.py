@@ -24,7 +24,7 @@ import yaml
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
-from tele_exporter.generate import dashboards
+from tele_exporter.generate import dashboards, levels
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -242,9 +242,9 @@ def override(p: Panel, column: str, prop: str) -> Any:
 def test_seed_mappings_follow_tele_557(catalog: Catalog, board: dict[str, Any]) -> None:
     ratio = catalog["seed_grad_ratio"]
     mappings = override(seed_table(board), "Gradient", "mappings")
-    assert seed_table(board)["fieldConfig"]["defaults"]["mappings"] == [dashboards.nan_mapping(catalog)]
+    assert seed_table(board)["fieldConfig"]["defaults"]["mappings"] == [levels.nan_mapping(catalog)]
     by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
-    codes = dashboards.flag_codes(ratio)
+    codes = levels.flag_codes(ratio)
     assert codes["seed_gradient_exploding"] < codes["seed_gradient_vanishing"] < 0
     for flag, code in codes.items():
         level = by_flag[flag]
@@ -273,7 +273,7 @@ def test_trend_mappings_cover_every_arrow(catalog: Catalog, board: dict[str, Any
     spec = catalog["head_grad_norm_prev"]
     assert spec.trend is not None
     mappings = override(head_table(board), "Trend", "mappings")
-    assert head_table(board)["fieldConfig"]["defaults"]["mappings"] == [dashboards.nan_mapping(catalog)]
+    assert head_table(board)["fieldConfig"]["defaults"]["mappings"] == [levels.nan_mapping(catalog)]
     shown = {(r["text"], r["color"]) for r in mappings[0]["options"].values()}
     expected = {(spec.trend.arrows["stable"], catalog.colour(spec.trend.stable_colour))}
     for ctx in spec.trend.context:
@@ -422,7 +422,7 @@ def test_seed_query_and_mappings_reproduce_tele_557(catalog: Catalog, board: dic
             _series(catalog["seed_gradient_exploding"].name, labels, exploding),
             _series(catalog["seed_gradient_vanishing"].name, labels, vanishing),
         ]
-        codes = dashboards.flag_codes(ratio)
+        codes = levels.flag_codes(ratio)
         code = (
             codes["seed_gradient_exploding"] if exploding else codes["seed_gradient_vanishing"] if vanishing else value
         )

@@ -2,7 +2,8 @@
 //
 // stdin: {"dashboard": {...}, "responses": {"<panel id>": {"<refId>": <Prometheus HTTP API body>}},
 //         "steps": {"<panel id>": <step ms>}, "keepName": false}
-// stdout: {"<panel id>": {"type", "title", "values": [{"name", "text", "color"}], "table": {...}}}
+// stdout: {"<panel id>": {"type", "title", "values": [{"name", "text", "color", "hex"}], "table": {...}}}
+//         (colour: the theme's name for it, e.g. "red"; hex: what the dark theme paints)
 //
 // The chain, as in Grafana 12.4 (a `keepName` run adds `__name__` to every series first, as a
 // backend that keeps metric names through functions and aggregations would):
@@ -145,7 +146,7 @@ function colour(c) {
 }
 
 function shown(dv) {
-  return { text: data.formattedValueToString(dv), color: colour(dv.color) };
+  return { text: data.formattedValueToString(dv), color: colour(dv.color), hex: dv.color ? hex(dv.color) : null };
 }
 
 // Grafana's dashboard model turns a base step's JSON null back into -Infinity when it loads.
@@ -203,7 +204,7 @@ function tableOf(panel, series) {
   for (let i = 0; i < frame.length; i++) {
     rows.push(fields.map((f, j) => {
       const cell = shown(f.display(f.values[i]));
-      return coloured[j] ? cell : { text: cell.text, color: null };
+      return coloured[j] ? cell : { text: cell.text, color: null, hex: null };
     }));
   }
   return { frames: series.length, columns, rows };

@@ -12,6 +12,7 @@ wrong colour) must fail the same checks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -27,7 +28,8 @@ import pytest
 from tele_exporter.catalog import MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
 from tele_exporter.generate import dashboards
-from tests.support.grafana import by_title, grafana_display, panel_responses
+from tests.support.demo import start_demo
+from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
 from tests.support.static_exporter import StaticExporter, exposition
 
@@ -336,3 +338,130 @@ def test_a_broken_dashboard_fails(boundary: Boundary, name: str) -> None:
     mutate(broken)
     problems = boundary_problems(boundary, broken)
     assert any(caught_by in line for line in problems), (name, problems)
+
+
+# ---------------------------------------------------------------- real demo runs ----
+
+FAULTS = ("none", "kl", "explode", "vanish", "nan")
+MIN_UPDATES = 5
+
+
+@dataclass(frozen=True)
+class Live:
+    """Prometheus that scraped one demo run per fault; `instances` maps fault -> instance."""
+
+    prom: Running
+    at: float
+    start: float
+    instances: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    """A healthy demo and one per `--fault` (from update 3 on), scraped by one Prometheus."""
+    with contextlib.ExitStack() as stack:
+        demos = {
+            fault: stack.enter_context(start_demo("--seed", "7", "--fault", fault, "--fault-after", "2"))
+            for fault in FAULTS
+        }
+        rules = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+        start = time.time()
+        prom = stack.enter_context(
+            start_prometheus(prometheus_config([d.address for d in demos.values()]), rule_files=rules)
+        )
+        updates = CATALOG["ppo_updates"].name
+        poll(
+            lambda: len(prom.query(f"{updates} >= {MIN_UPDATES}")) == len(FAULTS),
+            timeout=420,
+            interval=1.0,
+            what=f"{MIN_UPDATES} updates scraped from every demo",
+        )
+        yield Live(prom, time.time(), start, {fault: d.address for fault, d in demos.items()})
+
+
+def raw(run: Live, expr: str) -> dict[tuple[str, ...], float]:
+    """{label values: value} of an instant query at the evaluation time."""
+    body = run.prom.api("/api/v1/query", query=expr, time=f"{run.at:.3f}")
+    return {
+        tuple(v for k, v in sorted(r["metric"].items()) if k != "__name__"): float(r["value"][1])
+        for r in body["data"]["result"]
+    }
+
+
+def single(run: Live, expr: str) -> float:
+    (value,) = raw(run, expr).values()
+    return value
+
+
+def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name: bool = False) -> list[str]:
+    """Every difference between what Grafana shows for one demo instance and the records."""
+    values = {"job": "tele", "instance": grafana_escape(instance), "env": ".*"}
+    window = max(int(run.at - run.start), 10)
+    shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, values, window), keep_name)
+    at = f'{{instance="{instance}"}}'
+    c = CATALOG
+    kl, cv, ratio = c["kl_divergence"], c["gradient_cv"], c["seed_grad_ratio"]
+    problems = []
+    for title, want in (
+        (KL, {instance: levelled(kl, single(run, kl.name + at))}),
+        ("Gradient CV", {instance: levelled(cv, single(run, cv.name + at))}),
+        (CV, {instance: labelled(cv, single(run, cv.name + at))}),
+        (STALE, {instance: colour("ok")}),
+    ):
+        got = {v["name"]: (v["text"], v["color"]) for v in by_title(dashboard, shown, title)["values"]}
+        if title == STALE:
+            got = {name: col for name, (_, col) in got.items()}
+        problems += compare(title, want, got)
+    for clip in ("pre", "post"):
+        title = f"Policy gradient norm, {clip}-clip"
+        names = [v["name"] for v in by_title(dashboard, shown, title)["values"]]
+        if names != [f"{instance} {clip}-clip"]:
+            problems.append(f"{title}: legend {names}")
+
+    cur, prev = raw(run, c["head_grad_norm"].name + at), raw(run, c["head_grad_norm_prev"].name + at)
+    shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda cells: cells["Head"][0])
+    problems += shape
+    want_heads = {
+        key[0]: {"Current": neutral(v, 3), "Previous": neutral(prev[key], 3), "Trend": trend_cell(v, prev[key])}
+        for key, v in cur.items()
+    }
+    got_heads = {k: {col: row.get(col) for col in ("Current", "Previous", "Trend")} for k, row in heads.items()}
+    problems += compare(HEADS, want_heads, got_heads)
+
+    ratios = raw(run, ratio.name + at)
+    exploding = raw(run, c["seed_gradient_exploding"].name + at)
+    vanishing = raw(run, c["seed_gradient_vanishing"].name + at)
+    shape, seeds = table_rows(
+        by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda cells: (cells["Env"][0], cells["Slot"][0])
+    )
+    problems += shape
+    want_seeds = {}
+    for key, value in ratios.items():
+        e, v = exploding[key] == 1, vanishing[key] == 1
+        env, slot = key[0], key[3]
+        want_seeds[(env, slot)] = {
+            "Gradient": seed_display(value, e, v),
+            "Ratio": levelled(ratio, value),
+            "Exploding": flag_cell(e, "exploding"),
+            "Vanishing": flag_cell(v, "vanishing"),
+        }
+    got_seeds = {
+        k: {col: row.get(col) for col in ("Gradient", "Ratio", "Exploding", "Vanishing")} for k, row in seeds.items()
+    }
+    problems += compare(SEEDS, want_seeds, got_seeds)
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_demo_runs_show_as_the_records_say(live: Live, fault: str) -> None:
+    assert live_problems(live, board(), live.instances[fault]) == []
+    assert live_problems(live, board(), live.instances[fault], keep_name=True) == []
+
+
+@pytest.mark.slow
+def test_old_tables_split_on_real_runs(live: Live) -> None:
+    broken = copy.deepcopy(board())
+    _old_tables(broken)
+    problems = live_problems(live, broken, live.instances["none"])
+    assert any("more than one row" in line for line in problems), problems

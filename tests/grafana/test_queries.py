@@ -21,7 +21,7 @@ import pytest
 
 from tele_exporter.catalog import default_catalog
 from tele_exporter.display import head_trend
-from tele_exporter.generate import dashboards
+from tele_exporter.generate import dashboards, levels
 from tests.support.demo import start_demo
 from tests.support.grafana import SCRAPE_S, grafana_escape, substitute
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
@@ -161,7 +161,7 @@ def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
     catalog = default_catalog()
     cur, prev = catalog["head_grad_norm"], catalog["head_grad_norm_prev"]
     assert prev.trend is not None
-    codes = dashboards.trend_codes(prev.trend)
+    codes = levels.trend_codes(prev.trend)
     table = next(p for p in board()["panels"] if p["title"] == "Action heads: gradient norm and trend")
     expr = substitute(next(t["expr"] for t in table["targets"] if t["refId"] == "C"), ALL, 60)
     checked = 0
@@ -178,7 +178,7 @@ def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
         for head, code in got.items():
             arrow = head_trend(prev, now[head], before[head])
             if arrow is None:
-                assert code == dashboards.TREND_NONE, head
+                assert code == levels.TREND_NONE, head
             else:
                 assert codes[int(code)] == (arrow.arrow, arrow.status), (head, now[head], before[head])
             checked += 1

@@ -1,24 +1,32 @@
 """Grafana dashboard "TELE training health", generated from the catalog.
 
-Every metric name, threshold, label, colour and question comes from the catalog,
-so the colours a person sees in Grafana are the TELE records' levels.
-
-Grafana colours a value with the last threshold step whose value is <= it
-(steps are ">= value"), and a range value mapping matches from <= value <= to.
-Catalog levels state each boundary as open or closed. A closed lower bound is a
-Grafana step as it is; an open lower bound a (the level is "> a") becomes a step
-at the next float64 above a, math.nextafter(a, +inf), which is exactly "> a"
-for every double Grafana can hold. Range mappings use the same trick on open
-ends, so thresholds and mappings reproduce the catalog at the boundary values.
+Every metric name, threshold, label, colour and question comes from the catalog; the
+field configuration each level becomes (steps, mappings, codes) is built in `levels`.
+This module lays the panels out and writes their queries.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-from ..catalog import Catalog, Interval, Level, MetricSpec, Trend, duration_seconds
+from ..catalog import Catalog, MetricSpec
+from .levels import (
+    count_steps,
+    flag_codes,
+    flag_steps,
+    grafana_unit,
+    healthy_unit,
+    level_mappings,
+    level_steps,
+    neutral_steps,
+    seed_mappings,
+    stale_steps,
+    thresholds,
+    trend_mappings,
+    trend_query,
+    with_nan,
+)
 
 PATH = "grafana/dashboards/tele-training-health.json"
 UID = "tele-training-health"
@@ -31,140 +39,10 @@ WIDTH = 24
 
 Json = dict[str, Any]
 
-# Codes the head-trend query returns; value mappings turn them into arrows.
-TREND_NONE = 0
-TREND_STABLE = 1
-
 
 def files(catalog: Catalog) -> dict[str, str]:
     """The dashboard JSON file, deterministic (sorted keys, two-space indent)."""
     return {PATH: json.dumps(dashboard(catalog), indent=2, sort_keys=True, ensure_ascii=False) + "\n"}
-
-
-def step_value(interval: Interval) -> float:
-    """The Grafana step value (">= v") that starts `interval`: its low end, or the next double."""
-    return interval.low if interval.low_closed else math.nextafter(interval.low, math.inf)
-
-
-def level_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Threshold steps colouring every value exactly as the catalog's levels do."""
-    steps: list[Json] = []
-    for level in spec.levels:
-        value: float | None = None if not steps else step_value(level.when)
-        steps.append({"color": catalog.colour(level.status), "value": value})
-    return steps
-
-
-def thresholds(steps: list[Json]) -> Json:
-    return {"mode": "absolute", "steps": steps}
-
-
-def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
-    """A range value mapping covering exactly the level's interval, in its colour."""
-    iv = level.when
-    low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
-    high: float | None = None
-    if math.isfinite(iv.high):
-        high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
-    result: Json = {"color": catalog.colour(level.status)}
-    if text is not None:
-        result["text"] = text
-    return {"type": "range", "options": {"from": low, "to": high, "result": result}}
-
-
-def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Range mappings showing each level's label (TELE-330 "stable/warn/BAD")."""
-    return [range_mapping(catalog, level, level.label) for level in spec.levels]
-
-
-def trend_codes(trend: Trend) -> dict[int, tuple[str, str]]:
-    """Code -> (arrow, colour status) for the head-trend query: stable, then up/down per context."""
-    codes = {TREND_STABLE: (trend.arrows["stable"], trend.stable_colour)}
-    for i, ctx in enumerate(trend.context):
-        codes[10 * (i + 1) + 1] = (trend.arrows["up"], ctx.up)
-        codes[10 * (i + 1) + 2] = (trend.arrows["down"], ctx.down)
-    return codes
-
-
-def trend_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Value mappings from the trend code to the TELE-321 arrow in its context colour."""
-    if spec.trend is None:
-        raise ValueError(f"{spec.id} has no trend rule")
-    options = {
-        str(code): {"color": catalog.colour(status), "index": i, "text": arrow}
-        for i, (code, (arrow, status)) in enumerate(sorted(trend_codes(spec.trend).items()))
-    }
-    options[str(TREND_NONE)] = {
-        "color": catalog.colour("neutral"),
-        "index": len(options),
-        "text": "no trend",
-    }
-    return [{"type": "value", "options": options}]
-
-
-def nan_mapping(catalog: Catalog) -> Json:
-    """NaN is data: shown as "NaN" in the critical colour, as the exporter's own display does."""
-    return {
-        "type": "special",
-        "options": {"match": "nan", "result": {"color": catalog.colour("critical"), "text": "NaN"}},
-    }
-
-
-def with_nan(catalog: Catalog, mappings: list[Json]) -> list[Json]:
-    """`mappings` plus the NaN mapping (an override's mappings replace the defaults', so each needs it)."""
-    return [*mappings, nan_mapping(catalog)]
-
-
-def flag_codes(ratio: MetricSpec) -> dict[str, int]:
-    """Seed flag metric id -> the negative code the seed query returns for it, in TELE-557 priority.
-
-    The higher level wins (exploding over vanishing): it comes first and gets the lowest code.
-    """
-    flagged = sorted((lv for lv in ratio.levels if lv.flag), key=lambda lv: lv.when.low, reverse=True)
-    return {str(lv.flag): i - len(flagged) for i, lv in enumerate(flagged)}
-
-
-def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
-    """TELE-557 display: a raised flag's code shows its level, and so does a ratio in a labelled level.
-
-    Levels whose label is fixed text ("OK", "▼ VANISHING", "▲ EXPLODING") are range mappings,
-    so +Inf shows "▲ EXPLODING" even where no flag says so; "ratio={value}" stays a number.
-    """
-    by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
-    codes = {
-        str(code): {"color": catalog.colour(by_flag[flag].status), "index": i, "text": by_flag[flag].label}
-        for i, (flag, code) in enumerate(sorted(flag_codes(ratio).items(), key=lambda kv: kv[1]))
-    }
-    ranges = [range_mapping(catalog, lv, lv.label) for lv in ratio.levels if "{value}" not in lv.label]
-    return with_nan(catalog, [{"type": "value", "options": codes}, *ranges])
-
-
-def _bool_cmp(expr: str, interval: Interval) -> str:
-    """PromQL 1/0 indicator that `expr` lies in `interval` (exact open/closed ends)."""
-    parts = []
-    if math.isfinite(interval.low):
-        parts.append(f"({expr} {'>=' if interval.low_closed else '>'} bool {interval.low!r})")
-    if math.isfinite(interval.high):
-        parts.append(f"({expr} {'<=' if interval.high_closed else '<'} bool {interval.high!r})")
-    return " * ".join(parts) if parts else f"({expr} >= bool -Inf)"
-
-
-def trend_query(current: str, prev: str, trend: Trend) -> str:
-    """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down.
-
-    0 ("no trend") where either value is NaN or infinite, as display.head_trend reads it:
-    the code is kept only where the delta is finite, and `or` fills in 0 for the rest.
-    """
-    delta = f"({current} - {prev})"
-    stable = trend.stable
-    up = f"({delta} {'>' if stable.high_closed else '>='} bool {stable.high!r})"
-    down = f"({delta} {'<' if stable.low_closed else '<='} bool {stable.low!r})"
-    up_terms = " + ".join(f"{10 * (i + 1) + 1} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context))
-    down_terms = " + ".join(
-        f"{10 * (i + 1) + 2} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context)
-    )
-    code = f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
-    return f"({code}) and (abs{delta} < +Inf) or {TREND_NONE} * ({current} >= bool -Inf)"
 
 
 class _Builder:
@@ -321,7 +199,7 @@ def _stat(
                 "decimals": spec.precision if decimals is None else decimals,
                 "mappings": with_nan(catalog, mappings or []),
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": _unit(spec) if unit is None else unit,
+                "unit": grafana_unit(spec) if unit is None else unit,
             },
             "overrides": [],
         },
@@ -368,7 +246,7 @@ def _timeseries(
                 "mappings": with_nan(catalog, []),
                 "min": 0,
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": _unit(spec),
+                "unit": grafana_unit(spec),
             },
             "overrides": [],
         },
@@ -383,23 +261,6 @@ def _timeseries(
         },
         "targets": targets,
     }
-
-
-def _unit(spec: MetricSpec) -> str:
-    """Grafana unit: seconds for *_seconds metrics, else a plain number ("none")."""
-    return {"seconds": "s"}.get(spec.unit, "none")
-
-
-def _neutral(catalog: Catalog) -> list[Json]:
-    return [{"color": catalog.colour("neutral"), "value": None}]
-
-
-def _count_steps(catalog: Catalog) -> list[Json]:
-    """Counts of bad events: 0 is ok, any at all is critical."""
-    return [
-        {"color": catalog.colour("ok"), "value": None},
-        {"color": catalog.colour("critical"), "value": 1},
-    ]
 
 
 def _policy_row(b: _Builder) -> None:
@@ -425,7 +286,7 @@ def _policy_row(b: _Builder) -> None:
             f"sum by (instance, rank) (increase({_sel(updates)}[$__range]))",
             catalog=c,
             graph=False,
-            steps=_neutral(c),
+            steps=neutral_steps(c),
         ),
         3,
         4,
@@ -437,7 +298,7 @@ def _policy_row(b: _Builder) -> None:
             f"sum by (instance, rank) (increase({_sel(early)}[$__range]))",
             catalog=c,
             graph=False,
-            steps=_neutral(c),
+            steps=neutral_steps(c),
         ),
         3,
         4,
@@ -470,7 +331,7 @@ def _gradients_row(b: _Builder) -> None:
             "fieldConfig": {
                 "defaults": {
                     "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
-                    "unit": _unit(hist),
+                    "unit": grafana_unit(hist),
                 },
                 "overrides": [],
             },
@@ -492,7 +353,7 @@ def _gradients_row(b: _Builder) -> None:
                 "rowsFrame": {"layout": "auto"},
                 "showValue": "never",
                 "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
-                "yAxis": {"axisPlacement": "left", "reverse": False, "unit": _unit(hist)},
+                "yAxis": {"axisPlacement": "left", "reverse": False, "unit": grafana_unit(hist)},
             },
             "targets": [
                 _target(
@@ -581,7 +442,7 @@ def _heads_row(b: _Builder) -> None:
             "Action heads: gradient norm and trend",
             {"Current": (_sel(cur), {}), "Previous": (_sel(prev), {}), "Trend": (code, trend)},
             catalog=c,
-            defaults={"decimals": cur.precision, "thresholds": thresholds(_neutral(c)), "unit": _unit(cur)},
+            defaults={"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)},
             description=_description(prev, note),
         ),
         24,
@@ -616,16 +477,6 @@ def _cv_row(b: _Builder) -> None:
     )
 
 
-def healthy_unit(ratio: MetricSpec) -> str:
-    """Grafana custom unit drawing the healthy label: "ratio={value}" gives "prefix:ratio="."""
-    prefix, _, suffix = ratio.level("healthy").label.partition("{value}")
-    if prefix and not suffix:
-        return f"prefix:{prefix}"
-    if suffix and not prefix:
-        return f"suffix:{suffix}"
-    return _unit(ratio)
-
-
 def _seeds_row(b: _Builder) -> None:
     c = b.catalog
     ratio = c["seed_grad_ratio"]
@@ -637,7 +488,7 @@ def _seeds_row(b: _Builder) -> None:
     gradient = {"mappings": seed_mappings(c, ratio), "unit": healthy_unit(ratio)}
     columns: dict[str, tuple[str, Json]] = {"Gradient": (" or ".join([*raised, r]), gradient), "Ratio": (r, {})}
     for flag in codes:
-        steps = thresholds(_flag_steps(c, ratio, c[flag]))
+        steps = thresholds(flag_steps(c, ratio, c[flag]))
         level = next(lv for lv in ratio.levels if lv.flag == flag)
         columns[level.name.capitalize()] = (_sel(c[flag], env=True), {"decimals": 0, "thresholds": steps})
     flags = ", then ".join(c[flag].name for flag in codes)
@@ -656,27 +507,13 @@ def _seeds_row(b: _Builder) -> None:
             defaults={
                 "decimals": ratio.precision,
                 "thresholds": thresholds(level_steps(c, ratio)),
-                "unit": _unit(ratio),
+                "unit": grafana_unit(ratio),
             },
             description=_description(ratio, note),
         ),
         24,
         10,
     )
-
-
-def _flag_steps(catalog: Catalog, ratio: MetricSpec, flag: MetricSpec) -> list[Json]:
-    """A 0/1 flag column: 0 is ok, 1 in the colour of the level it flags (TELE-557: vanishing yellow)."""
-    level = next(lv for lv in ratio.levels if lv.flag == flag.id)
-    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(level.status), "value": 1}]
-
-
-def stale_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Seconds since the last update: ok, then critical once older than the stale alert's `after`."""
-    stale = next(a for a in spec.alerts if a.kind == "stale")
-    assert stale.after is not None
-    limit = math.nextafter(duration_seconds(stale.after), math.inf)
-    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(stale.severity), "value": limit}]
 
 
 def _alerts_row(b: _Builder) -> None:
@@ -718,7 +555,7 @@ def _alerts_row(b: _Builder) -> None:
             'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job"}) or vector(0)',
             catalog=c,
             graph=False,
-            steps=_count_steps(c),
+            steps=count_steps(c),
             color_mode="background",
             decimals=0,
             unit="none",
