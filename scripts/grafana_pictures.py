@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tele_exporter.generate import dashboards
 from tests.support.demo import start_demo
 from tests.support.grafana import grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
+
+from tele_exporter.generate import dashboards
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"healthy": ("none", "3"), "explode": ("explode", "3"), "nan": ("nan", "3")}
@@ -57,9 +58,7 @@ def _table(shown: dict[str, Any]) -> str:
     table = shown["table"]
     head = "".join(f"<th>{_e(c)}</th>" for c in table["columns"])
     rows = "".join(
-        "<tr>"
-        + "".join(f'<td style="color:{c.get("hex") or TEXT}">{_e(c["text"])}</td>' for c in row)
-        + "</tr>"
+        "<tr>" + "".join(f'<td style="color:{c.get("hex") or TEXT}">{_e(c["text"])}</td>' for c in row) + "</tr>"
         for row in table["rows"]
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
@@ -84,9 +83,7 @@ def _timeseries(panel: dict[str, Any], shown: dict[str, Any], body: dict[str, An
         )
     palette = ["#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a"]
     for i, s in enumerate(series):
-        pts = " ".join(
-            f"{j / max(len(s) - 1, 1) * w:.1f},{y(v):.1f}" for j, v in enumerate(s) if math.isfinite(v)
-        )
+        pts = " ".join(f"{j / max(len(s) - 1, 1) * w:.1f},{y(v):.1f}" for j, v in enumerate(s) if math.isfinite(v))
         lines.append(f'<polyline points="{pts}" fill="none" stroke="{palette[i % 4]}" stroke-width="2"/>')
     legend = "".join(
         f'<div class="legend"><span style="color:{palette[i % 4]}">━</span> {_e(v["name"])}'
@@ -110,7 +107,7 @@ def _alerts(prom: Running, instance: str) -> str:
         return '<div class="nodata">No firing Tele alerts</div>'
     items = "".join(
         f'<div class="alert"><span class="sev {a["labels"].get("severity", "")}">'
-        f'{_e(a["labels"].get("severity", ""))}</span> {_e(a["labels"]["alertname"])}</div>'
+        f"{_e(a['labels'].get('severity', ''))}</span> {_e(a['labels']['alertname'])}</div>"
         for a in firing
     )
     return items
@@ -163,7 +160,8 @@ td {{ padding:3px 6px; border-bottom:1px solid #22252b; }}
 .sev.critical {{ background:#d10e5c; }} .sev.warning {{ background:#b8860b; }}
 """
     header = f'<div style="margin:12px 12px 0;font-size:18px">{_e(board["title"])} · instance {_e(instance)}</div>'
-    return f'<html><head><meta charset="utf-8"><style>{css}</style></head><body>{header}<div class="board">{"".join(parts)}</div></body></html>'
+    head = f'<head><meta charset="utf-8"><style>{css}</style></head>'
+    return f'<html>{head}<body>{header}<div class="board">{"".join(parts)}</div></body></html>'
 
 
 def screenshot(html_text: str, out: Path, height: int) -> None:
@@ -206,8 +204,11 @@ def main() -> None:
             interval=1.0,
             what=f"{MIN_UPDATES} updates from every demo",
         )
-        at = time.time()
         for name, demo in demos.items():
+            # The demo grows and prunes seeds: wait for an instant with some, to show the table.
+            seeds = f'count(tele_seed_grad_ratio{{instance="{demo.address}"}})'
+            poll(lambda q=seeds: prom.query(q), timeout=300, interval=0.5, what=f"live seeds in {name}")
+            at = time.time()
             values = {"job": "tele", "instance": grafana_escape(demo.address), "env": ".*"}
             responses = panel_responses(prom, board, at, values, int(at - start))
             shown = grafana_display(board, responses)

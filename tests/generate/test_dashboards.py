@@ -291,7 +291,7 @@ def test_staleness_panel_turns_red_with_the_alert(catalog: Catalog, board: dict[
     limit = duration_seconds(stale.after)
     p = panel(board, "Time since the last PPO update")
     steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert p["fieldConfig"]["defaults"]["unit"] == "dtdurations"
+    assert p["fieldConfig"]["defaults"]["unit"] == "dthms"
     # The rule fires on "> after": exactly `after` seconds is still fresh.
     assert grafana_colour(steps, limit) == catalog.colour("ok")
     assert grafana_colour(steps, math.nextafter(limit, math.inf)) == catalog.colour(stale.severity)

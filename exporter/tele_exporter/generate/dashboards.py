@@ -566,7 +566,7 @@ def _alerts_row(b: _Builder) -> None:
     )
     stale = next(a for a in last.alerts if a.kind == "stale")
     # Whole seconds, rounded up: ceil(x) > limit exactly when x > limit, so the colour turns
-    # with the alert and the text ("10 minutes" / "10 minutes, 1 second") differs across it.
+    # with the alert and the text ("00:10:00" / "00:10:01") differs across it.
     seconds = f"ceil(time() - max by (instance, rank) ({_sel(last)}))"
     b.add(
         _stat(
@@ -576,8 +576,7 @@ def _alerts_row(b: _Builder) -> None:
             catalog=c,
             graph=False,
             steps=stale_steps(c, last),
-            unit="dtdurations",
-            decimals=1,  # two units: "9 minutes, 59 seconds", "10 minutes, 0 seconds", "10 minutes, 1 second"
+            unit="dthms",  # "00:09:59", "00:10:00" green; "00:10:01" red
             note=f"Red once the latest update is older than {stale.after}, when {stale.name} fires.",
         ),
         6,
