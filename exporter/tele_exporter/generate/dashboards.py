@@ -552,14 +552,15 @@ def _alerts_row(b: _Builder) -> None:
         _stat(
             last,
             "Tele alerts firing (count)",
-            'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job"}) or vector(0)',
+            'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job", instance=~"$instance"}) or vector(0)',
             catalog=c,
             graph=False,
             steps=count_steps(c),
             color_mode="background",
             decimals=0,
             unit="none",
-            description="How many Tele alerts are firing now? (Prometheus ALERTS series, 0 when none.)",
+            description="How many Tele alerts are firing now for the selected instances?"
+            " (Prometheus ALERTS series, 0 when none.)",
         ),
         6,
         8,
