@@ -9,7 +9,8 @@
 // backend that keeps metric names through functions and aggregations would):
 // 1. Prometheus JSON -> data frames. Grafana does this in Go (pkg/promlib/converter/prom.go,
 //    readMatrixOrVectorMulti, and pkg/promlib/querydata/response.go, addMetadataToMultiFrame and
-//    getName, with the prometheusDataplane toggle on as in Grafana 12). Go cannot run here, so
+//    getName, in dataplane mode, always on since grafana/grafana#92218 removed the
+//    prometheusDataplane toggle). Go cannot run here, so
 //    `backendFrames` below reproduces those two functions line by line; nothing else is ours.
 // 2. The data source's frontend step: transformV2 from @grafana/prometheus 12.4.0
 //    (dist/cjs/result_transformer.cjs; format "table" targets become one table frame per refId).
