@@ -119,12 +119,12 @@ def compare(what: str, expected: dict[Any, Any], got: dict[Any, Any]) -> list[st
     ] + [f"{what} {key}: unexpected {got[key]}" for key in got if key not in expected]
 
 
-def stat_by_rank(values: list[dict[str, Any]]) -> dict[int, Shown]:
-    out = {}
+def stat_by_rank(values: list[dict[str, Any]]) -> dict[int | str, Shown]:
+    """Stat values by the rank their legend names (by the whole legend where it names none)."""
+    out: dict[int | str, Shown] = {}
     for v in values:
         found = RANK.search(v["name"])
-        assert found, v
-        out[int(found.group(1))] = (v["text"], v["color"])
+        out[int(found.group(1)) if found else v["name"]] = (v["text"], v["color"])
     return out
 
 
@@ -276,8 +276,8 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
         {i: colour("ok" if age <= limit else "critical") for i, age in enumerate(run.cases.stale)},
         {i: c for i, (_, c) in stale.items()},
     )
-    fresh = {stale[i][0] for i, age in enumerate(run.cases.stale) if age <= limit}
-    old = {stale[i][0] for i, age in enumerate(run.cases.stale) if age > limit}
+    fresh = {stale.get(i, ("", None))[0] for i, age in enumerate(run.cases.stale) if age <= limit}
+    old = {stale.get(i, ("", None))[0] for i, age in enumerate(run.cases.stale) if age > limit}
     if fresh & old:
         problems.append(f"{STALE}: {sorted(fresh & old)} shown on both sides of the threshold")
     return problems
