@@ -246,11 +246,11 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
         stat_by_rank(by_title(dashboard, shown, CV)["values"]),
     )
 
-    shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda c: int(c["Env"][0]))
+    shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda c: c["Env"][0])
     problems += shape
     expected = {}
     for i, (value, exploding, vanishing) in enumerate(run.cases.seeds):
-        expected[i] = {
+        expected[str(i)] = {
             "Gradient": seed_display(value, exploding, vanishing),
             "Ratio": levelled(ratio, value),
             "Exploding": flag_cell(exploding, "exploding"),
