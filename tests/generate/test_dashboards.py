@@ -24,7 +24,7 @@ import yaml
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
-from tele_exporter.generate import dashboards
+from tele_exporter.generate import dashboards, levels
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -242,12 +242,11 @@ def override(p: Panel, column: str, prop: str) -> Any:
 def test_seed_mappings_follow_tele_557(catalog: Catalog, board: dict[str, Any]) -> None:
     ratio = catalog["seed_grad_ratio"]
     mappings = override(seed_table(board), "Gradient", "mappings")
-    assert seed_table(board)["fieldConfig"]["defaults"]["mappings"] == []
+    assert seed_table(board)["fieldConfig"]["defaults"]["mappings"] == [levels.nan_mapping(catalog)]
     by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
-    for code, flag in (
-        (dashboards.SEED_EXPLODING, "seed_gradient_exploding"),
-        (dashboards.SEED_VANISHING, "seed_gradient_vanishing"),
-    ):
+    codes = levels.flag_codes(ratio)
+    assert codes["seed_gradient_exploding"] < codes["seed_gradient_vanishing"] < 0
+    for flag, code in codes.items():
         level = by_flag[flag]
         result = grafana_mapping(mappings, code)
         assert result is not None
@@ -267,15 +266,14 @@ def test_seed_mappings_follow_tele_557(catalog: Catalog, board: dict[str, Any]) 
     healthy = ratio.level("healthy")
     for value in (healthy.when.low, 1.0, healthy.when.high):
         assert grafana_mapping(mappings, value) is None
-    for column in ("Ratio", "Exploding", "Vanishing"):
-        assert override(seed_table(board), column, "custom.cellOptions") == {"type": "color-text"}
+    assert seed_table(board)["fieldConfig"]["defaults"]["custom"]["cellOptions"] == {"type": "color-text"}
 
 
 def test_trend_mappings_cover_every_arrow(catalog: Catalog, board: dict[str, Any]) -> None:
     spec = catalog["head_grad_norm_prev"]
     assert spec.trend is not None
     mappings = override(head_table(board), "Trend", "mappings")
-    assert head_table(board)["fieldConfig"]["defaults"]["mappings"] == []
+    assert head_table(board)["fieldConfig"]["defaults"]["mappings"] == [levels.nan_mapping(catalog)]
     shown = {(r["text"], r["color"]) for r in mappings[0]["options"].values()}
     expected = {(spec.trend.arrows["stable"], catalog.colour(spec.trend.stable_colour))}
     for ctx in spec.trend.context:
@@ -293,7 +291,7 @@ def test_staleness_panel_turns_red_with_the_alert(catalog: Catalog, board: dict[
     limit = duration_seconds(stale.after)
     p = panel(board, "Time since the last PPO update")
     steps = p["fieldConfig"]["defaults"]["thresholds"]["steps"]
-    assert p["fieldConfig"]["defaults"]["unit"] == "s"
+    assert p["fieldConfig"]["defaults"]["unit"] == "dthms"
     # The rule fires on "> after": exactly `after` seconds is still fresh.
     assert grafana_colour(steps, limit) == catalog.colour("ok")
     assert grafana_colour(steps, math.nextafter(limit, math.inf)) == catalog.colour(stale.severity)
@@ -424,7 +422,10 @@ def test_seed_query_and_mappings_reproduce_tele_557(catalog: Catalog, board: dic
             _series(catalog["seed_gradient_exploding"].name, labels, exploding),
             _series(catalog["seed_gradient_vanishing"].name, labels, vanishing),
         ]
-        code = dashboards.SEED_EXPLODING if exploding else dashboards.SEED_VANISHING if vanishing else value
+        codes = levels.flag_codes(ratio)
+        code = (
+            codes["seed_gradient_exploding"] if exploding else codes["seed_gradient_vanishing"] if vanishing else value
+        )
         expected = show(ratio, value)
         mapped = grafana_mapping(mappings, code)
         if mapped is None:

@@ -21,15 +21,15 @@ import pytest
 
 from tele_exporter.catalog import default_catalog
 from tele_exporter.display import head_trend
-from tele_exporter.generate import dashboards
+from tele_exporter.generate import dashboards, levels
 from tests.support.demo import start_demo
+from tests.support.grafana import SCRAPE_S, grafana_escape, substitute
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / dashboards.PATH
-SCRAPE_S = 1
 MIN_UPDATES = 4
 MIN_SCRAPES = 15
 ALL = {"job": ".*", "instance": ".*", "env": ".*"}
@@ -91,32 +91,6 @@ def query_targets() -> list[tuple[str, dict[str, Any]]]:
         for target in panel.get("targets", []):
             out.append((f"{panel['title']}/{target['refId']}", target))
     return out
-
-
-def substitute(expr: str, values: dict[str, str], window_s: int) -> str:
-    """Grafana's variable interpolation for the variables this dashboard uses."""
-    rate = max(4 * SCRAPE_S, 15)
-    builtins = {
-        "$__rate_interval": f"{rate}s",
-        "$__range": f"{window_s}s",
-        "$__interval": f"{SCRAPE_S}s",
-    }
-    for name, value in builtins.items():
-        expr = expr.replace(name, value)
-    for name in sorted(values, key=len, reverse=True):
-        expr = expr.replace(f"${name}", values[name])
-    assert "$" not in expr, f"unsubstituted variable in {expr}"
-    return expr
-
-
-def grafana_escape(value: str) -> str:
-    """A variable value as Grafana's Prometheus data source puts it into a =~ matcher.
-
-    Regex metacharacters get a backslash, doubled because the regex sits inside a
-    PromQL string literal (prometheusSpecialRegexEscape).
-    """
-    value = value.replace("\\", "\\\\\\\\")
-    return re.sub(r"""[$^*{}\[\]'+?.()|]""", lambda m: "\\\\" + m.group(0), value)
 
 
 def variable_values(run: Scraped, values: dict[str, str], instant: bool) -> dict[str, list[str]]:
@@ -187,10 +161,8 @@ def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
     catalog = default_catalog()
     cur, prev = catalog["head_grad_norm"], catalog["head_grad_norm_prev"]
     assert prev.trend is not None
-    codes = dashboards.trend_codes(prev.trend)
-    table = next(
-        p for p in board()["panels"] if p["type"] == "table" and p["targets"][0]["expr"].startswith(f"{cur.name}{{")
-    )
+    codes = levels.trend_codes(prev.trend)
+    table = next(p for p in board()["panels"] if p["title"] == "Action heads: gradient norm and trend")
     expr = substitute(next(t["expr"] for t in table["targets"] if t["refId"] == "C"), ALL, 60)
     checked = 0
     for step in range(int(scraped.start) + 2, int(scraped.at)):
@@ -206,7 +178,7 @@ def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
         for head, code in got.items():
             arrow = head_trend(prev, now[head], before[head])
             if arrow is None:
-                assert code == dashboards.TREND_NONE, head
+                assert code == levels.TREND_NONE, head
             else:
                 assert codes[int(code)] == (arrow.arrow, arrow.status), (head, now[head], before[head])
             checked += 1

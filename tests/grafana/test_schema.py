@@ -196,3 +196,14 @@ def test_dashboard_type_checks(path: Path, tsc_errors: dict[str, list[str]]) -> 
 def test_broken_dashboard_fails_the_type_check(mutate: str, tsc_errors: dict[str, list[str]]) -> None:
     errors = tsc_errors[f"broken_{_ident(mutate)}"]
     assert any("error TS" in e for e in errors), f"tsc accepted a dashboard with a bad {mutate}"
+
+
+def test_schema_version_is_grafanas_current() -> None:
+    """schemaVersion is the one Grafana 12.4's own schema package writes (defaultDashboard)."""
+    ensure_node_modules()
+    script = "process.stdout.write(String(require('@grafana/schema').defaultDashboard.schemaVersion))"
+    current = subprocess.run(
+        ["node", "-e", script], cwd=CHECK_DIR, check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    for path in committed_dashboards():
+        assert json.loads(path.read_text(encoding="utf-8"))["schemaVersion"] == int(current), path

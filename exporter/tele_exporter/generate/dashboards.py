@@ -1,162 +1,48 @@
 """Grafana dashboard "TELE training health", generated from the catalog.
 
-Every metric name, threshold, label, colour and question comes from the catalog,
-so the colours a person sees in Grafana are the TELE records' levels.
-
-Grafana colours a value with the last threshold step whose value is <= it
-(steps are ">= value"), and a range value mapping matches from <= value <= to.
-Catalog levels state each boundary as open or closed. A closed lower bound is a
-Grafana step as it is; an open lower bound a (the level is "> a") becomes a step
-at the next float64 above a, math.nextafter(a, +inf), which is exactly "> a"
-for every double Grafana can hold. Range mappings use the same trick on open
-ends, so thresholds and mappings reproduce the catalog at the boundary values.
+Every metric name, threshold, label, colour and question comes from the catalog; the
+field configuration each level becomes (steps, mappings, codes) is built in `levels`.
+This module lays the panels out and writes their queries.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
-from ..catalog import Catalog, Interval, Level, MetricSpec, Trend, duration_seconds
+from ..catalog import Catalog, MetricSpec
+from .levels import (
+    count_steps,
+    flag_codes,
+    flag_steps,
+    grafana_unit,
+    healthy_unit,
+    level_mappings,
+    level_steps,
+    neutral_steps,
+    seed_mappings,
+    stale_steps,
+    thresholds,
+    trend_mappings,
+    trend_query,
+    with_nan,
+)
 
 PATH = "grafana/dashboards/tele-training-health.json"
 UID = "tele-training-health"
 TITLE = "TELE training health"
 TAGS = ["tele", "pytorch", "rl"]
-SCHEMA_VERSION = 41
+SCHEMA_VERSION = 42
 PROMETHEUS_UID = "tele-prometheus"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 WIDTH = 24
 
 Json = dict[str, Any]
 
-# Codes the head-trend query returns; value mappings turn them into arrows.
-TREND_NONE = 0
-TREND_STABLE = 1
-# Codes the seed "gradient" query returns for the flags (ratios are >= 0).
-SEED_EXPLODING = -2
-SEED_VANISHING = -1
-
 
 def files(catalog: Catalog) -> dict[str, str]:
     """The dashboard JSON file, deterministic (sorted keys, two-space indent)."""
     return {PATH: json.dumps(dashboard(catalog), indent=2, sort_keys=True, ensure_ascii=False) + "\n"}
-
-
-def step_value(interval: Interval) -> float:
-    """The Grafana step value (">= v") that starts `interval`: its low end, or the next double."""
-    return interval.low if interval.low_closed else math.nextafter(interval.low, math.inf)
-
-
-def level_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Threshold steps colouring every value exactly as the catalog's levels do."""
-    steps: list[Json] = []
-    for level in spec.levels:
-        value: float | None = None if not steps else step_value(level.when)
-        steps.append({"color": catalog.colour(level.status), "value": value})
-    return steps
-
-
-def thresholds(steps: list[Json]) -> Json:
-    return {"mode": "absolute", "steps": steps}
-
-
-def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
-    """A range value mapping covering exactly the level's interval, in its colour."""
-    iv = level.when
-    low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
-    high: float | None = None
-    if math.isfinite(iv.high):
-        high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
-    result: Json = {"color": catalog.colour(level.status)}
-    if text is not None:
-        result["text"] = text
-    return {"type": "range", "options": {"from": low, "to": high, "result": result}}
-
-
-def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Range mappings showing each level's label (TELE-330 "stable/warn/BAD")."""
-    return [range_mapping(catalog, level, level.label) for level in spec.levels]
-
-
-def trend_codes(trend: Trend) -> dict[int, tuple[str, str]]:
-    """Code -> (arrow, colour status) for the head-trend query: stable, then up/down per context."""
-    codes = {TREND_STABLE: (trend.arrows["stable"], trend.stable_colour)}
-    for i, ctx in enumerate(trend.context):
-        codes[10 * (i + 1) + 1] = (trend.arrows["up"], ctx.up)
-        codes[10 * (i + 1) + 2] = (trend.arrows["down"], ctx.down)
-    return codes
-
-
-def trend_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Value mappings from the trend code to the TELE-321 arrow in its context colour."""
-    if spec.trend is None:
-        raise ValueError(f"{spec.id} has no trend rule")
-    options = {
-        str(code): {"color": catalog.colour(status), "index": i, "text": arrow}
-        for i, (code, (arrow, status)) in enumerate(sorted(trend_codes(spec.trend).items()))
-    }
-    options[str(TREND_NONE)] = {
-        "color": catalog.colour("neutral"),
-        "index": len(options),
-        "text": "no trend",
-    }
-    return [{"type": "value", "options": options}]
-
-
-def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
-    """TELE-557 display: flags first (exploding over vanishing), then OK for ratio 0."""
-    by_flag = {level.flag: level for level in ratio.levels if level.flag}
-    exploding = by_flag[_flag_id(catalog, "exploding")]
-    vanishing = by_flag[_flag_id(catalog, "vanishing")]
-    no_data = ratio.level_of(0.0)
-    assert no_data is not None
-    return [
-        {
-            "type": "value",
-            "options": {
-                str(SEED_EXPLODING): {
-                    "color": catalog.colour(exploding.status),
-                    "index": 0,
-                    "text": exploding.label,
-                },
-                str(SEED_VANISHING): {
-                    "color": catalog.colour(vanishing.status),
-                    "index": 1,
-                    "text": vanishing.label,
-                },
-                "0": {"color": catalog.colour(no_data.status), "index": 2, "text": no_data.label},
-            },
-        }
-    ]
-
-
-def _flag_id(catalog: Catalog, kind: str) -> str:
-    return catalog[f"seed_gradient_{kind}"].id
-
-
-def _bool_cmp(expr: str, interval: Interval) -> str:
-    """PromQL 1/0 indicator that `expr` lies in `interval` (exact open/closed ends)."""
-    parts = []
-    if math.isfinite(interval.low):
-        parts.append(f"({expr} {'>=' if interval.low_closed else '>'} bool {interval.low!r})")
-    if math.isfinite(interval.high):
-        parts.append(f"({expr} {'<=' if interval.high_closed else '<'} bool {interval.high!r})")
-    return " * ".join(parts) if parts else f"({expr} >= bool -Inf)"
-
-
-def trend_query(current: str, prev: str, trend: Trend) -> str:
-    """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down, 0 NaN."""
-    delta = f"({current} - {prev})"
-    stable = trend.stable
-    up = f"({delta} {'>' if stable.high_closed else '>='} bool {stable.high!r})"
-    down = f"({delta} {'<' if stable.low_closed else '<='} bool {stable.low!r})"
-    up_terms = " + ".join(f"{10 * (i + 1) + 1} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context))
-    down_terms = " + ".join(
-        f"{10 * (i + 1) + 2} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context)
-    )
-    return f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
 
 
 class _Builder:
@@ -226,23 +112,44 @@ def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> 
     return target
 
 
+# Who a series comes from: the scrape target, and the rank under torchrun (DESIGN §9).
+SOURCE_LABELS = ("job", "instance", "rank")
+SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
+# Legends name the instance, and the rank where the series has one: label_replace adds
+# " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
+RANK_TEXT = "rank_text"
+LEGEND = "{{instance}}{{" + RANK_TEXT + "}}"
+
+
+def _named(expr: str) -> str:
+    """`expr` with the RANK_TEXT label the LEGEND needs."""
+    return f'label_replace({expr}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
+
+
 def _merged_table(renames: dict[str, str]) -> list[dict[str, Any]]:
-    """Merge instant queries into one table row per series, renamed and ordered as `renames`."""
+    """Merge instant queries into one table row per series, renamed and ordered as `renames`.
+
+    Every target is aggregated `by` the same labels, so no frame carries `__name__` and
+    `merge` finds equal label columns; `__name__` is dropped here too, for backends that keep it.
+    """
+    columns = {**SOURCE_COLUMNS, **renames}
     return [
         {"id": "merge", "options": {}},
         {
             "id": "organize",
             "options": {
-                "excludeByName": {"Time": True, "job": True, "instance": True},
-                "indexByName": {name: i for i, name in enumerate(renames)},
-                "renameByName": renames,
+                "excludeByName": {"Time": True, "__name__": True, "job": True},
+                "indexByName": {name: i for i, name in enumerate(columns)},
+                "renameByName": columns,
             },
         },
     ]
 
 
-def _instant(expr: str, ref: str) -> Json:
-    return _target(expr, ref, "__auto", format="table", instant=True, range=False)
+def _instant(expr: str, ref: str, labels: list[str]) -> Json:
+    """A table target: one row per series of `labels` (and its source), without `__name__`."""
+    by = ", ".join([*SOURCE_LABELS, *labels])
+    return _target(f"max by ({by}) ({expr})", ref, "__auto", format="table", instant=True, range=False)
 
 
 def _description(spec: MetricSpec, note: str = "") -> str:
@@ -280,6 +187,7 @@ def _stat(
     note: str = "",
     description: str | None = None,
     decimals: int | None = None,
+    unit: str | None = None,
 ) -> Json:
     return {
         "type": "stat",
@@ -289,9 +197,9 @@ def _stat(
             "defaults": {
                 "color": {"mode": "thresholds"},
                 "decimals": spec.precision if decimals is None else decimals,
-                "mappings": mappings or [],
+                "mappings": with_nan(catalog, mappings or []),
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": _unit(spec),
+                "unit": grafana_unit(spec) if unit is None else unit,
             },
             "overrides": [],
         },
@@ -301,12 +209,12 @@ def _stat(
             "justifyMode": "auto",
             "orientation": "auto",
             "percentChangeColorMode": "standard",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
             "showPercentChange": False,
             "textMode": text_mode,
             "wideLayout": True,
         },
-        "targets": [_target(expr)],
+        "targets": [_target(_named(expr), legend=LEGEND)],
     }
 
 
@@ -335,16 +243,16 @@ def _timeseries(
                     "thresholdsStyle": {"mode": "line+area"},
                 },
                 "decimals": spec.precision,
-                "mappings": [],
+                "mappings": with_nan(catalog, []),
                 "min": 0,
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": _unit(spec),
+                "unit": grafana_unit(spec),
             },
             "overrides": [],
         },
         "options": {
             "legend": {
-                "calcs": ["lastNotNull", "max"],
+                "calcs": ["last", "max"],
                 "displayMode": "table",
                 "placement": "bottom",
                 "showLegend": True,
@@ -353,23 +261,6 @@ def _timeseries(
         },
         "targets": targets,
     }
-
-
-def _unit(spec: MetricSpec) -> str:
-    """Grafana unit: seconds for *_seconds metrics, else a plain number ("none")."""
-    return {"seconds": "s"}.get(spec.unit, "none")
-
-
-def _neutral(catalog: Catalog) -> list[Json]:
-    return [{"color": catalog.colour("neutral"), "value": None}]
-
-
-def _count_steps(catalog: Catalog) -> list[Json]:
-    """Counts of bad events: 0 is ok, any at all is critical."""
-    return [
-        {"color": catalog.colour("ok"), "value": None},
-        {"color": catalog.colour("critical"), "value": 1},
-    ]
 
 
 def _policy_row(b: _Builder) -> None:
@@ -381,7 +272,7 @@ def _policy_row(b: _Builder) -> None:
         _timeseries(
             kl,
             "KL divergence over time",
-            [_target(_sel(kl), legend="KL")],
+            [_target(_named(_sel(kl)), legend=LEGEND)],
             catalog=c,
             note=_boundary_note(kl),
         ),
@@ -392,10 +283,10 @@ def _policy_row(b: _Builder) -> None:
         _stat(
             updates,
             "PPO updates in range",
-            f"sum(increase({_sel(updates)}[$__range]))",
+            f"sum by (instance, rank) (increase({_sel(updates)}[$__range]))",
             catalog=c,
             graph=False,
-            steps=_neutral(c),
+            steps=neutral_steps(c),
         ),
         3,
         4,
@@ -404,10 +295,10 @@ def _policy_row(b: _Builder) -> None:
         _stat(
             early,
             "Early stops in range",
-            f"sum(increase({_sel(early)}[$__range]))",
+            f"sum by (instance, rank) (increase({_sel(early)}[$__range]))",
             catalog=c,
             graph=False,
-            steps=_neutral(c),
+            steps=neutral_steps(c),
         ),
         3,
         4,
@@ -425,7 +316,7 @@ def _gradients_row(b: _Builder) -> None:
             _timeseries(
                 g,
                 f"Policy gradient norm, {word}",
-                [_target(_sel(g, f'clip="{clip}"'), legend=word)],
+                [_target(_named(_sel(g, f'clip="{clip}"')), legend=f"{LEGEND} {word}")],
                 catalog=c,
                 note=note,
             ),
@@ -440,7 +331,7 @@ def _gradients_row(b: _Builder) -> None:
             "fieldConfig": {
                 "defaults": {
                     "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
-                    "unit": _unit(hist),
+                    "unit": grafana_unit(hist),
                 },
                 "overrides": [],
             },
@@ -462,7 +353,7 @@ def _gradients_row(b: _Builder) -> None:
                 "rowsFrame": {"layout": "auto"},
                 "showValue": "never",
                 "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
-                "yAxis": {"axisPlacement": "left", "reverse": False, "unit": _unit(hist)},
+                "yAxis": {"axisPlacement": "left", "reverse": False, "unit": grafana_unit(hist)},
             },
             "targets": [
                 _target(
@@ -488,6 +379,51 @@ def _override(name: str, **properties: Any) -> Json:
     }
 
 
+def _table(
+    spec: MetricSpec,
+    title: str,
+    columns: dict[str, tuple[str, Json]],
+    *,
+    catalog: Catalog,
+    defaults: Json,
+    description: str,
+) -> Json:
+    """One row per series of `spec.labels`: `columns` maps a header to (PromQL, its field overrides).
+
+    Label columns are text as they are (unit "string": Grafana would read env "0" as a number);
+    value columns colour their text, so NaN reads red and levels show their colours.
+    """
+    labels = {name: name.capitalize() for name in spec.labels}
+    refs = {header: chr(ord("A") + i) for i, header in enumerate(columns)}
+    renames = {**labels, **{f"Value #{refs[h]}": h for h in columns}}
+    plain = {"unit": "string", "custom.cellOptions": {"type": "auto"}}
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "thresholds"},
+                "custom": {"align": "auto", "inspect": False, "cellOptions": COLOR_TEXT},
+                "mappings": with_nan(catalog, []),
+                **defaults,
+            },
+            "overrides": [
+                *(_override(name, **plain) for name in [*SOURCE_COLUMNS.values(), *labels.values()]),
+                *(_override(header, **props) for header, (_, props) in columns.items() if props),
+            ],
+        },
+        "options": {
+            "cellHeight": "sm",
+            "frameIndex": 0,
+            "showHeader": True,
+            "sortBy": [{"desc": False, "displayName": next(iter(labels.values()))}],
+        },
+        "targets": [_instant(expr, refs[header], list(spec.labels)) for header, (expr, _) in columns.items()],
+        "transformations": _merged_table(renames),
+    }
+
+
 def _heads_row(b: _Builder) -> None:
     c = b.catalog
     cur, prev = c["head_grad_norm"], c["head_grad_norm_prev"]
@@ -499,39 +435,16 @@ def _heads_row(b: _Builder) -> None:
         f"delta = {cur.name} - {prev.name}; stable (→) while delta is in {prev.trend.stable}."
         f' Arrow colours by context: {rules}. "no trend": a head without gradient (NaN).'
     )
-    renames = {"head": "Head", "Value #A": "Current", "Value #B": "Previous", "Value #C": "Trend"}
+    trend = {"mappings": with_nan(c, trend_mappings(c, prev)), "decimals": 0}
     b.add(
-        {
-            "type": "table",
-            "title": "Action heads: gradient norm and trend",
-            "description": _description(prev, note),
-            "fieldConfig": {
-                "defaults": {
-                    "color": {"mode": "thresholds"},
-                    "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
-                    "decimals": cur.precision,
-                    "mappings": [],
-                    "thresholds": thresholds(_neutral(c)),
-                    "unit": _unit(cur),
-                },
-                "overrides": [
-                    _override(
-                        "Trend",
-                        mappings=trend_mappings(c, prev),
-                        decimals=0,
-                        **{"custom.cellOptions": COLOR_TEXT},
-                    )
-                ],
-            },
-            "options": {
-                "cellHeight": "sm",
-                "frameIndex": 0,
-                "showHeader": True,
-                "sortBy": [{"desc": False, "displayName": "Head"}],
-            },
-            "targets": [_instant(_sel(cur), "A"), _instant(_sel(prev), "B"), _instant(code, "C")],
-            "transformations": _merged_table(renames),
-        },
+        _table(
+            cur,
+            "Action heads: gradient norm and trend",
+            {"Current": (_sel(cur), {}), "Previous": (_sel(prev), {}), "Trend": (code, trend)},
+            catalog=c,
+            defaults={"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)},
+            description=_description(prev, note),
+        ),
         24,
         9,
     )
@@ -558,103 +471,49 @@ def _cv_row(b: _Builder) -> None:
         8,
     )
     b.add(
-        _timeseries(cv, "Gradient CV over time", [_target(_sel(cv), legend="CV")], catalog=c, note=note),
+        _timeseries(cv, "Gradient CV over time", [_target(_named(_sel(cv)), legend=LEGEND)], catalog=c, note=note),
         12,
         8,
     )
 
 
-def healthy_unit(ratio: MetricSpec) -> str:
-    """Grafana custom unit drawing the healthy label: "ratio={value}" gives "prefix:ratio="."""
-    prefix, _, suffix = ratio.level("healthy").label.partition("{value}")
-    if prefix and not suffix:
-        return f"prefix:{prefix}"
-    if suffix and not prefix:
-        return f"suffix:{suffix}"
-    return _unit(ratio)
-
-
 def _seeds_row(b: _Builder) -> None:
     c = b.catalog
-    ratio, van, exp = (
-        c["seed_grad_ratio"],
-        c["seed_gradient_vanishing"],
-        c["seed_gradient_exploding"],
-    )
-    r, v, e = _sel(ratio, env=True), _sel(van, env=True), _sel(exp, env=True)
-    # Priority as TELE-557 shows it: exploding, then vanishing, then the ratio (0 shows OK).
-    gradient = f"{SEED_EXPLODING} * {e} + {SEED_VANISHING} * {v} * (1 - {e}) + {r} * (1 - clamp_max({e} + {v}, 1))"
-    renames = {
-        "env": "Env",
-        "slot": "Slot",
-        "Value #A": "Gradient",
-        "Value #B": "Ratio",
-        "Value #C": "Exploding",
-        "Value #D": "Vanishing",
-    }
+    ratio = c["seed_grad_ratio"]
+    r = _sel(ratio, env=True)
+    codes = flag_codes(ratio)
+    # Priority as TELE-557 shows it: each raised flag's code in turn, then the ratio itself.
+    # `or` picks the first that exists per seed, with no arithmetic on the ratio (Inf * 0 is NaN).
+    raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in codes.items()]
+    gradient = {"mappings": seed_mappings(c, ratio), "unit": healthy_unit(ratio)}
+    columns: dict[str, tuple[str, Json]] = {"Gradient": (" or ".join([*raised, r]), gradient), "Ratio": (r, {})}
+    for flag in codes:
+        steps = thresholds(flag_steps(c, ratio, c[flag]))
+        level = next(lv for lv in ratio.levels if lv.flag == flag)
+        columns[level.name.capitalize()] = (_sel(c[flag], env=True), {"decimals": 0, "thresholds": steps})
+    flags = ", then ".join(c[flag].name for flag in codes)
+    no_data = ratio.level_of(0.0)
     note = (
-        f"{_boundary_note(ratio)} Gradient column: {exp.name} first, then {van.name}, then"
-        " the ratio; a ratio of 0 (no gradient data) shows OK."
+        f"{_boundary_note(ratio)} Gradient column: {flags}, then the ratio's own level"
+        f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}").'
     )
     b.row("Seeds")
     b.add(
-        {
-            "type": "table",
-            "title": "Seeds: gradient flow per env and slot",
-            "description": _description(ratio, note),
-            "fieldConfig": {
-                "defaults": {
-                    "color": {"mode": "thresholds"},
-                    "custom": {"align": "auto", "inspect": False, "cellOptions": {"type": "auto"}},
-                    "decimals": ratio.precision,
-                    "mappings": [],
-                    "thresholds": thresholds(level_steps(c, ratio)),
-                    "unit": _unit(ratio),
-                },
-                "overrides": [
-                    _override(
-                        "Gradient",
-                        mappings=seed_mappings(c, ratio),
-                        unit=healthy_unit(ratio),
-                        **{"custom.cellOptions": COLOR_TEXT},
-                    ),
-                    _override("Ratio", **{"custom.cellOptions": COLOR_TEXT}),
-                    *(
-                        _override(
-                            name,
-                            decimals=0,
-                            thresholds=thresholds(_count_steps(c)),
-                            **{"custom.cellOptions": COLOR_TEXT},
-                        )
-                        for name in ("Exploding", "Vanishing")
-                    ),
-                ],
+        _table(
+            ratio,
+            "Seeds: gradient flow per env and slot",
+            columns,
+            catalog=c,
+            defaults={
+                "decimals": ratio.precision,
+                "thresholds": thresholds(level_steps(c, ratio)),
+                "unit": grafana_unit(ratio),
             },
-            "options": {
-                "cellHeight": "sm",
-                "frameIndex": 0,
-                "showHeader": True,
-                "sortBy": [{"desc": False, "displayName": "Env"}],
-            },
-            "targets": [
-                _instant(gradient, "A"),
-                _instant(r, "B"),
-                _instant(e, "C"),
-                _instant(v, "D"),
-            ],
-            "transformations": _merged_table(renames),
-        },
+            description=_description(ratio, note),
+        ),
         24,
         10,
     )
-
-
-def stale_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Seconds since the last update: ok, then critical once older than the stale alert's `after`."""
-    stale = next(a for a in spec.alerts if a.kind == "stale")
-    assert stale.after is not None
-    limit = math.nextafter(duration_seconds(stale.after), math.inf)
-    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(stale.severity), "value": limit}]
 
 
 def _alerts_row(b: _Builder) -> None:
@@ -693,19 +552,23 @@ def _alerts_row(b: _Builder) -> None:
         _stat(
             last,
             "Tele alerts firing (count)",
-            'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job"}) or vector(0)',
+            'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job", instance=~"$instance"}) or vector(0)',
             catalog=c,
             graph=False,
-            steps=_count_steps(c),
+            steps=count_steps(c),
             color_mode="background",
             decimals=0,
-            description="How many Tele alerts are firing now? (Prometheus ALERTS series, 0 when none.)",
+            unit="none",
+            description="How many Tele alerts are firing now for the selected instances?"
+            " (Prometheus ALERTS series, 0 when none.)",
         ),
         6,
         8,
     )
     stale = next(a for a in last.alerts if a.kind == "stale")
-    seconds = f"time() - max({_sel(last)})"
+    # Whole seconds, rounded up: ceil(x) > limit exactly when x > limit, so the colour turns
+    # with the alert and the text ("00:10:00" / "00:10:01") differs across it.
+    seconds = f"ceil(time() - max by (instance, rank) ({_sel(last)}))"
     b.add(
         _stat(
             last,
@@ -714,6 +577,7 @@ def _alerts_row(b: _Builder) -> None:
             catalog=c,
             graph=False,
             steps=stale_steps(c, last),
+            unit="dthms",  # "00:09:59", "00:10:00" green; "00:10:01" red
             note=f"Red once the latest update is older than {stale.after}, when {stale.name} fires.",
         ),
         6,

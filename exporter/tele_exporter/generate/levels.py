@@ -1,0 +1,190 @@
+"""Catalog levels as Grafana field config: threshold steps, value mappings, display codes.
+
+Grafana colours a value with the last threshold step whose value is <= it
+(steps are ">= value"), and a range value mapping matches from <= value <= to.
+Catalog levels state each boundary as open or closed. A closed lower bound is a
+Grafana step as it is; an open lower bound a (the level is "> a") becomes a step
+at the next float64 above a, math.nextafter(a, +inf), which is exactly "> a"
+for every double Grafana can hold. Range mappings use the same trick on open
+ends, so thresholds and mappings reproduce the catalog at the boundary values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..catalog import Catalog, Interval, Level, MetricSpec, Trend, duration_seconds
+
+Json = dict[str, Any]
+
+# Codes the head-trend query returns; value mappings turn them into arrows.
+TREND_NONE = 0
+TREND_STABLE = 1
+
+
+def step_value(interval: Interval) -> float:
+    """The Grafana step value (">= v") that starts `interval`: its low end, or the next double."""
+    return interval.low if interval.low_closed else math.nextafter(interval.low, math.inf)
+
+
+def level_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Threshold steps colouring every value exactly as the catalog's levels do."""
+    steps: list[Json] = []
+    for level in spec.levels:
+        value: float | None = None if not steps else step_value(level.when)
+        steps.append({"color": catalog.colour(level.status), "value": value})
+    return steps
+
+
+def thresholds(steps: list[Json]) -> Json:
+    return {"mode": "absolute", "steps": steps}
+
+
+def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
+    """A range value mapping covering exactly the level's interval, in its colour."""
+    iv = level.when
+    low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
+    high: float | None = None
+    if math.isfinite(iv.high):
+        high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
+    result: Json = {"color": catalog.colour(level.status)}
+    if text is not None:
+        result["text"] = text
+    return {"type": "range", "options": {"from": low, "to": high, "result": result}}
+
+
+def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Range mappings showing each level's label (TELE-330 "stable/warn/BAD")."""
+    return [range_mapping(catalog, level, level.label) for level in spec.levels]
+
+
+def trend_codes(trend: Trend) -> dict[int, tuple[str, str]]:
+    """Code -> (arrow, colour status) for the head-trend query: stable, then up/down per context."""
+    codes = {TREND_STABLE: (trend.arrows["stable"], trend.stable_colour)}
+    for i, ctx in enumerate(trend.context):
+        codes[10 * (i + 1) + 1] = (trend.arrows["up"], ctx.up)
+        codes[10 * (i + 1) + 2] = (trend.arrows["down"], ctx.down)
+    return codes
+
+
+def trend_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Value mappings from the trend code to the TELE-321 arrow in its context colour."""
+    if spec.trend is None:
+        raise ValueError(f"{spec.id} has no trend rule")
+    options = {
+        str(code): {"color": catalog.colour(status), "index": i, "text": arrow}
+        for i, (code, (arrow, status)) in enumerate(sorted(trend_codes(spec.trend).items()))
+    }
+    options[str(TREND_NONE)] = {
+        "color": catalog.colour("neutral"),
+        "index": len(options),
+        "text": "no trend",
+    }
+    return [{"type": "value", "options": options}]
+
+
+def nan_mapping(catalog: Catalog) -> Json:
+    """NaN is data: shown as "NaN" in the critical colour, as the exporter's own display does."""
+    return {
+        "type": "special",
+        "options": {"match": "nan", "result": {"color": catalog.colour("critical"), "text": "NaN"}},
+    }
+
+
+def with_nan(catalog: Catalog, mappings: list[Json]) -> list[Json]:
+    """`mappings` plus the NaN mapping (an override's mappings replace the defaults', so each needs it)."""
+    return [*mappings, nan_mapping(catalog)]
+
+
+def flag_codes(ratio: MetricSpec) -> dict[str, int]:
+    """Seed flag metric id -> the negative code the seed query returns for it, in TELE-557 priority.
+
+    The higher level wins (exploding over vanishing): it comes first and gets the lowest code.
+    """
+    flagged = sorted((lv for lv in ratio.levels if lv.flag), key=lambda lv: lv.when.low, reverse=True)
+    return {str(lv.flag): i - len(flagged) for i, lv in enumerate(flagged)}
+
+
+def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
+    """TELE-557 display: a raised flag's code shows its level, and so does a ratio in a labelled level.
+
+    Levels whose label is fixed text ("OK", "▼ VANISHING", "▲ EXPLODING") are range mappings,
+    so +Inf shows "▲ EXPLODING" even where no flag says so; "ratio={value}" stays a number.
+    """
+    by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
+    codes = {
+        str(code): {"color": catalog.colour(by_flag[flag].status), "index": i, "text": by_flag[flag].label}
+        for i, (flag, code) in enumerate(sorted(flag_codes(ratio).items(), key=lambda kv: kv[1]))
+    }
+    ranges = [range_mapping(catalog, lv, lv.label) for lv in ratio.levels if "{value}" not in lv.label]
+    return with_nan(catalog, [{"type": "value", "options": codes}, *ranges])
+
+
+def _bool_cmp(expr: str, interval: Interval) -> str:
+    """PromQL 1/0 indicator that `expr` lies in `interval` (exact open/closed ends)."""
+    parts = []
+    if math.isfinite(interval.low):
+        parts.append(f"({expr} {'>=' if interval.low_closed else '>'} bool {interval.low!r})")
+    if math.isfinite(interval.high):
+        parts.append(f"({expr} {'<=' if interval.high_closed else '<'} bool {interval.high!r})")
+    return " * ".join(parts) if parts else f"({expr} >= bool -Inf)"
+
+
+def trend_query(current: str, prev: str, trend: Trend) -> str:
+    """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down.
+
+    0 ("no trend") where either value is NaN or infinite, as display.head_trend reads it:
+    the code is kept only where the delta is finite, and `or` fills in 0 for the rest.
+    """
+    delta = f"({current} - {prev})"
+    stable = trend.stable
+    up = f"({delta} {'>' if stable.high_closed else '>='} bool {stable.high!r})"
+    down = f"({delta} {'<' if stable.low_closed else '<='} bool {stable.low!r})"
+    up_terms = " + ".join(f"{10 * (i + 1) + 1} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context))
+    down_terms = " + ".join(
+        f"{10 * (i + 1) + 2} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context)
+    )
+    code = f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
+    return f"({code}) and (abs{delta} < +Inf) or {TREND_NONE} * ({current} >= bool -Inf)"
+
+
+def neutral_steps(catalog: Catalog) -> list[Json]:
+    return [{"color": catalog.colour("neutral"), "value": None}]
+
+
+def count_steps(catalog: Catalog) -> list[Json]:
+    """Counts of bad events: 0 is ok, any at all is critical."""
+    return [
+        {"color": catalog.colour("ok"), "value": None},
+        {"color": catalog.colour("critical"), "value": 1},
+    ]
+
+
+def healthy_unit(ratio: MetricSpec) -> str:
+    """Grafana custom unit drawing the healthy label: "ratio={value}" gives "prefix:ratio="."""
+    prefix, _, suffix = ratio.level("healthy").label.partition("{value}")
+    if prefix and not suffix:
+        return f"prefix:{prefix}"
+    if suffix and not prefix:
+        return f"suffix:{suffix}"
+    return grafana_unit(ratio)
+
+
+def flag_steps(catalog: Catalog, ratio: MetricSpec, flag: MetricSpec) -> list[Json]:
+    """A 0/1 flag column: 0 is ok, 1 in the colour of the level it flags (TELE-557: vanishing yellow)."""
+    level = next(lv for lv in ratio.levels if lv.flag == flag.id)
+    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(level.status), "value": 1}]
+
+
+def stale_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Seconds since the last update: ok, then critical once older than the stale alert's `after`."""
+    stale = next(a for a in spec.alerts if a.kind == "stale")
+    assert stale.after is not None
+    limit = math.nextafter(duration_seconds(stale.after), math.inf)
+    return [{"color": catalog.colour("ok"), "value": None}, {"color": catalog.colour(stale.severity), "value": limit}]
+
+
+def grafana_unit(spec: MetricSpec) -> str:
+    """Grafana unit: seconds for *_seconds metrics, else a plain number ("none")."""
+    return {"seconds": "s"}.get(spec.unit, "none")

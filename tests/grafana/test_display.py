@@ -1,0 +1,467 @@
+"""What a person sees in Grafana 12 is what the TELE records say, computed with Grafana's own code.
+
+Real Prometheus scrapes (a) a static exporter whose series sit exactly on every catalog
+boundary, one float below and one above, plus NaN, +Inf and 0, and (b) real demo runs, healthy
+and with each `--fault`. Every panel query runs on it; tests/grafana/grafana_display.cjs turns
+the responses into what each panel shows with npm @grafana/prometheus 12.4.0 and @grafana/data
+12.4.2. The expected text and colour come from the catalog and `tele_exporter.display`, the
+exporter's own reading of the records, never from the dashboard. Deliberately broken
+dashboards (the old merge-on-__name__ tables, a threshold one float off, a mapping in the
+wrong colour) must fail the same checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tele_exporter.catalog import MetricSpec, default_catalog, duration_seconds
+from tele_exporter.display import head_trend, show
+from tele_exporter.generate import dashboards
+from tests.support.demo import start_demo
+from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
+from tests.support.servers import Running, poll, prometheus_config, start_prometheus
+from tests.support.static_exporter import StaticExporter, exposition
+
+pytestmark = [pytest.mark.servers]
+
+ROOT = Path(__file__).resolve().parents[2]
+CATALOG = default_catalog()
+ALL = {"job": "tele", "instance": ".*", "env": ".*"}
+KL, CV, HEADS, SEEDS, STALE = (
+    "KL divergence",
+    "Gradient CV status",
+    "Action heads: gradient norm and trend",
+    "Seeds: gradient flow per env and slot",
+    "Time since the last PPO update",
+)
+HEAD_COLUMNS = ["Instance", "Head", "Current", "Previous", "Trend"]
+SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Exploding", "Vanishing"]
+RANK = re.compile(r" rank (\d+)$")
+Shown = tuple[str, str | None]
+
+
+def board() -> dict[str, Any]:
+    return dict(json.loads((ROOT / dashboards.PATH).read_text(encoding="utf-8")))
+
+
+def colour(status: str) -> str:
+    return CATALOG.colour(status)
+
+
+def number(value: float, decimals: int) -> str:
+    """A number as the records print it; Grafana writes infinity as ∞."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return f"{value:.{decimals}f}"
+
+
+def levelled(spec: MetricSpec, value: float) -> Shown:
+    """The number in its level's colour (NaN: "NaN", critical)."""
+    return number(value, spec.precision), colour(show(spec, value).status)
+
+
+def labelled(spec: MetricSpec, value: float) -> Shown:
+    """The level's label in its colour, as display.show gives it."""
+    shown = show(spec, value)
+    return shown.label, colour(shown.status)
+
+
+def probes(spec: MetricSpec) -> list[float]:
+    """Every level boundary, one float below and above it (within [0, +inf]), and NaN, +Inf, 0."""
+    edges = {lv.when.low for lv in spec.levels} | {lv.when.high for lv in spec.levels if math.isfinite(lv.when.high)}
+    values = {0.0, math.inf}
+    for edge in edges:
+        values |= {math.nextafter(edge, -math.inf), edge, math.nextafter(edge, math.inf)}
+    return [*sorted(v for v in values if v >= 0), math.nan]
+
+
+def seed_display(ratio: float, exploding: bool, vanishing: bool) -> Shown:
+    """TELE-557: exploding, then vanishing, then the ratio's own level."""
+    spec = CATALOG["seed_grad_ratio"]
+    for flagged, name in ((exploding, "exploding"), (vanishing, "vanishing")):
+        if flagged:
+            level = spec.level(name)
+            return level.label, colour(level.status)
+    return labelled(spec, ratio)
+
+
+def flag_cell(flagged: bool, level: str) -> Shown:
+    return ("1", colour(CATALOG["seed_grad_ratio"].level(level).status)) if flagged else ("0", colour("ok"))
+
+
+def neutral(value: float, decimals: int) -> Shown:
+    """A number with no levels: text colour, NaN critical as display.show has it."""
+    return number(value, decimals), colour("critical") if math.isnan(value) else colour("neutral")
+
+
+def trend_cell(current: float, prev: float) -> Shown:
+    arrow = head_trend(CATALOG["head_grad_norm_prev"], current, prev)
+    return (arrow.arrow, colour(arrow.status)) if arrow else ("no trend", colour("neutral"))
+
+
+def compare(what: str, expected: dict[Any, Any], got: dict[Any, Any]) -> list[str]:
+    """One line per key whose shown value differs from the expected one."""
+    return [
+        f"{what} {key}: shown {got.get(key)}, expected {want}" for key, want in expected.items() if got.get(key) != want
+    ] + [f"{what} {key}: unexpected {got[key]}" for key in got if key not in expected]
+
+
+def stat_by_rank(values: list[dict[str, Any]]) -> dict[int | str, Shown]:
+    """Stat values by the rank their legend names (by the whole legend where it names none)."""
+    out: dict[int | str, Shown] = {}
+    for v in values:
+        found = RANK.search(v["name"])
+        out[int(found.group(1)) if found else v["name"]] = (v["text"], v["color"])
+    return out
+
+
+def table_rows(
+    panel: dict[str, Any], columns: list[str], key: Callable[[dict[str, Shown]], Any]
+) -> tuple[list[str], dict[Any, dict[str, Shown]]]:
+    """Problems with the table's shape (columns, one row per key) and its rows by key."""
+    table = panel["table"]
+    problems = []
+    if table["columns"] != columns:
+        problems.append(f"{panel['title']}: columns {table['columns']}, expected {columns}")
+    rows: dict[Any, dict[str, Shown]] = {}
+    for row in table["rows"]:
+        cells = {name: (c["text"], c["color"]) for name, c in zip(table["columns"], row, strict=True)}
+        k = key(cells)
+        if k in rows:
+            problems.append(f"{panel['title']}: more than one row for {k}")
+        rows[k] = cells
+    return problems, rows
+
+
+# ---------------------------------------------------------------- boundary series ----
+
+
+@dataclass(frozen=True)
+class Cases:
+    """The boundary values served, by series index (rank, env or head number)."""
+
+    kl: list[float]
+    cv: list[float]
+    seeds: list[tuple[float, bool, bool]]
+    heads: list[tuple[float, float]]
+    stale: list[float]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Prometheus holding the boundary `cases`; evaluate at `at`."""
+
+    prom: Running
+    at: float
+    cases: Cases
+
+
+def boundary_cases() -> Cases:
+    ratio = CATALOG["seed_grad_ratio"]
+    seeds = []
+    for value in probes(ratio):
+        level = ratio.level_of(value)
+        flag = level.name if level is not None else ""
+        seeds.append((value, flag == "exploding", flag == "vanishing"))
+    seeds.append((math.inf, False, False))  # a non-finite ratio is exploding even without its flag
+    stale = next(a for a in CATALOG["last_update_timestamp"].alerts if a.kind == "stale")
+    after = duration_seconds(stale.after or "0s")
+    return Cases(
+        kl=probes(CATALOG["kl_divergence"]),
+        cv=probes(CATALOG["gradient_cv"]),
+        seeds=seeds,
+        heads=[(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)],
+        stale=[after - 1, after, after + 0.001, after + 1],
+    )
+
+
+def boundary_text(cases: Cases, at: float) -> str:
+    """The cases as /metrics text; update timestamps are ages before `at`."""
+    c = CATALOG
+    seed = [{"env": str(i), "slot": "s"} for i in range(len(cases.seeds))]
+    return exposition(
+        {
+            c["kl_divergence"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.kl)],
+            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)],
+            c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)],
+            c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
+            c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
+            c["head_grad_norm"].name: [({"head": f"h{i}"}, cur) for i, (cur, _) in enumerate(cases.heads)],
+            c["head_grad_norm_prev"].name: [({"head": f"h{i}"}, prev) for i, (_, prev) in enumerate(cases.heads)],
+            c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def boundary() -> Iterator[Boundary]:
+    """Prometheus that scraped the boundary series (served from 3 s before `at` on)."""
+    cases = boundary_cases()
+    with StaticExporter() as exporter, start_prometheus(prometheus_config([exporter.address])) as prom:
+        poll(lambda: prom.query("up == 1"), timeout=60, interval=0.5, what="the first scrape")
+        at = float(math.floor(time.time()) + 3)
+        exporter.text = boundary_text(cases, at)
+        name = CATALOG["kl_divergence"].name
+
+        def scraped() -> bool:
+            if time.time() < at + 1.5:
+                return False
+            body = prom.api("/api/v1/query", query=f"count({name})", time=f"{at:.3f}")
+            return bool(body["data"]["result"])
+
+        poll(scraped, timeout=60, interval=0.5, what="boundary series scraped before the evaluation time")
+        yield Boundary(prom, at, cases)
+
+
+def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool = False) -> list[str]:
+    """Every difference between what Grafana shows for the boundary series and the records."""
+    shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, ALL, 60), keep_name)
+    kl, cv, ratio = CATALOG["kl_divergence"], CATALOG["gradient_cv"], CATALOG["seed_grad_ratio"]
+    problems = compare(
+        KL,
+        {i: levelled(kl, v) for i, v in enumerate(run.cases.kl)},
+        stat_by_rank(by_title(dashboard, shown, KL)["values"]),
+    )
+    problems += compare(
+        "Gradient CV",
+        {i: levelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        stat_by_rank(by_title(dashboard, shown, "Gradient CV")["values"]),
+    )
+    problems += compare(
+        CV,
+        {i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        stat_by_rank(by_title(dashboard, shown, CV)["values"]),
+    )
+
+    shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda c: c["Env"][0])
+    problems += shape
+    expected = {}
+    for i, (value, exploding, vanishing) in enumerate(run.cases.seeds):
+        expected[str(i)] = {
+            "Gradient": seed_display(value, exploding, vanishing),
+            "Ratio": levelled(ratio, value),
+            "Exploding": flag_cell(exploding, "exploding"),
+            "Vanishing": flag_cell(vanishing, "vanishing"),
+        }
+    got = {k: {c: row.get(c) for c in ("Gradient", "Ratio", "Exploding", "Vanishing")} for k, row in seeds.items()}
+    problems += compare(SEEDS, expected, got)
+
+    shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda c: c["Head"][0])
+    problems += shape
+    want_heads = {
+        f"h{i}": {"Current": neutral(c, 3), "Previous": neutral(p, 3), "Trend": trend_cell(c, p)}
+        for i, (c, p) in enumerate(run.cases.heads)
+    }
+    problems += compare(
+        HEADS, want_heads, {k: {c: row.get(c) for c in ("Current", "Previous", "Trend")} for k, row in heads.items()}
+    )
+
+    stale = stat_by_rank(by_title(dashboard, shown, STALE)["values"])
+    limit = run.cases.stale[1]
+    problems += compare(
+        STALE,
+        {i: colour("ok" if age <= limit else "critical") for i, age in enumerate(run.cases.stale)},
+        {i: c for i, (_, c) in stale.items()},
+    )
+    fresh = {stale.get(i, ("", None))[0] for i, age in enumerate(run.cases.stale) if age <= limit}
+    old = {stale.get(i, ("", None))[0] for i, age in enumerate(run.cases.stale) if age > limit}
+    if fresh & old:
+        problems.append(f"{STALE}: {sorted(fresh & old)} shown on both sides of the threshold")
+    return problems
+
+
+def test_boundaries_show_as_the_records_say(boundary: Boundary) -> None:
+    assert boundary_problems(boundary, board()) == []
+
+
+def test_tables_hold_together_when_the_backend_keeps_names(boundary: Boundary) -> None:
+    assert boundary_problems(boundary, board(), keep_name=True) == []
+
+
+def _old_tables(dashboard: dict[str, Any]) -> None:
+    """The tables as they were: plain selectors merged with `__name__` still on them."""
+    for panel in dashboard["panels"]:
+        if panel["type"] != "table":
+            continue
+        for target in panel["targets"]:
+            target["expr"] = re.sub(r"^max by \([^)]*\) \((.*)\)$", r"\1", target["expr"])
+        panel["transformations"][1]["options"]["excludeByName"].pop("__name__")
+
+
+def _kl_threshold_off(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == KL]
+    step = panel["fieldConfig"]["defaults"]["thresholds"]["steps"][1]
+    step["value"] = math.nextafter(step["value"], math.inf)
+
+
+def _cv_mapping_colour(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == CV]
+    panel["fieldConfig"]["defaults"]["mappings"][1]["options"]["result"]["color"] = "orange"
+
+
+def _seed_mapping_colour(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == SEEDS]
+    exploding = CATALOG["seed_grad_ratio"].level("exploding").label
+    for override in panel["fieldConfig"]["overrides"]:
+        for prop in override["properties"]:
+            if prop["id"] == "mappings":
+                for mapping in prop["value"]:
+                    if mapping["type"] == "range" and mapping["options"]["result"].get("text") == exploding:
+                        mapping["options"]["result"]["color"] = "orange"
+
+
+MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "old merge-on-__name__ tables": (_old_tables, "more than one row"),
+    "KL threshold one float off": (_kl_threshold_off, KL),
+    "CV warn mapping in the wrong colour": (_cv_mapping_colour, CV),
+    "seed EXPLODING range mapping in the wrong colour": (_seed_mapping_colour, SEEDS),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_a_broken_dashboard_fails(boundary: Boundary, name: str) -> None:
+    mutate, caught_by = MUTATIONS[name]
+    broken = copy.deepcopy(board())
+    mutate(broken)
+    problems = boundary_problems(boundary, broken)
+    assert any(caught_by in line for line in problems), (name, problems)
+
+
+# ---------------------------------------------------------------- real demo runs ----
+
+FAULTS = ("none", "kl", "explode", "vanish", "nan")
+MIN_UPDATES = 5
+
+
+@dataclass(frozen=True)
+class Live:
+    """Prometheus that scraped one demo run per fault; `instances` maps fault -> instance."""
+
+    prom: Running
+    at: float
+    start: float
+    instances: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Live]:
+    """A healthy demo and one per `--fault` (from update 3 on), scraped by one Prometheus."""
+    with contextlib.ExitStack() as stack:
+        demos = {
+            fault: stack.enter_context(start_demo("--seed", "7", "--fault", fault, "--fault-after", "2"))
+            for fault in FAULTS
+        }
+        rules = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+        start = time.time()
+        prom = stack.enter_context(
+            start_prometheus(prometheus_config([d.address for d in demos.values()]), rule_files=rules)
+        )
+        updates = CATALOG["ppo_updates"].name
+        poll(
+            lambda: len(prom.query(f"{updates} >= {MIN_UPDATES}")) == len(FAULTS),
+            timeout=420,
+            interval=1.0,
+            what=f"{MIN_UPDATES} updates scraped from every demo",
+        )
+        yield Live(prom, time.time(), start, {fault: d.address for fault, d in demos.items()})
+
+
+def raw(run: Live, expr: str) -> dict[tuple[str, ...], float]:
+    """{label values: value} of an instant query at the evaluation time."""
+    body = run.prom.api("/api/v1/query", query=expr, time=f"{run.at:.3f}")
+    return {
+        tuple(v for k, v in sorted(r["metric"].items()) if k != "__name__"): float(r["value"][1])
+        for r in body["data"]["result"]
+    }
+
+
+def single(run: Live, expr: str) -> float:
+    (value,) = raw(run, expr).values()
+    return value
+
+
+def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name: bool = False) -> list[str]:
+    """Every difference between what Grafana shows for one demo instance and the records."""
+    values = {"job": "tele", "instance": grafana_escape(instance), "env": ".*"}
+    window = max(int(run.at - run.start), 10)
+    shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, values, window), keep_name)
+    at = f'{{instance="{instance}"}}'
+    c = CATALOG
+    kl, cv, ratio = c["kl_divergence"], c["gradient_cv"], c["seed_grad_ratio"]
+    problems = []
+    for title, want in (
+        (KL, {instance: levelled(kl, single(run, kl.name + at))}),
+        ("Gradient CV", {instance: levelled(cv, single(run, cv.name + at))}),
+        (CV, {instance: labelled(cv, single(run, cv.name + at))}),
+        (STALE, {instance: colour("ok")}),
+    ):
+        got = {v["name"]: (v["text"], v["color"]) for v in by_title(dashboard, shown, title)["values"]}
+        if title == STALE:
+            got = {name: col for name, (_, col) in got.items()}
+        problems += compare(title, want, got)
+    for clip in ("pre", "post"):
+        title = f"Policy gradient norm, {clip}-clip"
+        names = [v["name"] for v in by_title(dashboard, shown, title)["values"]]
+        if names != [f"{instance} {clip}-clip"]:
+            problems.append(f"{title}: legend {names}")
+
+    cur, prev = raw(run, c["head_grad_norm"].name + at), raw(run, c["head_grad_norm_prev"].name + at)
+    shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda cells: cells["Head"][0])
+    problems += shape
+    want_heads = {
+        key[0]: {"Current": neutral(v, 3), "Previous": neutral(prev[key], 3), "Trend": trend_cell(v, prev[key])}
+        for key, v in cur.items()
+    }
+    got_heads = {k: {col: row.get(col) for col in ("Current", "Previous", "Trend")} for k, row in heads.items()}
+    problems += compare(HEADS, want_heads, got_heads)
+
+    ratios = raw(run, ratio.name + at)
+    exploding = raw(run, c["seed_gradient_exploding"].name + at)
+    vanishing = raw(run, c["seed_gradient_vanishing"].name + at)
+    shape, seeds = table_rows(
+        by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda cells: (cells["Env"][0], cells["Slot"][0])
+    )
+    problems += shape
+    want_seeds = {}
+    for key, value in ratios.items():
+        e, v = exploding[key] == 1, vanishing[key] == 1
+        env, slot = key[0], key[3]
+        want_seeds[(env, slot)] = {
+            "Gradient": seed_display(value, e, v),
+            "Ratio": levelled(ratio, value),
+            "Exploding": flag_cell(e, "exploding"),
+            "Vanishing": flag_cell(v, "vanishing"),
+        }
+    got_seeds = {
+        k: {col: row.get(col) for col in ("Gradient", "Ratio", "Exploding", "Vanishing")} for k, row in seeds.items()
+    }
+    problems += compare(SEEDS, want_seeds, got_seeds)
+    return problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_demo_runs_show_as_the_records_say(live: Live, fault: str) -> None:
+    assert live_problems(live, board(), live.instances[fault]) == []
+    assert live_problems(live, board(), live.instances[fault], keep_name=True) == []
+
+
+@pytest.mark.slow
+def test_old_tables_split_on_real_runs(live: Live) -> None:
+    broken = copy.deepcopy(board())
+    _old_tables(broken)
+    problems = live_problems(live, broken, live.instances["none"])
+    assert any("more than one row" in line for line in problems), problems
