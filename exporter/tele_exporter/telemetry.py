@@ -23,7 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
-from .catalog import RESERVED_LABELS, Catalog, default_catalog
+from .catalog import Catalog, default_catalog
 from .display import show
 from .gradients import Drained, GradientMeter
 from .histogram import LabelledHistogram
@@ -472,8 +472,10 @@ def _check_const_labels(labels: Mapping[str, str] | None, catalog: Catalog) -> d
     rank = _distributed_rank()
     if rank is not None:
         out.setdefault("rank", str(rank))
-    used = {label for spec in catalog for label in spec.labels}
-    for name in out:
-        if name in RESERVED_LABELS or name in used or not name.isidentifier():
-            raise ValueError(f"const label {name!r} is reserved or clashes with a metric label")
+    from .labels import check_label_names
+
+    try:
+        check_label_names(out, {label for spec in catalog for label in spec.labels}, "a catalog metric")
+    except ValueError as exc:
+        raise ValueError(f"const {exc}") from None
     return out
