@@ -161,7 +161,7 @@ class WebConfig:
         key = hashlib.sha256(b"\0".join((user.encode(), hashed, password.encode()))).digest()
         ok = self._cache.get(key)
         if ok is None:
-            ok = known and self._bcrypt(password.encode(), hashed)
+            ok = self._bcrypt(password.encode(), hashed) and known
             self._cache.put(key, ok)
         return ok
 

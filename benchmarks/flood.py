@@ -1,0 +1,236 @@
+"""Training throughput while clients scrape politely or flood the exporter, against no clients at all.
+
+A training loop (the `tele-exporter bench` 8-head policy, one published update
+every --steps steps) runs in interleaved phases of --seconds each, in one run:
+quiet (no client), scrape (a separate process GETs /metrics with the right
+password at --rate per second) and flood (a separate process, as fast as it can
+on --workers threads each: wrong passwords, new each time; /metrics?x=N, a new
+URL each time; /api/snapshot; and connections opened and held, never sending a
+request). The exporter has basic auth with a bcrypt cost-10 hash and the default
+connection cap. Printed: median steps/s per phase, the ratios to quiet, the
+requests each phase answered by status, and the trainer's RSS, threads and open
+fds at the end of each phase.
+
+    python benchmarks/flood.py [--rounds 3] [--seconds 5] [--rate 100] [--workers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import torch
+
+from tele_exporter import server as server_module
+from tele_exporter.bench import BenchPolicy
+from tele_exporter.server import DEFAULT_MAX_CONNECTIONS, serve
+from tele_exporter.telemetry import Telemetry
+
+USER, PASSWORD = "prometheus", "correct horse battery staple"
+
+_CLIENT = r"""
+import base64, collections, json, random, socket, sys, threading, time, urllib.error, urllib.request
+mode, base, rate, seconds, workers, user, password = sys.argv[1:8]
+rate, seconds, workers = float(rate), float(seconds), int(workers)
+port = int(base.rsplit(":", 1)[1])
+counts = collections.Counter()
+lock = threading.Lock()
+
+def auth(pw):
+    return "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
+
+def get(path, pw):
+    req = urllib.request.Request(base + path, headers={"Authorization": auth(pw)})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            resp.read()
+            code = resp.status
+    except urllib.error.HTTPError as err:
+        code = err.code
+    except OSError:
+        code = "error"
+    with lock:
+        counts[f"{path.split('?')[0]} {code}"] += 1
+
+get("/metrics", password)
+print("ready", flush=True)
+start = time.perf_counter()
+end = start + seconds
+
+def wrong():
+    while time.perf_counter() < end:
+        get("/metrics", f"guess-{random.random()}")
+
+def uncached():
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+        get(f"/metrics?x={random.random()}", password)
+
+def snapshots():
+    while time.perf_counter() < end:
+        get("/api/snapshot", password)
+
+def hold():
+    held = []
+    while time.perf_counter() < end:
+        try:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            with lock:
+                counts["held connections opened"] += 1
+        except OSError:
+            time.sleep(0.01)
+        if len(held) > 200:
+            held.pop(0).close()
+    for s in held:
+        s.close()
+
+if mode == "scrape":
+    done = 0
+    while time.perf_counter() < end:
+        get("/metrics", password)
+        done += 1
+        delay = start + done / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+else:
+    threads = [threading.Thread(target=f) for f in (wrong, uncached, snapshots, hold) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    # a polite scraper alongside: does a legitimate scrape still get through?
+    while time.perf_counter() < end:
+        get("/metrics#legit", password)
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+print(json.dumps(dict(counts)), flush=True)
+"""
+
+
+def _phase(tele: Telemetry, policy: BenchPolicy, optim: torch.optim.Optimizer, x: torch.Tensor,
+           steps: int, seconds: float) -> float:  # fmt: skip
+    """Train in whole updates for `seconds`; returns optimizer steps per second."""
+    done = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        with tele.update() as upd:
+            for _ in range(steps):
+                optim.zero_grad(set_to_none=True)
+                policy(x).backward()
+                upd.clip_grad_norm_(0.5)
+                optim.step()
+            upd.observe_kl({"op": torch.full((4,), 0.01)})
+        done += steps
+    return done / (time.perf_counter() - t0)
+
+
+def _resources() -> dict[str, int]:
+    """This process's RSS (KiB), OS threads and open fds, from /proc."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {
+        "rss_kib": int(status["VmRSS"].split()[0]),
+        "threads": int(status["Threads"]),
+        "fds": len(os.listdir("/proc/self/fd")),
+    }
+
+
+def _client(mode: str, base: str, rate: float, seconds: float, workers: int) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-c", _CLIENT, mode, base, str(rate), str(seconds), str(workers), USER, PASSWORD]
+    client = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None
+    if client.stdout.readline().strip() != "ready":
+        client.kill()
+        raise RuntimeError(f"the {mode} client did not start")
+    return client
+
+
+def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32) -> dict[str, object]:
+    """Interleave quiet, scrape and flood phases; medians, ratios, answered requests and resources."""
+    torch.manual_seed(0)
+    policy = BenchPolicy(64, 128)
+    tele = Telemetry(policy, heads=dict(policy.heads.items()))
+    optim = torch.optim.Adam(policy.parameters(), lr=1e-4)
+    x = torch.randn(256, 64)
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    phases: dict[str, list[float]] = {"quiet": [], "scrape": [], "flood": []}
+    answered: dict[str, dict[str, int]] = {"scrape": {}, "flood": {}}
+    resources: dict[str, list[dict[str, int]]] = {"quiet": [], "scrape": [], "flood": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "web.yml"
+        config.write_text(f"basic_auth_users:\n  {USER}: {hashed}\n")
+        server = serve(tele, 0, "127.0.0.1", web_config=config)
+        try:
+            _phase(tele, policy, optim, x, steps, min(seconds, 1.0))
+            for _ in range(rounds):
+                for name in phases:
+                    client = None if name == "quiet" else _client(name, server.base_url, rate, seconds, workers)
+                    try:
+                        phases[name].append(_phase(tele, policy, optim, x, steps, seconds))
+                        resources[name].append(_resources())
+                        if client is not None:
+                            assert client.stdout is not None
+                            for key, n in json.loads(client.stdout.readline()).items():
+                                answered[name][key] = answered[name].get(key, 0) + n
+                    finally:
+                        if client is not None:
+                            if client.poll() is None:
+                                client.kill()
+                            client.wait()
+        finally:
+            server.close()
+            tele.close()
+    quiet = statistics.median(phases["quiet"])
+    return {
+        "steps_per_s": {k: statistics.median(v) for k, v in phases.items()},
+        "ratio": {k: statistics.median(v) / quiet for k, v in phases.items() if k != "quiet"},
+        "answered": answered,
+        "resources": {k: {r: max(d[r] for d in v) for r in v[0]} for k, v in resources.items()},
+        "python_threads_now": threading.active_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (quiet, scrape, flood) phases")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    parser.add_argument("--rate", type=float, default=100.0, help="scrapes per second in the scrape phase")
+    parser.add_argument("--workers", type=int, default=4, help="threads per kind of flood")
+    parser.add_argument("--steps", type=int, default=32, help="optimizer steps per published update")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--nice", type=int, default=server_module.SERVE_NICE, help="nice of the serving threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    server_module.SERVE_NICE = args.nice
+    r = run(args.rounds, args.seconds, args.rate, args.workers, args.steps)
+    print(
+        f"flood: {args.rounds} rounds x 3 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "
+        f"{args.workers} flood threads per kind, max_connections {DEFAULT_MAX_CONNECTIONS}, serving nice {args.nice}, "
+        f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs"
+    )
+    steps, ratio = r["steps_per_s"], r["ratio"]
+    assert isinstance(steps, dict) and isinstance(ratio, dict)
+    print("steps/s (medians): " + "  ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+    print(f"ratio scrape/quiet: {ratio['scrape']:.3f}")
+    print(f"ratio flood/quiet: {ratio['flood']:.3f}")
+    answered = r["answered"]
+    assert isinstance(answered, dict)
+    for phase, counts in answered.items():
+        print(f"answered in {phase}: " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+    resources = r["resources"]
+    assert isinstance(resources, dict)
+    for phase, res in resources.items():
+        print(f"trainer at end of {phase} (max over rounds): " + ", ".join(f"{k} {v}" for k, v in res.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
