@@ -2,16 +2,18 @@
 
 A training loop (the `tele-exporter bench` 8-head policy, one published update
 every --steps steps) runs in interleaved phases of --seconds each, in one run:
-quiet (no client), scrape (a separate process GETs /metrics with the right
-password at --rate per second) and flood (a separate process, as fast as it can
-on --workers threads each: wrong passwords, new each time; /metrics?x=N, a new
-URL each time; /api/snapshot; and connections opened and held, never sending a
-request). The exporter has basic auth with a bcrypt cost-10 hash and the default
-connection cap. Printed: median steps/s per phase, the ratios to quiet, the
-requests each phase answered by status, and the trainer's RSS, threads and open
-fds at the end of each phase.
+quiet (no client); scrape (a separate process GETs /metrics with the right
+password at --rate per second); requests (a separate process, as fast as it can
+on --workers threads per kind: wrong passwords, new each time; /metrics?x=N, a
+new URL each time; /api/snapshot); held (connections opened as fast as the
+exporter takes them and held, never sending a request, up to 200 at a time).
+Flood phases also scrape politely twice a second and report the slowest. The
+exporter has basic auth with a bcrypt cost-10 hash and the default connection
+cap. Printed: median steps/s per phase, the ratios to quiet, the requests each
+phase answered by status, and the trainer's peak RSS, threads and open fds (one of
+the threads is the benchmark's own sampler).
 
-    python benchmarks/flood.py [--rounds 3] [--seconds 5] [--rate 100] [--workers 4]
+    python benchmarks/flood.py [--rounds 5] [--seconds 3] [--rate 100] [--workers 4]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from tele_exporter.server import DEFAULT_MAX_CONNECTIONS, serve
 from tele_exporter.telemetry import Telemetry
 
 USER, PASSWORD = "prometheus", "correct horse battery staple"
+PHASES = ("quiet", "scrape", "requests", "held")
 
 _CLIENT = r"""
 import base64, collections, json, random, socket, sys, threading, time, urllib.error, urllib.request
@@ -94,6 +97,15 @@ def hold():
     for s in held:
         s.close()
 
+def legit():
+    # a polite scraper alongside the flood: does a legitimate scrape still get through, and how fast?
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        get("/metrics#legit", password)
+        with lock:
+            counts["legit slowest ms"] = max(counts["legit slowest ms"], round(1000 * (time.perf_counter() - t0)))
+        time.sleep(0.5)
+
 if mode == "scrape":
     done = 0
     while time.perf_counter() < end:
@@ -103,13 +115,10 @@ if mode == "scrape":
         if delay > 0:
             time.sleep(delay)
 else:
-    threads = [threading.Thread(target=f) for f in (wrong, uncached, snapshots, hold) for _ in range(workers)]
+    kinds = (wrong, uncached, snapshots) if mode == "requests" else (hold,)
+    threads = [threading.Thread(target=f) for f in kinds for _ in range(workers)] + [threading.Thread(target=legit)]
     for t in threads:
         t.start()
-    # a polite scraper alongside: does a legitimate scrape still get through?
-    while time.perf_counter() < end:
-        get("/metrics#legit", password)
-        time.sleep(1.0)
     for t in threads:
         t.join()
 print(json.dumps(dict(counts)), flush=True)
@@ -143,6 +152,28 @@ def _resources() -> dict[str, int]:
     }
 
 
+class _Sampler:
+    """The largest RSS, thread count and fd count seen while a phase runs (sampled every 20 ms)."""
+
+    def __init__(self) -> None:
+        self.peak = _resources()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            now = _resources()
+            self.peak = {k: max(v, now[k]) for k, v in self.peak.items()}
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _client(mode: str, base: str, rate: float, seconds: float, workers: int) -> subprocess.Popen[str]:
     argv = [sys.executable, "-c", _CLIENT, mode, base, str(rate), str(seconds), str(workers), USER, PASSWORD]
     client = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -161,9 +192,9 @@ def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32)
     optim = torch.optim.Adam(policy.parameters(), lr=1e-4)
     x = torch.randn(256, 64)
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
-    phases: dict[str, list[float]] = {"quiet": [], "scrape": [], "flood": []}
-    answered: dict[str, dict[str, int]] = {"scrape": {}, "flood": {}}
-    resources: dict[str, list[dict[str, int]]] = {"quiet": [], "scrape": [], "flood": []}
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    answered: dict[str, dict[str, int]] = {name: {} for name in PHASES if name != "quiet"}
+    resources: dict[str, list[dict[str, int]]] = {name: [] for name in PHASES}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "web.yml"
         config.write_text(f"basic_auth_users:\n  {USER}: {hashed}\n")
@@ -174,12 +205,14 @@ def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32)
                 for name in phases:
                     client = None if name == "quiet" else _client(name, server.base_url, rate, seconds, workers)
                     try:
-                        phases[name].append(_phase(tele, policy, optim, x, steps, seconds))
-                        resources[name].append(_resources())
+                        with _Sampler() as sampler:
+                            phases[name].append(_phase(tele, policy, optim, x, steps, seconds))
+                        resources[name].append(sampler.peak)
                         if client is not None:
                             assert client.stdout is not None
                             for key, n in json.loads(client.stdout.readline()).items():
-                                answered[name][key] = answered[name].get(key, 0) + n
+                                merge = max if key.endswith(" ms") else int.__add__
+                                answered[name][key] = merge(answered[name].get(key, 0), n)
                     finally:
                         if client is not None:
                             if client.poll() is None:
@@ -200,8 +233,8 @@ def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of (quiet, scrape, flood) phases")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of (quiet, scrape, requests, held) phases")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each phase")
     parser.add_argument("--rate", type=float, default=100.0, help="scrapes per second in the scrape phase")
     parser.add_argument("--workers", type=int, default=4, help="threads per kind of flood")
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per published update")
@@ -212,15 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     server_module.SERVE_NICE = args.nice
     r = run(args.rounds, args.seconds, args.rate, args.workers, args.steps)
     print(
-        f"flood: {args.rounds} rounds x 3 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "
+        f"flood: {args.rounds} rounds x 4 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "
         f"{args.workers} flood threads per kind, max_connections {DEFAULT_MAX_CONNECTIONS}, serving nice {args.nice}, "
         f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs"
     )
     steps, ratio = r["steps_per_s"], r["ratio"]
     assert isinstance(steps, dict) and isinstance(ratio, dict)
     print("steps/s (medians): " + "  ".join(f"{k} {v:.1f}" for k, v in steps.items()))
-    print(f"ratio scrape/quiet: {ratio['scrape']:.3f}")
-    print(f"ratio flood/quiet: {ratio['flood']:.3f}")
+    for phase, value in ratio.items():
+        print(f"ratio {phase}/quiet: {value:.3f}")
     answered = r["answered"]
     assert isinstance(answered, dict)
     for phase, counts in answered.items():
@@ -228,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     resources = r["resources"]
     assert isinstance(resources, dict)
     for phase, res in resources.items():
-        print(f"trainer at end of {phase} (max over rounds): " + ", ".join(f"{k} {v}" for k, v in res.items()))
+        print(f"trainer peak in {phase}: " + ", ".join(f"{k} {v}" for k, v in res.items()))
     return 0
 
 

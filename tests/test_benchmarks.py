@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "update_overhead.py": (["--updates", "1", "--envs", "2", "--steps", "4"], "whole-update ratio"),
     "scrape_render.py": (["--seeds", "4,16", "--repeat", "2"], "ratio"),
+    "flood.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--workers", "1"], "ratio held/quiet"),
     "scrape_under_load.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--seeds", "2"], "ratio scraped"),
 }
 

@@ -2,7 +2,7 @@
 
 Connections are capped (`max_connections`): beyond the cap, clients wait in the
 kernel's listen backlog and cost the trainer no thread and no file descriptor.
-Each connection is served on its own thread at a lower CPU priority (nice 19 on
+Each connection is served on its own thread at a lower CPU priority (nice 10 on
 Linux), so serving uses idle CPU first and never the training thread's; what is
 served is rendered once per published snapshot and format, never per request.
 """
@@ -42,7 +42,7 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 DEFAULT_MAX_CONNECTIONS = 32
 # A connection that has not sent its request this long is closed when the cap is reached and others wait.
 IDLE_GRACE_SECONDS = 0.5
-SERVE_NICE = 19
+SERVE_NICE = 10
 FILTERED_CACHE_SIZE = 16
 
 StartResponse = Callable[..., Any]
