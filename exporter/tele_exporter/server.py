@@ -1,7 +1,8 @@
 """The HTTP endpoint: /metrics through prometheus_client's exposition, plus a landing page.
 
-Connections are capped (`max_connections`): beyond the cap, clients wait in the
-kernel's listen backlog and cost the trainer no thread and no file descriptor.
+Connections are capped: `max_connections` requests served, each on a thread, as
+many waiting for a thread and as many silent ones; beyond that, clients wait in
+the kernel's listen backlog and cost the trainer no thread and no file descriptor.
 Each connection is served on its own thread at a lower CPU priority (nice 10 on
 Linux), so serving uses idle CPU first and never the training thread's; what is
 served is rendered once per published snapshot and format, never per request.
@@ -21,7 +22,7 @@ import ssl
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
 CLIENT_TIMEOUT_SECONDS = 10.0
-DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_MAX_CONNECTIONS = 16
 # A connection that has not sent its request this long is closed when the cap is reached and others wait.
 IDLE_GRACE_SECONDS = 0.5
 SERVE_NICE = 10
@@ -100,10 +101,14 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _BoundedServer(WSGIServer):
-    """At most `max_connections` open connections, one thread each; TLS wrapped here, handshaken there.
+    """At most `max_connections` requests served at once, one thread each; as many waiting, as many silent.
 
-    When the cap is reached and clients are waiting, connections that have not
-    sent a request within IDLE_GRACE_SECONDS are closed to make room.
+    The accept loop holds up to `max_connections` connections that have not sent
+    a byte, without a thread; the oldest of them is closed when a new client
+    needs its place, so held connections cannot lock scrapes out. When every thread is busy and
+    requests wait, threads whose client has not finished its request within
+    IDLE_GRACE_SECONDS are cut off to make room. TLS is wrapped here, handshaken
+    on the connection's thread.
     """
 
     allow_reuse_address = True
@@ -122,25 +127,55 @@ class _BoundedServer(WSGIServer):
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         _lower_priority()
         self._stopped.clear()
+        silent: dict[socket.socket, tuple[Any, float]] = {}  # accepted, nothing sent yet: no thread
+        ready: deque[tuple[socket.socket, Any]] = deque()  # sent something, waiting for a thread
+        listening = True
         try:
-            with selectors.DefaultSelector() as waiting:
-                waiting.register(self, selectors.EVENT_READ)
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
                 while not self._stop.is_set():
-                    if not self._slots.acquire(timeout=IDLE_GRACE_SECONDS / 5):
-                        if waiting.select(0):
-                            self._close_idle()
-                        continue
-                    if not waiting.select(poll_interval) or self._stop.is_set():
-                        self._slots.release()
-                        continue
-                    try:
-                        sock, addr = self.get_request()
-                    except OSError:
-                        self._slots.release()
-                        continue
-                    threading.Thread(target=self._serve, args=(sock, addr), daemon=True).start()
+                    for key, _ in sel.select(IDLE_GRACE_SECONDS / 5):
+                        if key.fileobj is self:
+                            self._accept(sel, silent)
+                        else:
+                            sock = key.fileobj
+                            assert isinstance(sock, socket.socket)
+                            sel.unregister(sock)
+                            ready.append((sock, silent.pop(sock)[0]))
+                    while ready and self._slots.acquire(blocking=False):
+                        threading.Thread(target=self._serve, args=ready.popleft(), daemon=True).start()
+                    if ready:
+                        self._close_idle()
+                    self._expire(sel, silent)
+                    # With as many requests waiting as are served, new clients wait in the backlog.
+                    full = len(ready) >= self.max_connections
+                    if full == listening:
+                        listening = not full
+                        (sel.unregister(self) if full else sel.register(self, selectors.EVENT_READ))
         finally:
+            for sock in [*silent, *(sock for sock, _ in ready)]:
+                self.shutdown_request(sock)
             self._stopped.set()
+
+    def _accept(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
+        if len(silent) >= self.max_connections:
+            oldest = min(silent, key=lambda s: silent[s][1])
+            sel.unregister(oldest)
+            del silent[oldest]
+            self.shutdown_request(oldest)
+        try:
+            sock, addr = self.get_request()
+        except OSError:
+            return
+        silent[sock] = (addr, time.monotonic())
+        sel.register(sock, selectors.EVENT_READ)
+
+    def _expire(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
+        cutoff = time.monotonic() - CLIENT_TIMEOUT_SECONDS
+        for sock in [s for s, (_, since) in silent.items() if since < cutoff]:
+            sel.unregister(sock)
+            del silent[sock]
+            self.shutdown_request(sock)
 
     def shutdown(self) -> None:
         self._stop.set()
