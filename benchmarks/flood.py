@@ -9,7 +9,9 @@ new URL each time; /api/snapshot); held (connections opened as fast as the
 exporter takes them and held, never sending a request, up to 200 at a time).
 Flood phases also scrape politely twice a second and report the slowest. The
 exporter has basic auth with a bcrypt cost-10 hash and the default connection
-cap. Printed: median steps/s per phase, the ratios to quiet, the requests each
+cap. With --child, a fifth phase scrapes a separate process serving the same
+bytes with http.server, the floor that moving serving out of the trainer
+could reach. Printed: median steps/s per phase, the ratios to quiet, the requests each
 phase answered by status, and the trainer's peak RSS, threads and open fds (one of
 the threads is the benchmark's own sampler).
 
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import bcrypt
 import torch
+from prometheus_client import generate_latest
 
 from tele_exporter import server as server_module
 from tele_exporter.bench import BenchPolicy
@@ -39,6 +42,26 @@ from tele_exporter.telemetry import Telemetry
 
 USER, PASSWORD = "prometheus", "correct horse battery staple"
 PHASES = ("quiet", "scrape", "requests", "held")
+
+# For --child: the same bytes served by a separate process, the floor a serving child process could reach.
+_CHILD = r"""
+import http.server, sys
+data = open(sys.argv[1], "rb").read()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
 
 _CLIENT = r"""
 import base64, collections, json, random, socket, sys, threading, time, urllib.error, urllib.request
@@ -184,26 +207,38 @@ def _client(mode: str, base: str, rate: float, seconds: float, workers: int) -> 
     return client
 
 
-def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32) -> dict[str, object]:
+def run(
+    rounds: int, seconds: float, rate: float, workers: int, steps: int = 32, child: bool = False
+) -> dict[str, object]:
     """Interleave quiet, scrape and flood phases; medians, ratios, answered requests and resources."""
+    names = (*PHASES, "scrape_child") if child else PHASES
     torch.manual_seed(0)
     policy = BenchPolicy(64, 128)
     tele = Telemetry(policy, heads=dict(policy.heads.items()))
     optim = torch.optim.Adam(policy.parameters(), lr=1e-4)
     x = torch.randn(256, 64)
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
-    phases: dict[str, list[float]] = {name: [] for name in PHASES}
-    answered: dict[str, dict[str, int]] = {name: {} for name in PHASES if name != "quiet"}
-    resources: dict[str, list[dict[str, int]]] = {name: [] for name in PHASES}
+    phases: dict[str, list[float]] = {name: [] for name in names}
+    answered: dict[str, dict[str, int]] = {name: {} for name in names if name != "quiet"}
+    resources: dict[str, list[dict[str, int]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "web.yml"
         config.write_text(f"basic_auth_users:\n  {USER}: {hashed}\n")
         server = serve(tele, 0, "127.0.0.1", web_config=config)
+        side = None
         try:
             _phase(tele, policy, optim, x, steps, min(seconds, 1.0))
+            bases = {name: server.base_url for name in names}
+            if child:
+                body = Path(tmp) / "metrics"
+                body.write_bytes(generate_latest(tele.registry))
+                side = subprocess.Popen([sys.executable, "-c", _CHILD, str(body)], stdout=subprocess.PIPE, text=True)
+                assert side.stdout is not None
+                bases["scrape_child"] = f"http://127.0.0.1:{int(side.stdout.readline())}"
             for _ in range(rounds):
                 for name in phases:
-                    client = None if name == "quiet" else _client(name, server.base_url, rate, seconds, workers)
+                    mode = "scrape" if name == "scrape_child" else name
+                    client = None if name == "quiet" else _client(mode, bases[name], rate, seconds, workers)
                     try:
                         with _Sampler() as sampler:
                             phases[name].append(_phase(tele, policy, optim, x, steps, seconds))
@@ -219,6 +254,9 @@ def run(rounds: int, seconds: float, rate: float, workers: int, steps: int = 32)
                                 client.kill()
                             client.wait()
         finally:
+            if side is not None:
+                side.kill()
+                side.wait()
             server.close()
             tele.close()
     quiet = statistics.median(phases["quiet"])
@@ -239,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="threads per kind of flood")
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per published update")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--child", action="store_true", help="add a phase scraping a child process serving bytes")
     parser.add_argument("--nice", type=int, default=server_module.SERVE_NICE, help="nice of the serving threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     server_module.SERVE_NICE = args.nice
-    r = run(args.rounds, args.seconds, args.rate, args.workers, args.steps)
+    r = run(args.rounds, args.seconds, args.rate, args.workers, args.steps, args.child)
     print(
         f"flood: {args.rounds} rounds x 4 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "
         f"{args.workers} flood threads per kind, max_connections {DEFAULT_MAX_CONNECTIONS}, serving nice {args.nice}, "
