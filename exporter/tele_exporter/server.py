@@ -3,9 +3,9 @@
 Connections are capped: `max_connections` requests served, each on a thread, as
 many waiting for a thread and as many silent ones; beyond that, clients wait in
 the kernel's listen backlog and cost the trainer no thread and no file descriptor.
-Each connection is served on its own thread at a lower CPU priority (nice 10 on
-Linux), so serving uses idle CPU first and never the training thread's; what is
-served is rendered once per published snapshot and format, never per request.
+Each request is served on its own thread at a lower CPU priority (nice 10 on
+Linux), so training gets the CPU first when it is short; what is served is
+rendered once per published snapshot and format, never per request.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
 CLIENT_TIMEOUT_SECONDS = 10.0
 DEFAULT_MAX_CONNECTIONS = 16
-# A connection that has not sent its request this long is closed when the cap is reached and others wait.
+# A thread whose client has not finished its request this long is cut off while other requests wait.
 IDLE_GRACE_SECONDS = 0.5
 SERVE_NICE = 10
 FILTERED_CACHE_SIZE = 16
