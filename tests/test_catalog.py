@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from torch import nn
 
+from tele_exporter import Telemetry
 from tele_exporter.catalog import DEFAULT_PATH, CatalogError, Interval, default_catalog, load_catalog
 
 from .conftest import DESIGN_METRICS
@@ -116,7 +119,26 @@ def _broken(tmp_path: Path, edit: object) -> Path:
             lambda c: c["metrics"]["ppo_updates"].update(name="tele_ppo_updates"),
             r"ppo_updates\.name: counter .* must end in _total",
         ),
-        (lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "job"]), r"seed_grad_ratio\.labels: 'job'"),
+        (
+            lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "job"]),
+            r"seed_grad_ratio\.labels: label 'job'",
+        ),
+        (
+            lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "__name__"]),
+            r"seed_grad_ratio\.labels: label '__name__' starts with '__'",
+        ),
+        (
+            lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "env"]),
+            r"seed_grad_ratio\.labels: label 'env' is given twice",
+        ),
+        (
+            lambda c: c["metrics"]["seed_grad_ratio"].update(labels=["env", "slöt"]),
+            r"seed_grad_ratio\.labels: label 'slöt' is not a label name",
+        ),
+        (
+            lambda c: c["metrics"]["step_kl_divergence"]["buckets"].insert(1, "0.01x"),
+            r"step_kl_divergence\.buckets\[1\]: '0\.01x' is not a number",
+        ),
         (
             lambda c: c["metrics"]["step_kl_divergence"].update(buckets=[0.01, 0.02]),
             r"step_kl_divergence\.buckets: thresholds \[0\.015, 0\.03\]",
@@ -163,3 +185,39 @@ def test_rank_lag_needs_a_positive_number_of_intervals(tmp_path: Path, intervals
 
     with pytest.raises(CatalogError, match=message):
         load_catalog(_broken(tmp_path, edit))
+
+
+def test_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """A billion-laughs catalog (12 KB of YAML, gigabytes expanded) fails at once, naming the alias."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nmetrics: *a9\n")
+    with pytest.raises(CatalogError, match=r"bomb\.yaml: not valid YAML: found alias \*a0; aliases are not allowed"):
+        load_catalog(path)
+
+
+def test_a_duplicated_key_is_an_error_not_a_silent_replacement(tmp_path: Path) -> None:
+    text = DEFAULT_PATH.read_text()
+    match = re.search(r"\n  kl_divergence:\n.*?(?=\n  [a-z_]+:\n)", text, re.S)
+    assert match is not None
+    entry = match.group(0)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text.replace(entry, entry + entry, 1))
+    with pytest.raises(CatalogError, match=r"found duplicate key 'kl_divergence'"):
+        load_catalog(path)
+
+
+def test_a_missing_step_histogram_is_named(tmp_path: Path) -> None:
+    path = _broken(tmp_path, lambda c: c["metrics"].pop("step_kl_divergence"))
+    policy = nn.Linear(2, 2)
+    with pytest.raises(CatalogError, match=r"metrics\.step_kl_divergence: is required by tele-exporter but missing"):
+        Telemetry(policy, heads={"op": policy}, catalog=load_catalog(path))
+
+
+def test_a_missing_required_metric_is_named(tmp_path: Path) -> None:
+    path = _broken(tmp_path, lambda c: [c["metrics"].pop(m) for m in ("policy_grad_norm", "step_policy_grad_norm")])
+    catalog = load_catalog(path)
+    policy = nn.Linear(2, 2)
+    with pytest.raises(CatalogError, match=r"metrics\.policy_grad_norm: is required by tele-exporter but missing"):
+        Telemetry(policy, heads={"op": policy}, catalog=catalog)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -210,3 +213,136 @@ def test_a_shared_registry_is_never_served_from_the_cache(policy: TinyPolicy) ->
     finally:
         srv.close()
         tele.close()
+
+
+class _CountingCollector:
+    """Counts how often the registry is rendered: a cache miss collects every collector."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterator[Any]:
+        self.calls += 1
+        return iter(())
+
+
+@pytest.fixture
+def renders(tele: Telemetry) -> _CountingCollector:
+    counter = _CountingCollector()
+    tele.registry.register(counter)  # type: ignore[arg-type]
+    return counter
+
+
+def _head(url: str, headers: dict[str, str] | None = None, method: str = "HEAD") -> tuple[int, dict[str, str], bytes]:
+    """A raw request, so that a body sent after a HEAD reply is seen (urllib would drop it)."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].partition("/")[2]
+    lines = [f"{method} {path} HTTP/1.0", f"Host: {host}"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), fields, body
+
+
+@pytest.mark.parametrize("path", ["/", "/api/snapshot", "/metrics", "/metrics?name[]=tele_ppo_updates_total"])
+def test_head_answers_like_get_without_a_body(server: Server, path: str) -> None:
+    status, headers, body = _head(server.base_url + path)
+    get_status, get_headers, get_body = _head(server.base_url + path, method="GET")
+    assert (status, body) == (200, b"")
+    assert get_status == 200 and int(headers["Content-Length"]) == len(get_body) > 0
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+
+
+def test_options_lists_the_methods(server: Server) -> None:
+    status, headers, body = _head(server.url, method="OPTIONS")
+    assert (status, body) == (200, b"") and headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+@pytest.mark.parametrize("version", ["abc", "1.x", "99.0.0", "1..0", "0.0.1"])
+def test_an_invalid_openmetrics_version_falls_back_to_the_text_format(
+    server: Server, version: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    accept = f"application/openmetrics-text; version={version}"
+    status, headers, body = _head(server.url, {"Accept": accept}, method="GET")
+    assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert b"# TYPE tele_ppo_updates_total counter" in body
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_metrics_cache_is_keyed_by_the_negotiated_format_not_the_clients_string(
+    server: Server, renders: _CountingCollector
+) -> None:
+    types = set()
+    for n in range(200):
+        _, headers, body = _head(server.url, {"Accept": f"application/openmetrics-text; version=1.0.{n}"}, "GET")
+        assert body.endswith(b"# EOF\n")
+        types.add(headers["Content-Type"])
+    assert types == {"application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"}
+    assert renders.calls == 1  # one format, one snapshot: one render, whatever the client wrote
+
+
+def test_query_strings_other_than_name_filters_are_served_from_the_cache(
+    server: Server, renders: _CountingCollector
+) -> None:
+    for n in range(50):
+        assert _get(f"{server.url}?x={n}")[0] == 200
+    assert renders.calls == 1
+    for n in range(50):
+        assert _get(f"{server.url}?name[]=tele_ppo_updates_total&name[]=n{n}")[0] == 200
+    assert renders.calls <= 1 + 50  # filters render, but their cache is bounded
+    for _ in range(5):
+        _get(f"{server.url}?name[]=tele_ppo_updates_total&name[]=n49")
+    assert renders.calls <= 1 + 50
+
+
+def test_the_snapshot_api_is_rendered_once_per_published_snapshot(
+    server: Server, tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tele_exporter import server as server_module
+
+    calls = []
+    real = server_module.snapshot_document
+    monkeypatch.setattr(server_module, "snapshot_document", lambda t: calls.append(1) or real(t))
+    for _ in range(10):
+        assert _get(server.base_url + "/api/snapshot")[0] == 200
+    assert len(calls) == 1
+    _train(tele, policy, 1)
+    for _ in range(10):
+        assert json.loads(_get(server.base_url + "/api/snapshot")[1])["snapshot"]["updates"] == 1
+    assert len(calls) == 2
+
+
+def _threads_and_fds() -> tuple[int, int]:
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
+def test_held_connections_beyond_the_cap_cost_no_thread_or_fd_and_a_scrape_still_answers(tele: Telemetry) -> None:
+    threads0, fds0 = _threads_and_fds()
+    cap = 8
+    with serve(tele, port=0, max_connections=cap) as srv:
+        held: list[socket.socket] = []
+        try:
+            for _ in range(100):
+                held.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
+            for s in held[:50]:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")  # never finishes its request
+            started = time.monotonic()
+            status, body = _get(srv.url)
+            assert status == 200 and b"tele_ppo_updates_total" in body
+            assert time.monotonic() - started < 5.0
+            threads, fds = _threads_and_fds()
+            # the accept thread and `cap` connection threads; our 100 client sockets and the scrape's,
+            # the listener and epoll, and at most 3 * cap accepted sockets (served, waiting, silent)
+            assert threads <= threads0 + 1 + cap
+            assert fds <= fds0 + len(held) + 1 + 2 + 3 * cap
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_max_connections_must_be_positive(tele: Telemetry) -> None:
+    with pytest.raises(ValueError, match="max_connections must be a whole number >= 1, got 0"):
+        serve(tele, port=0, max_connections=0)

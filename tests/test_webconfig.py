@@ -6,6 +6,8 @@ import base64
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import pytest
 
 from tele_exporter import Telemetry, serve
 from tele_exporter.server import Server
-from tele_exporter.webconfig import WebConfigError, load_web_config
+from tele_exporter.webconfig import AUTH_CACHE_SIZE, WebConfig, WebConfigError, load_web_config
 
 PASSWORD = "correct horse"
 
@@ -96,6 +98,27 @@ def test_a_client_that_does_not_trust_the_certificate_fails(secure: Server) -> N
         ("tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n", r"cannot load certificate"),
         ("tls_config: {}\n", r"tls_config: unknown field"),
         ("[1, 2\n", r"not valid YAML"),
+        ("basic_auth_users:\n  bob: $2y$10$tooshort\n", r"basic_auth_users\.bob: malformed bcrypt hash"),
+        (f"basic_auth_users:\n  bob: $2y$99${'a' * 53}\n", r"basic_auth_users\.bob: malformed bcrypt hash"),
+        (
+            "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: [x]\n",
+            r"tls_server_config\.client_auth_type: expected a string, got list",
+        ),
+        (
+            "tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: {a: 1}\n",
+            r"tls_server_config\.min_version: expected a string, got dict",
+        ),
+        ("http_server_config:\n  headers:\n    Server: x\n", r"http_server_config\.headers\.Server: cannot be"),
+        (
+            "http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
+            r"headers\.X-Frame-Options: 'allow' is not one of deny, sameorigin",
+        ),
+        ("http_server_config:\n  http2: maybe\n", r"http_server_config\.http2: expected true or false"),
+        ("rate_limit:\n  interval: fast\n  burst: 1\n", r"rate_limit\.interval: 'fast' is not a duration"),
+        ("rate_limit:\n  interval: 1s\n  burst: -1\n", r"rate_limit\.burst: expected a whole number"),
+        ("rate_limit:\n  interval: 1s\n", r"rate_limit\.burst: must be at least 1"),
+        ("a: &x 1\nb: *x\n", r"aliases are not allowed"),
+        ("rate_limit: {}\nrate_limit: {}\n", r"found duplicate key 'rate_limit'"),
     ],
 )
 def test_malformed_web_config_names_the_field(tmp_path: Path, text: str, message: str) -> None:
@@ -106,3 +129,114 @@ def test_malformed_web_config_names_the_field(tmp_path: Path, text: str, message
 def test_missing_web_config_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(WebConfigError, match="web.yml: cannot read"):
         load_web_config(tmp_path / "web.yml")
+
+
+def _header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.fixture
+def checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The hashes bcrypt.checkpw is called with, in order."""
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return bool(real(password, hashed))
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    return calls
+
+
+def _users_config(tmp_path: Path) -> WebConfig:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return load_web_config(_write_config(tmp_path, f"basic_auth_users:\n  alice: {hashed}\n"))
+
+
+def test_failed_checks_are_cached_like_successes(tmp_path: Path, checks: list[bytes]) -> None:
+    config = _users_config(tmp_path)
+    assert not config.check_authorization(_header("alice", "wrong"))
+    assert not config.check_authorization(_header("alice", "wrong"))
+    assert config.check_authorization(_header("alice", PASSWORD))
+    assert config.check_authorization(_header("alice", PASSWORD))
+    assert len(checks) == 2
+
+
+def test_the_auth_cache_is_bounded(tmp_path: Path, checks: list[bytes]) -> None:
+    config = _users_config(tmp_path)
+    for n in range(3 * AUTH_CACHE_SIZE):
+        assert not config.check_authorization(_header("alice", f"guess {n}"))
+    assert len(config._cache._results) <= AUTH_CACHE_SIZE
+    assert config.check_authorization(_header("alice", PASSWORD))
+
+
+def test_unknown_users_are_checked_against_a_dummy_hash(tmp_path: Path, checks: list[bytes]) -> None:
+    """Same bcrypt work for an unknown user as for a known one: timing does not tell who exists."""
+    config = _users_config(tmp_path)
+    assert not config.check_authorization(_header("mallory", PASSWORD))
+    assert not config.check_authorization(_header("mallory", "fakepassword"))  # the dummy's own password
+    assert len(checks) == 2 and checks[0] not in config.users.values()
+    assert checks[0].startswith(b"$2y$10$")  # the cost of a typical real hash
+
+
+def test_bcrypt_runs_one_check_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _users_config(tmp_path)
+    running, most = 0, 0
+    lock = threading.Lock()
+    real = bcrypt.checkpw
+
+    def slow(password: bytes, hashed: bytes) -> bool:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        ok = bool(real(password, hashed))
+        with lock:
+            running -= 1
+        return ok
+
+    monkeypatch.setattr(bcrypt, "checkpw", slow)
+    threads = [threading.Thread(target=config.check_authorization, args=(_header("alice", f"g{n}"),)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+
+
+def test_an_over_long_password_gets_401_not_500(secure: Server, cert: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    long = "x" * 73  # bcrypt >= 5 refuses passwords over 72 bytes
+    assert _get(secure.url, cert / "server.crt", "alice", long) == 401
+    assert _get(secure.url, cert / "server.crt", "mallory", long) == 401
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_configured_headers_are_on_every_response(tele: Telemetry, tmp_path: Path) -> None:
+    config = _write_config(
+        tmp_path,
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n    Content-Security-Policy: default-src 'self'\n",
+    )
+    with serve(tele, port=0, web_config=config) as srv:
+        for path in ("/metrics", "/", "/api/snapshot", "/nope"):
+            req = urllib.request.Request(srv.base_url + path)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    headers = resp.headers
+            except urllib.error.HTTPError as err:
+                headers = err.headers
+            assert headers["X-Frame-Options"] == "deny", path
+            assert headers["Content-Security-Policy"] == "default-src 'self'", path
+
+
+def test_rate_limit_answers_429_beyond_the_burst(tele: Telemetry, tmp_path: Path) -> None:
+    config = _write_config(tmp_path, "rate_limit:\n  interval: 1h\n  burst: 3\n")
+    with serve(tele, port=0, web_config=config) as srv:
+        assert [_get(srv.url, None) for _ in range(5)] == [200, 200, 200, 429, 429]
+
+
+def test_a_zero_interval_disables_the_rate_limit(tmp_path: Path) -> None:
+    assert load_web_config(_write_config(tmp_path, "rate_limit:\n  interval: 0s\n  burst: 0\n")).rate_limit is None
+    limiter = load_web_config(_write_config(tmp_path, "rate_limit:\n  interval: 1m30s\n  burst: 2\n")).rate_limit
+    assert limiter is not None and limiter.interval == 90.0

@@ -16,6 +16,10 @@ from typing import Any
 
 import yaml
 
+from . import strictyaml
+from .labels import RESERVED_LABELS as RESERVED_LABELS
+from .labels import check_label_names
+
 DEFAULT_PATH = Path(__file__).with_name("catalog.yaml")
 
 METRIC_TYPES = ("gauge", "counter", "histogram")
@@ -23,7 +27,6 @@ STATUSES = ("ok", "warning", "critical")
 COLOUR_KEYS = (*STATUSES, "neutral")
 SEVERITIES = ("warning", "critical")
 ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag")
-RESERVED_LABELS = frozenset({"job", "instance", "pod", "namespace", "le", "quantile"})
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ALERT_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -37,6 +40,13 @@ _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 class CatalogError(ValueError):
     """The catalog is missing or malformed; the message names the entry and field."""
+
+
+class MissingMetricError(CatalogError, KeyError):
+    """A metric tele-exporter needs is not in the catalog; the message names it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -207,7 +217,12 @@ class Catalog:
     job_label: str = ""
 
     def __getitem__(self, metric_id: str) -> MetricSpec:
-        return self.metrics[metric_id]
+        try:
+            return self.metrics[metric_id]
+        except KeyError:
+            raise MissingMetricError(
+                f"{self.path}: metrics.{metric_id}: is required by tele-exporter but missing from the catalog"
+            ) from None
 
     def __iter__(self) -> Any:
         return iter(self.metrics.values())
@@ -391,6 +406,15 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
     return tuple(alerts)
 
 
+def _read_buckets(r: _Reader) -> tuple[float, ...]:
+    buckets = []
+    for i, edge in enumerate(r.get("buckets", list, [])):
+        if isinstance(edge, bool) or not isinstance(edge, (int, float)):
+            raise r.fail(f"buckets[{i}]", f"{edge!r} is not a number")
+        buckets.append(float(edge))
+    return tuple(buckets)
+
+
 def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> MetricSpec:
     r = _Reader(path, f"metrics.{metric_id}", raw)
     r.check_keys(_METRIC_KEYS)
@@ -403,9 +427,10 @@ def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> Metric
     if mtype != "counter" and name.endswith("_total"):
         raise r.fail("name", f"only counters end in _total, {name!r} is a {mtype}")
     labels = r.get("labels", list)
-    for label in labels:
-        if not isinstance(label, str) or not _NAME_RE.match(label) or label in RESERVED_LABELS:
-            raise r.fail("labels", f"{label!r} is not an allowed label name")
+    try:
+        check_label_names(labels)
+    except ValueError as exc:
+        raise r.fail("labels", str(exc)) from None
     unit = r.get("unit", str)
     if unit and not name.removesuffix("_total").endswith(f"_{unit}"):
         raise r.fail("unit", f"metric {name!r} must end in its unit _{unit}")
@@ -423,7 +448,7 @@ def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> Metric
         if key not in labels:
             raise r.fail("alert_on", f"{key!r} is not one of the metric's labels")
     factor = r.get("early_stop_factor", (int, float), None)
-    buckets = tuple(float(b) for b in r.get("buckets", list, []))
+    buckets = _read_buckets(r)
     if mtype == "histogram":
         if not buckets:
             raise r.fail("buckets", "a histogram needs buckets")
@@ -483,7 +508,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     except OSError as exc:
         raise CatalogError(f"{file}: cannot read the catalog: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = strictyaml.load(text)
     except yaml.YAMLError as exc:
         raise CatalogError(f"{file}: not valid YAML: {exc}") from None
     top = _Reader(file, "catalog", raw)

@@ -1,25 +1,35 @@
 """The HTTP endpoint: /metrics through prometheus_client's exposition, plus a landing page.
 
-A threaded WSGI server on a daemon thread; each request gets its own thread, so
-a slow client never holds up a scrape and never touches the training thread.
+Connections are capped: `max_connections` requests served, each on a thread, as
+many waiting for a thread and as many silent ones; beyond that, clients wait in
+the kernel's listen backlog and cost the trainer no thread and no file descriptor.
+Each request is served on its own thread at a lower CPU priority (nice 10 on
+Linux), so training gets the CPU first when it is short; what is served is
+rendered once per published snapshot and format, never per request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import importlib.resources
 import json
+import os
+import selectors
 import socket
 import ssl
+import sys
 import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .webconfig import WebConfig, load_web_config
@@ -30,15 +40,33 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
 CLIENT_TIMEOUT_SECONDS = 10.0
+DEFAULT_MAX_CONNECTIONS = 16
+# A thread whose client has not finished its request this long is cut off while other requests wait.
+IDLE_GRACE_SECONDS = 0.5
+SERVE_NICE = 10
+FILTERED_CACHE_SIZE = 16
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+Response = tuple[str, list[tuple[str, str]], bytes]
+Route = Callable[[dict[str, Any]], Response]
 
 _LANDING = importlib.resources.files("tele_exporter").joinpath("page.html").read_text(encoding="utf-8")
+_ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
+_METHODS = "GET, HEAD, OPTIONS"
 
 
 class PortInUseError(OSError):
     """The listen address is taken by another process."""
+
+
+def _lower_priority() -> None:
+    """Run the calling thread at nice SERVE_NICE (Linux: nice is per thread), so training wins the CPU."""
+    if sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, max(SERVE_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -49,12 +77,18 @@ class _QuietHandler(WSGIRequestHandler):
     """
 
     timeout = CLIENT_TIMEOUT_SECONDS
+    server: _BoundedServer
 
     def setup(self) -> None:
         self.request.settimeout(self.timeout)
         if isinstance(self.request, ssl.SSLSocket):
             self.request.do_handshake()
         super().setup()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.request_read(self.request)
+        return ok
 
     def handle(self) -> None:
         try:
@@ -66,88 +100,231 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
-class _TLSServerMixin:
-    """Wraps accepted sockets in TLS without a handshake; the handler thread does it."""
+class _BoundedServer(WSGIServer):
+    """At most `max_connections` requests served at once, one thread each; as many waiting, as many silent.
 
+    The accept loop holds up to `max_connections` connections that have not sent
+    a byte, without a thread; the oldest of them is closed when a new client
+    needs its place, so held connections cannot lock scrapes out. When every thread is busy and
+    requests wait, threads whose client has not finished its request within
+    IDLE_GRACE_SECONDS are cut off to make room. TLS is wrapped here, handshaken
+    on the connection's thread.
+    """
+
+    allow_reuse_address = True
+    request_queue_size = 128
     ssl_context: ssl.SSLContext | None = None
+    max_connections = DEFAULT_MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._reading: dict[socket.socket, float] = {}
+        self._reading_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        _lower_priority()
+        self._stopped.clear()
+        silent: dict[socket.socket, tuple[Any, float]] = {}  # accepted, nothing sent yet: no thread
+        ready: deque[tuple[socket.socket, Any]] = deque()  # sent something, waiting for a thread
+        listening = True
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self, selectors.EVENT_READ)
+                while not self._stop.is_set():
+                    for key, _ in sel.select(IDLE_GRACE_SECONDS / 5):
+                        if key.fileobj is self:
+                            self._accept(sel, silent)
+                        else:
+                            sock = key.fileobj
+                            assert isinstance(sock, socket.socket)
+                            sel.unregister(sock)
+                            ready.append((sock, silent.pop(sock)[0]))
+                    while ready and self._slots.acquire(blocking=False):
+                        threading.Thread(target=self._serve, args=ready.popleft(), daemon=True).start()
+                    if ready:
+                        self._close_idle()
+                    self._expire(sel, silent)
+                    # With as many requests waiting as are served, new clients wait in the backlog.
+                    full = len(ready) >= self.max_connections
+                    if full == listening:
+                        listening = not full
+                        (sel.unregister(self) if full else sel.register(self, selectors.EVENT_READ))
+        finally:
+            for sock in [*silent, *(sock for sock, _ in ready)]:
+                self.shutdown_request(sock)
+            self._stopped.set()
+
+    def _accept(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
+        if len(silent) >= self.max_connections:
+            oldest = min(silent, key=lambda s: silent[s][1])
+            sel.unregister(oldest)
+            del silent[oldest]
+            self.shutdown_request(oldest)
+        try:
+            sock, addr = self.get_request()
+        except OSError:
+            return
+        silent[sock] = (addr, time.monotonic())
+        sel.register(sock, selectors.EVENT_READ)
+
+    def _expire(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
+        cutoff = time.monotonic() - CLIENT_TIMEOUT_SECONDS
+        for sock in [s for s, (_, since) in silent.items() if since < cutoff]:
+            sel.unregister(sock)
+            del silent[sock]
+            self.shutdown_request(sock)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._stopped.wait()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()  # type: ignore[misc]
+        sock, addr = super().get_request()
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        return  # a broken client connection is that client's problem, not a traceback on stderr
+    def request_read(self, sock: socket.socket) -> None:
+        """The client sent its request: it is no longer idle."""
+        with self._reading_lock:
+            self._reading.pop(sock, None)
+
+    def _serve(self, sock: socket.socket, addr: Any) -> None:
+        _lower_priority()
+        with self._reading_lock:
+            self._reading[sock] = time.monotonic()
+        try:
+            self.finish_request(sock, addr)
+        except OSError:
+            pass  # a broken client connection is that client's problem, not a traceback on stderr
+        finally:
+            self.request_read(sock)
+            self.shutdown_request(sock)
+            self._slots.release()
+
+    def _close_idle(self) -> None:
+        cutoff = time.monotonic() - IDLE_GRACE_SECONDS
+        with self._reading_lock:
+            idle = [sock for sock, since in self._reading.items() if since < cutoff]
+        for sock in idle:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes its thread; the TLS layer is bypassed
 
 
-class _ThreadingServer(_TLSServerMixin, ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+def negotiate(accept: str) -> str:
+    """The canonical Accept header for the format served to `accept`, from a small fixed set.
+
+    Mirrors prometheus_client's choice, but the result never carries the client's
+    own strings: versions map to 1.0.0 or 2.0.0 and invalid ones are skipped, so a
+    cache keyed by it stays small and Content-Type never echoes the request.
+    "" is the text format 0.0.4, the fallback.
+    """
+    for entry in accept.split(","):
+        media, *params = (part.strip() for part in entry.split(";"))
+        if media not in ("application/openmetrics-text", "text/plain"):
+            continue
+        opts = dict(p.split("=", 1) for p in params if "=" in p)
+        escaping = opts.get("escaping", "underscores")
+        escaping = escaping if escaping in _ESCAPINGS else "underscores"
+        if media == "application/openmetrics-text" and "version" not in opts:
+            return "application/openmetrics-text"
+        version = _version(opts.get("version", ""))
+        if version is None or version < (1, 0, 0) or version >= (3,):
+            continue
+        if media == "text/plain":
+            return f"text/plain; version=1.0.0; escaping={escaping}"
+        return f"application/openmetrics-text; version={'2.0.0' if version >= (2,) else '1.0.0'}; escaping={escaping}"
+    return ""
+
+
+def _version(text: str) -> tuple[int, ...] | None:
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and len(p) <= 4 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
 
 
 def make_app(tele: Telemetry, web_config: WebConfig | None = None) -> WSGIApp:
-    """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404 and 405 otherwise."""
-    metrics = _cached_metrics(tele) if tele.owns_registry else make_wsgi_app(tele.registry)
-    routes: dict[str, WSGIApp] = {
-        "/metrics": metrics,
+    """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404, 405 and 429 otherwise."""
+    routes: dict[str, Route] = {
+        "/metrics": _metrics(tele),
         "/": _static(_LANDING, "text/html; charset=utf-8"),
         "/api/snapshot": _snapshot_api(tele),
     }
+    extra = list(web_config.headers.items()) if web_config is not None else []
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if web_config is not None and not web_config.check_authorization(environ.get("HTTP_AUTHORIZATION")):
-            return _plain(
-                start_response,
-                "401 Unauthorized",
-                "unauthorized\n",
-                [("WWW-Authenticate", 'Basic realm="tele-exporter"')],
-            )
-        route = routes.get(environ.get("PATH_INFO") or "/")
-        if route is None:
-            return _plain(start_response, "404 Not Found", "not found\n")
-        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-            return _plain(start_response, "405 Method Not Allowed", "method not allowed\n", [("Allow", "GET, HEAD")])
-        return route(environ, start_response)
+        method = environ.get("REQUEST_METHOD", "GET")
+        status, headers, body = _route(routes, web_config, method, environ)
+        start_response(status, headers + extra)
+        return [b""] if method == "HEAD" else [body]
 
     return app
 
 
-def _cached_metrics(tele: Telemetry) -> WSGIApp:
-    """/metrics rendered once per published snapshot and format, then served as bytes.
+def _route(routes: dict[str, Route], config: WebConfig | None, method: str, environ: dict[str, Any]) -> Response:
+    if config is not None and config.rate_limit is not None and not config.rate_limit.allow():
+        return _plain("429 Too Many Requests", "too many requests\n")
+    if config is not None and not config.check_authorization(environ.get("HTTP_AUTHORIZATION")):
+        return _plain("401 Unauthorized", "unauthorized\n", [("WWW-Authenticate", 'Basic realm="tele-exporter"')])
+    route = routes.get(environ.get("PATH_INFO") or "/")
+    if route is None:
+        return _plain("404 Not Found", "not found\n")
+    if method == "OPTIONS":
+        return "200 OK", [("Allow", _METHODS), ("Content-Length", "0")], b""
+    if method not in ("GET", "HEAD"):
+        return _plain("405 Method Not Allowed", "method not allowed\n", [("Allow", _METHODS)])
+    return route(environ)
+
+
+def _metrics(tele: Telemetry) -> Route:
+    """/metrics rendered once per published snapshot and negotiated format, then served as bytes.
 
     Only for a registry Telemetry owns: nothing else can change between two
-    snapshots but the error counters, which are part of the cache key. Queries
-    with parameters (name[] filters) go to prometheus_client's own app.
+    snapshots but the error counters, which are part of the cache key. Filtered
+    queries (name[]=...) get a small LRU of their own; other parameters are ignored.
     """
-    fallback = make_wsgi_app(tele.registry)
-    cache: dict[str, tuple[object, object, bytes, bytes]] = {}
+    full: dict[str, tuple[object, object, bytes, bytes]] = {}
+    filtered: OrderedDict[tuple[str, tuple[str, ...]], tuple[object, object, bytes, bytes]] = OrderedDict()
     lock = threading.Lock()
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("QUERY_STRING"):
-            filtered: Iterable[bytes] = fallback(environ, start_response)
-            return filtered
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+    def route(environ: dict[str, Any]) -> Response:
+        accept = negotiate(environ.get("HTTP_ACCEPT", ""))
+        encoder, content_type = choose_encoder(accept)
+        names = tuple(sorted(set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", []))))
+        registry: CollectorRegistry = tele.registry.restricted_registry(names) if names else tele.registry  # type: ignore[assignment]
+        if not tele.owns_registry:
+            body = encoder(registry)
+            return _metrics_response(environ, content_type, body, gzip.compress(body, compresslevel=6))
+        cache: dict[Any, tuple[object, object, bytes, bytes]] = filtered if names else full
+        key: Any = (accept, names) if names else accept
         snapshot, errors = tele.snapshot(), tele.errors()
         with lock:
-            hit = cache.get(content_type)
+            hit = cache.get(key)
         if hit is None or hit[0] is not snapshot or hit[1] != errors:
-            body = encoder(tele.registry)
+            body = encoder(registry)
             hit = (snapshot, errors, body, gzip.compress(body, compresslevel=6))
             with lock:
-                cache[content_type] = hit
-        headers = [("Content-Type", content_type)]
-        body = hit[2]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-            body = hit[3]
-            headers.append(("Content-Encoding", "gzip"))
-        headers.append(("Content-Length", str(len(body))))
-        start_response("200 OK", headers)
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+                cache[key] = hit
+                if names:
+                    filtered.move_to_end(key)
+                    while len(filtered) > FILTERED_CACHE_SIZE:
+                        filtered.popitem(last=False)
+        return _metrics_response(environ, content_type, hit[2], hit[3])
 
-    return app
+    return route
+
+
+def _metrics_response(environ: dict[str, Any], content_type: str, body: bytes, zipped: bytes) -> Response:
+    headers = [("Content-Type", content_type)]
+    if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+        body = zipped
+        headers.append(("Content-Encoding", "gzip"))
+    headers.append(("Content-Length", str(len(body))))
+    return "200 OK", headers, body
 
 
 def snapshot_document(tele: Telemetry) -> dict[str, Any]:
@@ -174,37 +351,46 @@ def snapshot_document(tele: Telemetry) -> dict[str, Any]:
     }
 
 
-def _snapshot_api(tele: Telemetry) -> WSGIApp:
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        data = json.dumps(snapshot_document(tele), ensure_ascii=False, allow_nan=False).encode()
+def _snapshot_api(tele: Telemetry) -> Route:
+    """/api/snapshot, rendered once per published snapshot like /metrics."""
+    cached: list[tuple[object, bytes]] = []
+    lock = threading.Lock()
+
+    def route(environ: dict[str, Any]) -> Response:
+        snapshot = tele.snapshot()
+        with lock:
+            hit = cached[0] if cached else None
+        if hit is None or hit[0] is not snapshot:
+            data = json.dumps(snapshot_document(tele), ensure_ascii=False, allow_nan=False).encode()
+            hit = (snapshot, data)
+            with lock:
+                cached[:] = [hit]
         headers = [
             ("Content-Type", "application/json; charset=utf-8"),
-            ("Content-Length", str(len(data))),
+            ("Content-Length", str(len(hit[1]))),
             ("Cache-Control", "no-store"),
         ]
-        start_response("200 OK", headers)
-        return [data]
+        return "200 OK", headers, hit[1]
 
-    return app
+    return route
 
 
-def _static(body: str, content_type: str) -> WSGIApp:
+def _static(body: str, content_type: str) -> Route:
     data = body.encode()
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(data)))])
-        return [data]
+    def route(environ: dict[str, Any]) -> Response:
+        return "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(data)))], data
 
-    return app
+    return route
 
 
-def _plain(
-    start_response: StartResponse, status: str, body: str, extra: list[tuple[str, str]] | None = None
-) -> Iterable[bytes]:
+def _plain(status: str, body: str, extra: list[tuple[str, str]] | None = None) -> Response:
     data = body.encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
-    start_response(status, headers + (extra or []))
-    return [data]
+    return (
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))] + (extra or []),
+        data,
+    )
 
 
 class Server:
@@ -239,17 +425,21 @@ def serve(
     port: int = DEFAULT_PORT,
     addr: str = DEFAULT_ADDR,
     web_config: WebConfig | str | Path | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> Server:
     """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port).
 
     `web_config` is an exporter-toolkit web config (a path or a loaded WebConfig)
-    that adds TLS and basic auth; the default binds loopback only, in plain HTTP.
+    that adds TLS, basic auth, headers and a rate limit; the default binds loopback
+    only, in plain HTTP. At most `max_connections` are open at once; more wait.
     """
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ValueError(f"max_connections must be a whole number >= 1, got {max_connections!r}")
     config = load_web_config(web_config) if isinstance(web_config, (str, Path)) else web_config
-    attrs: dict[str, Any] = {"address_family": _family(addr)}
+    attrs: dict[str, Any] = {"address_family": _family(addr), "max_connections": max_connections}
     if config is not None and config.tls is not None:
         attrs["ssl_context"] = config.tls.context()
-    server_class = type("_Server", (_ThreadingServer,), attrs)
+    server_class = type("_Server", (_BoundedServer,), attrs)
     try:
         httpd: WSGIServer = make_server(
             addr, port, make_app(tele, config), server_class=server_class, handler_class=_QuietHandler

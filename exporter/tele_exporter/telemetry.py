@@ -23,16 +23,19 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
-from .catalog import RESERVED_LABELS, Catalog, default_catalog
+from .catalog import Catalog, default_catalog
 from .display import Shown, show
 from .gradients import Drained, GradientMeter, NonFiniteNormError
 from .histogram import LabelledHistogram
 from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
+from .labels import check_label_names
 from .sharding import LegacyFSDPError, refuse_legacy_fsdp
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, step_cvs
 
 log = logging.getLogger("tele_exporter")
+
+_STEP_HISTOGRAMS = ("step_head_grad_norm", "step_policy_grad_norm", "step_kl_divergence", "step_seed_grad_ratio")
 
 DEFAULT_MAX_SEEDS = 1024
 
@@ -84,6 +87,8 @@ class Telemetry:
         self._histograms = {
             spec.id: LabelledHistogram(spec.buckets) for spec in self.catalog if spec.type == "histogram"
         }
+        for required in _STEP_HISTOGRAMS:  # a custom catalog without one is named, not a bare KeyError
+            self._histograms.setdefault(required, LabelledHistogram(self.catalog[required].buckets))
         for name in self.heads:
             self._histograms["step_head_grad_norm"].ensure((name,))
         for clip in ("pre", "post"):
@@ -578,8 +583,8 @@ def _check_const_labels(labels: Mapping[str, str] | None, catalog: Catalog) -> d
     rank = _distributed_rank()
     if rank is not None:
         out.setdefault("rank", str(rank))
-    used = {label for spec in catalog for label in spec.labels}
-    for name in out:
-        if name in RESERVED_LABELS or name in used or not name.isidentifier():
-            raise ValueError(f"const label {name!r} is reserved or clashes with a metric label")
+    try:
+        check_label_names(out, {label for spec in catalog for label in spec.labels}, "a catalog metric")
+    except ValueError as exc:
+        raise ValueError(f"const {exc}") from None
     return out

@@ -10,6 +10,12 @@ The same YAML that node_exporter and Prometheus itself accept:
       min_version: TLS12                              # optional
     basic_auth_users:
       alice: $2y$10$...              # bcrypt hashes only, never plain passwords
+    http_server_config:
+      headers:                       # added to every response
+        X-Content-Type-Options: nosniff
+    rate_limit:                      # a token bucket over all requests; 429 beyond it
+      interval: 100ms
+      burst: 20
 """
 
 from __future__ import annotations
@@ -17,14 +23,19 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import random
+import re
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import strictyaml
 
 _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -39,6 +50,21 @@ _TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
+
+# The headers exporter-toolkit lets a config set, and the values it allows (None: any).
+HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Strict-Transport-Security": None,
+    "X-Content-Type-Options": ("nosniff",),
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-XSS-Protection": None,
+    "Content-Security-Policy": None,
+}
+AUTH_CACHE_SIZE = 100
+# bcrypt of "fakepassword": unknown users cost as much as known ones, so timing cannot enumerate users.
+_DUMMY_HASH = b"$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi"
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+_GO_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class WebConfigError(ValueError):
@@ -64,17 +90,64 @@ class TLSConfig:
         return ctx
 
 
+class RateLimiter:
+    """A token bucket: one request per `interval` seconds on average, bursts of `burst`."""
+
+    def __init__(self, interval: float, burst: int) -> None:
+        self.interval, self.burst = interval, burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Take a token if there is one."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) / self.interval)
+            self._last = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+class _AuthCache:
+    """Results of bcrypt checks, successes and failures, at most AUTH_CACHE_SIZE (random eviction)."""
+
+    def __init__(self) -> None:
+        self._results: dict[bytes, bool] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> bool | None:
+        with self._lock:
+            return self._results.get(key)
+
+    def put(self, key: bytes, ok: bool) -> None:
+        with self._lock:
+            if len(self._results) >= AUTH_CACHE_SIZE:
+                for old in random.sample(list(self._results), max(len(self._results) // 10, 1)):
+                    del self._results[old]
+            self._results[key] = ok
+
+
 @dataclass
 class WebConfig:
-    """A parsed web config: optional TLS, optional bcrypt basic-auth users."""
+    """A parsed web config: optional TLS, bcrypt basic-auth users, extra headers, a rate limit."""
 
     tls: TLSConfig | None = None
     users: Mapping[str, bytes] = field(default_factory=dict)
-    _verified: set[bytes] = field(default_factory=set, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    rate_limit: RateLimiter | None = None
+    _cache: _AuthCache = field(default_factory=_AuthCache, repr=False)
+    # One bcrypt at a time, as exporter-toolkit does: a flood of guesses costs one core at most.
+    _bcrypt_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check_authorization(self, header: str | None) -> bool:
-        """True when no users are configured or the Basic credentials match a bcrypt hash."""
+        """True when no users are configured or the Basic credentials match a bcrypt hash.
+
+        Like exporter-toolkit: unknown users are checked against a dummy hash, and
+        results (failures too) are cached, keyed by a digest of user, hash and password.
+        """
         if not self.users:
             return True
         if not header or not header.startswith("Basic "):
@@ -83,45 +156,49 @@ class WebConfig:
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        hashed = self.users.get(user)
-        if hashed is None:
-            return False
-        # bcrypt costs ~50-100 ms by design; remember verified pairs (as a salted digest).
-        key = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
-        with self._lock:
-            if key in self._verified:
-                return True
+        known = user in self.users
+        hashed = self.users[user] if known else _DUMMY_HASH
+        key = hashlib.sha256(b"\0".join((user.encode(), hashed, password.encode()))).digest()
+        ok = self._cache.get(key)
+        if ok is None:
+            ok = self._bcrypt(password.encode(), hashed) and known
+            self._cache.put(key, ok)
+        return ok
+
+    def _bcrypt(self, password: bytes, hashed: bytes) -> bool:
         import bcrypt
 
-        if not bcrypt.checkpw(password.encode(), hashed):
-            return False
-        with self._lock:
-            self._verified.add(key)
-        return True
+        with self._bcrypt_lock:
+            try:
+                return bool(bcrypt.checkpw(password, hashed))
+            except ValueError:
+                return False  # bcrypt >= 5 refuses passwords over 72 bytes: a wrong password, not a 500
 
 
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web config file; raises WebConfigError naming the field."""
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        raw = strictyaml.load(file.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise WebConfigError(f"{file}: cannot read the web config: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise WebConfigError(f"{file}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise WebConfigError(f"{file}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config"})
+    unknown = sorted(set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config", "rate_limit"}, key=str)
     if unknown:
         raise WebConfigError(f"{file}: {unknown[0]}: unknown field")
     tls = _tls(file, raw.get("tls_server_config"))
     users = _users(file, raw.get("basic_auth_users"))
+    headers = _headers(file, raw.get("http_server_config"))
+    limiter = _rate_limit(file, raw.get("rate_limit"))
     if tls is not None:
         try:
             tls.context()
         except (OSError, ssl.SSLError) as exc:
             raise WebConfigError(f"{file}: tls_server_config: cannot load certificate or key: {exc}") from None
-    return WebConfig(tls=tls, users=users)
+    return WebConfig(tls=tls, users=users, headers=headers, rate_limit=limiter)
 
 
 def _tls(file: Path, raw: Any) -> TLSConfig | None:
@@ -131,12 +208,15 @@ def _tls(file: Path, raw: Any) -> TLSConfig | None:
     if not isinstance(raw, dict):
         raise WebConfigError(f"{where}: expected a mapping")
     allowed = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - allowed, key=str)
     if unknown:
         raise WebConfigError(f"{where}.{unknown[0]}: unknown or unsupported field")
     for key in ("cert_file", "key_file"):
-        if not isinstance(raw.get(key), str) or not raw[key]:
+        if not raw.get(key):
             raise WebConfigError(f"{where}.{key}: is required")
+    for key in allowed:
+        if key in raw and not isinstance(raw[key], str):
+            raise WebConfigError(f"{where}.{key}: expected a string, got {type(raw[key]).__name__}")
     auth = raw.get("client_auth_type", "NoClientCert")
     if auth not in _CLIENT_AUTH:
         raise WebConfigError(f"{where}.client_auth_type: {auth!r} is not one of {', '.join(_CLIENT_AUTH)}")
@@ -160,7 +240,69 @@ def _users(file: Path, raw: Any) -> dict[str, bytes]:
         raise WebConfigError(f"{file}: basic_auth_users: expected a mapping of user to bcrypt hash")
     users = {}
     for user, hashed in raw.items():
+        where = f"{file}: basic_auth_users.{user}"
         if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise WebConfigError(f"{file}: basic_auth_users.{user}: expected a bcrypt hash ($2y$...), not a password")
+            raise WebConfigError(f"{where}: expected a bcrypt hash ($2y$...), not a password")
+        match = _BCRYPT_RE.fullmatch(hashed)
+        if match is None or not 4 <= int(match.group(1)) <= 31:
+            raise WebConfigError(f"{where}: malformed bcrypt hash ($2y$<cost 04-31>$<53 characters>)")
         users[str(user)] = hashed.encode()
     return users
+
+
+def _headers(file: Path, raw: Any) -> dict[str, str]:
+    where = f"{file}: http_server_config"
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WebConfigError(f"{where}: expected a mapping")
+    unknown = sorted(set(raw) - {"headers", "http2"}, key=str)
+    if unknown:
+        raise WebConfigError(f"{where}.{unknown[0]}: unknown or unsupported field")
+    if not isinstance(raw.get("http2", True), bool):
+        raise WebConfigError(f"{where}.http2: expected true or false")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise WebConfigError(f"{where}.headers: expected a mapping of header to value")
+    out = {}
+    for name, value in headers.items():
+        if name not in HEADERS:
+            raise WebConfigError(f"{where}.headers.{name}: cannot be configured (allowed: {', '.join(HEADERS)})")
+        if not isinstance(value, str) or "\n" in value or "\r" in value:
+            raise WebConfigError(f"{where}.headers.{name}: expected a one-line string")
+        allowed = HEADERS[name]
+        if allowed is not None and value not in allowed:
+            raise WebConfigError(f"{where}.headers.{name}: {value!r} is not one of {', '.join(allowed)}")
+        if value:
+            out[name] = value
+    return out
+
+
+def _rate_limit(file: Path, raw: Any) -> RateLimiter | None:
+    where = f"{file}: rate_limit"
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise WebConfigError(f"{where}: expected a mapping with interval and burst")
+    unknown = sorted(set(raw) - {"interval", "burst"}, key=str)
+    if unknown:
+        raise WebConfigError(f"{where}.{unknown[0]}: unknown field")
+    interval = _go_duration(f"{where}.interval", raw.get("interval", "0s"))
+    burst = raw.get("burst", 0)
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+        raise WebConfigError(f"{where}.burst: expected a whole number >= 0, got {burst!r}")
+    if interval == 0:
+        return None
+    if burst == 0:
+        raise WebConfigError(f"{where}.burst: must be at least 1 when interval is set, or every request is refused")
+    return RateLimiter(interval, burst)
+
+
+def _go_duration(where: str, value: Any) -> float:
+    """Seconds in a Go duration such as 100ms or 1m30s (what exporter-toolkit takes)."""
+    if value in (0, "0") and not isinstance(value, bool):
+        return 0.0
+    text = value if isinstance(value, str) else ""
+    if not text or _GO_DURATION_RE.sub("", text) != "":
+        raise WebConfigError(f"{where}: {value!r} is not a duration like 100ms, 1s or 1m30s")
+    return sum(float(n) * _GO_UNITS[unit] for n, unit in _GO_DURATION_RE.findall(text))

@@ -195,6 +195,8 @@ def test_telemetry_errors_alert_on_any_increase_of_the_error_counter() -> None:
     assert rule.expr == 'increase(tele_telemetry_errors_total{job="tele"}[10m]) > 0'
     assert (rule.severity, rule.for_) == ("warning", "1m")
     assert "{{ $labels.site }}" in rule.description
+
+
 def test_rank_alerts_live_in_the_rank_rules_with_catalog_values() -> None:
     """The rank alerts go to tele-ranks.yml, group by job and the catalog's job_label, and take its lag."""
     catalog = default_catalog()
