@@ -137,7 +137,7 @@ class _BoundedServer(WSGIServer):
                     for key, _ in sel.select(IDLE_GRACE_SECONDS / 5):
                         if key.fileobj is self:
                             self._accept(sel, silent)
-                        else:
+                        elif key.fileobj in silent:  # not closed to make room earlier in this batch
                             sock = key.fileobj
                             assert isinstance(sock, socket.socket)
                             sel.unregister(sock)
