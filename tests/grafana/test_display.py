@@ -46,7 +46,9 @@ KL, CV, HEADS, SEEDS, STALE = (
     "Time since the last PPO update",
 )
 HEAD_COLUMNS = ["Instance", "Head", "Current", "Previous", "Trend"]
-SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Exploding", "Vanishing"]
+SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
+SEED_VALUES = SEED_COLUMNS[3:]
+GAIN = CATALOG["seed_backward_gain"]
 RANK = re.compile(r" rank (\d+)$")
 Shown = tuple[str, str | None]
 
@@ -156,6 +158,7 @@ class Cases:
     kl: list[float]
     cv: list[float]
     seeds: list[tuple[float, bool, bool]]
+    gains: list[float]
     heads: list[tuple[float, float]]
     stale: list[float]
 
@@ -183,6 +186,7 @@ def boundary_cases() -> Cases:
         kl=probes(CATALOG["kl_divergence"]),
         cv=probes(CATALOG["gradient_cv"]),
         seeds=seeds,
+        gains=[*(0.25 * i for i in range(len(seeds) - 1)), math.nan],
         heads=[(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)],
         stale=[after - 1, after, after + 0.001, after + 1],
     )
@@ -199,6 +203,7 @@ def boundary_text(cases: Cases, at: float) -> str:
             c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)],
             c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
             c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
+            GAIN.name: [(seed[i], g) for i, g in enumerate(cases.gains)],
             c["head_grad_norm"].name: [({"head": f"h{i}"}, cur) for i, (cur, _) in enumerate(cases.heads)],
             c["head_grad_norm_prev"].name: [({"head": f"h{i}"}, prev) for i, (_, prev) in enumerate(cases.heads)],
             c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
@@ -253,10 +258,11 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
         expected[str(i)] = {
             "Gradient": seed_display(value, exploding, vanishing),
             "Ratio": levelled(ratio, value),
+            "Backward gain": neutral(run.cases.gains[i], GAIN.precision),
             "Exploding": flag_cell(exploding, "exploding"),
             "Vanishing": flag_cell(vanishing, "vanishing"),
         }
-    got = {k: {c: row.get(c) for c in ("Gradient", "Ratio", "Exploding", "Vanishing")} for k, row in seeds.items()}
+    got = {k: {c: row.get(c) for c in SEED_VALUES} for k, row in seeds.items()}
     problems += compare(SEEDS, expected, got)
 
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda c: c["Head"][0])
@@ -431,6 +437,7 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
     ratios = raw(run, ratio.name + at)
     exploding = raw(run, c["seed_gradient_exploding"].name + at)
     vanishing = raw(run, c["seed_gradient_vanishing"].name + at)
+    gains = raw(run, GAIN.name + at)
     shape, seeds = table_rows(
         by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda cells: (cells["Env"][0], cells["Slot"][0])
     )
@@ -442,12 +449,11 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
         want_seeds[(env, slot)] = {
             "Gradient": seed_display(value, e, v),
             "Ratio": levelled(ratio, value),
+            "Backward gain": neutral(gains[key], GAIN.precision),
             "Exploding": flag_cell(e, "exploding"),
             "Vanishing": flag_cell(v, "vanishing"),
         }
-    got_seeds = {
-        k: {col: row.get(col) for col in ("Gradient", "Ratio", "Exploding", "Vanishing")} for k, row in seeds.items()
-    }
+    got_seeds = {k: {col: row.get(col) for col in SEED_VALUES} for k, row in seeds.items()}
     problems += compare(SEEDS, want_seeds, got_seeds)
     return problems
 

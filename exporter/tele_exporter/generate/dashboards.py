@@ -486,7 +486,12 @@ def _seeds_row(b: _Builder) -> None:
     # `or` picks the first that exists per seed, with no arithmetic on the ratio (Inf * 0 is NaN).
     raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in codes.items()]
     gradient = {"mappings": seed_mappings(c, ratio), "unit": healthy_unit(ratio)}
-    columns: dict[str, tuple[str, Json]] = {"Gradient": (" or ".join([*raised, r]), gradient), "Ratio": (r, {})}
+    gain = (_sel(c["seed_backward_gain"], env=True), {"thresholds": thresholds(neutral_steps(c))})
+    columns: dict[str, tuple[str, Json]] = {
+        "Gradient": (" or ".join([*raised, r]), gradient),
+        "Ratio": (r, {}),
+        "Backward gain": gain,
+    }
     for flag in codes:
         steps = thresholds(flag_steps(c, ratio, c[flag]))
         level = next(lv for lv in ratio.levels if lv.flag == flag)
