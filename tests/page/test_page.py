@@ -199,6 +199,7 @@ def _expected(doc: dict[str, Any]) -> dict[str, str]:
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     colours = shot.document["colours"]
@@ -212,6 +213,7 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, faulted: Shot) -> None:
     assert healthy.state["panels"]["grad"] in {"ok", "warning"}
     assert faulted.state["panels"]["grad"] == "critical" and faulted.state["text"]["grad"] == "critical"
@@ -221,6 +223,7 @@ def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, fa
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     snap = shot.document["snapshot"]
@@ -238,6 +241,7 @@ def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRe
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
     """TELE-321: a head above the upper context rising is drawn critical."""
     assert any(h["trend"] == "critical" and h["arrow"] == "↗" for h in faulted.state["heads"])
@@ -245,12 +249,14 @@ def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_page_logs_no_console_errors(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     assert shot.errors == []
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_a_nan_gradient_shows_as_missing_in_red(browser: Chromium) -> None:
     """NaN arrives as the string "NaN": shown as a dash, labelled NaN, critical, a gap in the sparkline."""
     with demo_run("nan", updates=2, fault_after=1) as (_, server):
