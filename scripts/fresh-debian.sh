@@ -8,7 +8,9 @@
 #
 # Needs root (debootstrap, chroot, mounts) and Debian's mirror. DIR is reused when it
 # already holds the bootstrapped system; the clone is made anew every run. Set
-# PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL to hand the chroot's pip a CPU torch build.
+# PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL to hand the chroot's pip a CPU torch build,
+# and PIP_CERT to a CA bundle when a TLS proxy stands between this machine and PyPI
+# or npm (it is copied in and given to pip and Node.js).
 set -euo pipefail
 
 dir=${1:?usage: scripts/fresh-debian.sh DIR [TARGET...]}
@@ -48,7 +50,12 @@ mount -t sysfs sys "$root/sys" && mounts+=("$root/sys")
 bind /dev
 mount -t tmpfs shm "$root/dev/shm" && mounts+=("$root/dev/shm")
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+grep -q "$(hostname)" "$root/etc/hosts" 2>/dev/null || echo "127.0.1.1 $(hostname)" >>"$root/etc/hosts"
 pip_env=()
+if [ -n "${PIP_CERT:-}" ]; then
+  cp "$PIP_CERT" "$root/etc/ssl/host-ca.pem"
+  pip_env+=(PIP_CERT=/etc/ssl/host-ca.pem NODE_EXTRA_CA_CERTS=/etc/ssl/host-ca.pem)
+fi
 for var in PIP_FIND_LINKS PIP_EXTRA_INDEX_URL; do
   value=${!var:-}
   [ -n "$value" ] || continue
