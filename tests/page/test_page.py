@@ -214,6 +214,15 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
 
 @pytest.mark.slow
 @pytest.mark.browser
+def test_each_sparkline_says_what_it_draws(healthy: Shot) -> None:
+    """The gradient panel's big number is pre-clip; its sparkline is the post-clip history (TELE-311)."""
+    captions = healthy.state["captions"]
+    assert captions["grad"].startswith(f"post-clip, last {HEALTHY_UPDATES}: min "), captions
+    assert captions["kl"].startswith(f"KL, last {HEALTHY_UPDATES}: min "), captions
+
+
+@pytest.mark.slow
+@pytest.mark.browser
 def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, faulted: Shot) -> None:
     assert healthy.state["panels"]["grad"] in {"ok", "warning"}
     assert faulted.state["panels"]["grad"] == "critical" and faulted.state["text"]["grad"] == "critical"

@@ -18,21 +18,13 @@ from types import FrameType
 
 import torch
 
+from ..addresses import listen_address
 from ..catalog import MetricSpec, default_catalog
 from ..display import show
 from ..server import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, serve
 from ..webconfig import WebConfig, WebConfigError, load_web_config
 from .faults import FAULTS, FaultPlan
 from .ppo import DemoConfig, Trainer, UpdateResult
-
-
-def listen_address(text: str) -> tuple[str, int]:
-    """Parse HOST:PORT (IPv6 as [::1]:PORT) for argparse."""
-    host, sep, port_s = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0-65535)")
-    return host, int(port_s)
 
 
 def web_config_file(text: str) -> WebConfig:

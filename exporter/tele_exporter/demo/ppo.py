@@ -43,6 +43,7 @@ class DemoConfig:
     gamma: float = 0.9
     gae_lambda: float = 0.95
     clip: float = 0.2
+    policy_coef: float = 0.25  # weight of the policy term, a sum over the heads
     ent_coef: float = 0.15
     vf_coef: float = 0.5
     target_kl: float = 0.01
@@ -243,6 +244,9 @@ class Trainer:
         scale = cfg.fault.loss_scale(fault_on)
         assert self.kl_stop is not None
         host_masks = {h: m.bool().cpu() for h, m in masks.items()}
+        # A head's loss is its masked sum over a minibatch divided by how many of its steps a
+        # minibatch holds on average, so a minibatch with one such step does not weigh it as many.
+        per_minibatch = {h: max(float(m.sum()) * mb_size / n, 1.0) for h, m in host_masks.items()}
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator, device=self.device)
             host_order = order.cpu()
@@ -262,7 +266,7 @@ class Trainer:
                     if not bool(host_masks[h][host_idx].any()):
                         continue  # no step in the minibatch used this head: no gradient, not zero
                     m = masks[h][idx]
-                    valid = m.sum()
+                    valid = per_minibatch[h]
                     ratio = log_ratio.exp()
                     head_adv = adv[idx] * m
                     clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
@@ -271,7 +275,7 @@ class Trainer:
                     policy_loss = policy_loss - weight * surrogate.sum() / valid
                     entropy = entropy + weight * (ent[h] * m).sum() / valid
                 value_loss = 0.5 * (value - returns[idx]).pow(2).mean()
-                policy_term = (policy_loss - cfg.ent_coef * entropy) / len(HEADS)
+                policy_term = cfg.policy_coef * (policy_loss - cfg.ent_coef * entropy)
                 loss = policy_term + cfg.vf_coef * value_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * scale).backward()
