@@ -21,6 +21,8 @@ FAST_MARKERS := not servers and not browser
 
 ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
 PY := $(ENV_DIR)/bin/python
+# The tests run as in an activated virtualenv: its console scripts (check-jsonschema, ...) on PATH.
+RUN_IN_ENV := PATH="$(abspath $(ENV_DIR))/bin:$$PATH"
 PIP_INSTALL = $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 
 .PHONY: venv install install-test system-deps system-deps-fast demo test test-fast bench generate
@@ -47,10 +49,10 @@ demo: install  ## train the demo PPO agent with live telemetry on http://127.0.0
 	$(ENV_DIR)/bin/tele-exporter demo $(DEMO_ARGS)
 
 test: system-deps install-test  ## the whole test suite, real servers and Chromium included
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN_IN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: system-deps-fast install-test  ## everything but the real-server and browser suites (< 3 min)
-	$(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	$(RUN_IN_ENV) $(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step
 	$(ENV_DIR)/bin/tele-exporter bench

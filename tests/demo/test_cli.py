@@ -179,3 +179,29 @@ def test_a_malformed_web_config_file_exits_2_naming_the_field(
         demo_main(["--web.config.file", str(bad)])
     assert exc.value.code == 2
     assert "basic_auth_users.bob: expected a bcrypt hash" in capsys.readouterr().err
+
+
+def test_the_sample_output_in_docs_matches_a_real_run() -> None:
+    """docs/demo.md's console block: its first lines are what `tele-exporter demo` prints, to the digit."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "demo.md").read_text(encoding="utf-8")
+    block = re.search(r"```console\n\$ tele-exporter demo\n(.*?)```", text, re.S)
+    assert block, "docs/demo.md starts with a console block of `tele-exporter demo`"
+    shown = [line for line in block.group(1).splitlines() if line != "..."]
+    assert URL_LINE.search(shown[0]) and all(PROGRESS.match(line) for line in shown[1:-1]), shown
+    assert SUMMARY.match(shown[-1]), shown[-1]
+    first = [line for line in shown[1:-1] if line.startswith(("update 1/", "update 2/", "update 3/"))]
+    assert len(first) == 3, shown
+    proc = start("--web.listen-address", "127.0.0.1:0")
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().rstrip("\n") for _ in range(4)]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    port = URL_LINE.search(lines[0])
+    assert port, lines[0]
+    assert lines[0].replace(f":{port.group(2)}/", ":9842/") == shown[0]
+    assert lines[1:] == first
