@@ -1,24 +1,61 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both set up first.
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up first:
+# the Debian packages they need (apt-get, with sudo when not root), then a project
+# virtualenv in .venv (unless one is active), then the package with torch pinned.
 PYTHON ?= python3
+VENV ?= .venv
 TORCH_PIN := torch==2.13.0
-APT_PACKAGES := prometheus prometheus-alertmanager docker-compose chromium fonts-dejavu-core
+# An extra package index for torch, e.g. https://download.pytorch.org/whl/cpu (README: CPU-only machines).
+TORCH_INDEX ?=
+# Flags for `make demo`, e.g. DEMO_ARGS="--updates 0" or DEMO_ARGS="--fault kl".
+DEMO_ARGS ?=
+# pytest arguments for `make test` and `make test-fast`, e.g. PYTEST_ARGS="-x -q".
+PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test bench generate
+# Debian packages: the demo needs only a working `python3 -m venv`; the fast tests add
+# Node.js (Grafana's schema check), openssl (test certificates) and git; the full
+# suite adds the real servers, Chromium and docker-compose.
+DEMO_PACKAGES := python3-venv
+FAST_PACKAGES := $(DEMO_PACKAGES) nodejs npm openssl git
+TEST_PACKAGES := $(FAST_PACKAGES) prometheus prometheus-alertmanager docker-compose chromium fonts-dejavu-core
+FAST_MARKERS := not servers and not browser
 
-install:  ## the package with its test extras; torch pinned in the same command
-	$(PYTHON) -m pip install -q "$(TORCH_PIN)" -e ".[test,sb3]"
+ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
+PY := $(ENV_DIR)/bin/python
+# The tests run as in an activated virtualenv: its console scripts (check-jsonschema, ...) on PATH.
+RUN_IN_ENV := PATH="$(abspath $(ENV_DIR))/bin:$$PATH"
+PIP_INSTALL = $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 
-system-deps:  ## Debian's Prometheus, Alertmanager, promtool, amtool, docker-compose; npm schema tools
-	scripts/system-deps.sh $(APT_PACKAGES)
+.PHONY: venv install install-test system-deps system-deps-fast demo test test-fast bench generate
 
-demo: install  ## train the demo PPO agent with live telemetry on http://127.0.0.1:9842/metrics
-	tele-exporter demo
+venv: $(PY)  ## the project virtualenv (.venv), unless one is active
 
-test: install system-deps  ## the whole test suite, real servers included
-	$(PYTHON) -m pytest
+$(VENV)/bin/python:
+	scripts/system-deps.sh $(DEMO_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+
+install: venv  ## the package alone, enough for the demo; torch pinned in the same command
+	$(PIP_INSTALL) -e .
+
+install-test: venv  ## the package with its test extras (pytest, SB3)
+	$(PIP_INSTALL) -e ".[test,sb3]"
+
+system-deps-fast:  ## Debian packages of the fast tier; Grafana's pinned npm schema tools
+	scripts/system-deps.sh $(FAST_PACKAGES)
+
+system-deps:  ## every Debian package of the full suite
+	scripts/system-deps.sh $(TEST_PACKAGES)
+
+demo: install  ## train the demo PPO agent with live telemetry on http://127.0.0.1:9842/
+	$(ENV_DIR)/bin/tele-exporter demo $(DEMO_ARGS)
+
+test: system-deps install-test  ## the whole test suite, real servers and Chromium included
+	$(RUN_IN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: system-deps-fast install-test  ## everything but the real-server and browser suites (< 3 min)
+	$(RUN_IN_ENV) $(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step
-	tele-exporter bench
+	$(ENV_DIR)/bin/tele-exporter bench
 
 generate: install  ## regenerate Prometheus rules, runbook, dashboards and Grafana alerting from the catalog
-	tele-exporter generate
+	$(ENV_DIR)/bin/tele-exporter generate

@@ -32,3 +32,19 @@ def test_benchmark_runs_and_prints_a_ratio(script: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.servers
+def test_healthy_soak_runs_against_a_real_prometheus_and_reports_alerts() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "healthy_soak.py"), "--minutes", "0.25", "--poll", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("soak: max CV: ") for line in lines), lines
+    assert "soak: alerts that fired: none" in lines, lines

@@ -26,6 +26,7 @@ def test_default_bind_is_loopback(tele: Telemetry) -> None:
         server.close()
 
 
+@pytest.mark.servers
 def test_prometheus_scrape_example_passes_promtool(tmp_path: Path) -> None:
     assert shutil.which("promtool"), "promtool is missing: install Debian's prometheus package"
     config = tmp_path / "prometheus.yml"

@@ -62,6 +62,7 @@ def test_scrape_parses_and_matches_the_snapshot(server: Server, tele: Telemetry,
     assert samples[("tele_ppo_updates_total", ())] == 2.0
 
 
+@pytest.mark.servers
 def test_promtool_check_metrics_accepts_a_live_scrape(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:
     _train(tele, policy, 2)
     tele.watch_seed(policy.trunk, host=policy, env=0, slot="r0c0")

@@ -19,13 +19,13 @@ SUBCOMMANDS = {
 }
 
 
-def _repo_root() -> Path:
-    """The checkout holding prometheus/ and grafana/: the current directory or above."""
+def _repo_root() -> Path | None:
+    """The checkout holding prometheus/ and grafana/: the current directory or above; None outside one."""
     here = Path.cwd().resolve()
     for candidate in (here, *here.parents):
         if (candidate / "pyproject.toml").exists() and (candidate / "prometheus").is_dir():
             return candidate
-    return here
+    return None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -37,10 +37,18 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"tele-exporter generate: {exc}", file=sys.stderr)
         return 2
     root = Path(args.root) if args.root else _repo_root()
+    if root is None:
+        print(
+            f"tele-exporter generate: {Path.cwd()} is not in a tele-exporter checkout (no pyproject.toml "
+            "and prometheus/ here or above); run it in the checkout or pass --root DIR",
+            file=sys.stderr,
+        )
+        return 2
     if args.check:
         stale = generate.stale(root, catalog)
         for rel in stale:
-            print(f"stale: {rel} (run `tele-exporter generate`)", file=sys.stderr)
+            why = "stale" if (root / rel).exists() else "missing"
+            print(f"{why}: {rel} (run `tele-exporter generate`)", file=sys.stderr)
         return 1 if stale else 0
     for rel in generate.write(root, catalog):
         print(f"wrote {rel}")

@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from .addresses import server_address
+
 PROMETHEUS_NAMES = ("prometheus",)
 ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")
 INSTALL_HINT = (
@@ -37,11 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: prometheus/ of the checkout containing the current directory)",
     )
     parser.add_argument(
-        "--prometheus-address", default="127.0.0.1:9090", help="Prometheus listen address (default: %(default)s)"
+        "--prometheus-address",
+        type=server_address,
+        default="127.0.0.1:9090",
+        metavar="HOST:PORT",
+        help="Prometheus listen address (default: %(default)s)",
     )
     parser.add_argument(
         "--alertmanager-address",
+        type=server_address,
         default="127.0.0.1:9093",
+        metavar="HOST:PORT",
         help="Alertmanager listen address; prometheus.yml sends alerts to 127.0.0.1:9093 (default: %(default)s)",
     )
 

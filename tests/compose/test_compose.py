@@ -55,11 +55,13 @@ def compose() -> dict[str, Any]:
     return dict(yaml.safe_load(COMPOSE.read_text(encoding="utf-8")))
 
 
+@pytest.mark.servers
 def test_config_is_valid_with_the_documented_env() -> None:
     result = docker_compose("config", "-q", env=env_example())
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.servers
 def test_config_fails_without_an_admin_password() -> None:
     env = {k: v for k, v in env_example().items() if k != "GRAFANA_ADMIN_PASSWORD"}
     result = docker_compose("config", "-q", env=env)
@@ -67,6 +69,7 @@ def test_config_fails_without_an_admin_password() -> None:
     assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
 
 
+@pytest.mark.servers
 def test_resolved_config_has_the_password_from_env() -> None:
     result = docker_compose("config", env={**env_example(), "GRAFANA_ADMIN_PASSWORD": "s3cret-x"})
     assert result.returncode == 0, result.stderr
@@ -155,6 +158,7 @@ def test_prometheus_config_for_compose(compose: dict[str, Any]) -> None:
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
 
 
+@pytest.mark.servers
 def test_promtool_accepts_the_compose_prometheus_config(tmp_path: Path, compose: dict[str, Any]) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "needs promtool: apt-get install -y --no-install-recommends prometheus"

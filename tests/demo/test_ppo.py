@@ -8,6 +8,7 @@ import statistics
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tele_exporter import default_catalog, serve
 from tele_exporter.demo import DemoConfig, FaultPlan, Trainer, UpdateResult
 from tele_exporter.demo.ppo import gae
-from tele_exporter.snapshot import Snapshot
+from tele_exporter.snapshot import HeadState, Snapshot
 
 from ..conftest import DESIGN_METRICS
 
@@ -185,7 +186,7 @@ def test_same_seed_same_run() -> None:
     assert a == b
 
 
-def test_default_run_beats_a_random_policy() -> None:
+def test_default_run_beats_a_random_policy_and_stays_healthy() -> None:
     config = DemoConfig(seed=0)
     trainer = Trainer(config)
     try:
@@ -195,3 +196,32 @@ def test_default_run_beats_a_random_policy() -> None:
         trainer.close()
     learned = statistics.mean(r.reward for r in results[-10:])
     assert learned > random + 0.02, f"learned {learned:.4f} vs random {random:.4f}"
+    levels = {
+        name: [CATALOG[metric].level_of(getattr(r, field)) for r in results]
+        for name, metric, field in (
+            ("kl", "kl_divergence", "kl"),
+            ("grad", "policy_grad_norm", "grad_norm_pre"),
+            ("cv", "gradient_cv", "gradient_cv"),
+        )
+    }
+    words = {name: [level.name if level else "none" for level in found] for name, found in levels.items()}
+    assert words["grad"] == ["healthy"] * len(results), words["grad"]
+    assert "critical" not in words["kl"], words["kl"]
+    assert words["cv"].count("healthy") >= 0.9 * len(results), words["cv"]
+
+
+def test_head_weights_move_toward_even_head_norms() -> None:
+    trainer = Trainer(SMALL)
+    try:
+        snap = trainer.tele.snapshot()
+        norms = {"op": 4.0, "slot": math.nan, "blueprint": 0.5}
+        heads = tuple(HeadState(name, norms.get(name, 1.0), 0.0, None, 0) for name in trainer.policy.head_modules())
+        trainer._rebalance(replace(snap, heads=heads))
+    finally:
+        trainer.close()
+    weights = trainer.head_weights
+    assert weights["slot"] == 1.0, "a missing head keeps its weight"
+    assert weights["op"] < 1.0 < weights["blueprint"], weights
+    mean = (4.0 + 0.5 + 5 * 1.0) / 7  # over the seven heads with a norm
+    assert weights["op"] == pytest.approx(math.sqrt(mean / 4.0))
+    assert weights["blueprint"] == pytest.approx(math.sqrt(mean / 0.5))

@@ -40,6 +40,10 @@ _STATE_JS = """(() => {
       kl: document.getElementById("kl-value").textContent,
       grad: document.getElementById("grad-pre").textContent,
     },
+    captions: {
+      kl: document.getElementById("kl-range").textContent,
+      grad: document.getElementById("grad-range").textContent,
+    },
     spark: {
       kl: Number(document.getElementById("kl-spark").dataset.points),
       grad: Number(document.getElementById("grad-spark").dataset.points),

@@ -201,6 +201,7 @@ def _expected(doc: dict[str, Any]) -> dict[str, str]:
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     colours = shot.document["colours"]
@@ -214,6 +215,16 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
 
 
 @pytest.mark.slow
+@pytest.mark.browser
+def test_each_sparkline_says_what_it_draws(healthy: Shot) -> None:
+    """The gradient panel's big number is pre-clip; its sparkline is the post-clip history (TELE-311)."""
+    captions = healthy.state["captions"]
+    assert captions["grad"].startswith(f"post-clip, last {HEALTHY_UPDATES}: min "), captions
+    assert captions["kl"].startswith(f"KL, last {HEALTHY_UPDATES}: min "), captions
+
+
+@pytest.mark.slow
+@pytest.mark.browser
 def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, faulted: Shot) -> None:
     assert healthy.state["panels"]["grad"] in {"ok", "warning"}
     assert faulted.state["panels"]["grad"] == "critical" and faulted.state["text"]["grad"] == "critical"
@@ -223,6 +234,7 @@ def test_healthy_and_faulted_runs_differ_as_the_thresholds_say(healthy: Shot, fa
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     snap = shot.document["snapshot"]
@@ -240,6 +252,7 @@ def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRe
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
     """TELE-321: a head above the upper context rising is drawn critical."""
     assert any(h["trend"] == "critical" and h["arrow"] == "↗" for h in faulted.state["heads"])
@@ -247,12 +260,14 @@ def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
 
 @pytest.mark.parametrize("run", ["healthy", "faulted"])
 @pytest.mark.slow
+@pytest.mark.browser
 def test_page_logs_no_console_errors(run: str, request: pytest.FixtureRequest) -> None:
     shot: Shot = request.getfixturevalue(run)
     assert shot.errors == []
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_a_nan_gradient_shows_as_missing_in_red(browser: Chromium) -> None:
     """NaN arrives as the string "NaN": shown as a dash, labelled NaN, critical, a gap in the sparkline."""
     with demo_run("nan", updates=2, fault_after=1) as (_, server):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tele_exporter import stack
+from tele_exporter import cli, stack
 from tests.support.servers import free_port, http_get, poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,31 @@ def test_missing_binaries_are_explained(monkeypatch: pytest.MonkeyPatch, capsys:
     assert stack.run(_args()) == 2
     err = capsys.readouterr().err
     assert "prometheus and alertmanager not found" in err and "apt-get install" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--prometheus-address", "9090", "'9090' is not HOST:PORT"),
+        ("--prometheus-address", "localhost:http", "'localhost:http' is not HOST:PORT"),
+        ("--alertmanager-address", "127.0.0.1:99999", "'127.0.0.1:99999' is not HOST:PORT (port 0-65535)"),
+        ("--alertmanager-address", "127.0.0.1:0", "needs a fixed port"),
+    ],
+)
+def test_a_bad_address_exits_2_naming_flag_and_value(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["stack", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and message in err, err
+
+
+def test_ipv6_addresses_keep_their_brackets() -> None:
+    args = argparse.ArgumentParser()
+    stack.add_arguments(args)
+    assert args.parse_args(["--prometheus-address", "[::1]:9090"]).prometheus_address == "[::1]:9090"
 
 
 def test_config_dir_is_found_from_a_subdirectory() -> None:

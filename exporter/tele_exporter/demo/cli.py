@@ -1,7 +1,8 @@
 """`tele-exporter demo`: train the demo agent and serve its telemetry on /metrics.
 
-Prints the /metrics URL first, then one line per PPO update; Ctrl-C (or SIGTERM)
-stops after the current update, closes the server and exits 0.
+Prints the live page's and /metrics' URLs first, then one line per PPO update and a
+summary at the end; Ctrl-C (or SIGTERM) stops after the current update, closes the
+server and exits 0. A fault run trains until Ctrl-C unless --updates says otherwise.
 """
 
 from __future__ import annotations
@@ -11,26 +12,19 @@ import math
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import torch
 
+from ..addresses import listen_address
 from ..catalog import MetricSpec, default_catalog
 from ..display import show
 from ..server import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, serve
 from ..webconfig import WebConfig, WebConfigError, load_web_config
 from .faults import FAULTS, FaultPlan
 from .ppo import DemoConfig, Trainer, UpdateResult
-
-
-def listen_address(text: str) -> tuple[str, int]:
-    """Parse HOST:PORT (IPv6 as [::1]:PORT) for argparse."""
-    host, sep, port_s = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0-65535)")
-    return host, int(port_s)
 
 
 def web_config_file(text: str) -> WebConfig:
@@ -77,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--updates",
         type=non_negative_int,
-        default=defaults.updates,
-        help="PPO updates to run; 0 runs until Ctrl-C (default: %(default)s)",
+        default=None,
+        help=f"PPO updates to run; 0 runs until Ctrl-C (default: {defaults.updates}, or 0 with --fault)",
     )
     parser.add_argument(
         "--envs",
@@ -158,8 +152,57 @@ def progress_line(result: UpdateResult, total: int) -> str:
     )
 
 
+def updates_wanted(args: argparse.Namespace) -> int:
+    """--updates as given; unset, a fault run goes on until Ctrl-C so its alert can fire."""
+    if args.updates is not None:
+        return int(args.updates)
+    return 0 if args.fault != "none" else DemoConfig().updates
+
+
+def check_fault_window(args: argparse.Namespace) -> str | None:
+    """Why the fault flags can never inject a fault, or None when they can."""
+    if args.fault_until is None:
+        return None
+    if args.fault_until <= args.fault_after:
+        return (
+            f"--fault-until {args.fault_until} must be greater than --fault-after {args.fault_after}: "
+            f"the fault is on for updates after {args.fault_after} up to {args.fault_until}"
+        )
+    if args.fault == "none":
+        return "--fault-until is given without --fault"
+    return None
+
+
+def summary_line(results: Sequence[UpdateResult], seconds: float) -> str:
+    """The end-of-run summary: updates, time, reward, and how many updates each signal left healthy."""
+    if not results:
+        return f"tele-exporter demo: no update finished in {seconds:.1f} s"
+    catalog = default_catalog()
+    signals = {
+        "kl": ("kl_divergence", [r.kl for r in results]),
+        "grad": ("policy_grad_norm", [r.grad_norm_pre for r in results]),
+        "cv": ("gradient_cv", [r.gradient_cv for r in results]),
+    }
+    counts = []
+    for word, (metric, values) in signals.items():
+        healthy = sum(_word(catalog[metric], v) == "healthy" for v in values)
+        counts.append(f"{word} {healthy}/{len(values)}")
+    faulty = sum(r.fault_active for r in results)
+    tail = results[-min(10, len(results)) :]
+    reward = sum(r.reward for r in tail) / len(tail)
+    return (
+        f"tele-exporter demo: {results[-1].update} updates in {seconds:.1f} s;"
+        f" mean reward of the last {len(tail)} {reward:+.4f};"
+        f" healthy updates: {', '.join(counts)}" + (f"; fault on in {faulty}" if faulty else "")
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Train with live telemetry until the updates are done or Ctrl-C; exit status."""
+    problem = check_fault_window(args)
+    if problem is not None:
+        print(f"tele-exporter demo: {problem}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print(
             "tele-exporter demo: --device cuda given but no CUDA device is available",
@@ -168,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(1)
     config = DemoConfig(
-        updates=args.updates,
+        updates=updates_wanted(args),
         envs=args.envs,
         seed=args.seed,
         device=args.device,
@@ -187,17 +230,19 @@ def run(args: argparse.Namespace) -> int:
             reason = f"cannot listen on {host}:{port}: {reason}"
         print(f"tele-exporter demo: {reason}", file=sys.stderr)
         return 1
-    print(f"tele-exporter demo: serving metrics at {server.url}", flush=True)
+    print(f"tele-exporter demo: live page at {server.base_url}/ and metrics at {server.url}", flush=True)
     stop = threading.Event()
     restore = _install_stop_handlers(stop)
+    start = time.monotonic()
     try:
-        trainer.run(on_update=lambda r: print(progress_line(r, config.updates), flush=True), stop=stop)
+        results = trainer.run(on_update=lambda r: print(progress_line(r, config.updates), flush=True), stop=stop)
     finally:
         restore()
         server.close()
         trainer.close()
     if stop.is_set():
         print("tele-exporter demo: stopped", flush=True)
+    print(summary_line(results, time.monotonic() - start), flush=True)
     return 0
 
 

@@ -8,6 +8,7 @@ stop during optimisation land in the same published snapshot.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -19,12 +20,14 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from ..catalog import default_catalog
+from ..snapshot import Snapshot
 from ..telemetry import Telemetry, Update
 from .env import HEADS, Action, EnvConfig, VecEnv
 from .faults import FaultPlan
 from .policy import Policy, causal_masks, entropies, log_probs, sample
 
 RESULTS_KEPT = 1000
+MAX_HEAD_WEIGHT = 20.0
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,12 @@ class DemoConfig:
     gamma: float = 0.9
     gae_lambda: float = 0.95
     clip: float = 0.2
+    policy_coef: float = 0.25  # weight of the policy term, a sum over the heads
     ent_coef: float = 0.15
     vf_coef: float = 0.5
     target_kl: float = 0.01
     max_grad_norm: float = 0.5
+    head_balance: float = 0.5  # how fast per-head loss weights follow the heads' norms; 0: all weights 1
     seed: int = 0
     device: str = "cpu"
     fault: FaultPlan = field(default_factory=FaultPlan)
@@ -127,6 +132,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.obs = self.vec.observe()
         self.updates_done = 0
+        self.head_weights = dict.fromkeys(HEADS, 1.0)
 
     def update(self) -> UpdateResult:
         """Run one rollout and one PPO update; publish the telemetry of both."""
@@ -138,6 +144,7 @@ class Trainer:
             self._optimise(upd, rollout, on)
         self.updates_done = k
         snap = self.tele.snapshot()
+        self._rebalance(snap)
         result = UpdateResult(
             update=k,
             reward=float(rollout.rewards.mean()),
@@ -237,6 +244,9 @@ class Trainer:
         scale = cfg.fault.loss_scale(fault_on)
         assert self.kl_stop is not None
         host_masks = {h: m.bool().cpu() for h, m in masks.items()}
+        # A head's loss is its masked sum over a minibatch divided by how many of its steps a
+        # minibatch holds on average, so a minibatch with one such step does not weigh it as many.
+        per_minibatch = {h: max(float(m.sum()) * mb_size / n, 1.0) for h, m in host_masks.items()}
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator, device=self.device)
             host_order = order.cpu()
@@ -256,15 +266,16 @@ class Trainer:
                     if not bool(host_masks[h][host_idx].any()):
                         continue  # no step in the minibatch used this head: no gradient, not zero
                     m = masks[h][idx]
-                    valid = m.sum()
+                    valid = per_minibatch[h]
                     ratio = log_ratio.exp()
                     head_adv = adv[idx] * m
                     clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
                     surrogate = torch.min(ratio * head_adv, clipped * head_adv)
-                    policy_loss = policy_loss - surrogate.sum() / valid
-                    entropy = entropy + (ent[h] * m).sum() / valid
+                    weight = self.head_weights[h]
+                    policy_loss = policy_loss - weight * surrogate.sum() / valid
+                    entropy = entropy + weight * (ent[h] * m).sum() / valid
                 value_loss = 0.5 * (value - returns[idx]).pow(2).mean()
-                policy_term = (policy_loss - cfg.ent_coef * entropy) / len(HEADS)
+                policy_term = cfg.policy_coef * (policy_loss - cfg.ent_coef * entropy)
                 loss = policy_term + cfg.vf_coef * value_loss
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * scale).backward()
@@ -279,6 +290,26 @@ class Trainer:
             if float(kl) > self.kl_stop * cfg.target_kl:
                 upd.early_stop()
                 break
+
+    def _rebalance(self, snap: Snapshot) -> None:
+        """Per-head loss weights that even out the heads' gradient norms (TeleGradientCVHigh's remedy).
+
+        A head's parameters get gradient from its own loss term only, so its unweighted norm is
+        its measured norm over its weight; each weight moves toward mean/unweighted, geometrically.
+        A head that was missing or non-finite this update keeps its weight.
+        """
+        rate = self.config.head_balance
+        raw = {
+            h.name: h.current / self.head_weights[h.name]
+            for h in snap.heads
+            if math.isfinite(h.current) and h.current > 0
+        }
+        if rate <= 0 or len(raw) < 2:
+            return
+        mean = sum(raw.values()) / len(raw)
+        for name, value in raw.items():
+            target = min(max(mean / value, 1 / MAX_HEAD_WEIGHT), MAX_HEAD_WEIGHT)
+            self.head_weights[name] = self.head_weights[name] ** (1 - rate) * target**rate
 
 
 def run_demo(
