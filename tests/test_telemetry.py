@@ -465,3 +465,44 @@ def test_disabled_telemetry_still_refuses_misuse(policy: TinyPolicy) -> None:
         upd.clip_grad_norm_(0.5)
     with pytest.raises(TypeError, match="non-empty mapping"):
         Telemetry(policy, heads={}, enabled=False)
+
+
+def test_kl_is_the_mean_of_every_observe_call_of_the_update(tele: Telemetry) -> None:
+    log_ratio = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64)
+    k3 = float((log_ratio.exp() - 1 - log_ratio).mean())
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(0.01))
+        upd.observe_kl_value(0.02)
+        upd.observe_kl({"op": log_ratio})
+    assert tele.snapshot().kl == pytest.approx((0.01 + 0.02 + k3) / 3, rel=1e-7)
+
+
+@pytest.mark.parametrize("negative", [torch.tensor(-0.004), -0.004, torch.tensor(-math.inf)])
+def test_a_negative_kl_is_counted_flagged_and_missing_never_shown_as_zero(
+    tele: Telemetry, negative: float | torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    for _ in range(2):
+        with tele.update() as upd:
+            upd.observe_kl_value(0.01)
+            upd.observe_kl_value(negative)
+    snap = tele.snapshot()
+    assert snap.kl is None and snap.kl_history == ()
+    assert tele.errors() == {"negative_kl": 2}
+    assert snap.histograms["step_kl_divergence"][()].count == 0
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(tele.registry).decode())}
+    assert not families["tele_kl_divergence"].samples
+    (sample,) = [s for s in families["tele_telemetry_errors"].samples if s.name.endswith("_total")]
+    assert sample.labels["site"] == "negative_kl" and sample.value == 2
+    (hint,) = [r for r in caplog.records if "negative" in r.getMessage()]
+    assert "exp(r) - 1 - r" in hint.getMessage() and "old_logp - new_logp" in hint.getMessage()
+
+
+def test_float32_rounding_below_zero_is_zero_not_an_error(tele: Telemetry) -> None:
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(-3e-8, dtype=torch.float32))
+        upd.observe_kl_value(torch.tensor(math.nan))
+    assert tele.errors() == {}
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(-3e-8, dtype=torch.float32))
+    assert tele.snapshot().kl == 0.0

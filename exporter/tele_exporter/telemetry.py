@@ -248,9 +248,10 @@ class Telemetry:
             self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
             self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
             cv = float(step_cvs(host.rows[:, : len(self.heads)], present).mean())
-        kl = float(host.kls.mean()) if host.kls.numel() else None
+        kls = self._checked_kls(host.kls)
+        kl = float(kls.mean()) if kls.numel() else None
         clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
-        self._histograms["step_kl_divergence"].observe_many((), host.kls)
+        self._histograms["step_kl_divergence"].observe_many((), kls)
         seed_values: dict[SeedKey, SeedValues] = {}
         all_ratios = _seed_ratios(host.host_passes)
         for key in self._seeds:
@@ -289,6 +290,26 @@ class Telemetry:
                 histograms={hid: h.states() for hid, h in self._histograms.items()},
                 seeds_refused=self._seeds_refused,
             )
+
+    def _checked_kls(self, kls: Tensor) -> Tensor:
+        """The update's KL values on the host; rounding negatives become 0.0, a real negative refuses them all.
+
+        A value below -KL_ROUNDOFF cannot come from the expected non-negative
+        estimator: the update's KL is missing, counted at site `negative_kl`, logged once.
+        """
+        negative = kls < -KL_ROUNDOFF
+        if bool(negative.any()):
+            self.record_error(
+                "negative_kl",
+                ValueError(
+                    f"{int(negative.sum())} of this update's {kls.numel()} KL values are negative "
+                    f"(min {float(kls.min()):.3g}); observe_kl_value expects the non-negative estimator "
+                    "mean(exp(r) - 1 - r) with r = new_logp - old_logp (CleanRL's and SB3's approx_kl), "
+                    "not a signed one such as mean(old_logp - new_logp); this update's KL is missing"
+                ),
+            )
+            return kls[:0]
+        return kls.clamp(min=0.0)
 
     def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
         """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
@@ -378,7 +399,11 @@ class Update:
             return torch.tensor(math.nan, dtype=torch.float64)
 
     def observe_kl(self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Record one epoch's causally weighted approx KL (TELE-111) and return it as a tensor."""
+        """Record a causally weighted approx KL (TELE-111) from per-head log-ratios and return it as a tensor.
+
+        r = new_logp - old_logp per head; each head's KL is the mean of exp(r) - 1 - r
+        over its valid steps. The update publishes the mean of all its observe_* calls.
+        """
         self._check_open()
         unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._tele.heads]
         if unknown:
@@ -388,7 +413,16 @@ class Update:
         return kl
 
     def observe_kl_value(self, value: float | Tensor) -> Tensor:
-        """Record an approx KL the trainer computed itself (e.g. a PPO library's own); no host sync."""
+        """Record an approx KL the trainer computed itself (e.g. a PPO library's own); no host sync.
+
+        Expected: the non-negative estimator mean(exp(r) - 1 - r), r = new_logp - old_logp,
+        as CleanRL's and SB3's approx_kl. The update publishes the mean of all its
+        observe_kl / observe_kl_value calls: one call per minibatch matches SB3's
+        train/approx_kl, one call per update with the last minibatch's value matches
+        CleanRL's losses/approx_kl. A value below -KL_ROUNDOFF (a signed estimator)
+        makes the update's KL missing and is counted as a telemetry error at
+        `negative_kl`; it is checked on the host at publish.
+        """
         self._check_open()
         kl = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
         self.kls.append(kl)
