@@ -417,9 +417,9 @@ class Update:
 
         Expected: the non-negative estimator mean(exp(r) - 1 - r), r = new_logp - old_logp,
         as CleanRL's and SB3's approx_kl. The update publishes the mean of all its
-        observe_kl / observe_kl_value calls: one call per minibatch matches SB3's
-        train/approx_kl, one call per update with the last minibatch's value matches
-        CleanRL's losses/approx_kl. A value below -KL_ROUNDOFF (a signed estimator)
+        observe_kl / observe_kl_value calls, so one call per update with the logged
+        value reproduces CleanRL's losses/approx_kl (last minibatch) and SB3's
+        train/approx_kl (mean over the last epoch's minibatches). A value below -KL_ROUNDOFF (a signed estimator)
         makes the update's KL missing and is counted as a telemetry error at
         `negative_kl`; it is checked on the host at publish.
         """
