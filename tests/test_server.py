@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import shutil
 import socket
@@ -347,3 +348,65 @@ def test_held_connections_beyond_the_cap_cost_no_thread_or_fd_and_a_scrape_still
 def test_max_connections_must_be_positive(tele: Telemetry) -> None:
     with pytest.raises(ValueError, match="max_connections must be a whole number >= 1, got 0"):
         serve(tele, port=0, max_connections=0)
+
+
+def test_close_with_linger_waits_until_the_final_update_is_scraped(tele: Telemetry, policy: TinyPolicy) -> None:
+    srv = serve(tele, port=0, linger=30)
+    _train(tele, policy, 2)
+    _get(srv.url)
+    _train(tele, policy, 1)  # the final update: not scraped yet
+    scraped: list[bool] = []
+    closer = threading.Thread(target=lambda: scraped.append(srv.close()))
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # still lingering for Prometheus
+    status, body = _get(srv.url)
+    closer.join(10)
+    assert status == 200
+    assert not closer.is_alive() and scraped == [True]
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["tele_ppo_updates"].samples[0].value == 3
+    with pytest.raises(OSError):
+        _get(srv.url)
+
+
+def test_close_with_linger_gives_up_after_the_timeout(tele: Telemetry, policy: TinyPolicy) -> None:
+    srv = serve(tele, port=0)
+    _train(tele, policy, 1)
+    start = time.monotonic()
+    assert srv.close(linger=0.3) is False
+    assert 0.3 <= time.monotonic() - start < 5
+
+
+def test_close_does_not_linger_without_updates_or_when_already_scraped(tele: Telemetry, policy: TinyPolicy) -> None:
+    srv = serve(tele, port=0, linger=60)
+    assert srv.close() is True
+    srv = serve(tele, port=0, linger=60)
+    _train(tele, policy, 1)
+    _get(srv.url)
+    start = time.monotonic()
+    assert srv.close() is True
+    assert time.monotonic() - start < 5
+
+
+def test_a_head_request_or_the_page_is_not_a_scrape(tele: Telemetry, policy: TinyPolicy) -> None:
+    srv = serve(tele, port=0)
+    _train(tele, policy, 1)
+    _get(srv.url, method="HEAD")
+    _get(srv.base_url + "/api/snapshot")
+    assert srv.close(linger=0.2) is False
+
+
+def test_linger_must_be_a_finite_non_negative_number(tele: Telemetry) -> None:
+    for bad in (-1, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match="linger must be"):
+            serve(tele, port=0, linger=bad)
+
+
+def test_a_disabled_telemetry_is_not_served(policy: TinyPolicy) -> None:
+    off = Telemetry(policy, heads={"op": policy.op}, enabled=False)
+    srv = serve(off, port=0, linger=60)
+    assert not srv.running and srv.port == 0
+    start = time.monotonic()
+    assert srv.close() is True
+    assert time.monotonic() - start < 1

@@ -391,3 +391,118 @@ def test_clip_matches_torch_for_every_argument(
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_an_update_with_gradients_but_no_measured_step_hints_once(
+    policy: TinyPolicy, tele: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    with tele.update():
+        pass  # no backward pass yet: nothing to hint about
+    assert not caplog.records
+    for seed in range(3):
+        with tele.update():
+            backward(policy, seed=seed)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)  # the user kept torch's clip
+    hints = [r for r in caplog.records if "measured no optimizer step" in r.getMessage()]
+    assert len(hints) == 1
+    assert "upd.clip_grad_norm_" in hints[0].getMessage()
+    assert tele.snapshot().grad_norm_pre is None
+
+
+def test_measured_updates_give_no_hint(policy: TinyPolicy, tele: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    _update(tele, policy, steps=2)
+    assert not [r for r in caplog.records if "measured no optimizer step" in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_disabled_telemetry_records_nothing_and_training_is_unchanged(
+    policy: TinyPolicy, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if how == "environment":
+        monkeypatch.setenv("TELE_EXPORTER_DISABLED", "1")
+    off = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, enabled=False if how == "argument" else None)
+    twin = copy.deepcopy(policy)
+    assert not off.enabled
+    with off.update() as upd:
+        backward(policy, seed=4)
+        backward(twin, seed=4)
+        got = upd.clip_grad_norm_(0.5)
+        expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        assert got.item() == expected.item()
+        for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
+        total = upd.observe_gradients()
+        assert total.dtype == torch.float64
+        assert total.item() == pytest.approx(torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item())  # type: ignore[misc]
+        log_ratio = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+        assert upd.observe_kl({"op": log_ratio}).item() == pytest.approx(
+            (log_ratio.exp() - 1 - log_ratio).mean().item()
+        )
+        assert upd.observe_kl_value(0.25).item() == 0.25
+        upd.observe_clip_fraction(0.5)
+    watch = off.watch_seed(nn.Linear(2, 2), host=policy, env=0, slot="a")
+    assert not watch.active
+    assert off.snapshot().updates == 0
+    assert generate_latest(off.registry) == b""
+    off.close()
+
+
+def test_environment_zero_or_explicit_enabled_keeps_telemetry_on(
+    policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TELE_EXPORTER_DISABLED", "0")
+    assert Telemetry(policy, heads={"op": policy.op}).enabled
+    monkeypatch.setenv("TELE_EXPORTER_DISABLED", "1")
+    assert Telemetry(policy, heads={"op": policy.op}, enabled=True).enabled
+
+
+def test_disabled_telemetry_still_refuses_misuse(policy: TinyPolicy) -> None:
+    off = Telemetry(policy, heads={"op": policy.op}, enabled=False)
+    upd = off.update()
+    with pytest.raises(RuntimeError, match="inside `with tele.update"):
+        upd.clip_grad_norm_(0.5)
+    with pytest.raises(TypeError, match="non-empty mapping"):
+        Telemetry(policy, heads={}, enabled=False)
+
+
+def test_kl_is_the_mean_of_every_observe_call_of_the_update(tele: Telemetry) -> None:
+    log_ratio = torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64)
+    k3 = float((log_ratio.exp() - 1 - log_ratio).mean())
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(0.01))
+        upd.observe_kl_value(0.02)
+        upd.observe_kl({"op": log_ratio})
+    assert tele.snapshot().kl == pytest.approx((0.01 + 0.02 + k3) / 3, rel=1e-7)
+
+
+@pytest.mark.parametrize("negative", [torch.tensor(-0.004), -0.004, torch.tensor(-math.inf)])
+def test_a_negative_kl_is_counted_flagged_and_missing_never_shown_as_zero(
+    tele: Telemetry, negative: float | torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tele_exporter")
+    for _ in range(2):
+        with tele.update() as upd:
+            upd.observe_kl_value(0.01)
+            upd.observe_kl_value(negative)
+    snap = tele.snapshot()
+    assert snap.kl is None and snap.kl_history == ()
+    assert tele.errors() == {"negative_kl": 2}
+    assert snap.histograms["step_kl_divergence"][()].count == 0
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(tele.registry).decode())}
+    assert not families["tele_kl_divergence"].samples
+    (sample,) = [s for s in families["tele_telemetry_errors"].samples if s.name.endswith("_total")]
+    assert sample.labels["site"] == "negative_kl" and sample.value == 2
+    (hint,) = [r for r in caplog.records if "negative" in r.getMessage()]
+    assert "exp(r) - 1 - r" in hint.getMessage() and "old_logp - new_logp" in hint.getMessage()
+
+
+def test_float32_rounding_below_zero_is_zero_not_an_error(tele: Telemetry) -> None:
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(-3e-8, dtype=torch.float32))
+        upd.observe_kl_value(torch.tensor(math.nan))
+    assert tele.errors() == {}
+    with tele.update() as upd:
+        upd.observe_kl_value(torch.tensor(-3e-8, dtype=torch.float32))
+    assert tele.snapshot().kl == 0.0

@@ -15,6 +15,7 @@ import errno
 import gzip
 import importlib.resources
 import json
+import math
 import os
 import selectors
 import socket
@@ -247,10 +248,29 @@ def _version(text: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
-def make_app(tele: Telemetry, web_config: WebConfig | None = None) -> WSGIApp:
+class Scrapes:
+    """The latest update a GET /metrics has been answered with, so that close can wait for the final one."""
+
+    def __init__(self) -> None:
+        self._served = -1
+        self._changed = threading.Condition()
+
+    def served(self, updates: int) -> None:
+        with self._changed:
+            if updates > self._served:
+                self._served = updates
+                self._changed.notify_all()
+
+    def wait_for(self, updates: int, timeout: float) -> bool:
+        """True once a scrape has carried `updates` or more, False if `timeout` seconds passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._served >= updates, timeout)
+
+
+def make_app(tele: Telemetry, web_config: WebConfig | None = None, scrapes: Scrapes | None = None) -> WSGIApp:
     """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404, 405 and 429 otherwise."""
     routes: dict[str, Route] = {
-        "/metrics": _metrics(tele),
+        "/metrics": _metrics(tele, scrapes or Scrapes()),
         "/": _static(_LANDING, "text/html; charset=utf-8"),
         "/api/snapshot": _snapshot_api(tele),
     }
@@ -280,7 +300,7 @@ def _route(routes: dict[str, Route], config: WebConfig | None, method: str, envi
     return route(environ)
 
 
-def _metrics(tele: Telemetry) -> Route:
+def _metrics(tele: Telemetry, scrapes: Scrapes) -> Route:
     """/metrics rendered once per published snapshot and negotiated format, then served as bytes.
 
     Only for a registry Telemetry owns: nothing else can change between two
@@ -296,8 +316,12 @@ def _metrics(tele: Telemetry) -> Route:
         encoder, content_type = choose_encoder(accept)
         names = tuple(sorted(set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", []))))
         registry: CollectorRegistry = tele.registry.restricted_registry(names) if names else tele.registry  # type: ignore[assignment]
+        scraped = environ.get("REQUEST_METHOD", "GET") == "GET"
         if not tele.owns_registry:
+            updates = tele.snapshot().updates
             body = encoder(registry)
+            if scraped:
+                scrapes.served(updates)
             return _metrics_response(environ, content_type, body, gzip.compress(body, compresslevel=6))
         cache: dict[Any, tuple[object, object, bytes, bytes]] = filtered if names else full
         key: Any = (accept, names) if names else accept
@@ -313,6 +337,8 @@ def _metrics(tele: Telemetry) -> Route:
                     filtered.move_to_end(key)
                     while len(filtered) > FILTERED_CACHE_SIZE:
                         filtered.popitem(last=False)
+        if scraped:
+            scrapes.served(snapshot.updates)
         return _metrics_response(environ, content_type, hit[2], hit[3])
 
     return route
@@ -394,24 +420,58 @@ def _plain(status: str, body: str, extra: list[tuple[str, str]] | None = None) -
 
 
 class Server:
-    """A running exporter; `.url` is the /metrics URL, `.close()` stops it."""
+    """A running exporter; `.url` is the /metrics URL, `.close()` stops it.
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread, scheme: str = "http") -> None:
+    A server for a disabled Telemetry is never started: `.running` is False,
+    `.port` is 0, nothing listens, and close() returns at once.
+    """
+
+    def __init__(
+        self,
+        httpd: WSGIServer | None,
+        thread: threading.Thread | None,
+        scheme: str = "http",
+        *,
+        tele: Telemetry | None = None,
+        scrapes: Scrapes | None = None,
+        linger: float = 0.0,
+        addr: str = DEFAULT_ADDR,
+    ) -> None:
         self._httpd = httpd
         self._thread = thread
-        host, port = httpd.server_address[:2]
+        self._tele = tele
+        self._scrapes = scrapes
+        self.linger = _check_linger(linger)
+        host, port = httpd.server_address[:2] if httpd is not None else (addr, 0)
         self.addr: str = str(host)
         self.port: int = int(port)
         shown = f"[{self.addr}]" if ":" in self.addr else self.addr
         self.base_url = f"{scheme}://{shown}:{self.port}"
         self.url = f"{self.base_url}/metrics"
 
-    def close(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+    @property
+    def running(self) -> bool:
+        """True while the server listens; always False for a disabled Telemetry's."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, linger: float | None = None) -> bool:
+        """Stop serving and release the port; safe to call twice.
+
+        With `linger` seconds (default: serve's `linger`), first wait until a
+        GET /metrics has been answered with the latest published update, so the
+        final update reaches Prometheus. Returns False if the wait timed out.
+        """
+        wait = self.linger if linger is None else _check_linger(linger)
+        scraped = True
+        if wait > 0 and self.running and self._tele is not None and self._scrapes is not None:
+            latest = self._tele.snapshot().updates
+            scraped = latest == 0 or self._scrapes.wait_for(latest, wait)
+        if self._httpd is not None:
+            if self._thread is not None and self._thread.is_alive():
+                self._httpd.shutdown()
+                self._thread.join()
+            self._httpd.server_close()
+        return scraped
 
     def __enter__(self) -> Server:
         return self
@@ -426,23 +486,31 @@ def serve(
     addr: str = DEFAULT_ADDR,
     web_config: WebConfig | str | Path | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    linger: float = 0.0,
 ) -> Server:
     """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port).
 
     `web_config` is an exporter-toolkit web config (a path or a loaded WebConfig)
     that adds TLS, basic auth, headers and a rate limit; the default binds loopback
     only, in plain HTTP. At most `max_connections` are open at once; more wait.
+    `linger` is how long close() waits for Prometheus to scrape the final update.
+    A disabled Telemetry is not served: the Server returned binds nothing.
     """
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"max_connections must be a whole number >= 1, got {max_connections!r}")
+    _check_linger(linger)
     config = load_web_config(web_config) if isinstance(web_config, (str, Path)) else web_config
+    scheme = "https" if config is not None and config.tls is not None else "http"
+    if not tele.enabled:
+        return Server(None, None, scheme, linger=linger, addr=addr)
     attrs: dict[str, Any] = {"address_family": _family(addr), "max_connections": max_connections}
     if config is not None and config.tls is not None:
         attrs["ssl_context"] = config.tls.context()
     server_class = type("_Server", (_BoundedServer,), attrs)
+    scrapes = Scrapes()
     try:
         httpd: WSGIServer = make_server(
-            addr, port, make_app(tele, config), server_class=server_class, handler_class=_QuietHandler
+            addr, port, make_app(tele, config, scrapes), server_class=server_class, handler_class=_QuietHandler
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
@@ -450,8 +518,13 @@ def serve(
         raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror}") from None
     thread = threading.Thread(target=httpd.serve_forever, name=f"tele-exporter:{port}", daemon=True)
     thread.start()
-    scheme = "https" if config is not None and config.tls is not None else "http"
-    return Server(httpd, thread, scheme)
+    return Server(httpd, thread, scheme, tele=tele, scrapes=scrapes, linger=linger)
+
+
+def _check_linger(linger: float) -> float:
+    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not linger >= 0 or math.isinf(linger):
+        raise ValueError(f"linger must be a finite number of seconds >= 0, got {linger!r}")
+    return float(linger)
 
 
 def _family(addr: str) -> socket.AddressFamily:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -39,13 +40,25 @@ _STEP_HISTOGRAMS = ("step_head_grad_norm", "step_policy_grad_norm", "step_kl_div
 
 DEFAULT_MAX_SEEDS = 1024
 
+DISABLED_ENV = "TELE_EXPORTER_DISABLED"
+
+KL_ROUNDOFF = 1e-6
+"""Negative KL values down to -KL_ROUNDOFF are float32 rounding of a non-negative estimator, taken as 0.0."""
+
+_UNMEASURED_HINT = (
+    "a Telemetry update saw gradients but measured no optimizer step, so gradient norms are missing: "
+    "clip with upd.clip_grad_norm_(max_norm) instead of torch.nn.utils.clip_grad_norm_, "
+    "or call upd.observe_gradients() before optimizer.step()"
+)
+
 
 class Telemetry:
     """Training-health telemetry for one policy: per-head gradients, KL, CV and seeds.
 
     `heads` maps head names to the submodules whose parameters form each action
     head; every head parameter must belong to `policy`. A new CollectorRegistry
-    is created unless one is passed in.
+    is created unless one is passed in. With `enabled=False`, or when the
+    environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
     """
 
     def __init__(
@@ -57,6 +70,7 @@ class Telemetry:
         *,
         catalog: Catalog | None = None,
         max_seeds: int = DEFAULT_MAX_SEEDS,
+        enabled: bool | None = None,
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
@@ -101,19 +115,22 @@ class Telemetry:
         self._seeds_refused = 0
         self._errors: dict[str, int] = {}
         self._update: Update | None = None
+        self._hinted_unmeasured = False
+        self.enabled = _enabled(enabled)
 
         from .collector import TeleCollector  # the collector reads Telemetry; import late
 
         self.owns_registry = registry is None  # nothing but this Telemetry writes to it
         self.registry = registry if registry is not None else CollectorRegistry()
         self._collector = TeleCollector(self)
-        self.registry.register(self._collector)
+        if self.enabled:
+            self.registry.register(self._collector)
 
     # -- the public API --------------------------------------------------------------
 
     def update(self) -> Update:
         """A context manager for one PPO update; the snapshot is published on exit."""
-        return Update(self)
+        return Update(self) if self.enabled else _DisabledUpdate(self)
 
     def watch_seed(
         self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str, backward_gain: bool = True
@@ -131,6 +148,8 @@ class Telemetry:
             raise TypeError(f"watch_seed needs an nn.Module, got {type(module).__name__}")
         if not isinstance(host, nn.Module):
             raise TypeError(f"watch_seed needs the host as an nn.Module, got {type(host).__name__}")
+        if not self.enabled:
+            return SeedWatch(self, key, None, None)
         with self._lock:
             if key in self._seeds:
                 raise ValueError(f"a seed is already watched at env={key[0]!r} slot={key[1]!r}")
@@ -220,15 +239,19 @@ class Telemetry:
         host = _to_host(drained, upd.kls, upd.clip_fractions, gains, host_passes)
         present = _present(drained, len(self.heads))
         heads, steps = self._head_values(present, host.rows)
+        if not upd.measure_calls and not self._hinted_unmeasured and any(p.grad is not None for p in self.params):
+            self._hinted_unmeasured = True
+            log.warning(_UNMEASURED_HINT)
         pre = post = cv = None
         if steps:
             pre, post = float(host.rows[:, -2].mean()), float(host.rows[:, -1].mean())
             self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
             self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
             cv = float(step_cvs(host.rows[:, : len(self.heads)], present).mean())
-        kl = float(host.kls.mean()) if host.kls.numel() else None
+        kls = self._checked_kls(host.kls)
+        kl = float(kls.mean()) if kls.numel() else None
         clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
-        self._histograms["step_kl_divergence"].observe_many((), host.kls)
+        self._histograms["step_kl_divergence"].observe_many((), kls)
         seed_values: dict[SeedKey, SeedValues] = {}
         all_ratios = _seed_ratios(host.host_passes)
         for key in self._seeds:
@@ -268,6 +291,26 @@ class Telemetry:
                 seeds_refused=self._seeds_refused,
             )
 
+    def _checked_kls(self, kls: Tensor) -> Tensor:
+        """The update's KL values on the host; rounding negatives become 0.0, a real negative refuses them all.
+
+        A value below -KL_ROUNDOFF cannot come from the expected non-negative
+        estimator: the update's KL is missing, counted at site `negative_kl`, logged once.
+        """
+        negative = kls < -KL_ROUNDOFF
+        if bool(negative.any()):
+            self.record_error(
+                "negative_kl",
+                ValueError(
+                    f"{int(negative.sum())} of this update's {kls.numel()} KL values are negative "
+                    f"(min {float(kls.min()):.3g}); observe_kl_value expects the non-negative estimator "
+                    "mean(exp(r) - 1 - r) with r = new_logp - old_logp (CleanRL's and SB3's approx_kl), "
+                    "not a signed one such as mean(old_logp - new_logp); this update's KL is missing"
+                ),
+            )
+            return kls[:0]
+        return kls.clamp(min=0.0)
+
     def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
         """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
         current, steps = measured
@@ -299,6 +342,7 @@ class Update:
         self.kls: list[Tensor] = []
         self.clip_fractions: list[Tensor] = []
         self.stopped_early = False
+        self.measure_calls = 0
         self._open = False
 
     def __enter__(self) -> Update:
@@ -331,6 +375,7 @@ class Update:
         under legacy FSDP it raises, since torch would clip by one shard's norm.
         """
         self._check_open()
+        self.measure_calls += 1
         if float(norm_type) != 2.0:
             raise ValueError(f"tele-exporter measures L2 norms; norm_type={norm_type} is not supported")
         try:
@@ -346,6 +391,7 @@ class Update:
     def observe_gradients(self) -> Tensor:
         """Measure this step's gradients without clipping; returns the total norm (NaN if it cannot be measured)."""
         self._check_open()
+        self.measure_calls += 1
         try:
             return self._tele._meter.measure(None)
         except Exception as exc:
@@ -353,7 +399,11 @@ class Update:
             return torch.tensor(math.nan, dtype=torch.float64)
 
     def observe_kl(self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Record one epoch's causally weighted approx KL (TELE-111) and return it as a tensor."""
+        """Record a causally weighted approx KL (TELE-111) from per-head log-ratios and return it as a tensor.
+
+        r = new_logp - old_logp per head; each head's KL is the mean of exp(r) - 1 - r
+        over its valid steps. The update publishes the mean of all its observe_* calls.
+        """
         self._check_open()
         unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._tele.heads]
         if unknown:
@@ -363,7 +413,16 @@ class Update:
         return kl
 
     def observe_kl_value(self, value: float | Tensor) -> Tensor:
-        """Record an approx KL the trainer computed itself (e.g. a PPO library's own); no host sync."""
+        """Record an approx KL the trainer computed itself (e.g. a PPO library's own); no host sync.
+
+        Expected: the non-negative estimator mean(exp(r) - 1 - r), r = new_logp - old_logp,
+        as CleanRL's and SB3's approx_kl. The update publishes the mean of all its
+        observe_kl / observe_kl_value calls, so one call per update with the logged
+        value reproduces CleanRL's losses/approx_kl (last minibatch) and SB3's
+        train/approx_kl (mean over the last epoch's minibatches). A value below -KL_ROUNDOFF (a signed estimator)
+        makes the update's KL missing and is counted as a telemetry error at
+        `negative_kl`; it is checked on the host at publish.
+        """
         self._check_open()
         kl = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
         self.kls.append(kl)
@@ -381,6 +440,61 @@ class Update:
     def _check_open(self) -> None:
         if not self._open:
             raise RuntimeError("use the Update inside `with tele.update() as upd:`")
+
+
+class _DisabledUpdate(Update):
+    """An Update of a disabled Telemetry: clips with torch, returns what the enabled one would, records nothing."""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        self._tele._update = None
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the policy's parameters."""
+        self._check_open()
+        return torch.nn.utils.clip_grad_norm_(
+            self._tele.params, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach
+        )
+
+    def observe_gradients(self) -> Tensor:
+        """The total L2 norm of the policy's gradients, as the enabled Update returns it."""
+        self._check_open()
+        grads = [p.grad for p in self._tele.params if p.grad is not None]
+        if not grads:
+            return torch.tensor(math.nan, dtype=torch.float64)
+        return torch.nn.utils.get_total_norm(grads).to(torch.float64)
+
+    def observe_kl(self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """TELE-111 approx KL, computed for the caller (e.g. for early stopping) and not recorded."""
+        self._check_open()
+        return approx_kl(log_ratio, masks)
+
+    def observe_kl_value(self, value: float | Tensor) -> Tensor:
+        """The value as a float64 tensor, not recorded."""
+        self._check_open()
+        return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+
+    def observe_clip_fraction(self, value: float | Tensor) -> None:
+        """Nothing: a disabled Telemetry records no clip fraction."""
+        self._check_open()
+
+
+def _enabled(enabled: bool | None) -> bool:
+    """An explicit `enabled` wins; else telemetry is on unless TELE_EXPORTER_DISABLED is set to anything but 0 or ''."""
+    if enabled is not None:
+        return bool(enabled)
+    return os.environ.get(DISABLED_ENV, "").strip() in ("", "0")
 
 
 class SeedWatch:

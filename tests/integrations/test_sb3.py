@@ -62,7 +62,7 @@ def _model(**kwargs: Any) -> PPO:
 @pytest.mark.slow
 def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
     model = _model(learning_rate=3e-3)
-    cb = TelemetryCallback(port=0)
+    cb = TelemetryCallback(port=0, linger=10)
     rec = _Recorder(cb)
     try:
         model.learn(total_timesteps=64 * 6, callback=CallbackList([cb, rec]))
@@ -87,6 +87,7 @@ def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
         assert f"{default_catalog()['clip_fraction'].name} {last['clip_fraction']!r}" in body
         assert 'tele_head_grad_norm{head="action_net"}' in body
         assert 'tele_head_grad_norm{head="value_net"}' in body
+        assert cb.server.linger == 10  # the final update was just scraped: close() returns at once
     finally:
         cb.close()
 

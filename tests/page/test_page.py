@@ -24,7 +24,7 @@ from tele_exporter.server import Server
 
 from ..conftest import TinyPolicy, backward
 from .cdp import Chromium
-from .live import Shot, capture, demo_run, snapshot_document
+from .live import PAGE_TIMEOUT_S, Shot, capture, demo_run, snapshot_document
 
 STATUSES = {"ok", "warning", "critical", "neutral"}
 HEALTHY_UPDATES = 3
@@ -277,3 +277,33 @@ def test_a_nan_gradient_shows_as_missing_in_red(browser: Chromium) -> None:
     assert shot.state["values"]["grad"] == "—" and shot.hues["grad"] == "red"
     assert shot.state["spark"]["grad"] == 1
     assert shot.errors == []
+
+
+_HIDDEN_JS = "({seeds: document.getElementById('panel-seeds').hidden, kl: document.getElementById('panel-kl').hidden})"
+
+
+@pytest.mark.slow
+def test_empty_panels_are_hidden_until_their_signal_appears(
+    browser: Chromium, server: Server, tele: Telemetry, policy: TinyPolicy
+) -> None:
+    """A trainer without seeds and without KL sees neither panel; each appears once its signal does."""
+    with tele.update() as upd:
+        backward(policy, seed=0)
+        upd.clip_grad_norm_(0.5)
+    tab = browser.open(server.base_url + "/")
+    tab.wait_for("Number(document.body.dataset.updates) === 1", PAGE_TIMEOUT_S)
+    assert tab.evaluate(_HIDDEN_JS) == {"seeds": True, "kl": True}
+    seed = Gain(1.0)
+    watch = tele.watch_seed(seed.lin, host=seed, env=0, slot="a")
+    with tele.update() as upd:
+        backward(policy, seed=1)
+        upd.clip_grad_norm_(0.5)
+        upd.observe_kl_value(0.01)
+    tab.wait_for("Number(document.body.dataset.updates) === 2", PAGE_TIMEOUT_S)
+    assert tab.evaluate(_HIDDEN_JS) == {"seeds": False, "kl": False}
+    watch.remove()
+    with tele.update():
+        pass
+    tab.wait_for("Number(document.body.dataset.updates) === 3", PAGE_TIMEOUT_S)
+    assert tab.evaluate(_HIDDEN_JS) == {"seeds": False, "kl": False}  # a pruned seed leaves "no seeds watched"
+    assert tab.errors() == []

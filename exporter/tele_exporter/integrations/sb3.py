@@ -61,7 +61,8 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
 
     Pass a Telemetry built over `model.policy`, or None to have one built with
     `policy_heads(model.policy)` when training starts. With `port` set, the
-    callback serves /metrics on `port + LOCAL_RANK` (see `tele_exporter.distributed`).
+    callback serves /metrics on `port + LOCAL_RANK` (see `tele_exporter.distributed`);
+    `close()` then waits up to `linger` seconds for Prometheus to scrape the final update.
     """
 
     def __init__(
@@ -72,12 +73,13 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         addr: str = DEFAULT_ADDR,
         registry: CollectorRegistry | None = None,
         const_labels: Mapping[str, str] | None = None,
+        linger: float = 0.0,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
         self.tele = tele
         self.server: Server | None = None
-        self._port, self._addr = port, addr
+        self._port, self._addr, self._linger = port, addr, linger
         self._registry, self._const_labels = registry, const_labels
         self._hook: RemovableHandle | None = None
         self._upd: Update | None = None
@@ -96,7 +98,7 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         if {id(p) for p in self.tele.params} != {id(p) for p in self.model.policy.parameters()}:
             raise ValueError("the Telemetry must be built over model.policy: it clips the policy's gradients")
         if self._port is not None and self.server is None:
-            self.server = serve(self.tele, rank_port(self._port), self._addr)
+            self.server = serve(self.tele, rank_port(self._port), self._addr, linger=self._linger)
 
     def _on_training_start(self) -> None:
         self._finish()
