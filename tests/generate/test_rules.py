@@ -192,7 +192,10 @@ def test_number_literals_round_trip() -> None:
 def test_telemetry_errors_alert_on_any_increase_of_the_error_counter() -> None:
     """Telemetry that cannot measure is itself an alert: its values are missing, never 0."""
     (rule,) = [r for r in rules.alert_rules(default_catalog()) if r.name == "TeleTelemetryErrors"]
-    assert rule.expr == 'increase(tele_telemetry_errors_total{job="tele"}[10m]) > 0'
+    assert rule.expr == (
+        'increase(tele_telemetry_errors_total{job="tele"}[10m]) > 0\n'
+        'or (tele_telemetry_errors_total{job="tele"} > 0 unless tele_telemetry_errors_total{job="tele"} offset 10m)'
+    )
     assert (rule.severity, rule.for_) == ("warning", "1m")
     assert "{{ $labels.site }}" in rule.description
 

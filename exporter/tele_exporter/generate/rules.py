@@ -204,11 +204,16 @@ def _increase_rule(
 def _errors_rule(
     catalog: Catalog, spec: MetricSpec, name: str, severity: str, for_: str, window: str | None
 ) -> AlertRule:
-    """Telemetry that cannot measure: its error counter grew within `window`, at any site."""
+    """Telemetry that cannot measure: its error counter grew within `window`, at any site.
+
+    A site's series appears only with its first error, already at 1, where increase()
+    sees no growth; a series that did not exist `window` ago fires too.
+    """
+    errors = selector(catalog, spec.name)
     return AlertRule(
         name=name,
         severity=severity,
-        expr=f"increase({selector(catalog, spec.name)}[{window}]) > 0",
+        expr=f"increase({errors}[{window}]) > 0\nor ({errors} > 0 unless {errors} offset {window})",
         for_=for_,
         summary="tele-exporter failed to measure; some values are missing.",
         description=(
