@@ -50,7 +50,7 @@ ALPHA_SPEEDS = (0.05, 0.15, 0.4)
 ALPHA_CURVES = ("linear", "ease")
 DEFAULT_SPEED = 0.1
 # Run-time multiplier of a seed's stored weights (see Seed): brings their gradient RMS to the host's.
-SEED_WEIGHT_GAIN = 3.0
+SEED_WEIGHT_GAIN = 3.2
 RELU_GAIN = 2**0.5  # He's gain: relu halves the variance it passes on
 LIVE = (Stage.TRAINING, Stage.BLENDING, Stage.PRUNING)
 
@@ -99,20 +99,23 @@ class EnvConfig:
 class Seed(nn.Module):
     """A residual seed: gain * (x + alpha * f(x)); gain is 1 except under the vanish fault.
 
-    f's weights are stored at 1/SEED_WEIGHT_GAIN of their working scale and multiplied
-    back at run time (an equalised-learning-rate parametrisation; a relu layer also gets
-    He's sqrt(2)), and f's parameters get their gradient as if alpha were 1 (gradient
-    isolation from the blending schedule), so a seed learns at about its host's
-    per-parameter rate: its TELE-557 ratio sits near 1 whatever its alpha.
+    Built to learn at about its host's per-parameter rate (TELE-557 ratio near 1, any
+    alpha): f's weights are stored at 1/gain of their working scale and multiplied back
+    at run time (equalised learning rate; gain is SEED_WEIGHT_GAIN, times sqrt(width/8)
+    on the inner layer, whose gradient returns through width outer columns of scale
+    1/sqrt(width), and He's sqrt(2) on a relu), and f's parameters get their gradient
+    as if alpha were 1 (gradient isolation from the blending schedule).
     """
 
     def __init__(self, width: int, blueprint: int, style: int, generator: torch.Generator) -> None:
         super().__init__()
         self.inner = nn.Linear(width, BLUEPRINT_WIDTHS[blueprint])
         self.outer = nn.Linear(BLUEPRINT_WIDTHS[blueprint], width)
+        width_gain = (BLUEPRINT_WIDTHS[blueprint] / BLUEPRINT_WIDTHS[1]) ** 0.5
+        self.gains = (SEED_WEIGHT_GAIN * width_gain, SEED_WEIGHT_GAIN)
         with torch.no_grad():
-            for layer in (self.inner, self.outer):
-                bound = layer.in_features**-0.5 / SEED_WEIGHT_GAIN
+            for layer, gain in zip((self.inner, self.outer), self.gains, strict=True):
+                bound = layer.in_features**-0.5 / gain
                 layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
                 layer.bias.zero_()
         self.style = style
@@ -122,9 +125,9 @@ class Seed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         relu = STYLES[self.style] == "relu"
         isolation = 1.0 / self.alpha if self.alpha > 0 else 1.0
-        h = self._linear(self.inner, SEED_WEIGHT_GAIN * (RELU_GAIN if relu else 1.0), isolation, x)
+        h = self._linear(self.inner, self.gains[0] * (RELU_GAIN if relu else 1.0), isolation, x)
         h = torch.relu(h) if relu else torch.tanh(h)
-        branch = self._linear(self.outer, SEED_WEIGHT_GAIN, isolation, h)
+        branch = self._linear(self.outer, self.gains[1], isolation, h)
         return self.gain * (x + self.alpha * branch)
 
     @staticmethod
