@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from tele_exporter import Telemetry
-from tele_exporter.demo.env import Action, EnvConfig, Op, SeedEnv, Stage, VecEnv, slot_names
+from tele_exporter.demo.env import (
+    ALPHA_TARGETS,
+    BLUEPRINT_WIDTHS,
+    Action,
+    EnvConfig,
+    Op,
+    SeedEnv,
+    Stage,
+    VecEnv,
+    slot_names,
+)
 from tele_exporter.demo.policy import Policy
 
 
@@ -85,3 +95,31 @@ def test_episode_ends_and_resets_the_slots(tele: Telemetry) -> None:
     assert torch.equal(dones, torch.ones(2))
     assert watched(tele) == set()
     assert all(s.stage == Stage.EMPTY for e in vec.envs for s in e.slots)
+
+
+def _float64_rms(params: list[torch.nn.Parameter]) -> float:
+    """Gradient RMS over every element of params, in float64 from their .grad."""
+    grads = [p.grad.detach().to(torch.float64) for p in params if p.grad is not None]
+    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads) / sum(p.numel() for p in params))
+
+
+@pytest.mark.parametrize("alpha_target", range(len(ALPHA_TARGETS)))
+@pytest.mark.parametrize("blueprint", range(len(BLUEPRINT_WIDTHS)))
+def test_fresh_seed_reads_healthy_at_every_alpha(tele: Telemetry, alpha_target: int, blueprint: int) -> None:
+    """The demo's seeds learn at about their host's per-parameter rate whatever their alpha (TELE-557)."""
+    env = SeedEnv("0", EnvConfig(), seed=0, tele=tele)
+    with tele.update():  # publishes the germinating step's pass, so the next update holds only its own
+        env.step(Action(op=Op.GERMINATE, slot=1, blueprint=blueprint, alpha_target=alpha_target))
+    seed = env.slots[1].seed
+    assert seed is not None
+    seed.alpha = ALPHA_TARGETS[alpha_target]
+    expected: list[float] = []
+    with tele.update():
+        for _ in range(8):
+            env.step(Action(op=Op.WAIT))
+            seed_rms, host_rms = _float64_rms(list(seed.parameters())), _float64_rms(list(env.host.parameters()))
+            expected.append(seed_rms / (host_rms + 1e-8))
+    (state,) = tele.snapshot().seeds
+    assert seed.alpha == ALPHA_TARGETS[alpha_target] and state.passes == len(expected)
+    assert state.ratio == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert 0.5 <= state.ratio <= 2.0 and not state.vanishing and not state.exploding

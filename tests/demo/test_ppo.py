@@ -63,16 +63,6 @@ def test_gae_matches_a_hand_computation() -> None:
     torch.testing.assert_close(ret, expected + values)
 
 
-DEMO_SEEDS_VANISH = pytest.mark.xfail(
-    reason=(
-        "TELE-557 now measures seed/host parameter-gradient RMS (issue 11); the demo's residual seeds learn "
-        "at 0.1-0.4 of their host's rate, so healthy runs show them vanishing until the demo is retuned"
-    ),
-    strict=True,
-)
-
-
-@DEMO_SEEDS_VANISH
 def test_live_scrape_has_every_design_metric() -> None:
     trainer = Trainer(SMALL)
     server = serve(trainer.tele, port=0)
@@ -136,7 +126,7 @@ def seed_vanishing(snap: Snapshot) -> bool:
 
 @pytest.mark.parametrize(
     ("mode", "bad"),
-    [("kl", kl_critical), ("explode", grad_critical), pytest.param("vanish", seed_vanishing, marks=DEMO_SEEDS_VANISH)],
+    [("kl", kl_critical), ("explode", grad_critical), ("vanish", seed_vanishing)],
 )
 def test_fault_drives_its_signal_past_the_threshold_and_recovers(mode: str, bad: object) -> None:
     plan = FaultPlan(mode, after=1, until=4)

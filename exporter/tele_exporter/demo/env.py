@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..telemetry import SeedWatch, Telemetry
 
@@ -48,6 +49,9 @@ ALPHA_TARGETS = (0.25, 0.5, 1.0)
 ALPHA_SPEEDS = (0.05, 0.15, 0.4)
 ALPHA_CURVES = ("linear", "ease")
 DEFAULT_SPEED = 0.1
+# Run-time multiplier of a seed's stored weights (see Seed): brings their gradient RMS to the host's.
+SEED_WEIGHT_GAIN = 3.2
+RELU_GAIN = 2**0.5  # He's gain: relu halves the variance it passes on
 LIVE = (Stage.TRAINING, Stage.BLENDING, Stage.PRUNING)
 
 # Number of choices of each factored action head, in TELE-321 order.
@@ -93,15 +97,25 @@ class EnvConfig:
 
 
 class Seed(nn.Module):
-    """A residual seed: gain * (x + alpha * f(x)); gain is 1 except under the vanish fault."""
+    """A residual seed: gain * (x + alpha * f(x)); gain is 1 except under the vanish fault.
+
+    Built to learn at about its host's per-parameter rate (TELE-557 ratio near 1, any
+    alpha): f's weights are stored at 1/gain of their working scale and multiplied back
+    at run time (equalised learning rate; gain is SEED_WEIGHT_GAIN, times sqrt(width/8)
+    on the inner layer, whose gradient returns through width outer columns of scale
+    1/sqrt(width), and He's sqrt(2) on a relu), and f's parameters get their gradient
+    as if alpha were 1 (gradient isolation from the blending schedule).
+    """
 
     def __init__(self, width: int, blueprint: int, style: int, generator: torch.Generator) -> None:
         super().__init__()
         self.inner = nn.Linear(width, BLUEPRINT_WIDTHS[blueprint])
         self.outer = nn.Linear(BLUEPRINT_WIDTHS[blueprint], width)
+        width_gain = (BLUEPRINT_WIDTHS[blueprint] / BLUEPRINT_WIDTHS[1]) ** 0.5
+        self.gains = (SEED_WEIGHT_GAIN * width_gain, SEED_WEIGHT_GAIN)
         with torch.no_grad():
-            for layer in (self.inner, self.outer):
-                bound = layer.in_features**-0.5
+            for layer, gain in zip((self.inner, self.outer), self.gains, strict=True):
+                bound = layer.in_features**-0.5 / gain
                 layer.weight.copy_(torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator))
                 layer.bias.zero_()
         self.style = style
@@ -109,13 +123,41 @@ class Seed(nn.Module):
         self.gain = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.inner(x)
-        h = torch.relu(h) if STYLES[self.style] == "relu" else torch.tanh(h)
-        branch: Tensor = self.outer(h)
+        relu = STYLES[self.style] == "relu"
+        isolation = 1.0 / self.alpha if self.alpha > 0 else 1.0
+        h = self._linear(self.inner, self.gains[0] * (RELU_GAIN if relu else 1.0), isolation, x)
+        h = torch.relu(h) if relu else torch.tanh(h)
+        branch = self._linear(self.outer, self.gains[1], isolation, h)
         return self.gain * (x + self.alpha * branch)
+
+    @staticmethod
+    def _linear(layer: nn.Linear, gain: float, isolation: float, x: Tensor) -> Tensor:
+        """layer(x) with its stored weight times gain, and its parameters' gradients times isolation."""
+        return F.linear(x, _grad_scaled(layer.weight * gain, isolation), _grad_scaled(layer.bias, isolation))
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward; the gradient flowing back is multiplied by a constant."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, t: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None  # type: ignore[attr-defined]
+
+
+def _grad_scaled(t: Tensor, scale: float) -> Tensor:
+    """t, whose gradient is multiplied by scale on the way back (nothing to do for 1.0)."""
+    if scale == 1.0:
+        return t
+    out: Tensor = _GradScale.apply(t, scale)  # type: ignore[no-untyped-call]
+    return out
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .env import Stage, VecEnv
 FAULTS = ("none", "kl", "explode", "vanish", "nan")
 KL_LOGIT_NOISE = 1.0
 EXPLODE_LOSS_SCALE = 1e4
-VANISH_GAIN = 0.05
+VANISH_GAIN = 0.01
 NAN_HEAD = "op"
 PINNED_ENV = 0
 
