@@ -38,13 +38,13 @@ class DemoConfig:
     envs: int = 8
     steps: int = 32  # environment steps per env per update
     epochs: int = 4
-    minibatches: int = 4
+    minibatches: int = 2
     lr: float = 1e-3
     gamma: float = 0.9
     gae_lambda: float = 0.95
     clip: float = 0.2
     policy_coef: float = 0.25  # weight of the policy term, a sum over the heads
-    ent_coef: float = 0.15
+    ent_coef: float = 0.3
     vf_coef: float = 0.5
     target_kl: float = 0.01
     max_grad_norm: float = 0.5
@@ -244,9 +244,9 @@ class Trainer:
         scale = cfg.fault.loss_scale(fault_on)
         assert self.kl_stop is not None
         host_masks = {h: m.bool().cpu() for h, m in masks.items()}
-        # A head's loss is its masked sum over a minibatch divided by how many of its steps a
-        # minibatch holds on average, so a minibatch with one such step does not weigh it as many.
-        per_minibatch = {h: max(float(m.sum()) * mb_size / n, 1.0) for h, m in host_masks.items()}
+        # A head's loss is its masked sum over a minibatch divided by the square root of how many of
+        # its steps the minibatch holds: the sum of n near-independent per-step gradients grows as
+        # sqrt(n), so each optimizer step sees head norms of one scale whatever the head's step count.
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=self.generator, device=self.device)
             host_order = order.cpu()
@@ -263,10 +263,11 @@ class Trainer:
                 for h in HEADS:
                     log_ratio = new_logp[h] - old_logp[h][idx]
                     ratios[h].append(log_ratio.detach())
-                    if not bool(host_masks[h][host_idx].any()):
+                    count = int(host_masks[h][host_idx].sum())
+                    if count == 0:
                         continue  # no step in the minibatch used this head: no gradient, not zero
                     m = masks[h][idx]
-                    valid = per_minibatch[h]
+                    valid = math.sqrt(count)
                     ratio = log_ratio.exp()
                     head_adv = adv[idx] * m
                     clipped = ratio.clamp(1 - cfg.clip, 1 + cfg.clip)
