@@ -44,7 +44,7 @@ class DemoConfig:
     gae_lambda: float = 0.95
     clip: float = 0.2
     policy_coef: float = 0.25  # weight of the policy term, a sum over the heads
-    ent_coef: float = 0.3
+    ent_coef: float = 0.25
     vf_coef: float = 0.5
     target_kl: float = 0.01
     max_grad_norm: float = 0.5
