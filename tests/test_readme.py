@@ -9,12 +9,10 @@ Prometheus through the README's file_sd config.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import textwrap
 import threading
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +21,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from torch.distributions import Categorical
 
 from tele_exporter import Telemetry
 from tele_exporter.catalog import default_catalog
 
+from .support.scraper import Scraper
 from .support.servers import poll, start_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,24 +154,6 @@ def _k3(r: torch.Tensor) -> float:
     return float((r64.exp() - 1 - r64).mean())
 
 
-class _Scraper(threading.Thread):
-    """Scrapes the server the snippet puts in its namespace until it stops, as Prometheus would."""
-
-    def __init__(self, ns: dict[str, Any]) -> None:
-        super().__init__(daemon=True)
-        self.ns = ns
-        self.last: str | None = None
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.05):
-            server = self.ns.get("server")
-            if server is None or not server.running:
-                continue
-            with contextlib.suppress(OSError), urllib.request.urlopen(server.url, timeout=5) as resp:
-                self.last = resp.read().decode()
-
-
 def test_readme_snippets_are_all_run_here() -> None:
     assert len(_section_blocks("python")) == 3
     assert len(_section_blocks("yaml")) == 1
@@ -183,23 +163,17 @@ def test_readme_loop_runs_and_serves_what_it_measures(capsys: pytest.CaptureFixt
     loop = _section_blocks("python")[0]
     trainer = _Trainer()
     ns = trainer.namespace("readme")
-    scraper = _Scraper(ns)
+    scraper = Scraper(ns)
     scraper.start()
     try:
         exec(compile(loop, "README.md", "exec"), ns)
     finally:
-        scraper.done.set()
-        scraper.join()
+        scraper.stop()
 
     server, tele = ns["server"], ns["tele"]
     assert not server.running
     assert f"{server.url} (port {server.port})" in capsys.readouterr().out and server.port > 0
-    assert scraper.last is not None  # close(linger=30) returned after a scrape of the last update
-    got = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(scraper.last)
-        for s in family.samples
-    }
+    got = scraper.samples()  # close(linger=30) returned after a scrape of the last update
     run = ("run", "readme")
     assert got[("tele_ppo_updates_total", (run,))] == NUM_UPDATES
     observed = trainer.log_ratios[-1][MINIBATCHES - 1 :: MINIBATCHES]  # observe_kl: each epoch's last minibatch

@@ -10,7 +10,9 @@ TorchRL's own clip fraction, and float64 gradient norms the loop takes itself.
 from __future__ import annotations
 
 import math
+import re
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +32,8 @@ from torchrl.objectives.value import GAE
 
 from tele_exporter import Telemetry, serve
 from tele_exporter.integrations.torchrl import k3_kl, loss_heads, observe_loss
+
+from ..support.scraper import Scraper
 
 FRAMES, MINIBATCH, EPOCHS, ITERATIONS = 128, 32, 3, 4
 CLIP_EPSILON, MAX_GRAD_NORM, LEARNING_RATE = 0.2, 0.5, 3e-3  # a rate that makes the surrogate clip in 4 updates
@@ -149,6 +153,46 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
     kl_approx = [v for own in logged for v in own["kl_approx"]]
     assert min(kl_approx) < 0.0  # TorchRL's signed kl_approx went negative; the exported k3 never does
     assert max(v for own in logged for v in own["clip_fraction"]) > 0.0  # the surrogate clipped
+
+
+@pytest.mark.slow
+def test_the_docs_snippet_runs_as_written() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "torchrl.md").read_text()
+    (snippet,) = re.findall(r"^```python\n(.*?)^```$", doc, re.M | re.S)
+    torch.manual_seed(0)
+    env = GymEnv("CartPole-v1")
+    env.set_seed(0)
+    actor, critic = _agent(env)
+    ns: dict[str, Any] = {
+        "torch": torch,
+        "ClipPPOLoss": ClipPPOLoss,
+        "actor": actor,
+        "critic": critic,
+        "collector": Collector(
+            env, actor, frames_per_batch=FRAMES, total_frames=2 * FRAMES, auto_register_policy_transforms=False
+        ),
+        "advantage_module": GAE(gamma=0.99, lmbda=0.95, value_network=critic, average_gae=True),
+        "num_epochs": 2,
+        "minibatch_size": MINIBATCH,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "run_name": "doc",
+    }
+    scraper = Scraper(ns)
+    scraper.start()
+    try:
+        exec(compile(snippet, "docs/torchrl.md", "exec"), ns)
+    finally:
+        scraper.stop()
+    got = scraper.samples()  # server.close() (linger=30) returned after a scrape of the last update
+    run = ("run", "doc")
+    assert got[("tele_ppo_updates_total", (run,))] == 2
+    assert got[("tele_kl_divergence", (run,))] >= 0.0
+    assert ("tele_ppo_clip_fraction", (run,)) in got
+    assert {labels for name, labels in got if name == "tele_head_grad_norm"} == {
+        (("head", "actor"), run),
+        (("head", "critic"), run),
+    }
+    assert ns["tele"].errors() == {}
 
 
 def test_k3_kl_is_mean_ratio_minus_one_plus_kl_approx() -> None:
