@@ -4,7 +4,8 @@ The loop is TorchRL's own pieces (GymEnv, Collector, GAE, ClipPPOLoss) in the
 shape of its PPO examples. Every minibatch the test also recomputes the
 per-sample log-ratio r with the actor (the forward pass the integration avoids)
 and takes k3 in float64 from it; the scrape after each update must carry that,
-TorchRL's own clip fraction, and float64 gradient norms the loop takes itself.
+TorchRL's own clip fraction, and float64 gradient norms the loop takes itself;
+every clip must match torch's clip_grad_norm_ run on a copy of the same gradients.
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
                     total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
                     optimizer.zero_grad()
                     total.backward()
-                    own["torch"].append(float(torch.nn.utils.get_total_norm([p.grad for p in loss.parameters()])))
+                    shadow = [nn.Parameter(torch.empty_like(p)) for p in loss.parameters()]
+                    for copy, p in zip(shadow, loss.parameters(), strict=True):
+                        copy.grad = p.grad.clone()
+                    own["torch"].append(float(torch.nn.utils.clip_grad_norm_(shadow, MAX_GRAD_NORM)))  # torch's own
                     own["pre"].append(_norm64(loss.parameters()))
                     own["actor"].append(_norm64(actor.parameters()))
                     own["critic"].append(_norm64(critic.parameters()))
                     returned = upd.clip_grad_norm_(MAX_GRAD_NORM)  # tele-exporter: was nn.utils.clip_grad_norm_
                     assert float(returned) == pytest.approx(own["torch"][-1], rel=1e-6)
                     own["post"].append(_norm64(loss.parameters()))
+                    for copy, p in zip(shadow, loss.parameters(), strict=True):
+                        torch.testing.assert_close(p.grad, copy.grad, rtol=1e-6, atol=0.0)  # clipped as torch's
                     optimizer.step()
         logged.append(own)
         scraped.append(_scrape(server.url))
