@@ -36,8 +36,8 @@ $(VENV)/bin/python:
 install: venv  ## the package alone, enough for the demo; torch pinned in the same command
 	$(PIP_INSTALL) -e .
 
-install-test: venv  ## the package with its test extras (pytest, SB3)
-	$(PIP_INSTALL) -e ".[test,sb3]"
+install-test: venv  ## the package with its test extras (pytest, SB3, TorchRL)
+	$(PIP_INSTALL) -e ".[test,sb3,torchrl]"
 
 system-deps-fast:  ## Debian packages of the fast tier; Grafana's pinned npm schema tools
 	scripts/system-deps.sh $(FAST_PACKAGES)

@@ -17,6 +17,7 @@ CASES = {
     "disabled_overhead.py": (["--rounds", "1", "--minibatches", "2", "--epochs", "1"], "ratio disabled/plain"),
     "flood.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--workers", "1"], "ratio held/quiet"),
     "scrape_under_load.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--seeds", "2"], "ratio scraped"),
+    "torchrl_kl.py": (["--rounds", "1", "--minibatches", "2", "--epochs", "1"], "extra_pass/plain"),
 }
 
 

@@ -1,0 +1,92 @@
+"""TorchRL: publish a `ClipPPOLoss`'s clip fraction and TELE-111's k3 KL from its own outputs.
+
+`ClipPPOLoss.forward` returns scalars only: it works on a shallow clone of the
+input tensordict and writes nothing back, so the per-sample log-ratio
+r = log pi_new - log pi_old is not observable without a second forward pass.
+Two of its outputs are exactly the two means k3 needs, though:
+`mean_ratio` = mean(exp(r)) and `kl_approx` = mean(-r) (TorchRL's signed k1
+estimator of KL(old || new), which goes negative). So
+mean(exp(r) - 1 - r) = mean_ratio - 1 + kl_approx, the non-negative estimator
+`Update.observe_kl_value` expects, comes at no extra cost, on the device, with no host sync.
+
+The identity needs both means over the same ratio. With `delay_actor=True` or
+`max_importance_ratio` set, `mean_ratio` is the behaviour-policy ratio while
+`kl_approx` is taken against the proximal policy, so such losses are refused.
+For composite (multi-head) actions r is the sum of the heads' log-ratios,
+the joint policy's log-ratio, not TELE-111's causally weighted per-head mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchrl.objectives import ClipPPOLoss
+
+from ..telemetry import Update
+
+_NEEDED = ("mean_ratio", "kl_approx", "clip_fraction")
+
+
+def loss_heads(loss: ClipPPOLoss) -> dict[str, nn.Module]:
+    """The heads of a ClipPPOLoss: its `actor_network` and, when it has one, its `critic_network`.
+
+    Build the Telemetry over the loss module itself, whose parameters are what
+    TorchRL's examples optimise and clip: `Telemetry(loss, heads=loss_heads(loss))`.
+    """
+    _check_loss(loss)
+    heads: dict[str, nn.Module] = {"actor": loss.actor_network}
+    critic = getattr(loss, "critic_network", None)
+    if isinstance(critic, nn.Module) and any(True for _ in critic.parameters()):
+        heads["critic"] = critic
+    return heads
+
+
+def k3_kl(out: Any) -> Tensor:
+    """TELE-111's k3 mean(exp(r) - 1 - r) from a ClipPPOLoss output, as a float64 tensor on its device.
+
+    It is mean_ratio - 1 + kl_approx, in float64 from TorchRL's float32 means, so
+    it carries the float32 rounding of mean_ratio (about 1e-7), as CleanRL's own
+    float32 `approx_kl` does; Telemetry takes values down to -1e-6 as 0.
+    """
+    values = _outputs(out)
+    return values["mean_ratio"] - 1.0 + values["kl_approx"]
+
+
+def observe_loss(upd: Update, loss: ClipPPOLoss, out: Any) -> Tensor:
+    """Record one ClipPPOLoss minibatch in `upd`: its k3 KL and its clip fraction; returns the KL.
+
+    Call it once per minibatch: the update publishes the mean of each over its
+    minibatches, which is what TorchRL's PPO examples log for their loss outputs.
+    """
+    _check_loss(loss)
+    values = _outputs(out)
+    upd.observe_clip_fraction(values["clip_fraction"])
+    return upd.observe_kl_value(values["mean_ratio"] - 1.0 + values["kl_approx"])
+
+
+def _outputs(out: Any) -> dict[str, Tensor]:
+    """The scalar outputs k3 and the clip fraction come from, detached, in float64."""
+    present = set(out.keys())  # a TensorDict refuses `key in td`
+    missing = [key for key in _NEEDED if key not in present]
+    if missing:
+        raise KeyError(
+            f"the ClipPPOLoss output has no {missing}: pass the tensordict the loss returned, with its default out_keys"
+        )
+    return {key: torch.as_tensor(out[key]).detach().to(torch.float64).reshape(()) for key in _NEEDED}
+
+
+def _check_loss(loss: ClipPPOLoss) -> None:
+    if not isinstance(loss, ClipPPOLoss):
+        raise TypeError(f"tele_exporter.integrations.torchrl needs a ClipPPOLoss, got {type(loss).__name__}")
+    if getattr(loss, "delay_actor", False):
+        raise ValueError(
+            "ClipPPOLoss(delay_actor=True): its mean_ratio and kl_approx are taken against different "
+            "policies, so the k3 KL cannot be derived from them"
+        )
+    if getattr(loss, "max_importance_ratio", None) is not None:
+        raise ValueError(
+            "ClipPPOLoss(max_importance_ratio=...): its mean_ratio is the capped behaviour ratio, "
+            "so the k3 KL cannot be derived from it and kl_approx"
+        )

@@ -1,0 +1,226 @@
+"""docs/torchrl.md: a TorchRL ClipPPOLoss loop on CartPole, instrumented as the doc says, scraped for real.
+
+The loop is TorchRL's own pieces (GymEnv, Collector, GAE, ClipPPOLoss) in the
+shape of its PPO examples. Every minibatch the test also recomputes the
+per-sample log-ratio r with the actor (the forward pass the integration avoids)
+and takes k3 in float64 from it; the scrape after each update must carry that,
+TorchRL's own clip fraction, and float64 gradient norms the loop takes itself;
+every clip must match torch's clip_grad_norm_ run on a copy of the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torchrl")
+pytest.importorskip("gymnasium")
+
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.envs import GymEnv
+from torchrl.modules import OneHotCategorical, ProbabilisticActor, ValueOperator
+from torchrl.objectives import ClipPPOLoss, KLPENPPOLoss
+from torchrl.objectives.value import GAE
+
+from tele_exporter import Telemetry, serve
+from tele_exporter.integrations.torchrl import k3_kl, loss_heads, observe_loss
+
+from ..support.scraper import Scraper
+
+FRAMES, MINIBATCH, EPOCHS, ITERATIONS = 128, 32, 3, 4
+CLIP_EPSILON, MAX_GRAD_NORM, LEARNING_RATE = 0.2, 0.5, 3e-3  # a rate that makes the surrogate clip in 4 updates
+K3_ROUNDING = 5e-7  # TorchRL's float32 mean_ratio carries ~1e-7 of rounding into k3 (see k3_kl)
+
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _agent(env: GymEnv) -> tuple[ProbabilisticActor, ValueOperator]:
+    """TorchRL's discrete PPO agent: a categorical actor MLP and a value MLP."""
+    obs, actions = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
+    actor_net = nn.Sequential(nn.Linear(obs, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, actions))
+    actor = ProbabilisticActor(
+        TensorDictModule(actor_net, in_keys=["observation"], out_keys=["logits"]),
+        in_keys=["logits"],
+        spec=env.action_spec,
+        distribution_class=OneHotCategorical,
+        return_log_prob=True,
+    )
+    critic_net = nn.Sequential(nn.Linear(obs, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    return actor, ValueOperator(critic_net, in_keys=["observation"])
+
+
+def _norm64(params: Any) -> float:
+    """Float64 L2 norm of the parameters' gradients, independent of tele-exporter."""
+    return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+
+
+def _log_ratio(actor: ProbabilisticActor, loss: ClipPPOLoss, batch: Any) -> torch.Tensor:
+    """The per-sample r = log pi_new - log pi_old, from a second actor pass (the test's reference only)."""
+    with torch.no_grad():
+        dist = actor.get_dist(batch.clone(False))
+        return dist.log_prob(batch[loss.tensor_keys.action]) - batch[loss.tensor_keys.sample_log_prob]
+
+
+def _scrape(url: str) -> Scrape:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+@pytest.mark.slow
+def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
+    torch.manual_seed(0)
+    env = GymEnv("CartPole-v1")
+    env.set_seed(0)
+    actor, critic = _agent(env)
+    loss = ClipPPOLoss(actor, critic, clip_epsilon=CLIP_EPSILON, entropy_coeff=0.01)
+    gae = GAE(gamma=0.99, lmbda=0.95, value_network=critic, average_gae=True)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=LEARNING_RATE)
+    collector = Collector(
+        env, actor, frames_per_batch=FRAMES, total_frames=FRAMES * ITERATIONS, auto_register_policy_transforms=False
+    )
+
+    tele = Telemetry(loss, heads=loss_heads(loss), const_labels={"run": "torchrl"})
+    server = serve(tele, port=0, linger=10)
+    logged: list[dict[str, list[float]]] = []
+    scraped: list[Scrape] = []
+
+    for data in collector:
+        keys = ("clip_fraction", "kl_approx", "k3", "k3_exported", "torch", "pre", "post", "actor", "critic")
+        own: dict[str, list[float]] = {k: [] for k in keys}
+        with tele.update() as upd:
+            for _epoch in range(EPOCHS):
+                with torch.no_grad():
+                    gae(data)
+                for batch in data.reshape(-1)[torch.randperm(FRAMES)].split(MINIBATCH):
+                    out = loss(batch)
+                    kl = observe_loss(upd, loss, out)  # tele-exporter
+                    r = _log_ratio(actor, loss, batch).double()
+                    own["k3"].append(float((r.exp() - 1 - r).mean()))
+                    own["k3_exported"].append(float(kl))
+                    own["clip_fraction"].append(float(out["clip_fraction"]))
+                    own["kl_approx"].append(float(out["kl_approx"]))
+                    assert float(out["kl_approx"]) == pytest.approx(float(-r.mean()), abs=1e-7)
+                    assert float(out["mean_ratio"]) == pytest.approx(float(r.exp().mean()), rel=1e-6)
+
+                    total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
+                    optimizer.zero_grad()
+                    total.backward()
+                    shadow = [nn.Parameter(torch.empty_like(p)) for p in loss.parameters()]
+                    for copy, p in zip(shadow, loss.parameters(), strict=True):
+                        copy.grad = p.grad.clone()
+                    own["torch"].append(float(torch.nn.utils.clip_grad_norm_(shadow, MAX_GRAD_NORM)))  # torch's own
+                    own["pre"].append(_norm64(loss.parameters()))
+                    own["actor"].append(_norm64(actor.parameters()))
+                    own["critic"].append(_norm64(critic.parameters()))
+                    returned = upd.clip_grad_norm_(MAX_GRAD_NORM)  # tele-exporter: was nn.utils.clip_grad_norm_
+                    assert float(returned) == pytest.approx(own["torch"][-1], rel=1e-6)
+                    own["post"].append(_norm64(loss.parameters()))
+                    for copy, p in zip(shadow, loss.parameters(), strict=True):
+                        torch.testing.assert_close(p.grad, copy.grad, rtol=1e-6, atol=0.0)  # clipped as torch's
+                    optimizer.step()
+        logged.append(own)
+        scraped.append(_scrape(server.url))
+    collector.shutdown()
+    assert server.close()
+    tele.close()
+
+    run = ("run", "torchrl")
+    for own, got in zip(logged, scraped, strict=True):
+        assert got[("tele_ppo_clip_fraction", (run,))] == pytest.approx(_mean(own["clip_fraction"]), rel=1e-12)
+        for exported, reference in zip(own["k3_exported"], own["k3"], strict=True):
+            assert exported == pytest.approx(reference, abs=K3_ROUNDING)
+        assert got[("tele_kl_divergence", (run,))] == pytest.approx(_mean(own["k3"]), abs=K3_ROUNDING)
+        assert got[("tele_kl_divergence", (run,))] >= 0.0
+        for clip in ("pre", "post"):
+            assert got[("tele_policy_grad_norm", (("clip", clip), run))] == pytest.approx(_mean(own[clip]), rel=1e-6)
+        for head in ("actor", "critic"):
+            assert got[("tele_head_grad_norm", (("head", head), run))] == pytest.approx(_mean(own[head]), rel=1e-6)
+        assert max(own["post"]) <= MAX_GRAD_NORM * (1 + 1e-5)
+    assert scraped[-1][("tele_ppo_updates_total", (run,))] == ITERATIONS
+    assert tele.errors() == {}
+    kl_approx = [v for own in logged for v in own["kl_approx"]]
+    assert min(kl_approx) < 0.0  # TorchRL's signed kl_approx went negative; the exported k3 never does
+    assert max(v for own in logged for v in own["clip_fraction"]) > 0.0  # the surrogate clipped
+
+
+@pytest.mark.slow
+def test_the_docs_snippet_runs_as_written() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "torchrl.md").read_text()
+    (snippet,) = re.findall(r"^```python\n(.*?)^```$", doc, re.M | re.S)
+    torch.manual_seed(0)
+    env = GymEnv("CartPole-v1")
+    env.set_seed(0)
+    actor, critic = _agent(env)
+    ns: dict[str, Any] = {
+        "torch": torch,
+        "ClipPPOLoss": ClipPPOLoss,
+        "actor": actor,
+        "critic": critic,
+        "collector": Collector(
+            env, actor, frames_per_batch=FRAMES, total_frames=2 * FRAMES, auto_register_policy_transforms=False
+        ),
+        "advantage_module": GAE(gamma=0.99, lmbda=0.95, value_network=critic, average_gae=True),
+        "num_epochs": 2,
+        "minibatch_size": MINIBATCH,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "run_name": "doc",
+    }
+    scraper = Scraper(ns)
+    scraper.start()
+    try:
+        exec(compile(snippet, "docs/torchrl.md", "exec"), ns)
+    finally:
+        scraper.stop()
+    got = scraper.samples()  # server.close() (linger=30) returned after a scrape of the last update
+    run = ("run", "doc")
+    assert got[("tele_ppo_updates_total", (run,))] == 2
+    assert got[("tele_kl_divergence", (run,))] >= 0.0
+    assert ("tele_ppo_clip_fraction", (run,)) in got
+    assert {labels for name, labels in got if name == "tele_head_grad_norm"} == {
+        (("head", "actor"), run),
+        (("head", "critic"), run),
+    }
+    assert ns["tele"].errors() == {}
+
+
+def test_k3_kl_is_mean_ratio_minus_one_plus_kl_approx() -> None:
+    out = {"mean_ratio": torch.tensor(1.0125), "kl_approx": torch.tensor(-0.0100), "clip_fraction": torch.tensor(0.25)}
+    expected = float(torch.tensor(1.0125).double()) - 1.0 + float(torch.tensor(-0.0100).double())
+    assert float(k3_kl(out)) == expected
+    assert k3_kl(out).dtype == torch.float64
+
+
+def test_losses_whose_outputs_do_not_give_k3_are_refused() -> None:
+    env = GymEnv("CartPole-v1")
+    actor, critic = _agent(env)
+    with pytest.raises(ValueError, match="delay_actor"):
+        loss_heads(ClipPPOLoss(actor, critic, delay_actor=True))
+    with pytest.raises(ValueError, match="max_importance_ratio"):
+        loss_heads(ClipPPOLoss(actor, critic, max_importance_ratio=2.0))
+    with pytest.raises(TypeError, match="KLPENPPOLoss"):
+        loss_heads(KLPENPPOLoss(actor, critic))  # type: ignore[arg-type]
+    loss = ClipPPOLoss(actor, critic)
+    assert set(loss_heads(loss)) == {"actor", "critic"}
+    tele = Telemetry(loss, heads=loss_heads(loss))
+    with tele.update() as upd, pytest.raises(KeyError, match="kl_approx"):
+        observe_loss(upd, loss, {"mean_ratio": torch.tensor(1.0), "clip_fraction": torch.tensor(0.0)})
+    tele.close()
+    env.close()
