@@ -10,6 +10,8 @@ TORCH_INDEX ?=
 DEMO_ARGS ?=
 # pytest arguments for `make test` and `make test-fast`, e.g. PYTEST_ARGS="-x -q".
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` and `make test-fast`: one per core; 0 runs in one process.
+PYTEST_WORKERS ?= auto
 
 # Debian packages: the demo needs only a working `python3 -m venv`; the fast tests add
 # Node.js (Grafana's schema check), openssl (test certificates) and git; the full
@@ -49,10 +51,10 @@ demo: install  ## train the demo PPO agent with live telemetry on http://127.0.0
 	$(ENV_DIR)/bin/tele-exporter demo $(DEMO_ARGS)
 
 test: system-deps install-test  ## the whole test suite, real servers and Chromium included
-	$(RUN_IN_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(RUN_IN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: system-deps-fast install-test  ## everything but the real-server and browser suites (< 3 min)
-	$(RUN_IN_ENV) $(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	$(RUN_IN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step
 	$(ENV_DIR)/bin/tele-exporter bench
