@@ -330,7 +330,7 @@ def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
     def boom(grad: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(hooks, "_sq_norm", boom)
+    monkeypatch.setattr(hooks, "_gain_norm", boom)
     caplog.set_level(logging.WARNING, logger="tele_exporter")
     tele.watch_seed(host.seed, host=host, env=0, slot="r")
     for _ in range(2):

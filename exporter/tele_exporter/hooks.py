@@ -2,12 +2,12 @@
 
 `HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
 and of its watched seeds takes the norm of the gradient that arrives in a
-backward pass (keeping the gradient itself would stop autograd from stealing it
-into .grad and double its memory); the first one of a pass queues an engine
-callback that runs once the pass is done and sums the squared norms per host and
-seed with one `index_add_`, left on the device: no host sync.
-(torch's `register_multi_grad_hook` does the same bookkeeping but raises inside
-`torch.autograd.grad` over leaf parameters, which would break a user's backward.)
+backward pass, one kernel in the gradient's precision (keeping the gradient
+itself would stop autograd from stealing it into .grad and double its memory);
+the first one of a pass queues an engine callback that runs once the pass is
+done, upcasts the pass's norms in one stack and sums their squares per host and
+seed with one `index_add_`, left on the device: no host sync. docs/fidelity.md
+says why this and not `register_multi_grad_hook` or a norm at the optimizer step.
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -15,7 +15,8 @@ alias: a hook on the input itself would also see gradient arriving through the
 host's skip path, which is not the seed's. A seed that modifies its input in
 place would drop a hook on a view, so once a probe sees that (the alias's
 version counter moved) it hands that seed a copy instead. The forward hook hooks
-the output. Each hook only appends a device-side squared norm; no host sync.
+the output. Each hook only appends a device-side norm (squared and summed at
+the update's publish); no host sync.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, tensor_norm, tensor_norms
+from .stats import index_tensor, stack_float64, tensor_norm
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
@@ -39,10 +40,10 @@ MAX_PENDING_PASSES = 4096
 
 @dataclass
 class BackwardPass:
-    """Squared gradient norms reaching one forward call's inputs and output."""
+    """Norms of the gradients reaching one forward call's inputs and outputs, in their own precision."""
 
-    input_sq: list[Tensor] = field(default_factory=list)
-    output_sq: list[Tensor] = field(default_factory=list)
+    input_norms: list[Tensor] = field(default_factory=list)
+    output_norms: list[Tensor] = field(default_factory=list)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -56,9 +57,9 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _sq_norm(grad: Tensor) -> Tensor:
-    """Squared L2 norm as float64, the norm itself in the gradient's precision (an upcast costs ~3x)."""
-    return tensor_norms([grad.detach()]).square().reshape(())
+def _gain_norm(grad: Tensor) -> Tensor:
+    """L2 norm of a gradient reaching a seed's input or output (see stats.tensor_norm)."""
+    return tensor_norm(grad)
 
 
 class SeedProbe:
@@ -132,7 +133,7 @@ class SeedProbe:
         if not (isinstance(arg, Tensor) and arg.requires_grad and arg.is_floating_point()):
             return arg
         alias = arg.clone() if self.copies_inputs else arg.view_as(arg)
-        alias.register_hook(self._grad_hook(record.input_sq))  # type: ignore[no-untyped-call]
+        alias.register_hook(self._grad_hook(record.input_norms))  # type: ignore[no-untyped-call]
         self._taps.append((alias, alias._version))
         return alias
 
@@ -148,7 +149,7 @@ class SeedProbe:
             if not outputs:
                 return
             for t in outputs:
-                t.register_hook(self._grad_hook(record.output_sq))  # type: ignore[no-untyped-call]
+                t.register_hook(self._grad_hook(record.output_norms))  # type: ignore[no-untyped-call]
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
@@ -159,7 +160,7 @@ class SeedProbe:
     def _grad_hook(self, sink: list[Tensor]) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             try:
-                sink.append(_sq_norm(grad))
+                sink.append(_gain_norm(grad))
             except Exception as exc:
                 self._on_error(self._site, exc)
 
@@ -183,7 +184,8 @@ class _Layout:
     groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
-    plans: dict[tuple[bool, ...], Tensor] = field(default_factory=dict)  # group index per pattern of present grads
+    plans: dict[tuple[torch.device, tuple[bool, ...] | None], Tensor] = field(default_factory=dict)
+    # the group index per device and pattern of present gradients (None: all present)
 
 
 class HostProbe:
@@ -270,23 +272,30 @@ class HostProbe:
         ]
 
     def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
-        """A parameter's hook: the norm of this pass's gradient; the pass's first one queues the sums."""
+        """A parameter's hook: the norm of this pass's gradient (one kernel); the pass's first one queues the sums."""
+        pending = self._pending
 
         def hook(grad: Tensor) -> None:
             try:
-                norm = tensor_norm(grad.detach())
+                norm = tensor_norm(grad)
                 task = torch._C._current_graph_task_id()
-                with self._lock:
-                    norms = self._pending.get(task)
-                    if norms is None:
-                        norms = self._pending[task] = [None] * len(layout.tensors)
-                        engine = torch.autograd.Variable._execution_engine
-                        engine.queue_callback(lambda: self._finish(layout, task))
-                    norms[index] = norm
+                norms = pending.get(task)
+                if norms is None:
+                    norms = self._open(layout, task)
+                norms[index] = norm
             except Exception as exc:  # telemetry must never break the backward pass
                 self._on_error(self._site, exc)
 
         return hook
+
+    def _open(self, layout: _Layout, task: int) -> list[Tensor | None]:
+        """The norms of a pass that just started; queues the engine callback once per pass (hooks may race)."""
+        with self._lock:
+            norms = self._pending.get(task)
+            if norms is None:
+                norms = self._pending[task] = [None] * len(layout.tensors)
+                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
+        return norms
 
     def _finish(self, layout: _Layout, task: int) -> None:
         """End of a backward pass: the squared norms of the host's and each seed's gradients, summed."""
@@ -295,20 +304,24 @@ class HostProbe:
         if norms is None or layout is not self._layout:
             return
         try:
-            key = tuple(n is not None for n in norms)
             present = [n for n in norms if n is not None]
             if not present:
                 return
-            plan = layout.plans.get(key)
-            if plan is None:
-                groups = [grp for grp, has in zip(layout.groups, key, strict=True) if has]
-                plan = layout.plans[key] = index_tensor(groups, present[0].device)
-            squares = torch.stack([n.to(present[0].device) for n in present]).square()
+            squares = stack_float64(present).square()
             sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=squares.device)
-            sums.index_add_(0, plan, squares)
+            sums.index_add_(0, self._plan(layout, norms, squares.device), squares)
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
                 self._passes.append(HostPass(layout.seeds, layout.numels, sums))
         except Exception as exc:  # telemetry must never break the backward pass
             self._on_error(self._site, exc)
+
+    def _plan(self, layout: _Layout, norms: list[Tensor | None], device: torch.device) -> Tensor:
+        """Which sum each present norm adds to, cached per device and pattern of present gradients."""
+        key = None if all(n is not None for n in norms) else tuple(n is not None for n in norms)
+        plan = layout.plans.get((device, key))
+        if plan is None:
+            groups = layout.groups if key is None else [g for g, has in zip(layout.groups, key, strict=True) if has]
+            plan = layout.plans[(device, key)] = index_tensor(list(groups), device)
+        return plan
