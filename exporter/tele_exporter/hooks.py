@@ -21,6 +21,7 @@ the update's publish); no host sync.
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, stack_float64, tensor_norm
+from .stats import index_tensor, stack_float64, tensor_norm, tensor_norms
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
@@ -184,8 +185,33 @@ class _Layout:
     groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
-    plans: dict[tuple[torch.device, tuple[bool, ...] | None], Tensor] = field(default_factory=dict)
-    # the group index per device and pattern of present gradients (None: all present)
+    plans: dict[tuple[torch.device, tuple[int, ...]], Tensor] = field(default_factory=dict)  # group per norm's order
+
+
+class _Mark(enum.Enum):
+    """What a parameter's hook left instead of a norm."""
+
+    DEFERRED = "read .grad at the end of the pass"
+    FAILED = "the norm raised"
+
+
+@dataclass
+class _Pass:
+    """A backward pass in progress: per parameter, its gradient's norm, a mark, or None (no gradient)."""
+
+    defers: bool  # gradients accumulate into .grad in this pass and may be read there at its end
+    slots: list[Tensor | _Mark | None]
+
+
+def _grad_accumulator(param: Tensor) -> Any:
+    """The autograd node that accumulates into param.grad (torch.autograd.graph._get_grad_fn_or_grad_acc)."""
+    with torch.enable_grad():
+        return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+def _distributed() -> bool:
+    """Under torch.distributed a wrapper may rewrite .grad in place during the pass (DDP buckets): never defer."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class HostProbe:
@@ -193,6 +219,10 @@ class HostProbe:
 
     The host's parameters exclude every watched seed's. Seeds join and leave with
     `add` and `discard`; the hooks are re-registered over the new set each time.
+    A parameter whose .grad is None when its gradient arrives in a `backward()`
+    has exactly that gradient in .grad at the end of the pass, so its hook only
+    marks it and one fused norm reads all of them then; any other (accumulating
+    .grad, `torch.autograd.grad`, torch.distributed) is normed in its hook.
     """
 
     def __init__(self, host: nn.Module, on_error: ErrorSink, site: str = "seed_grad_hook") -> None:
@@ -205,8 +235,9 @@ class HostProbe:
         self._seeds: dict[SeedKey, nn.Module] = {}
         self._layout: _Layout | None = None
         self._handles: list[RemovableHandle] = []
-        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the norms so far
+        self._pending: dict[int, _Pass] = {}  # per running graph task
         self._passes: list[HostPass] = []
+        self.defers = True  # off for good once a deferred .grad was gone at the end of a pass
 
     @property
     def empty(self) -> bool:
@@ -272,44 +303,73 @@ class HostProbe:
         ]
 
     def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
-        """A parameter's hook: the norm of this pass's gradient (one kernel); the pass's first one queues the sums."""
+        """A parameter's hook: mark a gradient that lands in an empty .grad, else take its norm (one kernel)."""
         pending = self._pending
+        param = layout.tensors[index]
 
         def hook(grad: Tensor) -> None:
+            task = torch._C._current_graph_task_id()
+            state = pending.get(task) or self._open(layout, task, index)
             try:
-                norm = tensor_norm(grad)
-                task = torch._C._current_graph_task_id()
-                norms = pending.get(task)
-                if norms is None:
-                    norms = self._open(layout, task)
-                norms[index] = norm
+                state.slots[index] = _Mark.DEFERRED if state.defers and param.grad is None else tensor_norm(grad)
             except Exception as exc:  # telemetry must never break the backward pass
+                state.slots[index] = _Mark.FAILED
                 self._on_error(self._site, exc)
 
         return hook
 
-    def _open(self, layout: _Layout, task: int) -> list[Tensor | None]:
-        """The norms of a pass that just started; queues the engine callback once per pass (hooks may race)."""
+    def _open(self, layout: _Layout, task: int, index: int) -> _Pass:
+        """The state of a pass that just started; queues the engine callback once per pass (hooks may race)."""
         with self._lock:
-            norms = self._pending.get(task)
-            if norms is None:
-                norms = self._pending[task] = [None] * len(layout.tensors)
-                torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
-        return norms
+            state = self._pending.get(task)
+            if state is not None:
+                return state
+            state = self._pending[task] = _Pass(self._accumulates(layout.tensors[index]), [None] * len(layout.tensors))
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
+        return state
+
+    def _accumulates(self, param: Tensor) -> bool:
+        """Whether this pass may defer: a `backward()` that accumulates into .grad, outside torch.distributed."""
+        if not self.defers or _distributed():
+            return False
+        try:
+            return bool(torch._C._will_engine_execute_node(_grad_accumulator(param)))
+        except RuntimeError:  # raised for leaves under torch.autograd.grad, which hands gradients back instead
+            return False
 
     def _finish(self, layout: _Layout, task: int) -> None:
-        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed."""
+        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed.
+
+        A pass with a failed norm, or whose deferred .grad is gone (a later hook
+        consumed it), records nothing: missing, never a partial sum.
+        """
         with self._lock:
-            norms = self._pending.pop(task, None)
-        if norms is None or layout is not self._layout:
+            state = self._pending.pop(task, None)
+        if state is None or layout is not self._layout:
             return
         try:
-            present = [n for n in norms if n is not None]
-            if not present:
+            slots = state.slots
+            if any(s is _Mark.FAILED for s in slots):
                 return
-            squares = stack_float64(present).square()
-            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=squares.device)
-            sums.index_add_(0, self._plan(layout, norms, squares.device), squares)
+            deferred = [i for i, s in enumerate(slots) if s is _Mark.DEFERRED]
+            eager = [i for i, s in enumerate(slots) if isinstance(s, Tensor)]
+            chunks: list[Tensor] = []
+            if deferred:
+                grads = [layout.tensors[i].grad for i in deferred]
+                if any(g is None for g in grads):
+                    self.defers = False
+                    return
+                with torch.no_grad():
+                    chunks.append(tensor_norms([g for g in grads if g is not None]))
+            if eager:
+                chunks.append(stack_float64([s for s in slots if isinstance(s, Tensor)]))
+            if not chunks:
+                return
+            device = chunks[0].device
+            norms = chunks[0] if len(chunks) == 1 else torch.cat([c.to(device) for c in chunks])
+            squares = norms.square()
+            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=device)
+            sums.index_add_(0, self._plan(layout, (*deferred, *eager), device), squares)
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
@@ -317,11 +377,10 @@ class HostProbe:
         except Exception as exc:  # telemetry must never break the backward pass
             self._on_error(self._site, exc)
 
-    def _plan(self, layout: _Layout, norms: list[Tensor | None], device: torch.device) -> Tensor:
-        """Which sum each present norm adds to, cached per device and pattern of present gradients."""
-        key = None if all(n is not None for n in norms) else tuple(n is not None for n in norms)
-        plan = layout.plans.get((device, key))
+    @staticmethod
+    def _plan(layout: _Layout, order: tuple[int, ...], device: torch.device) -> Tensor:
+        """Which sum each norm adds to, for norms of the parameters in `order`, cached per device and order."""
+        plan = layout.plans.get((device, order))
         if plan is None:
-            groups = layout.groups if key is None else [g for g, has in zip(layout.groups, key, strict=True) if has]
-            plan = layout.plans[(device, key)] = index_tensor(list(groups), device)
+            plan = layout.plans[(device, order)] = index_tensor([layout.groups[i] for i in order], device)
         return plan
