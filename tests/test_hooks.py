@@ -548,3 +548,35 @@ def test_create_graph_backward_is_measured_and_builds_no_graph_through_the_norms
     assert tele.errors() == {}
     for p in host.parameters():
         p.grad = None
+
+
+def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_changes_dtype(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.double()` gives every parameter a new AccumulateGrad node; the cached one is looked up again, not dropped."""
+    import tele_exporter.hooks as hooks
+
+    def boom(tensor: object) -> torch.Tensor:
+        raise RuntimeError("normed in a hook")
+
+    _, tele, _ = setup
+    torch.manual_seed(13)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, "tensor_norm", boom)
+    with tele.update():
+        _backward_pass(host, 0)
+    host.double()
+    gen = torch.Generator().manual_seed(1)
+    x, c = (
+        torch.randn(16, 6, generator=gen, dtype=torch.float64),
+        torch.randn(16, 5, generator=gen, dtype=torch.float64),
+    )
+    with tele.update():
+        host.zero_grad(set_to_none=True)
+        (host(x) * c).sum().backward()
+    grads = {id(p): p.grad.numpy() for p in host.parameters() if p.grad is not None}
+    assert tele.errors() == {}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-12)

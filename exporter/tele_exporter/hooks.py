@@ -186,6 +186,7 @@ class _Layout:
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
     plans: dict[tuple[torch.device, tuple[int, ...]], Tensor] = field(default_factory=dict)  # group per norm's order
+    accumulators: dict[int, Any] = field(default_factory=dict)  # per tensor index: its AccumulateGrad node, once seen
 
 
 class _Mark(enum.Enum):
@@ -324,16 +325,25 @@ class HostProbe:
             state = self._pending.get(task)
             if state is not None:
                 return state
-            state = self._pending[task] = _Pass(self._accumulates(layout.tensors[index]), [None] * len(layout.tensors))
+            state = self._pending[task] = _Pass(self._accumulates(layout, index), [None] * len(layout.tensors))
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
         return state
 
-    def _accumulates(self, param: Tensor) -> bool:
-        """Whether this pass may defer: a `backward()` that accumulates into .grad, outside torch.distributed."""
+    def _accumulates(self, layout: _Layout, index: int) -> bool:
+        """Whether this pass may defer: a `backward()` that accumulates into .grad, outside torch.distributed.
+
+        The parameter's AccumulateGrad node is cached; one that is not in this
+        pass's graph (torch made a new one, e.g. after `.to()`) is looked up again.
+        """
         if not self.defers or _distributed():
             return False
+        will_execute = torch._C._will_engine_execute_node
         try:
-            return bool(torch._C._will_engine_execute_node(_grad_accumulator(param)))
+            node = layout.accumulators.get(index)
+            if node is not None and will_execute(node):
+                return True
+            node = layout.accumulators[index] = _grad_accumulator(layout.tensors[index])
+            return bool(will_execute(node))
         except RuntimeError:  # raised for leaves under torch.autograd.grad, which hands gradients back instead
             return False
 
