@@ -139,7 +139,8 @@ class Telemetry:
 
         Per backward pass: the seed's parameter-gradient RMS over the host's (the
         host's parameters without any watched seed's), and, unless backward_gain
-        is False, the seed's backward gain (forward hooks: the costlier part).
+        is False, the seed's backward gain (forward hooks and two gradient hooks
+        per seed, about as costly as the ratio).
         Past `max_seeds` live seeds the call is refused and counted: the returned
         handle is inert and training goes on.
         """
