@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -580,3 +581,36 @@ def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_ch
     assert tele.errors() == {}
     state = tele.snapshot().seed("0", "s")
     assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-12)
+
+
+def test_under_ddp_every_gradient_is_normed_in_its_hook(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DDP may rewrite .grad in its buckets during the pass, so nothing is read from .grad at its end."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import tele_exporter.hooks as hooks
+
+    def boom(tensors: object) -> torch.Tensor:
+        raise RuntimeError("read from .grad")
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        _, tele, _ = setup
+        torch.manual_seed(14)
+        seed = _relu_seed()
+        host = Parallel({"s": seed})
+        wrapped = DistributedDataParallel(host)
+        tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+        monkeypatch.setattr(hooks, "tensor_norms", boom)
+        x, c = torch.randn(16, 6), torch.randn(16, 5)
+        with tele.update():
+            host.zero_grad(set_to_none=True)
+            (wrapped(x) * c).sum().backward()
+        grads = {id(p): p.grad.numpy().astype(np.float64) for p in host.parameters() if p.grad is not None}
+        assert tele.errors() == {}
+        state = tele.snapshot().seed("0", "s")
+        assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
