@@ -614,3 +614,24 @@ def test_under_ddp_every_gradient_is_normed_in_its_hook(
         assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tele_exporter.hooks as hooks
+
+    def boom(param: object) -> object:
+        raise TypeError("injected")
+
+    _, tele, _ = setup
+    torch.manual_seed(15)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, "_grad_accumulator", boom)
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    assert tele.errors() == {"seed_grad_hook": 1}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)

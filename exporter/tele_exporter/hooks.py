@@ -1,13 +1,15 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
 `HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
-and of its watched seeds takes the norm of the gradient that arrives in a
-backward pass, one kernel in the gradient's precision (keeping the gradient
-itself would stop autograd from stealing it into .grad and double its memory);
-the first one of a pass queues an engine callback that runs once the pass is
-done, upcasts the pass's norms in one stack and sums their squares per host and
-seed with one `index_add_`, left on the device: no host sync. docs/fidelity.md
-says why this and not `register_multi_grad_hook` or a norm at the optimizer step.
+and of its watched seeds sees the gradient that arrives in a backward pass: one
+landing in an empty .grad in a `backward()` is only marked, any other is normed
+in the hook (one kernel in the gradient's precision). The hooks never keep a
+gradient: that would stop autograd from stealing it into .grad and double its
+memory. The first hook of a pass queues an engine callback that runs once the
+pass is done, norms the marked .grad tensors with one fused kernel and sums the
+squares per host and seed with one `index_add_`, left on the device: no host
+sync. docs/fidelity.md says why this and not `register_multi_grad_hook`, a norm
+in every hook or a norm at the optimizer step.
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -309,12 +311,14 @@ class HostProbe:
         param = layout.tensors[index]
 
         def hook(grad: Tensor) -> None:
-            task = torch._C._current_graph_task_id()
-            state = pending.get(task) or self._open(layout, task, index)
+            state = None
             try:
+                task = torch._C._current_graph_task_id()
+                state = pending.get(task) or self._open(layout, task, index)
                 state.slots[index] = _Mark.DEFERRED if state.defers and param.grad is None else tensor_norm(grad)
             except Exception as exc:  # telemetry must never break the backward pass
-                state.slots[index] = _Mark.FAILED
+                if state is not None:
+                    state.slots[index] = _Mark.FAILED
                 self._on_error(self._site, exc)
 
         return hook
@@ -345,6 +349,9 @@ class HostProbe:
             node = layout.accumulators[index] = _grad_accumulator(layout.tensors[index])
             return bool(will_execute(node))
         except RuntimeError:  # raised for leaves under torch.autograd.grad, which hands gradients back instead
+            return False
+        except Exception as exc:  # the hooks then norm every gradient themselves
+            self._on_error(self._site, exc)
             return False
 
     def _finish(self, layout: _Layout, task: int) -> None:
