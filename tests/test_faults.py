@@ -106,7 +106,7 @@ def test_an_exception_raised_inside_a_hook(
     def boom(grad: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(hooks, "_sq_norm", boom)
+    monkeypatch.setattr(hooks, "_gain_norm", boom)
     after = _faulty_update(tele, policy, lambda: seed(x).sum().backward())
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert tele.errors()["seed_hook"] == 2

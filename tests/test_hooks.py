@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,7 +331,7 @@ def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
     def boom(grad: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(hooks, "_sq_norm", boom)
+    monkeypatch.setattr(hooks, "_gain_norm", boom)
     caplog.set_level(logging.WARNING, logger="tele_exporter")
     tele.watch_seed(host.seed, host=host, env=0, slot="r")
     for _ in range(2):
@@ -372,10 +373,15 @@ def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pas
     assert tele.snapshot().seed("0", "t").backward_gain == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize(("path", "target"), [("deferred", "tensor_norms"), ("in_hook", "tensor_norm")])
 def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
-    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, path: str, target: str
 ) -> None:
-    """The fallback of the TELE-557 probe: no pass is recorded (never a 0.0 that passes for data)."""
+    """The fallback of the TELE-557 probe: no pass is recorded (never a 0.0 or a partial sum that passes for data).
+
+    Fresh gradients are normed together at the end of the pass (one error a pass);
+    gradients that accumulate into an existing .grad are normed in their hooks (one error each).
+    """
     import tele_exporter.hooks as hooks
 
     def boom(tensors: object) -> torch.Tensor:
@@ -385,11 +391,247 @@ def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
     seed = _relu_seed()
     host = Parallel({"s": seed})
     tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, target, boom)
+    if path == "in_hook":
+        for p in host.parameters():
+            p.grad = torch.zeros_like(p)
+    with tele.update():
+        for k in range(2):
+            if path == "deferred":
+                _backward_pass(host, k)
+            else:
+                _accumulating_pass(host, k)
+    assert all(p.grad is not None for p in host.parameters())
+    per_pass = 1 if path == "deferred" else len(list(host.parameters()))
+    assert tele.errors() == {"seed_grad_hook": 2 * per_pass}
+    state = tele.snapshot().seed("0", "s")
+    assert state.ratio == 0.0 and state.passes == 0 and not state.vanishing
+
+
+def _accumulating_pass(host: Parallel, seed_x: int, *, uses: tuple[str, ...] | None = None) -> dict[int, np.ndarray]:
+    """A backward pass into .grad as left by earlier passes (gradient accumulation); returns this pass's gradients.
+
+    `uses`: the seeds this pass's forward runs (default all); the others get no gradient in it.
+    """
+    gen = torch.Generator().manual_seed(seed_x)
+    x = torch.randn(16, 6, generator=gen)
+    c = torch.randn(16, 5, generator=gen)
+    before = {id(p): p.grad.numpy().astype(np.float64) for p in host.parameters() if p.grad is not None}
+    y = host.a(x)
+    for name, seed in host.seeds.items():
+        if uses is None or name in uses:
+            y = y + host.alphas[name] * seed(x)
+    (y * c).sum().backward()
+    grads = {}
+    for p in host.parameters():
+        if p.grad is not None:
+            now = p.grad.numpy().astype(np.float64)
+            if id(p) in before or not np.array_equal(now, np.zeros_like(now)):
+                grads[id(p)] = now - before.get(id(p), 0.0)
+    return grads
+
+
+def _zeros_for_missing(host: nn.Module, grads: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    return {id(p): grads.get(id(p), np.zeros(tuple(p.shape))) for p in host.parameters()}
+
+
+def test_two_backward_passes_per_step_each_measure_their_own_gradient(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    """Gradient accumulation: the second pass adds into .grad, and its ratio is of its own gradient, not the sum."""
+    _, tele, _ = setup
+    torch.manual_seed(8)
+    seeds = {"a": _relu_seed(), "b": _relu_seed(3.0)}
+    host = Parallel(seeds, {"a": 1.0, "b": 0.2})
+    for name, seed in seeds.items():
+        tele.watch_seed(seed, host=host, env=0, slot=name, backward_gain=False)
+    expected: dict[str, list[float]] = {name: [] for name in seeds}
+    with tele.update():
+        for step in range(2):
+            host.zero_grad(set_to_none=True)
+            for micro in range(2):
+                grads = _accumulating_pass(host, 10 * step + micro)
+                for name, seed in seeds.items():
+                    expected[name].append(_reference_rms_ratio(host, seed, grads))
+    assert len({round(v, 6) for v in expected["a"]}) == 4  # four different passes
+    for name in seeds:
+        state = tele.snapshot().seed("0", name)
+        assert state.passes == 4
+        assert state.ratio == pytest.approx(float(np.mean(expected[name])), rel=1e-6)
+    assert tele.errors() == {}
+
+
+def test_a_seed_without_gradient_in_a_pass_has_no_data_there(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    """Seed b skips the first pass; in the second its .grad is fresh while the host's accumulates (both paths)."""
+    _, tele, _ = setup
+    torch.manual_seed(9)
+    seeds = {"a": _relu_seed(), "b": _relu_seed(2.0)}
+    host = Parallel(seeds)
+    for name, seed in seeds.items():
+        tele.watch_seed(seed, host=host, env=0, slot=name, backward_gain=False)
+    with tele.update():
+        host.zero_grad(set_to_none=True)
+        first = _accumulating_pass(host, 0, uses=("a",))
+        second = _accumulating_pass(host, 1)
+    assert id(next(seeds["b"].parameters())) not in first
+    snap = tele.snapshot()
+    expected_a = np.mean([_reference_rms_ratio(host, seeds["a"], g) for g in (first, second)])
+    expected_b = _reference_rms_ratio(host, seeds["b"], second)
+    assert _reference_rms_ratio(host, seeds["b"], _zeros_for_missing(host, first)) == 0.0
+    assert snap.seed("0", "a").passes == 2 and snap.seed("0", "a").ratio == pytest.approx(expected_a, rel=1e-6)
+    assert snap.seed("0", "b").passes == 1 and snap.seed("0", "b").ratio == pytest.approx(expected_b, rel=1e-6)
+
+
+@pytest.mark.parametrize("path", ["deferred", "in_hook"])
+def test_nonfinite_parameter_gradients_make_the_ratio_exploding_on_both_paths(
+    setup: tuple[TinyPolicy, Telemetry, Host], path: str
+) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(10)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    with torch.no_grad():
+        seed[0].weight[0, 0] = float("nan")  # type: ignore[index]
+    host.zero_grad(set_to_none=path == "deferred")
+    with tele.update():
+        _accumulating_pass(host, 0)
+    state = tele.snapshot().seed("0", "s")
+    assert math.isnan(state.ratio) and state.passes == 1
+    assert state.exploding and state.shown.label == "▲ EXPLODING"
+
+
+def test_a_hook_that_takes_grad_away_drops_that_pass_and_later_passes_are_normed_in_hooks(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    """An optimizer-in-backward hook steps and sets .grad to None: the pass is missing, the next ones measured."""
+    _, tele, _ = setup
+    torch.manual_seed(11)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    seen: list[dict[int, np.ndarray]] = [{}]
+
+    def take(p: torch.Tensor) -> None:
+        assert p.grad is not None
+        seen[-1][id(p)] = p.grad.numpy().astype(np.float64)
+        p.grad = None
+
+    for p in host.parameters():
+        p.register_post_accumulate_grad_hook(take)
+    with tele.update():
+        _backward_pass(host, 0)
+    assert tele.snapshot().seed("0", "s").passes == 0 and tele.errors() == {}
+    with tele.update():
+        seen.append({})
+        _backward_pass(host, 1)
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1
+    assert state.ratio == pytest.approx(_reference_rms_ratio(host, seed, seen[-1]), rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_backward_is_measured_and_builds_no_graph_through_the_norms(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    _, tele, _ = setup
+    torch.manual_seed(12)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    x, c = torch.randn(16, 6), torch.randn(16, 5)
+    with tele.update():
+        (torch.tanh(host(x)) * c).sum().backward(create_graph=True)
+    grads = {id(p): p.grad.detach().numpy().astype(np.float64) for p in host.parameters() if p.grad is not None}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
+    assert all(p.grad is not None and p.grad.requires_grad for p in host.parameters())
+    assert tele.errors() == {}
+    for p in host.parameters():
+        p.grad = None
+
+
+def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_changes_dtype(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.double()` gives every parameter a new AccumulateGrad node; the cached one is looked up again, not dropped."""
+    import tele_exporter.hooks as hooks
+
+    def boom(tensor: object) -> torch.Tensor:
+        raise RuntimeError("normed in a hook")
+
+    _, tele, _ = setup
+    torch.manual_seed(13)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
     monkeypatch.setattr(hooks, "tensor_norm", boom)
     with tele.update():
         _backward_pass(host, 0)
-        _backward_pass(host, 1)
-    assert all(p.grad is not None for p in host.parameters())
-    assert tele.errors() == {"seed_grad_hook": 2 * len(list(host.parameters()))}  # every parameter, both passes
+    host.double()
+    gen = torch.Generator().manual_seed(1)
+    x, c = (
+        torch.randn(16, 6, generator=gen, dtype=torch.float64),
+        torch.randn(16, 5, generator=gen, dtype=torch.float64),
+    )
+    with tele.update():
+        host.zero_grad(set_to_none=True)
+        (host(x) * c).sum().backward()
+    grads = {id(p): p.grad.numpy() for p in host.parameters() if p.grad is not None}
+    assert tele.errors() == {}
     state = tele.snapshot().seed("0", "s")
-    assert state.ratio == 0.0 and state.passes == 0 and not state.vanishing
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-12)
+
+
+def test_under_ddp_every_gradient_is_normed_in_its_hook(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DDP may rewrite .grad in its buckets during the pass, so nothing is read from .grad at its end."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import tele_exporter.hooks as hooks
+
+    def boom(tensors: object) -> torch.Tensor:
+        raise RuntimeError("read from .grad")
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        _, tele, _ = setup
+        torch.manual_seed(14)
+        seed = _relu_seed()
+        host = Parallel({"s": seed})
+        wrapped = DistributedDataParallel(host)
+        tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+        monkeypatch.setattr(hooks, "tensor_norms", boom)
+        x, c = torch.randn(16, 6), torch.randn(16, 5)
+        with tele.update():
+            host.zero_grad(set_to_none=True)
+            (wrapped(x) * c).sum().backward()
+        grads = {id(p): p.grad.numpy().astype(np.float64) for p in host.parameters() if p.grad is not None}
+        assert tele.errors() == {}
+        state = tele.snapshot().seed("0", "s")
+        assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tele_exporter.hooks as hooks
+
+    def boom(param: object) -> object:
+        raise TypeError("injected")
+
+    _, tele, _ = setup
+    torch.manual_seed(15)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
+    monkeypatch.setattr(hooks, "_grad_accumulator", boom)
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    assert tele.errors() == {"seed_grad_hook": 1}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)

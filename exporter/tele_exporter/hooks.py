@@ -1,13 +1,15 @@
 """The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
 
 `HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
-and of its watched seeds takes the norm of the gradient that arrives in a
-backward pass (keeping the gradient itself would stop autograd from stealing it
-into .grad and double its memory); the first one of a pass queues an engine
-callback that runs once the pass is done and sums the squared norms per host and
-seed with one `index_add_`, left on the device: no host sync.
-(torch's `register_multi_grad_hook` does the same bookkeeping but raises inside
-`torch.autograd.grad` over leaf parameters, which would break a user's backward.)
+and of its watched seeds sees the gradient that arrives in a backward pass: one
+landing in an empty .grad in a `backward()` is only marked, any other is normed
+in the hook (one kernel in the gradient's precision). The hooks never keep a
+gradient: that would stop autograd from stealing it into .grad and double its
+memory. The first hook of a pass queues an engine callback that runs once the
+pass is done, norms the marked .grad tensors with one fused kernel and sums the
+squares per host and seed with one `index_add_`, left on the device: no host
+sync. docs/fidelity.md says why this and not `register_multi_grad_hook`, a norm
+in every hook or a norm at the optimizer step.
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -15,11 +17,13 @@ alias: a hook on the input itself would also see gradient arriving through the
 host's skip path, which is not the seed's. A seed that modifies its input in
 place would drop a hook on a view, so once a probe sees that (the alias's
 version counter moved) it hands that seed a copy instead. The forward hook hooks
-the output. Each hook only appends a device-side squared norm; no host sync.
+the output. Each hook only appends a device-side norm (squared and summed at
+the update's publish); no host sync.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, tensor_norm, tensor_norms
+from .stats import index_tensor, stack_float64, tensor_norm, tensor_norms
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
@@ -39,10 +43,10 @@ MAX_PENDING_PASSES = 4096
 
 @dataclass
 class BackwardPass:
-    """Squared gradient norms reaching one forward call's inputs and output."""
+    """Norms of the gradients reaching one forward call's inputs and outputs, in their own precision."""
 
-    input_sq: list[Tensor] = field(default_factory=list)
-    output_sq: list[Tensor] = field(default_factory=list)
+    input_norms: list[Tensor] = field(default_factory=list)
+    output_norms: list[Tensor] = field(default_factory=list)
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -56,9 +60,9 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-def _sq_norm(grad: Tensor) -> Tensor:
-    """Squared L2 norm as float64, the norm itself in the gradient's precision (an upcast costs ~3x)."""
-    return tensor_norms([grad.detach()]).square().reshape(())
+def _gain_norm(grad: Tensor) -> Tensor:
+    """L2 norm of a gradient reaching a seed's input or output (see stats.tensor_norm)."""
+    return tensor_norm(grad)
 
 
 class SeedProbe:
@@ -132,7 +136,7 @@ class SeedProbe:
         if not (isinstance(arg, Tensor) and arg.requires_grad and arg.is_floating_point()):
             return arg
         alias = arg.clone() if self.copies_inputs else arg.view_as(arg)
-        alias.register_hook(self._grad_hook(record.input_sq))  # type: ignore[no-untyped-call]
+        alias.register_hook(self._grad_hook(record.input_norms))  # type: ignore[no-untyped-call]
         self._taps.append((alias, alias._version))
         return alias
 
@@ -148,7 +152,7 @@ class SeedProbe:
             if not outputs:
                 return
             for t in outputs:
-                t.register_hook(self._grad_hook(record.output_sq))  # type: ignore[no-untyped-call]
+                t.register_hook(self._grad_hook(record.output_norms))  # type: ignore[no-untyped-call]
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
@@ -159,7 +163,7 @@ class SeedProbe:
     def _grad_hook(self, sink: list[Tensor]) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             try:
-                sink.append(_sq_norm(grad))
+                sink.append(_gain_norm(grad))
             except Exception as exc:
                 self._on_error(self._site, exc)
 
@@ -183,7 +187,34 @@ class _Layout:
     groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
-    plans: dict[tuple[bool, ...], Tensor] = field(default_factory=dict)  # group index per pattern of present grads
+    plans: dict[tuple[torch.device, tuple[int, ...]], Tensor] = field(default_factory=dict)  # group per norm's order
+    accumulators: dict[int, Any] = field(default_factory=dict)  # per tensor index: its AccumulateGrad node, once seen
+
+
+class _Mark(enum.Enum):
+    """What a parameter's hook left instead of a norm."""
+
+    DEFERRED = "read .grad at the end of the pass"
+    FAILED = "the norm raised"
+
+
+@dataclass
+class _Pass:
+    """A backward pass in progress: per parameter, its gradient's norm, a mark, or None (no gradient)."""
+
+    defers: bool  # gradients accumulate into .grad in this pass and may be read there at its end
+    slots: list[Tensor | _Mark | None]
+
+
+def _grad_accumulator(param: Tensor) -> Any:
+    """The autograd node that accumulates into param.grad (torch.autograd.graph._get_grad_fn_or_grad_acc)."""
+    with torch.enable_grad():
+        return param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+def _distributed() -> bool:
+    """Under torch.distributed a wrapper may rewrite .grad in place during the pass (DDP buckets): never defer."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class HostProbe:
@@ -191,6 +222,10 @@ class HostProbe:
 
     The host's parameters exclude every watched seed's. Seeds join and leave with
     `add` and `discard`; the hooks are re-registered over the new set each time.
+    A parameter whose .grad is None when its gradient arrives in a `backward()`
+    has exactly that gradient in .grad at the end of the pass, so its hook only
+    marks it and one fused norm reads all of them then; any other (accumulating
+    .grad, `torch.autograd.grad`, torch.distributed) is normed in its hook.
     """
 
     def __init__(self, host: nn.Module, on_error: ErrorSink, site: str = "seed_grad_hook") -> None:
@@ -203,8 +238,9 @@ class HostProbe:
         self._seeds: dict[SeedKey, nn.Module] = {}
         self._layout: _Layout | None = None
         self._handles: list[RemovableHandle] = []
-        self._pending: dict[int, list[Tensor | None]] = {}  # per running graph task: the norms so far
+        self._pending: dict[int, _Pass] = {}  # per running graph task
         self._passes: list[HostPass] = []
+        self.defers = True  # off for good once a deferred .grad was gone at the end of a pass
 
     @property
     def empty(self) -> bool:
@@ -270,45 +306,98 @@ class HostProbe:
         ]
 
     def _keep(self, layout: _Layout, index: int) -> Callable[[Tensor], None]:
-        """A parameter's hook: the norm of this pass's gradient; the pass's first one queues the sums."""
+        """A parameter's hook: mark a gradient that lands in an empty .grad, else take its norm (one kernel)."""
+        pending = self._pending
+        param = layout.tensors[index]
 
         def hook(grad: Tensor) -> None:
+            state = None
             try:
-                norm = tensor_norm(grad.detach())
                 task = torch._C._current_graph_task_id()
-                with self._lock:
-                    norms = self._pending.get(task)
-                    if norms is None:
-                        norms = self._pending[task] = [None] * len(layout.tensors)
-                        engine = torch.autograd.Variable._execution_engine
-                        engine.queue_callback(lambda: self._finish(layout, task))
-                    norms[index] = norm
+                state = pending.get(task) or self._open(layout, task, index)
+                state.slots[index] = _Mark.DEFERRED if state.defers and param.grad is None else tensor_norm(grad)
             except Exception as exc:  # telemetry must never break the backward pass
+                if state is not None:
+                    state.slots[index] = _Mark.FAILED
                 self._on_error(self._site, exc)
 
         return hook
 
-    def _finish(self, layout: _Layout, task: int) -> None:
-        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed."""
+    def _open(self, layout: _Layout, task: int, index: int) -> _Pass:
+        """The state of a pass that just started; queues the engine callback once per pass (hooks may race)."""
         with self._lock:
-            norms = self._pending.pop(task, None)
-        if norms is None or layout is not self._layout:
+            state = self._pending.get(task)
+            if state is not None:
+                return state
+            state = self._pending[task] = _Pass(self._accumulates(layout, index), [None] * len(layout.tensors))
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
+        return state
+
+    def _accumulates(self, layout: _Layout, index: int) -> bool:
+        """Whether this pass may defer: a `backward()` that accumulates into .grad, outside torch.distributed.
+
+        The parameter's AccumulateGrad node is cached; one that is not in this
+        pass's graph (torch made a new one, e.g. after `.to()`) is looked up again.
+        """
+        if not self.defers or _distributed():
+            return False
+        will_execute = torch._C._will_engine_execute_node
+        try:
+            node = layout.accumulators.get(index)
+            if node is not None and will_execute(node):
+                return True
+            node = layout.accumulators[index] = _grad_accumulator(layout.tensors[index])
+            return bool(will_execute(node))
+        except RuntimeError:  # raised for leaves under torch.autograd.grad, which hands gradients back instead
+            return False
+        except Exception as exc:  # the hooks then norm every gradient themselves
+            self._on_error(self._site, exc)
+            return False
+
+    def _finish(self, layout: _Layout, task: int) -> None:
+        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed.
+
+        A pass with a failed norm, or whose deferred .grad is gone (a later hook
+        consumed it), records nothing: missing, never a partial sum.
+        """
+        with self._lock:
+            state = self._pending.pop(task, None)
+        if state is None or layout is not self._layout:
             return
         try:
-            key = tuple(n is not None for n in norms)
-            present = [n for n in norms if n is not None]
-            if not present:
+            slots = state.slots
+            if any(s is _Mark.FAILED for s in slots):
                 return
-            plan = layout.plans.get(key)
-            if plan is None:
-                groups = [grp for grp, has in zip(layout.groups, key, strict=True) if has]
-                plan = layout.plans[key] = index_tensor(groups, present[0].device)
-            squares = torch.stack([n.to(present[0].device) for n in present]).square()
-            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=squares.device)
-            sums.index_add_(0, plan, squares)
+            deferred = [i for i, s in enumerate(slots) if s is _Mark.DEFERRED]
+            eager = [i for i, s in enumerate(slots) if isinstance(s, Tensor)]
+            chunks: list[Tensor] = []
+            if deferred:
+                grads = [layout.tensors[i].grad for i in deferred]
+                if any(g is None for g in grads):
+                    self.defers = False
+                    return
+                with torch.no_grad():
+                    chunks.append(tensor_norms([g for g in grads if g is not None]))
+            if eager:
+                chunks.append(stack_float64([s for s in slots if isinstance(s, Tensor)]))
+            if not chunks:
+                return
+            device = chunks[0].device
+            norms = chunks[0] if len(chunks) == 1 else torch.cat([c.to(device) for c in chunks])
+            squares = norms.square()
+            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=device)
+            sums.index_add_(0, self._plan(layout, (*deferred, *eager), device), squares)
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
                 self._passes.append(HostPass(layout.seeds, layout.numels, sums))
         except Exception as exc:  # telemetry must never break the backward pass
             self._on_error(self._site, exc)
+
+    @staticmethod
+    def _plan(layout: _Layout, order: tuple[int, ...], device: torch.device) -> Tensor:
+        """Which sum each norm adds to, for norms of the parameters in `order`, cached per device and order."""
+        plan = layout.plans.get((device, order))
+        if plan is None:
+            plan = layout.plans[(device, order)] = index_tensor([layout.groups[i] for i in order], device)
+        return plan

@@ -39,9 +39,23 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def tensor_norm(tensor: Tensor) -> Tensor:
-    """L2 norm of one tensor as a 0-d float64 tensor, taken in the tensor's own precision (see _norm_dtype)."""
+    """L2 norm of one tensor as a 0-d tensor in its own precision (see _norm_dtype), outside autograd.
+
+    One kernel and no upcast: a hook calls this for every gradient of a backward
+    pass, so the float64 conversion waits for `stack_float64` over the whole pass.
+    """
+    if tensor.requires_grad:  # a gradient under create_graph=True
+        tensor = tensor.detach()
     norm: Tensor = torch.linalg.vector_norm(tensor, dtype=_norm_dtype(tensor.dtype))
-    return norm.to(torch.float64)
+    return norm
+
+
+def stack_float64(values: Sequence[Tensor]) -> Tensor:
+    """0-d tensors as one float64 vector on the first one's device: one stack, a copy only for another device."""
+    device = values[0].device
+    if any(v.device != device for v in values):
+        values = [v.to(device) for v in values]
+    return torch.stack(list(values)).to(torch.float64)
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:

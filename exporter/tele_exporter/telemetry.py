@@ -32,7 +32,7 @@ from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
 from .labels import check_label_names
 from .sharding import LegacyFSDPError, refuse_legacy_fsdp
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
-from .stats import approx_kl, backward_gain, seed_rms_ratio, step_cvs
+from .stats import approx_kl, backward_gain, seed_rms_ratio, stack_float64, step_cvs
 
 log = logging.getLogger("tele_exporter")
 
@@ -139,7 +139,8 @@ class Telemetry:
 
         Per backward pass: the seed's parameter-gradient RMS over the host's (the
         host's parameters without any watched seed's), and, unless backward_gain
-        is False, the seed's backward gain (forward hooks: the costlier part).
+        is False, the seed's backward gain (forward hooks and two gradient hooks
+        per seed, about as costly as the ratio).
         Past `max_seeds` live seeds the call is refused and counted: the returned
         handle is inert and training goes on.
         """
@@ -579,12 +580,13 @@ def _to_host(
         parts.append(drained.rows.reshape(-1))
     parts.extend(k.reshape(1) for k in kls)
     parts.extend(c.reshape(1) for c in clip_fractions)
-    gain_counts: list[tuple[SeedKey, int]] = []
+    gain_sides: list[tuple[SeedKey, list[int]]] = []  # per seed: per norm, 2 * pass (input) or 2 * pass + 1 (output)
     for key, seed_passes in gains.items():
-        complete = [p for p in seed_passes if p.input_sq and p.output_sq]
-        gain_counts.append((key, len(complete)))
-        parts.extend(_summed(p.input_sq) for p in complete)
-        parts.extend(_summed(p.output_sq) for p in complete)
+        complete = [p for p in seed_passes if p.input_norms and p.output_norms]
+        sides = [2 * i + side for i, p in enumerate(complete) for side, ns in enumerate(_sides(p)) for _ in ns]
+        gain_sides.append((key, sides))
+        if complete:
+            parts.append(stack_float64([n for p in complete for ns in _sides(p) for n in ns]))
     passes = [p for probe_passes in host_passes.values() for p in probe_passes]
     parts.extend(p.squares for p in passes)
     flat = _gather(parts)
@@ -597,11 +599,13 @@ def _to_host(
     clip_t = flat[offset : offset + len(clip_fractions)]
     offset += len(clip_fractions)
     gain_t: dict[SeedKey, Tensor] = {}
-    for key, n in gain_counts:
-        g_in = flat[offset : offset + n].sqrt()
-        g_out = flat[offset + n : offset + 2 * n].sqrt()
-        gain_t[key] = backward_gain(g_in, g_out)
-        offset += 2 * n
+    for key, sides in gain_sides:
+        squares = flat[offset : offset + len(sides)].square()
+        offset += len(sides)
+        n_passes = (max(sides) + 2) // 2 if sides else 0
+        index = torch.tensor(sides, dtype=torch.long)
+        sums = torch.zeros(2 * n_passes, dtype=torch.float64).index_add_(0, index, squares)
+        gain_t[key] = backward_gain(sums[0::2].sqrt(), sums[1::2].sqrt())
     on_host: list[tuple[HostPass, Tensor]] = []
     for p in passes:
         n = p.squares.numel()
@@ -632,8 +636,8 @@ def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]
     }
 
 
-def _summed(squares: list[Tensor]) -> Tensor:
-    return squares[0].reshape(1) if len(squares) == 1 else torch.stack(squares).sum().reshape(1)
+def _sides(record: BackwardPass) -> tuple[list[Tensor], list[Tensor]]:
+    return record.input_norms, record.output_norms
 
 
 def _gather(parts: list[Tensor]) -> Tensor:
