@@ -231,11 +231,11 @@ def check(samples: Samples, e: Expected) -> None:
     assert value("tele_ppo_updates_total") == e.updates
     assert value("tele_ppo_early_stops_total") == e.early_stops
     for h in HEADS:
-        got = value("tele_head_grad_norm", head=h)
+        got = value("tele_head_grad_norm", head=h, kind="action")
         assert got is not None and close(got, e.current[h], 1e-6), (h, got, e.current[h])
-        prev = value("tele_head_grad_norm_prev", head=h)
+        prev = value("tele_head_grad_norm_prev", head=h, kind="action")
         assert prev is not None and close(prev, e.prev[h], 1e-6), (h, prev, e.prev[h])
-        assert value("tele_nonfinite_gradients_total", head=h) == e.nonfinite[h]
+        assert value("tele_nonfinite_gradients_total", head=h, kind="action") == e.nonfinite[h]
     for clip, want in (("pre", e.pre), ("post", e.post)):
         got = value("tele_policy_grad_norm", clip=clip)
         if want is None:
