@@ -53,11 +53,11 @@ def test_every_catalog_metric_is_exported_with_catalog_type_and_help(policy: Tin
         assert family.type == spec.type, spec.id  # type: ignore[attr-defined]
         assert family.documentation == spec.help, spec.id  # type: ignore[attr-defined]
     samples = _samples(registry)
-    assert samples[("tele_head_grad_norm", (("head", "op"),))] == tele.snapshot().head("op").current
+    assert samples[("tele_head_grad_norm", (("head", "op"), ("kind", "action")))] == tele.snapshot().head("op").current
     assert samples[("tele_policy_grad_norm", (("clip", "post"),))] <= 0.5 + 1e-6
     assert samples[("tele_seed_grad_ratio", (("env", "3"), ("slot", "r0c1")))] > 0
     assert samples[("tele_seed_backward_gain", (("env", "3"), ("slot", "r0c1")))] > 0
-    assert samples[("tele_step_head_grad_norm_count", (("head", "op"),))] == 1
+    assert samples[("tele_step_head_grad_norm_count", (("head", "op"), ("kind", "action")))] == 1
     assert samples[("tele_step_kl_divergence_bucket", (("le", "+Inf"),))] == 1
 
 
@@ -102,7 +102,7 @@ def test_nan_values_are_exported_as_nan(policy: TinyPolicy) -> None:
     with tele.update() as upd:
         backward(policy, heads=("op",))
         upd.clip_grad_norm_(1.0)
-    assert math.isnan(_samples(registry)[("tele_head_grad_norm", (("head", "slot"),))])
+    assert math.isnan(_samples(registry)[("tele_head_grad_norm", (("head", "slot"), ("kind", "action")))])
 
 
 def test_close_unregisters(policy: TinyPolicy) -> None:

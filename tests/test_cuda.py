@@ -61,3 +61,28 @@ def test_optimizer_steps_make_no_host_sync() -> None:
         assert snap.kl == pytest.approx((float(kl) + float(unmasked)) / 2)
     finally:
         tele.close()
+
+
+def test_row_slice_heads_and_groups_make_no_host_sync() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    heads = {"move": (policy.op, slice(0, 3)), "fire": (policy.op, slice(3, 4)), "slot": policy.slot}
+    tele = Telemetry(policy, heads=heads, groups={"value": policy.value})
+    x = torch.randn(256, 6, device=device)
+    try:
+        torch.cuda.synchronize()
+        with tele.update() as upd, _no_sync():
+            for _ in range(3):
+                policy.zero_grad(set_to_none=True)
+                _loss(policy, x).backward()
+                upd.clip_grad_norm_(0.5)
+        w, b = policy.op.weight.grad, policy.op.bias.grad  # no optimizer step: all three steps' gradients are equal
+        assert w is not None and b is not None
+        fire = float(torch.cat([w[3:].double().flatten(), b[3:].double()]).norm())
+        snap = tele.snapshot()
+        assert snap.steps == 3 and snap.head("value").kind == "other"
+        assert math.isfinite(snap.head("move").current) and snap.head("fire").current > 0
+        assert fire == pytest.approx(snap.head("fire").current * min(1.0, 0.5 / (snap.grad_norm_pre + 1e-6)), rel=1e-5)
+    finally:
+        tele.close()

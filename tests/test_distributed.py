@@ -147,7 +147,7 @@ def test_torchrun_ranks_serve_with_rank_labels(tmp_path: Path) -> None:
     assert sorted(bodies) == [0, 1], out
     for r, body in bodies.items():
         assert re.search(rf'^tele_ppo_updates_total\{{rank="{r}"\}} 1\.0$', body, re.M), body
-        assert re.search(rf'^tele_head_grad_norm\{{head="op",rank="{r}"\}} \d', body, re.M), body
+        assert re.search(rf'^tele_head_grad_norm\{{head="op",kind="action",rank="{r}"\}} \d', body, re.M), body
         assert re.search(rf'^tele_kl_divergence\{{rank="{r}"\}} ', body, re.M), body
         assert re.search(rf'^tele_world_size\{{rank="{r}"\}} 2\.0$', body, re.M), body
         assert re.search(rf'^tele_torchrun_restarts\{{rank="{r}"\}} 1\.0$', body, re.M), body

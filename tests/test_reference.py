@@ -231,11 +231,11 @@ def check(samples: Samples, e: Expected) -> None:
     assert value("tele_ppo_updates_total") == e.updates
     assert value("tele_ppo_early_stops_total") == e.early_stops
     for h in HEADS:
-        got = value("tele_head_grad_norm", head=h)
+        got = value("tele_head_grad_norm", head=h, kind="action")
         assert got is not None and close(got, e.current[h], 1e-6), (h, got, e.current[h])
-        prev = value("tele_head_grad_norm_prev", head=h)
+        prev = value("tele_head_grad_norm_prev", head=h, kind="action")
         assert prev is not None and close(prev, e.prev[h], 1e-6), (h, prev, e.prev[h])
-        assert value("tele_nonfinite_gradients_total", head=h) == e.nonfinite[h]
+        assert value("tele_nonfinite_gradients_total", head=h, kind="action") == e.nonfinite[h]
     for clip, want in (("pre", e.pre), ("post", e.post)):
         got = value("tele_policy_grad_norm", clip=clip)
         if want is None:
@@ -292,3 +292,103 @@ def test_every_published_number_matches_the_float64_reference(scenario: tuple[Sc
         sc.update(**spec)  # type: ignore[arg-type]
         check(scrape(server), sc.exp)
     assert sc.exp.nonfinite == {"op": 1, "slot": 0, "blueprint": 1}
+
+
+# --- sub-action heads and a critic outside the CV -------------------------------------------
+
+
+class SlicedPolicy(nn.Module):
+    """One linear layer for two sub-actions (rows 0-5 move, 6-7 fire), a whole-module head and a critic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(5, 7)
+        self.action_net = nn.Linear(7, 8)
+        self.aim = nn.Linear(7, 3)
+        self.critic = nn.Linear(7, 1)
+
+
+SLICES = {"move": (0, 6), "fire": (6, 8)}
+
+
+def sliced_reference(grads: dict[str, list[np.ndarray]], missing: tuple[str, ...]) -> dict[str, float | None]:
+    """Per head from the modules' float64 gradients: a slice's norm is that of its weight rows and bias entries."""
+    out: dict[str, float | None] = {}
+    for name, (start, stop) in SLICES.items():
+        out[name] = None if "action_net" in missing else l2([g[start:stop] for g in grads["action_net"]])
+    for name in ("aim", "critic"):
+        out[name] = None if name in missing else l2(grads[name])
+    return out
+
+
+def sliced_update(
+    tele: Telemetry, policy: SlicedPolicy, rng: np.random.Generator, steps: list[tuple[tuple[str, ...], float, bool]]
+) -> tuple[list[dict[str, float | None]], list[float]]:
+    """One update of (modules without gradient, poison of fire's last weight row and the critic, clip?) steps."""
+    rows: list[dict[str, float | None]] = []
+    totals: list[float] = []
+    with tele.update() as upd:
+        for missing, poison, clip in steps:
+            grads: dict[str, list[np.ndarray]] = {}
+            for name in ("trunk", "action_net", "aim", "critic"):
+                module = getattr(policy, name)
+                if name in missing:
+                    for p in module.parameters():
+                        p.grad = None
+                    continue
+                scale = 30.0 if name == "critic" else rng.uniform(0.05, 1.0)
+                arrays = [rng.normal(0.0, scale, size=tuple(p.shape)).astype(np.float32) for p in module.parameters()]
+                if name in ("action_net", "critic"):
+                    arrays[0][-1, 0] = arrays[0][-1, 0] if poison == 0.0 else poison
+                grads[name] = arrays
+                for p, g in zip(module.parameters(), arrays, strict=True):
+                    p.grad = torch.from_numpy(g.copy())
+            rows.append(sliced_reference(grads, missing))
+            totals.append(l2([g for arrays in grads.values() for g in arrays]))
+            if clip:
+                upd.clip_grad_norm_(MAX_NORM)
+            else:
+                upd.observe_gradients()
+    return rows, totals
+
+
+def test_sliced_heads_and_a_critic_group_match_the_float64_reference() -> None:
+    """Sub-action norms, and the CV over action heads only: a critic 30x larger, or NaN, stays out of it."""
+    torch.manual_seed(0)
+    policy = SlicedPolicy()
+    tele = Telemetry(
+        policy,
+        heads={
+            "move": (policy.action_net, slice(0, 6)),
+            "fire": (policy.action_net, slice(6, None)),
+            "aim": policy.aim,
+        },
+        groups={"critic": policy.critic},
+    )
+    server = serve(tele, port=0)
+    rng = np.random.default_rng(5)
+    updates: list[list[tuple[tuple[str, ...], float, bool]]] = [
+        [((), 0.0, True), (("aim",), 0.0, True), (("action_net", "aim"), 0.0, True), ((), 0.0, False)],
+        [(("action_net",), math.nan, True), ((), 0.0, False)],  # NaN in the critic only: the CV stays finite
+        [((), math.inf, False), ((), 0.0, True)],  # Inf in fire's rows (and the critic's): fire and the CV are not
+    ]
+    try:
+        nonfinite = dict.fromkeys(("move", "fire", "aim", "critic"), 0)
+        for steps in updates:
+            rows, totals = sliced_update(tele, policy, rng, steps)
+            samples = scrape(server)
+            for head, kind in (("move", "action"), ("fire", "action"), ("aim", "action"), ("critic", "other")):
+                values = [v for r in rows if (v := r[head]) is not None]
+                got = samples[("tele_head_grad_norm", (("head", head), ("kind", kind)))]
+                assert close(got, float(np.mean(values)), 1e-6), (head, got, values)
+                nonfinite[head] += sum(1 for v in values if not math.isfinite(v))
+                assert samples[("tele_nonfinite_gradients_total", (("head", head), ("kind", kind)))] == nonfinite[head]
+            cvs = [step_cv([r[h] for h in ("move", "fire", "aim")]) for r in rows]
+            assert close(samples[("tele_gradient_cv", ())], float(np.mean(cvs)), 1e-6), (cvs, samples)
+            assert close(samples[("tele_policy_grad_norm", (("clip", "pre"),))], float(np.mean(totals)), 1e-6)
+            assert not any(name == "tele_telemetry_errors_total" for name, _ in samples)
+        assert nonfinite == {"move": 0, "fire": 1, "aim": 0, "critic": 2}
+        assert tele.snapshot().gradient_cv is not None and math.isnan(tele.snapshot().gradient_cv)
+    finally:
+        server.close()
+        tele.close()

@@ -59,7 +59,7 @@ def test_scrape_parses_and_matches_the_snapshot(server: Server, tele: Telemetry,
         for s in f.samples
     }
     snap = tele.snapshot()
-    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == snap.head("op").prev
+    assert samples[("tele_head_grad_norm_prev", (("head", "op"), ("kind", "action")))] == snap.head("op").prev
     assert samples[("tele_ppo_updates_total", ())] == 2.0
 
 

@@ -24,7 +24,14 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
-from tele_exporter.sharding import LEGACY_FSDP_MESSAGE, LOCAL, LegacyFSDPError, Sharding, plan_sharding
+from tele_exporter.sharding import (
+    LEGACY_FSDP_MESSAGE,
+    LOCAL,
+    LegacyFSDPError,
+    ShardedSliceError,
+    Sharding,
+    plan_sharding,
+)
 
 from .conftest import TinyPolicy, backward
 
@@ -123,6 +130,24 @@ def test_a_head_held_wholly_by_other_ranks_is_measured_on_every_rank(two_ranks: 
 
 
 @pytest.mark.slow
+def test_row_slice_heads_of_sharded_gradients_match_the_reference_on_every_rank(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    """Rows whole on each rank (Shard(1), Replicate) are measured exactly; rows split by Shard(0) are refused."""
+    for rank, results in enumerate(two_ranks):
+        res = results["sliced"]
+        assert res["errors"] == {}, (rank, res["errors"])
+        heads = dict(res["expected"])
+        total = heads.pop("total")
+        assert res["pre"] == pytest.approx(total, rel=REL)
+        post = total * min(1.0, MAX_NORM / (total + 1e-6))
+        published = _published(res["metrics"], rank, "sliced")
+        assert published == pytest.approx({**heads, "pre": total, "post": post}, rel=REL)
+        assert 'head="value",kind="other"' in res["metrics"]
+        assert res["refused"].startswith("head 'op_a' is a row slice of a parameter sharded by rows")
+
+
+@pytest.mark.slow
 def test_inf_and_nan_in_one_ranks_shard_reach_every_rank(two_ranks: list[dict[str, Any]]) -> None:
     """NaN and Inf are data: an Inf (op) and a NaN (slot) held by rank 1 alone are published as such by both ranks."""
     for rank, results in enumerate(two_ranks):
@@ -200,6 +225,21 @@ def test_fully_shard_in_one_process_matches_torch(tmp_path: Path) -> None:
         for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
             assert torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=0)  # type: ignore[union-attr, arg-type]
         assert tele.errors() == {}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_row_slice_of_fully_sharded_rows_is_refused_naming_the_head(tmp_path: Path) -> None:
+    """FSDP2 shards by rows (Shard(0)): a rank's rows are not the slice's; refused when Telemetry is built."""
+    from torch.distributed.fsdp import fully_shard
+
+    _single_process_group(tmp_path)
+    try:
+        policy = TinyPolicy()
+        fully_shard(policy.op)
+        with pytest.raises(ShardedSliceError, match=r"head 'fire' is a row slice of a parameter sharded by rows"):
+            Telemetry(policy, heads={"slot": policy.slot, "fire": (policy.op, slice(3, 4))})
+        Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}).close()  # the whole module is measured
     finally:
         torch.distributed.destroy_process_group()
 

@@ -138,7 +138,7 @@ def test_observe_gradients_measures_without_clipping(policy: TinyPolicy, tele: T
 def test_histograms_observe_every_step(policy: TinyPolicy, tele: Telemetry) -> None:
     _update(tele, policy, steps=5)
     hist = tele.snapshot().histograms
-    assert hist["step_head_grad_norm"][("op",)].count == 5
+    assert hist["step_head_grad_norm"][("op", "action")].count == 5
     assert hist["step_policy_grad_norm"][("pre",)].count == 5
     assert hist["step_kl_divergence"][()].count == 0
 
@@ -336,7 +336,8 @@ def test_an_update_without_a_step_keeps_prev_and_publishes_no_cv(policy: TinyPol
     assert snap.head("op").prev == pytest.approx(measured, rel=1e-9)  # the last measured value, not NaN
     samples = _scrape(tele)
     assert not any(name in ("tele_policy_grad_norm", "tele_gradient_cv") for name, _ in samples)
-    assert samples[("tele_head_grad_norm_prev", (("head", "op"),))] == pytest.approx(measured, rel=1e-9)
+    op = (("head", "op"), ("kind", "action"))
+    assert samples[("tele_head_grad_norm_prev", op)] == pytest.approx(measured, rel=1e-9)
     _update(tele, policy, steps=2, scale=3.0, seed=2)
     head = tele.snapshot().head("op")
     assert head.prev == pytest.approx(measured, rel=1e-9)  # still the last measured value, not NaN

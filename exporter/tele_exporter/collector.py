@@ -28,11 +28,11 @@ Samples = list[tuple[tuple[str, ...], float]]
 
 
 def _head_current(s: Snapshot) -> Samples:
-    return [((h.name,), h.current) for h in s.heads] if s.updates else []
+    return [((h.name, h.kind), h.current) for h in s.heads] if s.updates else []
 
 
 def _head_prev(s: Snapshot) -> Samples:
-    return [((h.name,), h.prev) for h in s.heads] if s.updates else []
+    return [((h.name, h.kind), h.prev) for h in s.heads] if s.updates else []
 
 
 def _policy_grad_norm(s: Snapshot) -> Samples:
@@ -73,7 +73,7 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "ppo_updates": _scalar("updates"),
     "ppo_early_stops": _scalar("early_stops"),
     "last_update_timestamp": _scalar("timestamp"),
-    "nonfinite_gradients": lambda s: [((h.name,), float(h.nonfinite_total)) for h in s.heads],
+    "nonfinite_gradients": lambda s: [((h.name, h.kind), float(h.nonfinite_total)) for h in s.heads],
     "seeds_refused": _scalar("seeds_refused"),
 }
 

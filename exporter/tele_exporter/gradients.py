@@ -7,20 +7,33 @@ into all others), and optionally clips in place like
 `torch.nn.utils.clip_grad_norm_`. Results stay on the device in a row buffer that
 the aggregator drains once per PPO update: no host synchronisation per step. A
 row is reserved only after its step was measured in full, so a failure records
-nothing rather than a 0.0. Sharded (DTensor) gradients are measured on their
-local parts and reduced once per device mesh (see sharding.py).
+nothing rather than a 0.0. A head that is a row slice of a module adds row views
+(`narrow`, no copy) of its parameters' gradients to the same `_foreach_norm` call.
+Sharded (DTensor) gradients are measured on their local parts and reduced once per
+device mesh (see sharding.py); row slices of gradients sharded by rows are refused.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .sharding import LOCAL, REPLICA, Sharding, all_reduce_, local_parts, norm_parts, plan_sharding, refuse_legacy_fsdp
+from .heads import Head
+from .sharding import (
+    LOCAL,
+    REPLICA,
+    Sharding,
+    all_reduce_,
+    local_parts,
+    norm_parts,
+    plan_sharding,
+    refuse_legacy_fsdp,
+    refuse_sharded_rows,
+)
 from .stats import clip_coefficient, index_tensor, tensor_norms
 
 _INITIAL_ROWS = 64
@@ -30,10 +43,11 @@ _INITIAL_ROWS = 64
 class _Plan:
     """What one pattern of present gradients needs: (tensor, head) pairs and which heads have data."""
 
-    tensor_index: Tensor  # [P] which present gradient each pair reads
+    tensor_index: Tensor  # [P] which norm input each pair reads: a present gradient, or one of `views`
     sum_index: Tensor  # [P] which sum it adds to: row r (0 local, 1 + k mesh k) x (head, or H for the total)
     present: tuple[bool, ...]  # per head: has at least one gradient in this pattern
     sharding: Sharding  # which gradients are counted here, and the reductions of each device mesh
+    views: tuple[tuple[int, int, int], ...]  # (present gradient, first row, rows) of each row-slice view
 
 
 @dataclass(frozen=True)
@@ -51,14 +65,18 @@ class Drained:
 class GradientMeter:
     """Measures (and optionally clips) a policy's gradients per step, per head and in total."""
 
-    def __init__(self, params: Sequence[nn.Parameter], heads: Mapping[str, Sequence[nn.Parameter]]):
+    def __init__(self, params: Sequence[nn.Parameter], heads: Sequence[Head]):
         self.params = list(params)
-        self.head_names = list(heads)
+        self.head_names = [h.name for h in heads]
         index = {id(p): i for i, p in enumerate(self.params)}
         self._membership: list[list[int]] = [[] for _ in self.params]
-        for h, name in enumerate(self.head_names):
-            for p in heads[name]:
-                self._membership[index[id(p)]].append(h)
+        self._slices: list[list[tuple[int, int, int]]] = [[] for _ in self.params]  # (head, start, stop)
+        for h, head in enumerate(heads):
+            for p in head.params:
+                if head.rows is None:
+                    self._membership[index[id(p)]].append(h)
+                else:
+                    self._slices[index[id(p)]].append((h, *head.rows))
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._rows: Tensor | None = None
         self._present: list[tuple[bool, ...]] = []
@@ -88,7 +106,10 @@ class GradientMeter:
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
         parts = local_parts(present_grads, plan.sharding)
-        norms = self._reduce(norm_parts(present_grads, parts, plan.sharding), plan)
+        inputs = norm_parts(present_grads, parts, plan.sharding)
+        if plan.views:
+            inputs = [*inputs, *(inputs[i].narrow(0, start, rows) for i, start, rows in plan.views)]
+        norms = self._reduce(inputs, plan)
         h = len(self.head_names)
         pre = norms[h]
         if error_if_nonfinite and not bool(torch.isfinite(pre)):
@@ -155,21 +176,30 @@ class GradientMeter:
         sharding = plan_sharding(present_grads)
         tensors: list[int] = []
         outputs: list[int] = []
+        views: list[tuple[int, int, int]] = []
+        sliced: list[tuple[int, int, int, int]] = []  # (present gradient, head, start, stop)
         has = [False] * h
         col = 0
         for i, is_present in enumerate(key):
             if not is_present:
                 continue
+            refuse_sharded_rows(present_grads[col], [self.head_names[s[0]] for s in self._slices[i]])
             slot = sharding.slots[col]
             if slot != REPLICA:
                 row = 0 if slot == LOCAL else 1 + slot
                 for out in (*self._membership[i], h):
                     tensors.append(col)
                     outputs.append(row * (h + 1) + out)
-            for head in self._membership[i]:
+                sliced.extend((col, head, start, stop) for head, start, stop in self._slices[i])
+            for head in (*self._membership[i], *(s[0] for s in self._slices[i])):
                 has[head] = True
             col += 1
-        return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has), sharding)
+        for c, head, start, stop in sliced:  # views follow the present gradients among the norm inputs
+            slot = sharding.slots[c]
+            tensors.append(col + len(views))
+            outputs.append((0 if slot == LOCAL else 1 + slot) * (h + 1) + head)
+            views.append((c, start, stop - start))
+        return _Plan(index_tensor(tensors, device), index_tensor(outputs, device), tuple(has), sharding, tuple(views))
 
 
 def _unwritten(n: int, width: int, device: torch.device) -> Tensor:

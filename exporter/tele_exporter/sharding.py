@@ -8,6 +8,9 @@ gradient of that mesh is sharded on: the reduction torch's clip_grad_norm_ issue
 for the same gradients, not one more. Plain tensors and DTensors replicated on
 every dimension are whole on every rank and are counted without a collective.
 Legacy FullyShardedDataParallel is refused: its flat shards cannot be told apart by head.
+A head that is a row slice of a gradient sharded by rows (FSDP2's default Shard(0)) is
+refused too: a rank's local rows are not the slice's rows. Sharded on another dimension
+or replicated, every rank holds all rows of its part and the slice is measured exactly.
 """
 
 from __future__ import annotations
@@ -109,6 +112,22 @@ def all_reduce_(sums: Tensor, groups: Iterable[ProcessGroup | None]) -> None:
     """Sum `sums` in place over every rank of the groups (asynchronous on the device: no host sync)."""
     for group in groups:
         torch.distributed.all_reduce(sums, group=group)
+
+
+def refuse_sharded_rows(tensor: Tensor, heads: Sequence[str]) -> None:
+    """Raise, naming the first head, if row-slice heads read a tensor (gradient or parameter) sharded by rows."""
+    if not heads or not _dist_available or not isinstance(tensor, DTensor):
+        return
+    if any(p.is_shard(0) or p.is_shard(-tensor.dim()) for p in tensor.placements):
+        raise ShardedSliceError(
+            f"head {heads[0]!r} is a row slice of a parameter sharded by rows ({tensor.placements}): a rank's "
+            "local rows are not the slice's. Keep that module unsharded (e.g. fully_shard only the trunk), "
+            "shard it on another dimension, or measure the whole module as one head"
+        )
+
+
+class ShardedSliceError(ValueError):
+    """A row-slice head over a gradient whose rows are split across ranks, where its norm cannot be taken."""
 
 
 def refuse_legacy_fsdp(params: Iterable[nn.Parameter], policy: nn.Module | None = None) -> None:

@@ -18,7 +18,7 @@ from .display import Arrow, Shown, head_trend, history_trend, show
 
 @dataclass(frozen=True)
 class HeadState:
-    """TELE-320/321 for one action head."""
+    """TELE-320/321 for one head: an action head (kind "action", in the CV) or another measured group ("other")."""
 
     name: str
     current: float  # NaN: missing (no gradient in the update) or non-finite data; `steps` tells which
@@ -26,6 +26,7 @@ class HeadState:
     trend: Arrow | None
     nonfinite_total: int
     steps: int = 0  # optimizer steps of the latest update in which the head had a gradient; 0: missing
+    kind: str = "action"  # "action": part of the gradient CV; "other": measured and exported, not in the CV
 
 
 @dataclass(frozen=True)
@@ -136,14 +137,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def empty_snapshot(heads: tuple[str, ...]) -> Snapshot:
-    """The snapshot before the first update: nothing measured yet."""
+def empty_snapshot(heads: tuple[tuple[str, str], ...]) -> Snapshot:
+    """The snapshot before the first update: nothing measured yet; heads are (name, kind)."""
     return Snapshot(
         updates=0,
         early_stops=0,
         timestamp=None,
         steps=0,
-        heads=tuple(HeadState(h, math.nan, 0.0, None, 0) for h in heads),
+        heads=tuple(HeadState(name, math.nan, 0.0, None, 0, kind=kind) for name, kind in heads),
         grad_norm_pre=None,
         grad_norm_post=None,
         grad_norm_history=(),
@@ -153,6 +154,8 @@ def empty_snapshot(heads: tuple[str, ...]) -> Snapshot:
     )
 
 
-def head_state(catalog: Catalog, name: str, current: float, prev: float, nonfinite: int, steps: int) -> HeadState:
+def head_state(
+    catalog: Catalog, name: str, current: float, prev: float, nonfinite: int, steps: int, kind: str = "action"
+) -> HeadState:
     trend = head_trend(catalog["head_grad_norm_prev"], current, prev)
-    return HeadState(name, current, prev, trend, nonfinite, steps)
+    return HeadState(name, current, prev, trend, nonfinite, steps, kind)

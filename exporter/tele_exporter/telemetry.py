@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from .catalog import Catalog, default_catalog
 from .display import Shown, show
 from .gradients import Drained, GradientMeter, NonFiniteNormError
+from .heads import ACTION, Head, HeadSpec, resolve_heads
 from .histogram import LabelledHistogram
 from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
 from .labels import check_label_names
-from .sharding import LegacyFSDPError, refuse_legacy_fsdp
+from .sharding import LegacyFSDPError, refuse_legacy_fsdp, refuse_sharded_rows
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, stack_float64, step_cvs
 
@@ -55,19 +56,22 @@ _UNMEASURED_HINT = (
 class Telemetry:
     """Training-health telemetry for one policy: per-head gradients, KL, CV and seeds.
 
-    `heads` maps head names to the submodules whose parameters form each action
-    head; every head parameter must belong to `policy`. A new CollectorRegistry
-    is created unless one is passed in. With `enabled=False`, or when the
+    `heads` maps names to the action heads: a submodule, or `(module, slice)` for
+    rows of its output (a sub-action's logits); their norms enter the gradient CV.
+    `groups` names other measured parts (critic, value head) the same way: exported
+    with kind="other", left out of the CV. Every parameter must belong to `policy`;
+    heads may overlap. A new CollectorRegistry is created unless one is passed in. With `enabled=False`, or when the
     environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
     """
 
     def __init__(
         self,
         policy: nn.Module,
-        heads: Mapping[str, nn.Module],
+        heads: Mapping[str, HeadSpec],
         registry: CollectorRegistry | None = None,
         const_labels: Mapping[str, str] | None = None,
         *,
+        groups: Mapping[str, HeadSpec] | None = None,
         catalog: Catalog | None = None,
         max_seeds: int = DEFAULT_MAX_SEEDS,
         enabled: bool | None = None,
@@ -75,36 +79,41 @@ class Telemetry:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
         self.catalog = catalog if catalog is not None else default_catalog()
-        self.heads = _check_heads(heads)
+        resolved = resolve_heads(heads, groups)
+        self.heads: dict[str, HeadSpec] = dict(heads)
+        self.groups: dict[str, HeadSpec] = dict(groups or {})
         params = list(dict.fromkeys(policy.parameters()))
         refuse_legacy_fsdp(params, policy)
         owned = {id(p) for p in params}
-        head_params: dict[str, list[nn.Parameter]] = {}
-        for name, module in self.heads.items():
-            head_params[name] = list(dict.fromkeys(module.parameters()))
-            if any(id(p) not in owned for p in head_params[name]):
-                raise ValueError(f"head {name!r} has parameters that are not part of the policy")
-            if not head_params[name]:
-                log.warning("head %r has no parameters: its gradient norm will always be missing", name)
+        for head in resolved:
+            if any(id(p) not in owned for p in head.params):
+                raise ValueError(f"head {head.name!r} has parameters that are not part of the policy")
+            if not head.params:
+                log.warning("head %r has no parameters: its gradient norm will always be missing", head.name)
+            if head.rows is not None:
+                for p in head.params:
+                    refuse_sharded_rows(p, [head.name])
+        self._heads: list[Head] = resolved
+        self._actions = sum(h.kind == ACTION for h in resolved)  # action heads come first
         self.params = params
         self.const_labels = _check_const_labels(const_labels, self.catalog)
         if max_seeds < 0:
             raise ValueError(f"max_seeds must be >= 0, got {max_seeds}")
         self.max_seeds = max_seeds
 
-        self._meter = GradientMeter(params, head_params)
+        self._meter = GradientMeter(params, resolved)
         self._lock = threading.Lock()
-        self._snapshot = empty_snapshot(tuple(self.heads))
+        self._snapshot = empty_snapshot(tuple((h.name, h.kind) for h in resolved))
         self._grad_history: deque[float] = deque(maxlen=self.catalog["policy_grad_norm"].history)
         self._kl_history: deque[float] = deque(maxlen=self.catalog["kl_divergence"].history)
-        self._nonfinite = dict.fromkeys(self.heads, 0)
+        self._nonfinite = {h.name: 0 for h in resolved}
         self._histograms = {
             spec.id: LabelledHistogram(spec.buckets) for spec in self.catalog if spec.type == "histogram"
         }
         for required in _STEP_HISTOGRAMS:  # a custom catalog without one is named, not a bare KeyError
             self._histograms.setdefault(required, LabelledHistogram(self.catalog[required].buckets))
-        for name in self.heads:
-            self._histograms["step_head_grad_norm"].ensure((name,))
+        for head in resolved:
+            self._histograms["step_head_grad_norm"].ensure((head.name, head.kind))
         for clip in ("pre", "post"):
             self._histograms["step_policy_grad_norm"].ensure((clip,))
         self._histograms["step_kl_divergence"].ensure(())
@@ -238,7 +247,7 @@ class Telemetry:
         gains = {key: watch.drain() for key, watch in list(self._seeds.items())}
         host_passes = {id(probe): probe.drain() for probe in list(self._hosts.values())}
         host = _to_host(drained, upd.kls, upd.clip_fractions, gains, host_passes)
-        present = _present(drained, len(self.heads))
+        present = _present(drained, len(self._heads))
         heads, steps = self._head_values(present, host.rows)
         if not upd.measure_calls and not self._hinted_unmeasured and any(p.grad is not None for p in self.params):
             self._hinted_unmeasured = True
@@ -248,7 +257,8 @@ class Telemetry:
             pre, post = float(host.rows[:, -2].mean()), float(host.rows[:, -1].mean())
             self._histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
             self._histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
-            cv = float(step_cvs(host.rows[:, : len(self.heads)], present).mean())
+            actions = self._actions  # TELE-330 compares action heads only
+            cv = float(step_cvs(host.rows[:, :actions], present[:, :actions]).mean())
         kls = self._checked_kls(host.kls)
         kl = float(kls.mean()) if kls.numel() else None
         clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
@@ -318,20 +328,20 @@ class Telemetry:
         prev = self._last_measured.get(old.name, 0.0)
         if steps:
             self._last_measured[old.name] = current
-        return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps)
+        return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps, old.kind)
 
     def _head_values(self, present: Tensor, rows: Tensor) -> tuple[dict[str, tuple[float, int]], int]:
         """Per head: (mean over the steps where it had a gradient, how many); (NaN, 0) where it never did."""
-        values = dict.fromkeys(self.heads, (math.nan, 0))
+        values = {head.name: (math.nan, 0) for head in self._heads}
         if not present.shape[0]:
             return values, 0
         hist = self._histograms["step_head_grad_norm"]
-        for h, name in enumerate(self.heads):
+        for h, head in enumerate(self._heads):
             vals = rows[present[:, h], h]
             if vals.numel():
-                values[name] = (float(vals.mean()), int(vals.numel()))
-                self._nonfinite[name] += int((~torch.isfinite(vals)).sum())
-                hist.observe_many((name,), vals)
+                values[head.name] = (float(vals.mean()), int(vals.numel()))
+                self._nonfinite[head.name] += int((~torch.isfinite(vals)).sum())
+                hist.observe_many((head.name, head.kind), vals)
         return values, int(present.shape[0])
 
 
@@ -408,7 +418,7 @@ class Update:
         self._check_open()
         unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._tele.heads]
         if unknown:
-            raise ValueError(f"unknown head {unknown[0]!r} in observe_kl; heads are {list(self._tele.heads)}")
+            raise ValueError(f"unknown head {unknown[0]!r} in observe_kl; action heads are {list(self._tele.heads)}")
         kl = approx_kl(log_ratio, masks)
         self.kls.append(kl.detach())
         return kl
@@ -675,17 +685,6 @@ def _seed_state(catalog: Catalog, key: tuple[str, str], values: SeedValues) -> S
         passes=values.passes,
         backward_gain=values.backward_gain,
     )
-
-
-def _check_heads(heads: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
-    if not isinstance(heads, Mapping) or not heads:
-        raise TypeError("heads must be a non-empty mapping of head name to nn.Module")
-    for name, module in heads.items():
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"head names must be non-empty strings, got {name!r}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"head {name!r} is a {type(module).__name__}, not an nn.Module")
-    return dict(heads)
 
 
 def _distributed_rank() -> int | None:

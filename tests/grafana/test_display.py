@@ -45,7 +45,7 @@ KL, CV, HEADS, SEEDS, STALE = (
     "Seeds: gradient flow per env and slot",
     "Time since the last PPO update",
 )
-HEAD_COLUMNS = ["Instance", "Head", "Current", "Previous", "Trend"]
+HEAD_COLUMNS = ["Instance", "Head", "Kind", "Current", "Previous", "Trend"]
 SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
 SEED_VALUES = SEED_COLUMNS[3:]
 GAIN = CATALOG["seed_backward_gain"]
@@ -192,6 +192,11 @@ def boundary_cases() -> Cases:
     )
 
 
+def head_labels(cases: Cases, i: int) -> dict[str, str]:
+    """Head i's labels: the last head is a group outside the CV (kind="other"), the rest action heads."""
+    return {"head": f"h{i}", "kind": "other" if i == len(cases.heads) - 1 else "action"}
+
+
 def boundary_text(cases: Cases, at: float) -> str:
     """The cases as /metrics text; update timestamps are ages before `at`."""
     c = CATALOG
@@ -204,8 +209,8 @@ def boundary_text(cases: Cases, at: float) -> str:
             c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
             c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
             GAIN.name: [(seed[i], g) for i, g in enumerate(cases.gains)],
-            c["head_grad_norm"].name: [({"head": f"h{i}"}, cur) for i, (cur, _) in enumerate(cases.heads)],
-            c["head_grad_norm_prev"].name: [({"head": f"h{i}"}, prev) for i, (_, prev) in enumerate(cases.heads)],
+            c["head_grad_norm"].name: [(head_labels(cases, i), cur) for i, (cur, _) in enumerate(cases.heads)],
+            c["head_grad_norm_prev"].name: [(head_labels(cases, i), prev) for i, (_, prev) in enumerate(cases.heads)],
             c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
         }
     )
@@ -274,6 +279,8 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
     problems += compare(
         HEADS, want_heads, {k: {c: row.get(c) for c in ("Current", "Previous", "Trend")} for k, row in heads.items()}
     )
+    kinds = {f"h{i}": head_labels(run.cases, i)["kind"] for i in range(len(run.cases.heads))}
+    problems += compare(HEADS, kinds, {k: row.get("Kind", ("",))[0] for k, row in heads.items()})
 
     stale = stat_by_rank(by_title(dashboard, shown, STALE)["values"])
     limit = run.cases.stale[1]
@@ -433,6 +440,9 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
     }
     got_heads = {k: {col: row.get(col) for col in ("Current", "Previous", "Trend")} for k, row in heads.items()}
     problems += compare(HEADS, want_heads, got_heads)
+    problems += compare(
+        HEADS, dict.fromkeys(want_heads, "action"), {k: row.get("Kind", ("",))[0] for k, row in heads.items()}
+    )
 
     ratios = raw(run, ratio.name + at)
     exploding = raw(run, c["seed_gradient_exploding"].name + at)

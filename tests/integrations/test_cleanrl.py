@@ -93,7 +93,9 @@ def test_cleanrl_style_loop_exports_what_it_computes() -> None:
     batch_size = NUM_ENVS * NUM_STEPS
     minibatch_size = batch_size // MINIBATCHES
 
-    tele = Telemetry(agent, heads={"actor": agent.actor, "critic": agent.critic}, const_labels={"run": "cleanrl"})
+    tele = Telemetry(
+        agent, heads={"actor": agent.actor}, groups={"critic": agent.critic}, const_labels={"run": "cleanrl"}
+    )
     server = serve(tele, port=0, linger=10)
 
     obs = torch.zeros((NUM_STEPS, NUM_ENVS, *envs.single_observation_space.shape))
@@ -181,9 +183,12 @@ def test_cleanrl_style_loop_exports_what_it_computes() -> None:
         for clip in ("pre", "post"):
             expected = float(np.mean(own[clip]))
             assert got[("tele_policy_grad_norm", (("clip", clip), run))] == pytest.approx(expected, rel=1e-6)
-        for head in ("actor", "critic"):
+        for head, kind in (("actor", "action"), ("critic", "other")):
             expected = float(np.mean(own[head]))
-            assert got[("tele_head_grad_norm", (("head", head), run))] == pytest.approx(expected, rel=1e-6)
+            assert got[("tele_head_grad_norm", (("head", head), ("kind", kind), run))] == pytest.approx(
+                expected, rel=1e-6
+            )
+        assert got[("tele_gradient_cv", (run,))] == 0.0  # one action head: the critic is no part of the CV
         assert max(own["post"]) <= MAX_GRAD_NORM * (1 + 1e-5)
     assert scraped[-1][("tele_ppo_updates_total", (run,))] == ITERATIONS
     assert any(own["clipfrac"] > 0 for own in logged)  # the clip fraction is exercised, not only zeros

@@ -11,12 +11,14 @@ import pytest
 pytest.importorskip("stable_baselines3")
 pytest.importorskip("gymnasium")
 
+import gymnasium as gym
+import numpy as np
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from tele_exporter.catalog import default_catalog
-from tele_exporter.integrations.sb3 import TelemetryCallback, policy_heads
+from tele_exporter.integrations.sb3 import TelemetryCallback, policy_groups, policy_heads
 
 
 class _Recorder(BaseCallback):  # type: ignore[misc]
@@ -85,8 +87,8 @@ def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
         last = rec.pairs[-1]
         assert f"tele_kl_divergence {last['approx_kl']!r}" in body
         assert f"{default_catalog()['clip_fraction'].name} {last['clip_fraction']!r}" in body
-        assert 'tele_head_grad_norm{head="action_net"}' in body
-        assert 'tele_head_grad_norm{head="value_net"}' in body
+        assert 'tele_head_grad_norm{head="action_net",kind="action"}' in body
+        assert 'tele_head_grad_norm{head="value_net",kind="other"}' in body
         assert cb.server.linger == 10  # the final update was just scraped: close() returns at once
     finally:
         cb.close()
@@ -109,8 +111,103 @@ def test_kl_early_stop_is_counted() -> None:
 
 def test_heads_come_from_the_policy() -> None:
     model = _model()
-    heads = policy_heads(model.policy)
-    assert heads == {"action_net": model.policy.action_net, "value_net": model.policy.value_net}
+    assert policy_heads(model.policy) == {"action_net": model.policy.action_net}
+    assert policy_groups(model.policy) == {"value_net": model.policy.value_net}
+
+
+NVEC = (3, 2, 4)
+
+
+class _Choices(gym.Env[np.ndarray, np.ndarray]):
+    """A tiny MultiDiscrete task: reward for each sub-action that matches the observation's sign pattern."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    action_space = gym.spaces.MultiDiscrete(list(NVEC))
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        self._t = 0
+        self._obs = self.np_random.uniform(-1, 1, size=4).astype(np.float32)
+        return self._obs, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        target = [int(self._obs[i] > 0) for i in range(3)]
+        reward = float(sum(int(a) == t for a, t in zip(action, target, strict=True)))
+        self._t += 1
+        self._obs = self.np_random.uniform(-1, 1, size=4).astype(np.float32)
+        return self._obs, reward, False, self._t >= 16, {}
+
+
+def _slice_norms(policy: torch.nn.Module) -> dict[str, float]:
+    """Float64 per-sub-action norms from action_net's rows, and value_net's, read off the parameter gradients."""
+    weight, bias = policy.action_net.weight.grad, policy.action_net.bias.grad
+    out: dict[str, float] = {}
+    start = 0
+    for i, n in enumerate(NVEC):
+        rows = np.concatenate(
+            [weight[start : start + n].double().numpy().ravel(), bias[start : start + n].double().numpy()]
+        )
+        out[f"action_net.{i}"] = float(np.sqrt(np.sum(rows**2)))
+        start += n
+    value = np.concatenate([p.grad.double().numpy().ravel() for p in policy.value_net.parameters()])
+    out["value_net"] = float(np.sqrt(np.sum(value**2)))
+    return out
+
+
+def _cv(norms: list[float]) -> float:
+    values = np.array(norms, dtype=np.float64)
+    return float(np.std(values, ddof=1) / max(abs(float(values.mean())), 1e-8))
+
+
+class _StepRecorder(_Recorder):
+    """Also keeps the float64 per-slice norms of every optimizer step, taken before anything clips."""
+
+    def __init__(self, tele_cb: TelemetryCallback) -> None:
+        super().__init__(tele_cb)
+        self.steps: list[dict[str, float]] = []
+        self.per_update: list[list[dict[str, float]]] = []
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.steps.append(_slice_norms(self.model.policy))
+
+    def _record(self) -> None:
+        before = len(self.pairs)
+        super()._record()
+        if len(self.pairs) > before:
+            self.per_update.append(self.steps)
+            self.steps = []
+
+
+@pytest.mark.slow
+def test_multi_discrete_sub_actions_are_heads_matching_a_float64_reference() -> None:
+    torch.manual_seed(0)
+    model = PPO("MlpPolicy", _Choices(), n_steps=64, batch_size=32, n_epochs=3, seed=0, device="cpu")
+    cb = TelemetryCallback()
+    rec = _StepRecorder(cb)
+    model.policy.optimizer.register_step_pre_hook(rec.before_step)  # runs before the callback's: pre-clip grads
+    try:
+        model.learn(total_timesteps=64 * 4, callback=CallbackList([cb, rec]))
+        assert cb.tele is not None
+        assert [(h.name, h.kind) for h in cb.tele.snapshot().heads] == [
+            ("action_net.0", "action"),
+            ("action_net.1", "action"),
+            ("action_net.2", "action"),
+            ("value_net", "other"),
+        ]
+        assert len(rec.per_update) == 4
+        for pair, steps in zip(rec.pairs, rec.per_update, strict=True):
+            snap = pair["snap"]
+            assert snap.steps == len(steps) == 3 * 2
+            for name in steps[0]:
+                expected = float(np.mean([s[name] for s in steps]))
+                assert snap.head(name).current == pytest.approx(expected, rel=1e-6), name
+            cvs = [_cv([s[f"action_net.{i}"] for i in range(len(NVEC))]) for s in steps]
+            assert snap.gradient_cv == pytest.approx(float(np.mean(cvs)), rel=1e-6)
+        assert cb.tele.errors() == {}
+    finally:
+        cb.close()
 
 
 def test_a_telemetry_over_another_module_is_refused() -> None:

@@ -49,8 +49,8 @@ _STATE_JS = """(() => {
       grad: Number(document.getElementById("grad-spark").dataset.points),
     },
     heads: [...document.querySelectorAll("#heads tr")].map((tr) => ({
-      name: tr.dataset.head, trend: tr.dataset.trendStatus, arrow: tr.children[3].textContent,
-      current: tr.children[1].textContent,
+      name: tr.dataset.head, kind: tr.dataset.kind, trend: tr.dataset.trendStatus, arrow: tr.children[3].textContent,
+      current: tr.children[1].textContent, label: tr.children[0].textContent,
     })),
     seeds: [...document.querySelectorAll("#seed-rows tr")].map((tr) => ({
       env: tr.dataset.env, slot: tr.dataset.slot, status: tr.dataset.status,

@@ -253,6 +253,26 @@ def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRe
 
 @pytest.mark.slow
 @pytest.mark.browser
+def test_a_group_outside_the_cv_is_shown_and_marked(browser: Chromium, policy: TinyPolicy) -> None:
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, groups={"value": policy.value})
+    server = serve(tele, port=0)
+    try:
+        with tele.update() as upd:
+            backward(policy)
+            upd.clip_grad_norm_(0.5)
+            upd.observe_kl_value(0.01)  # capture screenshots the KL panel, hidden without a KL
+        shot = capture(browser, server)
+    finally:
+        server.close()
+        tele.close()
+    assert [h["kind"] for h in shot.document["snapshot"]["heads"]] == ["action", "action", "other"]
+    rows = {h["name"]: (h["kind"], h["label"]) for h in shot.state["heads"]}
+    assert rows == {"op": ("action", "op"), "slot": ("action", "slot"), "value": ("other", "value · not in CV")}
+    assert shot.errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
 def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:
     """TELE-321: a head above the upper context rising is drawn critical."""
     assert any(h["trend"] == "critical" and h["arrow"] == "↗" for h in faulted.state["heads"])

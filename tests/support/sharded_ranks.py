@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tele_exporter import Telemetry
 from tele_exporter.server import serve
+from tele_exporter.sharding import ShardedSliceError
 
 from ..conftest import TinyPolicy
 
@@ -228,6 +229,57 @@ def tensor_parallel(mesh: DeviceMesh) -> dict[str, Any]:
     return run("tp", policy, policy, shared_backward, same_data_seeds)
 
 
+def distribute(policy: TinyPolicy, mesh: DeviceMesh, placements: dict[str, list[Placement]]) -> None:
+    """Replace the named parameters ("module.attr") by DTensors of these placements."""
+    for pname, places in placements.items():
+        module_name, attr = pname.split(".")
+        module = getattr(policy, module_name)
+        setattr(module, attr, nn.Parameter(distribute_tensor(getattr(module, attr).detach(), mesh, places)))
+
+
+def row_norm(params: list[Tensor], start: int, stop: int) -> float:
+    """Float64 norm of rows [start, stop) of each gradient, concatenated."""
+    return float(torch.cat([p.grad.detach()[start:stop].double().flatten() for p in params]).norm())  # type: ignore[union-attr]
+
+
+def sliced(mesh: DeviceMesh) -> dict[str, Any]:
+    """Row-slice heads of op over gradients whose rows are whole on every rank (Shard(1), Replicate), a value group.
+
+    Also what Telemetry says to a row slice of a parameter sharded by rows (Shard(0)).
+    """
+    torch.manual_seed(0)
+    policy = TinyPolicy()
+    twin = copy.deepcopy(policy)
+    placements = {"trunk.weight": [Shard(0)], "op.weight": [Shard(1)], "op.bias": [Replicate()]}
+    distribute(policy, mesh, placements)
+    heads = {"op_a": (policy.op, slice(0, 3)), "op_b": (policy.op, slice(3, 4)), "slot": policy.slot}
+    tele = Telemetry(policy, heads=heads, groups={"value": policy.value}, const_labels={"scenario": "sliced"})
+    loss_of(twin, 7).backward()
+    for (pname, p), q in zip(policy.named_parameters(), twin.parameters(), strict=True):
+        assert q.grad is not None
+        p.grad = distribute_tensor(q.grad, mesh, placements[pname]) if pname in placements else q.grad.clone()
+    op = list(twin.op.parameters())
+    expected = {
+        "op_a": row_norm(op, 0, 3),
+        "op_b": row_norm(op, 3, 4),
+        "slot": row_norm(list(twin.slot.parameters()), 0, 3),
+        "value": row_norm(list(twin.value.parameters()), 0, 1),
+        "total": float(torch.cat([q.grad.double().flatten() for q in twin.parameters()]).norm()),  # type: ignore[union-attr]
+    }
+    with tele.update() as upd:
+        pre = upd.clip_grad_norm_(MAX_NORM)
+    body = scrape(tele)
+    tele.close()
+    refused = ""
+    rows_sharded = TinyPolicy()
+    distribute(rows_sharded, mesh, {"op.weight": [Shard(0)]})
+    try:
+        Telemetry(rows_sharded, heads={"op_a": (rows_sharded.op, slice(0, 3))})
+    except ShardedSliceError as exc:
+        refused = str(exc)
+    return {"expected": expected, "pre": float(pre), "metrics": body, "errors": tele.errors(), "refused": refused}
+
+
 def placed(
     mesh: DeviceMesh, placements: dict[str, list[Placement]], name: str, partial: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -238,10 +290,7 @@ def placed(
     torch.manual_seed(0)
     policy = TinyPolicy()
     twin = copy.deepcopy(policy)
-    for pname, places in placements.items():
-        module_name, attr = pname.split(".")
-        module = getattr(policy, module_name)
-        setattr(module, attr, nn.Parameter(distribute_tensor(getattr(module, attr).detach(), mesh, places)))
+    distribute(policy, mesh, placements)
 
     def backward(model: nn.Module, update: int) -> None:
         twin.load_state_dict({k: full(v.detach()) for k, v in model.state_dict().items()})
@@ -312,6 +361,7 @@ def main() -> None:
             results["tp"] = tensor_parallel(mesh)
             results["dtensor"] = dtensor_1d(mesh)
             results["dtensor_partial"] = dtensor_partial(mesh)
+            results["sliced"] = sliced(mesh)
         else:
             mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
             results["dtensor_2d"] = dtensor_2d(mesh2)

@@ -19,10 +19,11 @@ minibatches of the last epoch run) and `train/clip_fraction` (mean over every
 minibatch), read from the model's logger after `train()` and published as
 `tele_kl_divergence` and `tele_ppo_clip_fraction`.
 
-Heads are the policy's `action_net` and `value_net`. For MultiDiscrete action
-spaces SB3 builds one `nn.Linear` whose output rows are the sub-actions' logits;
-per-sub-action norms would need row slices of one weight, which the gradient
-meter does not measure, so the sub-actions are reported together as `action_net`.
+Heads: the action head is the policy's `action_net`; for a MultiDiscrete action
+space, whose sub-actions' logits are consecutive output rows of that one
+`nn.Linear`, there is one head per sub-action, `action_net.0`, `action_net.1`, ...,
+each a row slice sized by `action_space.nvec`. `value_net` is measured as another
+group (kind="other"): shown and alerted on, left out of the gradient CV.
 """
 
 from __future__ import annotations
@@ -32,35 +33,50 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from gymnasium import spaces
 from prometheus_client import CollectorRegistry
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import rank_port
+from ..heads import HeadSpec
 from ..server import DEFAULT_ADDR, Server, serve
 from ..telemetry import Telemetry, Update
 
 _LIFTED_MAX_NORM = float(torch.finfo(torch.float32).max)
 
 
-def policy_heads(policy: nn.Module) -> dict[str, nn.Module]:
-    """The heads of an SB3 actor-critic policy: `action_net` and `value_net`."""
-    heads: dict[str, nn.Module] = {}
-    for name in ("action_net", "value_net"):
-        module = getattr(policy, name, None)
-        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
-            heads[name] = module
-    if not heads:
-        raise TypeError(f"{type(policy).__name__} has neither an action_net nor a value_net with parameters")
+def policy_heads(policy: nn.Module) -> dict[str, HeadSpec]:
+    """An SB3 actor-critic policy's action heads: `action_net`, or a row slice of it per MultiDiscrete sub-action."""
+    action_net = getattr(policy, "action_net", None)
+    if not isinstance(action_net, nn.Module) or not any(True for _ in action_net.parameters()):
+        raise TypeError(f"{type(policy).__name__} has no action_net with parameters")
+    space = getattr(policy, "action_space", None)
+    if not isinstance(space, spaces.MultiDiscrete):
+        return {"action_net": action_net}
+    sizes = [int(n) for n in space.nvec.flatten()]
+    heads: dict[str, HeadSpec] = {}
+    start = 0
+    for i, n in enumerate(sizes):
+        heads[f"action_net.{i}"] = (action_net, slice(start, start + n))
+        start += n
     return heads
+
+
+def policy_groups(policy: nn.Module) -> dict[str, HeadSpec]:
+    """The other measured groups of an SB3 actor-critic policy: its `value_net`, outside the gradient CV."""
+    value_net = getattr(policy, "value_net", None)
+    if isinstance(value_net, nn.Module) and any(True for _ in value_net.parameters()):
+        return {"value_net": value_net}
+    return {}
 
 
 class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
     """An SB3 callback that publishes one Telemetry update per PPO `train()` call.
 
     Pass a Telemetry built over `model.policy`, or None to have one built with
-    `policy_heads(model.policy)` when training starts. With `port` set, the
+    `policy_heads(model.policy)` and `policy_groups(model.policy)` when training starts. With `port` set, the
     callback serves /metrics on `port + LOCAL_RANK` (see `tele_exporter.distributed`);
     `close()` then waits up to `linger` seconds for Prometheus to scrape the final update.
     """
@@ -93,7 +109,11 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         if self.tele is None:
             policy = self.model.policy
             self.tele = Telemetry(
-                policy, heads=policy_heads(policy), registry=self._registry, const_labels=self._const_labels
+                policy,
+                heads=policy_heads(policy),
+                groups=policy_groups(policy),
+                registry=self._registry,
+                const_labels=self._const_labels,
             )
         if {id(p) for p in self.tele.params} != {id(p) for p in self.model.policy.parameters()}:
             raise ValueError("the Telemetry must be built over model.policy: it clips the policy's gradients")
