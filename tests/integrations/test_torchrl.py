@@ -32,7 +32,7 @@ from torchrl.objectives import ClipPPOLoss, KLPENPPOLoss
 from torchrl.objectives.value import GAE
 
 from tele_exporter import Telemetry, serve
-from tele_exporter.integrations.torchrl import k3_kl, loss_heads, observe_loss
+from tele_exporter.integrations.torchrl import k3_kl, loss_groups, loss_heads, observe_loss
 
 from ..support.scraper import Scraper
 
@@ -97,7 +97,7 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
         env, actor, frames_per_batch=FRAMES, total_frames=FRAMES * ITERATIONS, auto_register_policy_transforms=False
     )
 
-    tele = Telemetry(loss, heads=loss_heads(loss), const_labels={"run": "torchrl"})
+    tele = Telemetry(loss, heads=loss_heads(loss), groups=loss_groups(loss), const_labels={"run": "torchrl"})
     server = serve(tele, port=0, linger=10)
     logged: list[dict[str, list[float]]] = []
     scraped: list[Scrape] = []
@@ -151,8 +151,9 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
         assert got[("tele_kl_divergence", (run,))] >= 0.0
         for clip in ("pre", "post"):
             assert got[("tele_policy_grad_norm", (("clip", clip), run))] == pytest.approx(_mean(own[clip]), rel=1e-6)
-        for head in ("actor", "critic"):
-            assert got[("tele_head_grad_norm", (("head", head), run))] == pytest.approx(_mean(own[head]), rel=1e-6)
+        for head, kind in (("actor", "action"), ("critic", "other")):
+            key = ("tele_head_grad_norm", (("head", head), ("kind", kind), run))
+            assert got[key] == pytest.approx(_mean(own[head]), rel=1e-6)
         assert max(own["post"]) <= MAX_GRAD_NORM * (1 + 1e-5)
     assert scraped[-1][("tele_ppo_updates_total", (run,))] == ITERATIONS
     assert tele.errors() == {}
@@ -195,8 +196,8 @@ def test_the_docs_snippet_runs_as_written() -> None:
     assert got[("tele_kl_divergence", (run,))] >= 0.0
     assert ("tele_ppo_clip_fraction", (run,)) in got
     assert {labels for name, labels in got if name == "tele_head_grad_norm"} == {
-        (("head", "actor"), run),
-        (("head", "critic"), run),
+        (("head", "actor"), ("kind", "action"), run),
+        (("head", "critic"), ("kind", "other"), run),
     }
     assert ns["tele"].errors() == {}
 
@@ -218,8 +219,8 @@ def test_losses_whose_outputs_do_not_give_k3_are_refused() -> None:
     with pytest.raises(TypeError, match="KLPENPPOLoss"):
         loss_heads(KLPENPPOLoss(actor, critic))  # type: ignore[arg-type]
     loss = ClipPPOLoss(actor, critic)
-    assert set(loss_heads(loss)) == {"actor", "critic"}
-    tele = Telemetry(loss, heads=loss_heads(loss))
+    assert set(loss_heads(loss)) == {"actor"} and set(loss_groups(loss)) == {"critic"}
+    tele = Telemetry(loss, heads=loss_heads(loss), groups=loss_groups(loss))
     with tele.update() as upd, pytest.raises(KeyError, match="kl_approx"):
         observe_loss(upd, loss, {"mean_ratio": torch.tensor(1.0), "clip_fraction": torch.tensor(0.0)})
     tele.close()

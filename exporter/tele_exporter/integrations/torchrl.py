@@ -30,17 +30,23 @@ _NEEDED = ("mean_ratio", "kl_approx", "clip_fraction")
 
 
 def loss_heads(loss: ClipPPOLoss) -> dict[str, nn.Module]:
-    """The heads of a ClipPPOLoss: its `actor_network` and, when it has one, its `critic_network`.
+    """The action head of a ClipPPOLoss: its `actor_network`, the one head the gradient CV sees.
 
     Build the Telemetry over the loss module itself, whose parameters are what
-    TorchRL's examples optimise and clip: `Telemetry(loss, heads=loss_heads(loss))`.
+    TorchRL's examples optimise and clip:
+    `Telemetry(loss, heads=loss_heads(loss), groups=loss_groups(loss))`.
     """
     _check_loss(loss)
-    heads: dict[str, nn.Module] = {"actor": loss.actor_network}
+    return {"actor": loss.actor_network}
+
+
+def loss_groups(loss: ClipPPOLoss) -> dict[str, nn.Module]:
+    """The critic of a ClipPPOLoss, when it has one with parameters: measured and shown, left out of the CV."""
+    _check_loss(loss)
     critic = getattr(loss, "critic_network", None)
     if isinstance(critic, nn.Module) and any(True for _ in critic.parameters()):
-        heads["critic"] = critic
-    return heads
+        return {"critic": critic}
+    return {}
 
 
 def k3_kl(out: Any) -> Tensor:
