@@ -28,6 +28,7 @@ import pytest
 from tele_exporter.catalog import MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
 from tele_exporter.generate import dashboards
+from tele_exporter.thresholds import apply
 from tests.support.demo import start_demo
 from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
@@ -50,6 +51,10 @@ SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain",
 SEED_VALUES = SEED_COLUMNS[3:]
 GAIN = CATALOG["seed_backward_gain"]
 RANK = re.compile(r" rank (\d+)$")
+# Runs with their own CV levels (Telemetry(thresholds=OWN_CV)), served as ranks OWN_RANK and up.
+OWN_CV = {"gradient_cv": {"warning": 1.0, "critical": 3.0}}
+OWN_CATALOG = apply(CATALOG, OWN_CV)
+OWN_RANK = 100
 Shown = tuple[str, str | None]
 
 
@@ -157,6 +162,7 @@ class Cases:
 
     kl: list[float]
     cv: list[float]
+    own_cv: list[float]  # CV of runs (ranks OWN_RANK + i) that export OWN_CV as their tele_threshold
     seeds: list[tuple[float, bool, bool]]
     gains: list[float]
     heads: list[tuple[float, float]]
@@ -185,6 +191,7 @@ def boundary_cases() -> Cases:
     return Cases(
         kl=probes(CATALOG["kl_divergence"]),
         cv=probes(CATALOG["gradient_cv"]),
+        own_cv=[*probes(OWN_CATALOG["gradient_cv"]), *CATALOG["gradient_cv"].thresholds()],
         seeds=seeds,
         gains=[*(0.25 * i for i in range(len(seeds) - 1)), math.nan],
         heads=[(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)],
@@ -199,7 +206,13 @@ def boundary_text(cases: Cases, at: float) -> str:
     return exposition(
         {
             c["kl_divergence"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.kl)],
-            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)],
+            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)]
+            + [({"rank": str(OWN_RANK + i)}, v) for i, v in enumerate(cases.own_cv)],
+            c["threshold"].name: [
+                ({"rank": str(OWN_RANK + i), "metric": c["gradient_cv"].name, "level": level}, start)
+                for i in range(len(cases.own_cv))
+                for level, start in OWN_CV["gradient_cv"].items()
+            ],
             c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)],
             c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
             c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
@@ -240,14 +253,19 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
         {i: levelled(kl, v) for i, v in enumerate(run.cases.kl)},
         stat_by_rank(by_title(dashboard, shown, KL)["values"]),
     )
+    own = {OWN_RANK + i: v for i, v in enumerate(run.cases.own_cv)}
     problems += compare(
         "Gradient CV",
-        {i: levelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        {**{i: levelled(cv, v) for i, v in enumerate(run.cases.cv)}, **{r: levelled(cv, v) for r, v in own.items()}},
         stat_by_rank(by_title(dashboard, shown, "Gradient CV")["values"]),
     )
+    own_cv = OWN_CATALOG["gradient_cv"]
     problems += compare(
-        CV,
-        {i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        CV,  # the status panel follows each run's own levels
+        {
+            **{i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
+            **{r: labelled(own_cv, v) for r, v in own.items()},
+        },
         stat_by_rank(by_title(dashboard, shown, CV)["values"]),
     )
 
@@ -315,7 +333,7 @@ def _kl_threshold_off(dashboard: dict[str, Any]) -> None:
 
 def _cv_mapping_colour(dashboard: dict[str, Any]) -> None:
     (panel,) = [p for p in dashboard["panels"] if p["title"] == CV]
-    panel["fieldConfig"]["defaults"]["mappings"][1]["options"]["result"]["color"] = "orange"
+    panel["fieldConfig"]["defaults"]["mappings"][0]["options"]["1"]["color"] = "orange"
 
 
 def _seed_mapping_colour(dashboard: dict[str, Any]) -> None:

@@ -11,13 +11,15 @@ import json
 from typing import Any
 
 from ..catalog import Catalog, MetricSpec
+from ..thresholds import THRESHOLD_METRIC, movable
 from .levels import (
     count_steps,
     flag_codes,
     flag_steps,
     grafana_unit,
     healthy_unit,
-    level_mappings,
+    level_code_mappings,
+    level_code_query,
     level_steps,
     neutral_steps,
     seed_mappings,
@@ -456,16 +458,22 @@ def _cv_row(b: _Builder) -> None:
     note = _boundary_note(cv)
     b.row("Gradient CV")
     b.add(_stat(cv, "Gradient CV", _sel(cv), catalog=c, graph=True, note=note), 6, 8)
+    own = f"{_sel(c[THRESHOLD_METRIC], f'metric={json.dumps(cv.name)}')[:-1]}"
+    status = level_code_query(cv, _sel(cv), own, {lv.name for lv in movable(cv)})
     b.add(
         _stat(
             cv,
             "Gradient CV status",
-            _sel(cv),
+            status,
             catalog=c,
             graph=False,
-            mappings=level_mappings(c, cv),
+            mappings=level_code_mappings(c, cv),
+            steps=neutral_steps(c),
             color_mode="background",
-            note=note,
+            note=(
+                "The level of each run's own thresholds (tele_threshold, the catalog's unless the run sets its own), "
+                "compared as the alert rules compare."
+            ),
         ),
         6,
         8,
