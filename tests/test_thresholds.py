@@ -38,7 +38,10 @@ def _telemetry(policy: TinyPolicy, **kwargs: object) -> Telemetry:
         ({"kl_divergence": {"healthy": 0.1}}, "kl_divergence.healthy: the level starts at 0 and cannot move"),
         ({"seed_grad_ratio": {"vanishing": 0.1}}, "seed_grad_ratio.vanishing: the level starts at 0 and cannot move"),
         ({"kl_divergence": {"critical": 0.01}}, "kl_divergence.critical: starts at 0.01, not above 'warning' at 0.015"),
-        ({"kl_divergence": {"warning": 0.03}}, "kl_divergence.critical: starts at 0.03, not above 'warning' at 0.03"),
+        (
+            {"kl_divergence": {"warning": 0.03}},
+            "kl_divergence.critical: starts at 0.03 (the catalog's; set 'critical' too), not above 'warning' at 0.03",
+        ),
         ({"gradient_cv": {"warning": -1.0}}, "gradient_cv.warning: starts at -1.0, not above 'healthy' at 0.0"),
         ({"gradient_cv": {"warning": math.nan}}, "gradient_cv.warning: nan is not a finite number"),
         ({"gradient_cv": {"critical": math.inf}}, "gradient_cv.critical: inf is not a finite number"),

@@ -96,9 +96,10 @@ def _moved(spec: MetricSpec, starts: Mapping[str, float], where: str) -> MetricS
     lows = [starts.get(level.name, level.when.low) for level in spec.levels]
     for i in range(1, len(lows)):
         if lows[i] <= lows[i - 1] and spec.levels[i].name in allowed:
-            before = spec.levels[i - 1].name
+            before, name = spec.levels[i - 1].name, spec.levels[i].name
+            given = "" if name in starts else f" (the catalog's; set {name!r} too)"
             raise ThresholdsError(
-                f"{where}.{spec.levels[i].name}: starts at {lows[i]}, not above {before!r} at {lows[i - 1]}; "
+                f"{where}.{name}: starts at {lows[i]}{given}, not above {before!r} at {lows[i - 1]}; "
                 f"levels go upward in the catalog's order ({', '.join(names)})"
             )
     levels = []
