@@ -61,8 +61,9 @@ def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[
     level's start is `threshold + ', level="<name>"}'`. Each level past the first adds
     (value >= start) or (value > start) as the catalog's interval says, so the index
     is exact at every boundary, as the alert rules' comparisons are; a run that exports
-    no tele_threshold is held to the catalog's starts. Non-NaN only: NaN fails every
-    comparison, so NaN series are returned as they are, for the NaN mapping.
+    no tele_threshold is held to the catalog's starts. NaN fails every comparison, so a
+    NaN is returned as it is for the NaN mapping, `* 1` dropping its name: one series per
+    run across time, whether its value was NaN or not.
     """
     ignoring = f"ignoring ({', '.join([*spec.labels, 'metric', 'level'])})"
     own, fallback = [], []
@@ -75,7 +76,7 @@ def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[
         else:
             own.append(constant)
     runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} unless {ignoring} {threshold}}})"
-    return f"({runs}) and ({value} == {value}) or {value}"
+    return f"({runs}) and ({value} == {value}) or {value} * 1"
 
 
 def level_code_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
