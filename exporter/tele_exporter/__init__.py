@@ -4,6 +4,7 @@ from .catalog import Catalog, CatalogError, default_catalog, load_catalog
 from .server import PortInUseError, Server, serve
 from .snapshot import Snapshot
 from .telemetry import SeedWatch, Telemetry, Update
+from .thresholds import ThresholdsError
 
 __all__ = [
     "Catalog",
@@ -13,6 +14,7 @@ __all__ = [
     "Server",
     "Snapshot",
     "Telemetry",
+    "ThresholdsError",
     "Update",
     "default_catalog",
     "load_catalog",

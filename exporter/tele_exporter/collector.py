@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from .catalog import MetricSpec
 from .launch import launch_info
 from .snapshot import Snapshot
+from .thresholds import THRESHOLD_METRIC, exported
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -88,6 +89,8 @@ class TeleCollector(Collector):
         self._static: dict[str, Samples] = {
             "world_size": [((), float(launch.world_size))],
             "torchrun_restarts": [] if launch.restarts is None else [((), float(launch.restarts))],
+            # The run's own level starts (Telemetry(thresholds=...)), which the alert rules compare against.
+            THRESHOLD_METRIC: [((name, level), start) for name, level, start in exported(tele.catalog)],
         }
         missing = [
             spec.id

@@ -33,6 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from .catalog import Level
 from .webconfig import WebConfig, load_web_config
 
 if TYPE_CHECKING:
@@ -369,11 +370,26 @@ def snapshot_document(tele: Telemetry) -> dict[str, Any]:
                 "tele": list(spec.tele),
                 "question": spec.question,
                 "precision": spec.precision,
+                # This run's levels: the catalog's, or where Telemetry(thresholds=...) moved them.
+                **({"levels": [_level(level) for level in spec.levels]} if spec.levels else {}),
             }
             for spec in catalog
             if spec.type != "histogram"
         },
         "snapshot": tele.snapshot().to_dict(catalog),
+    }
+
+
+def _level(level: Level) -> dict[str, Any]:
+    """A level as the document gives it: interval bounds (null for +inf) and which ends are included."""
+    iv = level.when
+    return {
+        "name": level.name,
+        "status": level.status,
+        "from": iv.low,
+        "from_included": iv.low_closed,
+        "to": iv.high if math.isfinite(iv.high) else None,
+        "to_included": iv.high_closed,
     }
 
 

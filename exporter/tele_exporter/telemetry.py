@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 
 import torch
@@ -34,6 +35,7 @@ from .labels import check_label_names
 from .sharding import LegacyFSDPError, refuse_legacy_fsdp, refuse_sharded_rows
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, stack_float64, step_cvs
+from .thresholds import Thresholds, resolve
 
 log = logging.getLogger("tele_exporter")
 
@@ -62,6 +64,8 @@ class Telemetry:
     with kind="other", left out of the CV. Every parameter must belong to `policy`;
     heads may overlap. A new CollectorRegistry is created unless one is passed in. With `enabled=False`, or when the
     environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
+    `thresholds` (signal -> level -> start) and `thresholds_file` (or $TELE_EXPORTER_THRESHOLDS)
+    move this run's level boundaries; the alert rules, the page and /api/snapshot follow them.
     """
 
     def __init__(
@@ -75,10 +79,12 @@ class Telemetry:
         catalog: Catalog | None = None,
         max_seeds: int = DEFAULT_MAX_SEEDS,
         enabled: bool | None = None,
+        thresholds: Thresholds | None = None,
+        thresholds_file: str | Path | None = None,
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
-        self.catalog = catalog if catalog is not None else default_catalog()
+        self.catalog = resolve(catalog if catalog is not None else default_catalog(), thresholds, thresholds_file)
         resolved = resolve_heads(heads, groups)
         self.heads: dict[str, HeadSpec] = dict(heads)
         self.groups: dict[str, HeadSpec] = dict(groups or {})

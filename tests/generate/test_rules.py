@@ -106,7 +106,8 @@ def test_level_alerts_match_catalog_levels() -> None:
             if level.alert is None:
                 continue
             rule = by_key[(level.alert.name, level.alert.severity)]
-            assert rule.expr.endswith(rules.interval_filter(level.when))
+            assert rule.catalog_expr.endswith(rules.interval_filter(level.when))
+            assert f"{rule.catalog_expr}\n  unless " in rule.expr  # the fallback for runs without tele_threshold
             assert rule.for_ == level.alert.for_
             assert catalog.selector in rule.expr
             for key, value in spec.alert_on.items():

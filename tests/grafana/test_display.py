@@ -28,6 +28,7 @@ import pytest
 from tele_exporter.catalog import MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
 from tele_exporter.generate import dashboards
+from tele_exporter.thresholds import apply
 from tests.support.demo import start_demo
 from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
@@ -50,6 +51,16 @@ SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain",
 SEED_VALUES = SEED_COLUMNS[3:]
 GAIN = CATALOG["seed_backward_gain"]
 RANK = re.compile(r" rank (\d+)$")
+# Runs with their own levels (Telemetry(thresholds=OWN)), served as ranks OWN_RANK and up.
+OWN = {
+    "gradient_cv": {"warning": 1.0, "critical": 3.0},
+    "kl_divergence": {"warning": 0.05, "critical": 0.1},
+    "policy_grad_norm": {"healthy": 0.01, "warning": 50.0, "critical": 100.0},
+}
+OWN_CATALOG = apply(CATALOG, OWN)
+OWN_RANK = 100
+LEVELS = "Levels per run"
+LEVEL_COLUMNS = {"KL": "kl_divergence", "Gradient norm (pre-clip)": "policy_grad_norm", "Gradient CV": "gradient_cv"}
 Shown = tuple[str, str | None]
 
 
@@ -157,6 +168,9 @@ class Cases:
 
     kl: list[float]
     cv: list[float]
+    grad: list[float]  # pre-clip
+    # Values of runs (ranks OWN_RANK + i) that export OWN as their tele_threshold, by catalog id.
+    own: dict[str, list[float]]
     seeds: list[tuple[float, bool, bool]]
     gains: list[float]
     heads: list[tuple[float, float]]
@@ -185,6 +199,8 @@ def boundary_cases() -> Cases:
     return Cases(
         kl=probes(CATALOG["kl_divergence"]),
         cv=probes(CATALOG["gradient_cv"]),
+        grad=probes(CATALOG["policy_grad_norm"]),
+        own={sid: [*probes(OWN_CATALOG[sid]), *CATALOG[sid].thresholds()] for sid in OWN},
         seeds=seeds,
         gains=[*(0.25 * i for i in range(len(seeds) - 1)), math.nan],
         heads=[(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)],
@@ -203,8 +219,18 @@ def boundary_text(cases: Cases, at: float) -> str:
     seed = [{"env": str(i), "slot": "s"} for i in range(len(cases.seeds))]
     return exposition(
         {
-            c["kl_divergence"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.kl)],
-            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)],
+            c["kl_divergence"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.kl)]
+            + [({"rank": str(OWN_RANK + i)}, v) for i, v in enumerate(cases.own["kl_divergence"])],
+            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)]
+            + [({"rank": str(OWN_RANK + i)}, v) for i, v in enumerate(cases.own["gradient_cv"])],
+            c["policy_grad_norm"].name: [({"rank": str(i), "clip": "pre"}, v) for i, v in enumerate(cases.grad)]
+            + [({"rank": str(OWN_RANK + i), "clip": "pre"}, v) for i, v in enumerate(cases.own["policy_grad_norm"])],
+            c["threshold"].name: [
+                ({"rank": str(OWN_RANK + i), "metric": c[sid].name, "level": level}, start)
+                for i in range(max(len(values) for values in cases.own.values()))
+                for sid, levels in OWN.items()
+                for level, start in levels.items()
+            ],
             c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)],
             c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
             c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
@@ -236,23 +262,45 @@ def boundary() -> Iterator[Boundary]:
         yield Boundary(prom, at, cases)
 
 
+def levels_problems(run: Boundary, dashboard: dict[str, Any], shown: dict[str, Any]) -> list[str]:
+    """The levels table: each run's level on its own thresholds (the catalog's for ranks below OWN_RANK)."""
+    catalog_values = {"kl_divergence": run.cases.kl, "gradient_cv": run.cases.cv, "policy_grad_norm": run.cases.grad}
+    expected: dict[str, dict[str, Shown]] = {}
+    for column, sid in LEVEL_COLUMNS.items():
+        for offset, values, catalog in ((0, catalog_values[sid], CATALOG), (OWN_RANK, run.cases.own[sid], OWN_CATALOG)):
+            for i, value in enumerate(values):
+                expected.setdefault(str(offset + i), {})[column] = labelled(catalog[sid], value)
+    shape, rows = table_rows(
+        by_title(dashboard, shown, LEVELS), ["Instance", "Rank", *LEVEL_COLUMNS], lambda c: c["Rank"][0]
+    )
+    got = {rank: {col: cells[col] for col in expected.get(rank, {})} for rank, cells in rows.items()}
+    return shape + compare(LEVELS, expected, got)
+
+
 def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool = False) -> list[str]:
     """Every difference between what Grafana shows for the boundary series and the records."""
     shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, ALL, 60), keep_name)
     kl, cv, ratio = CATALOG["kl_divergence"], CATALOG["gradient_cv"], CATALOG["seed_grad_ratio"]
+    own_kl = {OWN_RANK + i: v for i, v in enumerate(run.cases.own["kl_divergence"])}
     problems = compare(
-        KL,
-        {i: levelled(kl, v) for i, v in enumerate(run.cases.kl)},
+        KL,  # the number panels colour by the catalog's levels
+        {**{i: levelled(kl, v) for i, v in enumerate(run.cases.kl)}, **{r: levelled(kl, v) for r, v in own_kl.items()}},
         stat_by_rank(by_title(dashboard, shown, KL)["values"]),
     )
+    problems += levels_problems(run, dashboard, shown)
+    own = {OWN_RANK + i: v for i, v in enumerate(run.cases.own["gradient_cv"])}
     problems += compare(
         "Gradient CV",
-        {i: levelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        {**{i: levelled(cv, v) for i, v in enumerate(run.cases.cv)}, **{r: levelled(cv, v) for r, v in own.items()}},
         stat_by_rank(by_title(dashboard, shown, "Gradient CV")["values"]),
     )
+    own_cv = OWN_CATALOG["gradient_cv"]
     problems += compare(
-        CV,
-        {i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
+        CV,  # the status panel follows each run's own levels
+        {
+            **{i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
+            **{r: labelled(own_cv, v) for r, v in own.items()},
+        },
         stat_by_rank(by_title(dashboard, shown, CV)["values"]),
     )
 
@@ -322,7 +370,7 @@ def _kl_threshold_off(dashboard: dict[str, Any]) -> None:
 
 def _cv_mapping_colour(dashboard: dict[str, Any]) -> None:
     (panel,) = [p for p in dashboard["panels"] if p["title"] == CV]
-    panel["fieldConfig"]["defaults"]["mappings"][1]["options"]["result"]["color"] = "orange"
+    panel["fieldConfig"]["defaults"]["mappings"][0]["options"]["1"]["color"] = "orange"
 
 
 def _seed_mapping_colour(dashboard: dict[str, Any]) -> None:
@@ -336,11 +384,21 @@ def _seed_mapping_colour(dashboard: dict[str, Any]) -> None:
                         mapping["options"]["result"]["color"] = "orange"
 
 
+def _catalog_levels_only(dashboard: dict[str, Any]) -> None:
+    """Every query reads a series no run exports instead of tele_threshold: the catalog's levels for all."""
+    threshold = CATALOG["threshold"].name
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            target["expr"] = target["expr"].replace(f"{threshold}{{", f"{threshold}_absent{{")
+
+
 MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "old merge-on-__name__ tables": (_old_tables, "more than one row"),
     "KL threshold one float off": (_kl_threshold_off, KL),
     "CV warn mapping in the wrong colour": (_cv_mapping_colour, CV),
     "seed EXPLODING range mapping in the wrong colour": (_seed_mapping_colour, SEEDS),
+    "levels table on the catalog's levels for every run": (_catalog_levels_only, LEVELS),
+    "CV status on the catalog's levels for every run": (_catalog_levels_only, CV),
 }
 
 

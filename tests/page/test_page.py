@@ -108,8 +108,18 @@ def test_snapshot_document_shape_is_version_1(server: Server, tele: Telemetry, p
     assert set(doc["colours"]) == STATUSES
     catalog = default_catalog()
     assert set(doc["metrics"]) == {s.id for s in catalog if s.type != "histogram"}
-    for metric in doc["metrics"].values():
-        assert set(metric) == {"name", "tele", "question", "precision"}
+    for metric_id, metric in doc["metrics"].items():
+        levels = {"levels"} if catalog[metric_id].levels else set()
+        assert set(metric) == {"name", "tele", "question", "precision"} | levels
+    assert doc["metrics"]["policy_grad_norm"]["levels"][2] == {
+        "name": "warning",
+        "status": "warning",
+        "from": 5.0,
+        "from_included": False,
+        "to": 10.0,
+        "to_included": True,
+    }
+    assert doc["metrics"]["kl_divergence"]["levels"][-1]["to"] is None  # +inf
     snap = doc["snapshot"]
     parts = {"updates", "early_stops", "timestamp", "steps", "heads", "grad_norm", "kl", "gradient_cv", "seeds"}
     assert parts <= set(snap)
@@ -327,3 +337,29 @@ def test_empty_panels_are_hidden_until_their_signal_appears(
     tab.wait_for("Number(document.body.dataset.updates) === 3", PAGE_TIMEOUT_S)
     assert tab.evaluate(_HIDDEN_JS) == {"seeds": False, "kl": False}  # a pruned seed leaves "no seeds watched"
     assert tab.errors() == []
+
+
+_KL_JS = "[document.getElementById('panel-kl').dataset.status, document.getElementById('kl-label').textContent]"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_shows_each_run_in_its_own_levels(browser: Chromium, policy: TinyPolicy) -> None:
+    """A KL of 0.06 is critical on the catalog's levels and warning for a run whose critical starts at 0.1."""
+    own = {"kl_divergence": {"warning": 0.05, "critical": 0.1}}
+    for thresholds, status in ((None, "critical"), (own, "warning")):
+        tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, thresholds=thresholds)
+        srv = serve(tele, port=0)
+        try:
+            with tele.update() as upd:
+                upd.observe_kl_value(0.06)
+            doc = json.loads(_get(srv, "/api/snapshot")[2])
+            assert doc["metrics"]["kl_divergence"]["levels"][2]["from"] == (0.1 if thresholds else 0.03)
+            tab = browser.open(srv.base_url + "/")
+            tab.wait_for("Number(document.body.dataset.updates) === 1", PAGE_TIMEOUT_S)
+            panel = tab.evaluate(_KL_JS)
+            assert panel == [status, default_catalog()["kl_divergence"].level(status).label]
+            assert tab.errors() == []
+        finally:
+            srv.close()
+            tele.close()

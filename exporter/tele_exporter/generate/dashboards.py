@@ -11,13 +11,15 @@ import json
 from typing import Any
 
 from ..catalog import Catalog, MetricSpec
+from ..thresholds import THRESHOLD_METRIC, movable
 from .levels import (
     count_steps,
     flag_codes,
     flag_steps,
     grafana_unit,
     healthy_unit,
-    level_mappings,
+    level_code_mappings,
+    level_code_query,
     level_steps,
     neutral_steps,
     seed_mappings,
@@ -417,7 +419,7 @@ def _table(
             "cellHeight": "sm",
             "frameIndex": 0,
             "showHeader": True,
-            "sortBy": [{"desc": False, "displayName": next(iter(labels.values()))}],
+            "sortBy": [{"desc": False, "displayName": next(iter(labels.values()), SOURCE_COLUMNS["instance"])}],
         },
         "targets": [_instant(expr, refs[header], list(spec.labels)) for header, (expr, _) in columns.items()],
         "transformations": _merged_table(renames),
@@ -450,22 +452,67 @@ def _heads_row(b: _Builder) -> None:
     )
 
 
+def _level_code(catalog: Catalog, spec: MetricSpec, expr: str) -> str:
+    """The index of each series' level among its own run's levels (tele_threshold; the catalog's without)."""
+    own = _sel(catalog[THRESHOLD_METRIC], f"metric={json.dumps(spec.name)}")[:-1]
+    return level_code_query(spec, expr, own, {lv.name for lv in movable(spec)})
+
+
+LEVELS_TITLE = "Levels per run"
+
+
+def _levels_row(b: _Builder) -> None:
+    """One row per run: the level KL, pre-clip gradient norm and CV are in, on the run's own thresholds."""
+    c = b.catalog
+    kl, g, cv = c["kl_divergence"], c["policy_grad_norm"], c["gradient_cv"]
+    columns = {
+        "KL": (_level_code(c, kl, _sel(kl)), {"mappings": with_nan(c, level_code_mappings(c, kl))}),
+        "Gradient norm (pre-clip)": (
+            _level_code(c, g, _sel(g, *(f'{k}="{v}"' for k, v in g.alert_on.items()))),
+            {"mappings": with_nan(c, level_code_mappings(c, g))},
+        ),
+        "Gradient CV": (_level_code(c, cv, _sel(cv)), {"mappings": with_nan(c, level_code_mappings(c, cv))}),
+    }
+    b.add(
+        _table(
+            kl,
+            LEVELS_TITLE,
+            columns,
+            catalog=c,
+            defaults={"decimals": 0, "thresholds": thresholds(neutral_steps(c)), "unit": "none"},
+            description=_description(
+                c[THRESHOLD_METRIC],
+                "The level each run is in on its own thresholds (the starts it exports; the catalog's unless "
+                "Telemetry(thresholds=...) moved them), compared with the alert rules' operators: the level "
+                "shown is the level alerted on. The number panels colour by the catalog's levels.",
+            ),
+        ),
+        24,
+        6,
+    )
+
+
 def _cv_row(b: _Builder) -> None:
     c = b.catalog
     cv = c["gradient_cv"]
     note = _boundary_note(cv)
     b.row("Gradient CV")
     b.add(_stat(cv, "Gradient CV", _sel(cv), catalog=c, graph=True, note=note), 6, 8)
+    status = _level_code(c, cv, _sel(cv))
     b.add(
         _stat(
             cv,
             "Gradient CV status",
-            _sel(cv),
+            status,
             catalog=c,
             graph=False,
-            mappings=level_mappings(c, cv),
+            mappings=level_code_mappings(c, cv),
+            steps=neutral_steps(c),
             color_mode="background",
-            note=note,
+            note=(
+                "The level of each run's own thresholds (tele_threshold, the catalog's unless the run sets its own), "
+                "compared as the alert rules compare."
+            ),
         ),
         6,
         8,
@@ -608,6 +655,7 @@ def dashboard(catalog: Catalog) -> Json:
     """The whole dashboard as a plain dict (classic JSON model, rows as row panels)."""
     b = _Builder(catalog)
     _policy_row(b)
+    _levels_row(b)
     _gradients_row(b)
     _heads_row(b)
     _cv_row(b)

@@ -54,9 +54,38 @@ def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
     return {"type": "range", "options": {"from": low, "to": high, "result": result}}
 
 
-def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Range mappings showing each level's label (TELE-330 "stable/warn/BAD")."""
-    return [range_mapping(catalog, level, level.label) for level in spec.levels]
+def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str]) -> str:
+    """PromQL giving each series the index of its level among its own run's levels; NaN stays NaN.
+
+    `threshold` is the run's tele_threshold selector without its closing brace, so a
+    level's start is `threshold + ', level="<name>"}'`. Each level past the first adds
+    (value >= start) or (value > start) as the catalog's interval says, so the index
+    is exact at every boundary, as the alert rules' comparisons are; a run that exports
+    no tele_threshold is held to the catalog's starts. NaN fails every comparison, so a
+    NaN is returned as it is for the NaN mapping, `* 1` dropping its name: one series per
+    run across time, whether its value was NaN or not.
+    """
+    ignoring = f"ignoring ({', '.join([*spec.labels, 'metric', 'level'])})"
+    own, fallback = [], []
+    for level in spec.levels[1:]:
+        op = ">=" if level.when.low_closed else ">"
+        constant = f"({value} {op} bool {level.when.low!r})"
+        fallback.append(constant)
+        if level.name in movable:
+            own.append(f'({value} {op} bool {ignoring} group_left {threshold}, level="{level.name}"}})')
+        else:
+            own.append(constant)
+    runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} unless {ignoring} {threshold}}})"
+    return f"({runs}) and ({value} == {value}) or {value} * 1"
+
+
+def level_code_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Value mappings from level_code_query()'s index to the level's label in its colour."""
+    options = {
+        str(i): {"color": catalog.colour(level.status), "index": i, "text": level.label}
+        for i, level in enumerate(spec.levels)
+    }
+    return [{"type": "value", "options": options}]
 
 
 def trend_codes(trend: Trend) -> dict[int, tuple[str, str]]:

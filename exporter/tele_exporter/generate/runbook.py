@@ -7,6 +7,7 @@ PromQL come from the catalog and the rules generator, the advice from ADVICE.
 from __future__ import annotations
 
 from ..catalog import Catalog, MetricSpec
+from ..thresholds import THRESHOLD_METRIC
 from .rules import alert_rules, anchor
 
 PATH = "docs/runbook.md"
@@ -121,8 +122,16 @@ def _section(catalog: Catalog, name: str) -> str:
         ]
     lines += ["| Severity | for | PromQL |", "|---|---|---|"]
     for rule in rules:
-        expr = rule.expr.replace("\n", " ").replace("|", "\\|")
+        expr = (rule.catalog_expr or rule.expr).replace("\n", " ").replace("|", "\\|")
         lines.append(f"| {rule.severity} | {rule.for_} | `{expr}` |")
+    if any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics:
+        lines += [
+            "",
+            "With the catalog's levels, as above. A run that sets its own thresholds (README, "
+            f'"Thresholds per run") exports them as `{catalog[THRESHOLD_METRIC].name}{{metric="{spec.name}"}}`, '
+            "and the rule holds that run to them with the same `>`/`>=` operators "
+            "(see prometheus/rules/tele-alerts.yml).",
+        ]
     lines += ["", f"**What to do.** {ADVICE.get(name, spec.question)}", ""]
     if spec.alert_on and spec.levels:
         lines.append(_clip_note(spec))
