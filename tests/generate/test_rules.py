@@ -112,7 +112,7 @@ def test_level_alerts_match_catalog_levels() -> None:
             for key, value in spec.alert_on.items():
                 assert f'{key}="{value}"' in rule.expr
             count += 1
-    assert count == 28
+    assert count == 26
 
 
 def test_seed_ratio_zero_is_never_vanishing() -> None:
@@ -130,7 +130,6 @@ def test_warning_and_critical_share_an_alert_name() -> None:
     for policy_health in (
         "TeleClipFractionHigh",
         "TelePolicyEntropyLow",
-        "TeleEntropyDeclining",
         "TeleHeadEntropyLow",
         "TeleExplainedVarianceLow",
         "TeleAdvantageStdLow",
@@ -144,7 +143,6 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleClipFractionHigh",
         "TelePolicyEntropyLow",
         "TeleEntropyCollapsed",
-        "TeleEntropyDeclining",
         "TeleHeadEntropyLow",
         "TeleExplainedVarianceLow",
         "TeleAdvantageStdLow",

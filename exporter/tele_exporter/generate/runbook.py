@@ -53,12 +53,6 @@ ADVICE: dict[str, str] = {
         "every time and learning usually stalls for good. Restore a checkpoint from before the "
         "collapse and raise the entropy coefficient or lower the learning rate."
     ),
-    "TeleEntropyDeclining": (
-        "The entropy falls fast, update after update (the least-squares slope of its last 10 "
-        "values). Some decline is learning; a steep one precedes a collapse (TelePolicyEntropyLow, "
-        "TeleEntropyCollapsed). Check the entropy coefficient and the learning rate, and a reward "
-        "that became trivially easy to exploit."
-    ),
     "TeleHeadEntropyLow": (
         "One action head (`head` label) is close to deterministic relative to its number of "
         "actions, even if the joint entropy still looks healthy. Check the head's causal mask "
