@@ -41,7 +41,7 @@ ALL = {"job": "tele", "instance": ".*", "env": ".*"}
 KL, CV, HEADS, SEEDS, STALE = (
     "KL divergence",
     "Gradient CV status",
-    "Action heads: gradient norm and trend",
+    "Action heads: gradient norm, trend and entropy",
     "Seeds: gradient flow per env and slot",
     "Time since the last PPO update",
 )

@@ -44,7 +44,10 @@ def thresholds(steps: list[Json]) -> Json:
 def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
     """A range value mapping covering exactly the level's interval, in its colour."""
     iv = level.when
-    low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
+    # An unbounded end is null, which Grafana reads as -Infinity / +Infinity (JSON has no Inf).
+    low: float | None = None
+    if math.isfinite(iv.low):
+        low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
     high: float | None = None
     if math.isfinite(iv.high):
         high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
