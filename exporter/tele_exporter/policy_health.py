@@ -69,6 +69,18 @@ class PolicyRecorder:
         self.entropies.append((tuple(entropies), terms))
         return terms[0]
 
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """A joint entropy the trainer computed itself (no per-head entropy from it)."""
+        terms = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1)
+        self.entropies.append(((), terms))
+        return terms[0]
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """An explained variance the trainer computed itself (published as given, NaN included)."""
+        ev = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+        self.explained.append(torch.stack([ev, torch.ones_like(ev)]))
+        return ev
+
     def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
         check_tensor("observe_explained_variance: values", values)
         check_tensor("observe_explained_variance: returns", returns)

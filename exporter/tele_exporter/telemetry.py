@@ -476,6 +476,16 @@ class Update:
         self._check_open()
         return self.policy.observe_advantages(advantages, mask)
 
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """Record a policy entropy (nats) a PPO library computed itself, e.g. SB3's -train/entropy_loss; no sync."""
+        self._check_open()
+        return self.policy.observe_entropy_value(value)
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """Record an explained variance a PPO library computed itself, e.g. SB3's train/explained_variance."""
+        self._check_open()
+        return self.policy.observe_explained_variance_value(value)
+
     def observe_ratios(
         self,
         log_ratio: Mapping[str, Tensor],
@@ -561,6 +571,16 @@ class _DisabledUpdate(Update):
         """The advantages' std, computed for the caller and not recorded."""
         self._check_open()
         return PolicyRecorder(()).observe_advantages(advantages, mask)
+
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """The value as a float64 tensor, not recorded."""
+        self._check_open()
+        return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """The value as a float64 tensor, not recorded."""
+        self._check_open()
+        return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
 
     def observe_ratios(
         self,
