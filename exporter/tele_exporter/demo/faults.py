@@ -27,7 +27,7 @@ VANISH_GAIN = 0.01
 NAN_HEAD = "op"
 PINNED_ENV = 0
 ENTROPY_LOGIT_SCALE = 1e3
-VALUE_NOISE = 5.0
+VALUE_NOISE = 1.0
 
 
 @dataclass(frozen=True)
