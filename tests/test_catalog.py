@@ -54,6 +54,41 @@ def test_record_boundaries_are_exact() -> None:
     assert grad.level_of(math.nan) is None
 
 
+def _levels(metric_id: str, values: list[float]) -> list[str]:
+    spec = default_catalog()[metric_id]
+    return [spec.level_of(v).name for v in values]  # type: ignore[union-attr]
+
+
+def test_policy_health_boundaries_are_exact_as_the_records_state() -> None:
+    """NEIGHBOURS.md's TELE-120/121/124/130/140/151/170/200 boundaries, value by value."""
+    assert _levels("policy_entropy", [0.0, 0.1, 0.1001, 0.3, 0.3001]) == [
+        "critical", "critical", "warning", "warning", "healthy"
+    ]  # fmt: skip
+    assert _levels("entropy_collapsed", [0.0, 1.0]) == ["ok", "collapsed"]
+    assert _levels("entropy_velocity", [-math.inf, -0.03, -0.0299, -0.01, -0.0099, -0.005, -0.0049, 0.0049]) == [
+        "rapid_collapse", "rapid_collapse", "declining", "declining", "slow_decline", "other_low", "stable", "stable"
+    ]  # fmt: skip
+    assert _levels("entropy_velocity", [0.005, 0.01, 0.0101, math.inf]) == [
+        "other_high", "other_high", "recovering", "recovering"
+    ]  # fmt: skip
+    assert _levels("head_entropy", [0.0, 0.25, 0.2501, 0.5, 0.5001, 1.0]) == [
+        "critical", "critical", "warning", "warning", "healthy", "healthy"
+    ]  # fmt: skip
+    assert _levels("clip_fraction", [0.0, 0.2499, 0.25, 0.2999, 0.3]) == [
+        "healthy", "healthy", "warning", "warning", "critical"
+    ]  # fmt: skip
+    assert _levels("explained_variance", [-math.inf, -1e-9, 0.0, 0.3, 0.3001, 0.5, 0.5001, 1.0]) == [
+        "critical", "critical", "warning", "warning", "good", "good", "healthy", "healthy"
+    ]  # fmt: skip
+    assert _levels("advantage_std", [0.0, 0.1, 0.1001, 0.5, 0.5001, 1.9999, 2.0, 3.0, 3.0001]) == [
+        "collapsed", "collapsed", "low", "low", "healthy", "healthy", "high", "high", "exploded"
+    ]  # fmt: skip
+    assert _levels("head_ratio_max", [0.0, 0.4999, 0.5, 0.7999, 0.8, 1.2, 1.2001, 1.5, 1.5001]) == [
+        "critical_low", "critical_low", "warning_low", "warning_low", "healthy", "healthy",
+        "warning_high", "warning_high", "critical_high",
+    ]  # fmt: skip
+
+
 def test_histogram_buckets_contain_every_threshold() -> None:
     c = default_catalog()
     for spec in c:
@@ -110,6 +145,14 @@ def _broken(tmp_path: Path, edit: object) -> Path:
         (
             lambda c: c["metrics"]["gradient_cv"]["levels"][2].update(when="[2.0, 9.0)"),
             r"gradient_cv\.levels: levels end at 9\.0",
+        ),
+        (
+            lambda c: c["metrics"]["explained_variance"]["levels"][0].update(when="(-inf, 0.0)"),
+            r"explained_variance\.levels: level 'critical' .* must start at \[-inf",
+        ),
+        (
+            lambda c: c["metrics"]["explained_variance"]["levels"][0].update(when="[-1.0, 0.0)"),
+            r"explained_variance\.levels: level 'critical'.*partition \[0, \+inf\] or \[-inf, \+inf\]",
         ),
         (
             lambda c: c["metrics"]["kl_divergence"]["levels"][0].update(when="0..0.015"),

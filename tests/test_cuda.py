@@ -86,3 +86,30 @@ def test_row_slice_heads_and_groups_make_no_host_sync() -> None:
         assert fire == pytest.approx(snap.head("fire").current * min(1.0, 0.5 / (snap.grad_norm_pre + 1e-6)), rel=1e-5)
     finally:
         tele.close()
+
+
+def test_policy_health_observations_make_no_host_sync() -> None:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, action_sizes={"op": 4, "slot": 3})
+    ent = {"op": torch.rand(64, device=device), "slot": torch.rand(64, device=device)}
+    masks = {"op": torch.ones(64, device=device), "slot": (torch.arange(64, device=device) % 2).float()}
+    log_ratio = {"op": torch.randn(64, device=device) * 0.1, "slot": torch.randn(64, device=device) * 0.1}
+    values, returns = torch.randn(64, device=device), torch.randn(64, device=device)
+    try:
+        torch.cuda.synchronize()
+        with tele.update() as upd:
+            with _no_sync():
+                for _ in range(8):  # one call per minibatch, as trainers make them
+                    joint = upd.observe_entropy(ent, masks)
+                    fraction = upd.observe_ratios(log_ratio, masks)
+                ev = upd.observe_explained_variance(values, returns)
+                std = upd.observe_advantages(returns, masks["slot"])
+            assert {t.device.type for t in (joint, fraction, ev, std)} == {"cuda"}
+        policy_state = tele.snapshot().policy
+        assert policy_state.entropy is not None and math.isfinite(policy_state.entropy)
+        assert set(policy_state.head_entropy) == {"op", "slot"} and set(policy_state.head_ratio_max) == {"op", "slot"}
+        assert policy_state.explained_variance is not None and policy_state.advantage_std is not None
+    finally:
+        tele.close()

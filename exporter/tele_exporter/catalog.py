@@ -25,6 +25,8 @@ DEFAULT_PATH = Path(__file__).with_name("catalog.yaml")
 METRIC_TYPES = ("gauge", "counter", "histogram")
 STATUSES = ("ok", "warning", "critical")
 COLOUR_KEYS = (*STATUSES, "neutral")
+# A level may also be neutral: shown dim, never alerted on (TELE-121's "slow decline").
+LEVEL_STATUSES = COLOUR_KEYS
 SEVERITIES = ("warning", "critical")
 ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag")
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -335,7 +337,7 @@ def _read_levels(r: _Reader) -> tuple[Level, ...]:
             Level(
                 name=lr.get("name", str),
                 when=lr.interval("when"),
-                status=lr.choice("status", STATUSES),
+                status=lr.choice("status", LEVEL_STATUSES),
                 label=lr.get("label", str),
                 flag=lr.get("flag", str, None),
                 alert=alert,
@@ -346,10 +348,16 @@ def _read_levels(r: _Reader) -> tuple[Level, ...]:
 
 
 def _check_partition(r: _Reader, key: str, parts: list[tuple[str, Interval]]) -> None:
-    """Intervals must cover [0, +inf] exactly once, in ascending order (Inf is data)."""
+    """Intervals must cover [0, +inf], or [-inf, +inf] for a signed metric, exactly once, in ascending order.
+
+    A signed metric's first level starts at "[-inf" (explained variance, entropy velocity): -Inf is data too.
+    """
     if not parts:
         return
-    cursor, cursor_covered = 0.0, False  # everything below `cursor` is covered
+    signed = parts[0][1].low == -math.inf
+    if signed and not parts[0][1].low_closed:
+        raise r.fail(key, f"level {parts[0][0]!r} {parts[0][1]} must start at [-inf to cover -Inf")
+    cursor, cursor_covered = (-math.inf, False) if signed else (0.0, False)  # everything below `cursor` is covered
     for name, iv in parts:
         if iv.low != cursor or iv.low_closed == cursor_covered:
             problem = (
@@ -357,7 +365,7 @@ def _check_partition(r: _Reader, key: str, parts: list[tuple[str, Interval]]) ->
                 if cursor_covered and iv.low_closed
                 else ("leaves a gap before it" if iv.low >= cursor else "overlaps the level before it")
             )
-            raise r.fail(key, f"level {name!r} {iv} {problem}; levels must partition [0, +inf)")
+            raise r.fail(key, f"level {name!r} {iv} {problem}; levels must partition [0, +inf] or [-inf, +inf]")
         cursor, cursor_covered = iv.high, iv.high_closed
     if cursor != math.inf or not cursor_covered:
         raise r.fail(key, f"levels end at {cursor}; the last must close at +inf] to cover Inf")

@@ -17,6 +17,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .build import build_info
 from .catalog import MetricSpec
 from .launch import launch_info
 from .snapshot import Snapshot
@@ -59,6 +60,32 @@ def _scalar(field: str) -> Callable[[Snapshot], Samples]:
     return samples
 
 
+def _policy(field: str) -> Callable[[Snapshot], Samples]:
+    """One unlabelled sample of the policy-health state, or none while it is missing."""
+
+    def samples(s: Snapshot) -> Samples:
+        value = getattr(s.policy, field)
+        return [] if value is None else [((), float(value))]
+
+    return samples
+
+
+def _policy_heads(field: str) -> Callable[[Snapshot], Samples]:
+    """One sample per head that has the value (a head without it is missing, not 0)."""
+
+    def samples(s: Snapshot) -> Samples:
+        return [((head,), value) for head, value in getattr(s.policy, field).items()]
+
+    return samples
+
+
+def _clip_sides(s: Snapshot) -> Samples:
+    p = s.policy
+    if p.clip_fraction_high is None or p.clip_fraction_low is None:
+        return []
+    return [(("high",), p.clip_fraction_high), (("low",), p.clip_fraction_low)]
+
+
 # Where each catalog metric's value comes from in a Snapshot, by catalog id.
 SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "head_grad_norm": _head_current,
@@ -67,6 +94,14 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "gradient_cv": _scalar("gradient_cv"),
     "kl_divergence": _scalar("kl"),
     "clip_fraction": _scalar("clip_fraction"),
+    "clip_fraction_side": _clip_sides,
+    "policy_entropy": _policy("entropy"),
+    "entropy_collapsed": _policy("entropy_collapsed"),
+    "entropy_velocity": _policy("entropy_velocity"),
+    "head_entropy": _policy_heads("head_entropy"),
+    "explained_variance": _policy("explained_variance"),
+    "advantage_std": _policy("advantage_std"),
+    "head_ratio_max": _policy_heads("head_ratio_max"),
     "seed_grad_ratio": _seed("ratio"),
     "seed_backward_gain": _seed("backward_gain"),
     "seed_gradient_vanishing": _seed("vanishing"),
@@ -88,6 +123,7 @@ class TeleCollector(Collector):
         # Facts of the process's launch, the same at every scrape.
         self._static: dict[str, Samples] = {
             "world_size": [((), float(launch.world_size))],
+            "build_info": [(build_info(), 1.0)],
             "torchrun_restarts": [] if launch.restarts is None else [((), float(launch.restarts))],
             # The run's own level starts (Telemetry(thresholds=...)), which the alert rules compare against.
             THRESHOLD_METRIC: [((name, level), start) for name, level, start in exported(tele.catalog)],

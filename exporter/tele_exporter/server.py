@@ -381,12 +381,12 @@ def snapshot_document(tele: Telemetry) -> dict[str, Any]:
 
 
 def _level(level: Level) -> dict[str, Any]:
-    """A level as the document gives it: interval bounds (null for +inf) and which ends are included."""
+    """A level as the document gives it: interval bounds (null for -inf and +inf) and which ends are included."""
     iv = level.when
     return {
         "name": level.name,
         "status": level.status,
-        "from": iv.low,
+        "from": iv.low if math.isfinite(iv.low) else None,
         "from_included": iv.low_closed,
         "to": iv.high if math.isfinite(iv.high) else None,
         "to_included": iv.high_closed,

@@ -14,6 +14,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .display import Arrow, Shown, head_trend, history_trend, show
+from .policy_health import PolicyState
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Snapshot:
     kl_history: tuple[float, ...]  # oldest first (TELE-111)
     gradient_cv: float | None  # mean of the per-step CVs; None (missing): no step was measured
     clip_fraction: float | None = None  # None: the trainer reported none this update
+    policy: PolicyState = field(default_factory=PolicyState)  # TELE-120/121/124/130/140/151/170/200
     seeds: tuple[SeedState, ...] = ()
     histograms: Mapping[str, Mapping[tuple[str, ...], HistogramState]] = field(default_factory=dict)
     seeds_refused: int = 0
@@ -116,11 +118,35 @@ class Snapshot:
                     "shown": asdict(show(catalog["gradient_cv"], self.gradient_cv)),
                 },
                 "clip_fraction": self.clip_fraction,
+                "policy": _policy_dict(self.policy, catalog),
                 "seeds": [asdict(s) for s in self.seeds],
                 "seeds_refused": self.seeds_refused,
             }
         )
         return out
+
+
+def _policy_dict(p: PolicyState, catalog: Catalog) -> dict[str, Any]:
+    """TELE-120/121/124/130/140/151/170/200 with their display; a head without a value is left out."""
+
+    def shown(metric_id: str, value: float | None) -> dict[str, Any]:
+        return {"value": value, "shown": asdict(show(catalog[metric_id], value))}
+
+    entropy_spec = catalog["policy_entropy"]
+    return {
+        "entropy": {
+            **shown("policy_entropy", p.entropy),
+            "history": list(p.entropy_history),
+            "trend": _maybe(history_trend(entropy_spec, p.entropy_history)),
+            "collapsed": p.entropy_collapsed,
+            "velocity": shown("entropy_velocity", p.entropy_velocity),
+        },
+        "head_entropy": {h: shown("head_entropy", v) for h, v in p.head_entropy.items()},
+        "explained_variance": shown("explained_variance", p.explained_variance),
+        "advantage_std": shown("advantage_std", p.advantage_std),
+        "head_ratio_max": {h: shown("head_ratio_max", v) for h, v in p.head_ratio_max.items()},
+        "clip_fraction_side": {"high": p.clip_fraction_high, "low": p.clip_fraction_low},
+    }
 
 
 def _maybe(arrow: Arrow | None) -> dict[str, str] | None:

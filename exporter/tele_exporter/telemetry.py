@@ -32,6 +32,8 @@ from .heads import ACTION, Head, HeadSpec, resolve_heads
 from .histogram import LabelledHistogram
 from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
 from .labels import check_label_names
+from .policy_health import PolicyHealth, PolicyRecorder
+from .policy_stats import DEFAULT_CLIP_EPS
 from .sharding import LegacyFSDPError, refuse_legacy_fsdp, refuse_sharded_rows
 from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
 from .stats import approx_kl, backward_gain, seed_rms_ratio, stack_float64, step_cvs
@@ -39,7 +41,14 @@ from .thresholds import Thresholds, resolve
 
 log = logging.getLogger("tele_exporter")
 
-_STEP_HISTOGRAMS = ("step_head_grad_norm", "step_policy_grad_norm", "step_kl_divergence", "step_seed_grad_ratio")
+_STEP_HISTOGRAMS = (
+    "step_head_grad_norm",
+    "step_policy_grad_norm",
+    "step_kl_divergence",
+    "step_seed_grad_ratio",
+    "step_policy_entropy",
+    "step_clip_fraction",
+)
 
 DEFAULT_MAX_SEEDS = 1024
 
@@ -62,7 +71,10 @@ class Telemetry:
     rows of its output (a sub-action's logits); their norms enter the gradient CV.
     `groups` names other measured parts (critic, value head) the same way: exported
     with kind="other", left out of the CV. Every parameter must belong to `policy`;
-    heads may overlap. A new CollectorRegistry is created unless one is passed in. With `enabled=False`, or when the
+    heads may overlap. `action_sizes` maps an action head to its number of actions,
+    the maximum entropy log(n) of TELE-170's normalised per-head entropy (heads left
+    out report none). A new CollectorRegistry is created unless one is passed in.
+    With `enabled=False`, or when the
     environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
     `thresholds` (signal -> level -> start) and `thresholds_file` (or $TELE_EXPORTER_THRESHOLDS)
     move this run's level boundaries; the alert rules, the page and /api/snapshot follow them.
@@ -81,6 +93,7 @@ class Telemetry:
         enabled: bool | None = None,
         thresholds: Thresholds | None = None,
         thresholds_file: str | Path | None = None,
+        action_sizes: Mapping[str, int] | None = None,
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
@@ -112,6 +125,7 @@ class Telemetry:
         self._snapshot = empty_snapshot(tuple((h.name, h.kind) for h in resolved))
         self._grad_history: deque[float] = deque(maxlen=self.catalog["policy_grad_norm"].history)
         self._kl_history: deque[float] = deque(maxlen=self.catalog["kl_divergence"].history)
+        self._policy = PolicyHealth(tuple(self.heads), action_sizes, self.catalog["policy_entropy"].history)
         self._nonfinite = {h.name: 0 for h in resolved}
         self._histograms = {
             spec.id: LabelledHistogram(spec.buckets) for spec in self.catalog if spec.type == "histogram"
@@ -124,6 +138,8 @@ class Telemetry:
             self._histograms["step_policy_grad_norm"].ensure((clip,))
         self._histograms["step_kl_divergence"].ensure(())
         self._histograms["step_seed_grad_ratio"].ensure(())
+        self._histograms["step_policy_entropy"].ensure(())
+        self._histograms["step_clip_fraction"].ensure(())
         self._seeds: dict[tuple[str, str], SeedWatch] = {}
         self._hosts: dict[int, HostProbe] = {}
         self._last_measured: dict[str, float] = {}
@@ -252,7 +268,12 @@ class Telemetry:
         drained = self._meter.drain()
         gains = {key: watch.drain() for key, watch in list(self._seeds.items())}
         host_passes = {id(probe): probe.drain() for probe in list(self._hosts.values())}
-        host = _to_host(drained, upd.kls, upd.clip_fractions, gains, host_passes)
+        host = _to_host(drained, upd.kls, upd.clip_fractions, gains, host_passes, upd.policy.parts())
+        policy_host = upd.policy.split(host.policy)
+        policy = self._policy.publish(policy_host)
+        if policy_host.entropies:
+            joint = torch.stack([t[0] for _, t in policy_host.entropies])
+            self._histograms["step_policy_entropy"].observe_many((), joint)
         present = _present(drained, len(self._heads))
         heads, steps = self._head_values(present, host.rows)
         if not upd.measure_calls and not self._hinted_unmeasured and any(p.grad is not None for p in self.params):
@@ -269,6 +290,7 @@ class Telemetry:
         kl = float(kls.mean()) if kls.numel() else None
         clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
         self._histograms["step_kl_divergence"].observe_many((), kls)
+        self._histograms["step_clip_fraction"].observe_many((), host.clip_fractions)
         seed_values: dict[SeedKey, SeedValues] = {}
         all_ratios = _seed_ratios(host.host_passes)
         for key in self._seeds:
@@ -303,6 +325,7 @@ class Telemetry:
                 kl_history=tuple(self._kl_history),
                 gradient_cv=cv,
                 clip_fraction=clip_fraction,
+                policy=policy,
                 seeds=seeds,
                 histograms={hid: h.states() for hid, h in self._histograms.items()},
                 seeds_refused=self._seeds_refused,
@@ -358,6 +381,7 @@ class Update:
         self._tele = tele
         self.kls: list[Tensor] = []
         self.clip_fractions: list[Tensor] = []
+        self.policy = PolicyRecorder(tuple(tele.heads))
         self.stopped_early = False
         self.measure_calls = 0
         self._open = False
@@ -450,6 +474,51 @@ class Update:
         self._check_open()
         self.clip_fractions.append(torch.as_tensor(value, dtype=torch.float64).detach().reshape(()))
 
+    def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Record per-head, per-step entropies (TELE-120/121/124/170); returns the joint entropy (nats).
+
+        entropies[head] holds each step's entropy of that head's distribution and masks[head]
+        its causal mask. The joint entropy sums the heads' masked entropies per step and
+        averages over the steps; the update publishes the mean of its calls.
+        """
+        self._check_open()
+        return self.policy.observe_entropy(entropies, masks)
+
+    def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
+        """Record TELE-200's 1 - Var(returns - values) / Var(returns) of the rollout, before the update."""
+        self._check_open()
+        return self.policy.observe_explained_variance(values, returns)
+
+    def observe_advantages(self, advantages: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Record TELE-140's std of the (normalised) advantages over the valid steps; returns it."""
+        self._check_open()
+        return self.policy.observe_advantages(advantages, mask)
+
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """Record a policy entropy (nats) a PPO library computed itself, e.g. SB3's -train/entropy_loss; no sync."""
+        self._check_open()
+        return self.policy.observe_entropy_value(value)
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """Record an explained variance a PPO library computed itself, e.g. SB3's train/explained_variance."""
+        self._check_open()
+        return self.policy.observe_explained_variance_value(value)
+
+    def observe_ratios(
+        self,
+        log_ratio: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None = None,
+        clip_eps: float = DEFAULT_CLIP_EPS,
+    ) -> Tensor:
+        """Record TELE-130's clip fraction of the joint ratio and TELE-151's per-head ratio max; returns the fraction.
+
+        The clip fraction joins any observe_clip_fraction values in the update's mean.
+        """
+        self._check_open()
+        fraction = self.policy.observe_ratios(log_ratio, masks, clip_eps)
+        self.clip_fractions.append(fraction)
+        return fraction
+
     def early_stop(self) -> None:
         """Count this update as stopped early by the KL trust region."""
         self.stopped_early = True
@@ -505,6 +574,41 @@ class _DisabledUpdate(Update):
     def observe_clip_fraction(self, value: float | Tensor) -> None:
         """Nothing: a disabled Telemetry records no clip fraction."""
         self._check_open()
+
+    def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The joint entropy, computed for the caller and not recorded."""
+        self._check_open()
+        return PolicyRecorder(tuple(self._tele.heads)).observe_entropy(entropies, masks)
+
+    def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
+        """The explained variance, computed for the caller and not recorded."""
+        self._check_open()
+        return PolicyRecorder(()).observe_explained_variance(values, returns)
+
+    def observe_advantages(self, advantages: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The advantages' std, computed for the caller and not recorded."""
+        self._check_open()
+        return PolicyRecorder(()).observe_advantages(advantages, mask)
+
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """The value as a float64 tensor, not recorded."""
+        self._check_open()
+        return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """The value as a float64 tensor, not recorded."""
+        self._check_open()
+        return torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+
+    def observe_ratios(
+        self,
+        log_ratio: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor] | None = None,
+        clip_eps: float = DEFAULT_CLIP_EPS,
+    ) -> Tensor:
+        """The clip fraction, computed for the caller and not recorded."""
+        self._check_open()
+        return PolicyRecorder(tuple(self._tele.heads)).observe_ratios(log_ratio, masks, clip_eps)
 
 
 def _enabled(enabled: bool | None) -> bool:
@@ -574,6 +678,7 @@ class _Host:
     clip_fractions: Tensor
     gains: dict[SeedKey, Tensor]
     host_passes: list[tuple[HostPass, Tensor]]  # each pass with its squared norms on the host
+    policy: Tensor  # PolicyRecorder.parts(), concatenated
 
 
 def _present(drained: Drained | None, heads: int) -> Tensor:
@@ -589,6 +694,7 @@ def _to_host(
     clip_fractions: list[Tensor],
     gains: Mapping[SeedKey, list[BackwardPass]],
     host_passes: Mapping[int, list[HostPass]],
+    policy: list[Tensor],
 ) -> _Host:
     """Gather everything the update recorded and copy it to the host, one transfer per device."""
     parts: list[Tensor] = []
@@ -605,6 +711,7 @@ def _to_host(
             parts.append(stack_float64([n for p in complete for ns in _sides(p) for n in ns]))
     passes = [p for probe_passes in host_passes.values() for p in probe_passes]
     parts.extend(p.squares for p in passes)
+    parts.extend(t.reshape(-1) for t in policy)
     flat = _gather(parts)
     width = drained.rows.shape[1] if drained is not None else 0
     n_rows = drained.rows.shape[0] if drained is not None else 0
@@ -627,7 +734,7 @@ def _to_host(
         n = p.squares.numel()
         on_host.append((p, flat[offset : offset + n]))
         offset += n
-    return _Host(rows, kl_t, clip_t, gain_t, on_host)
+    return _Host(rows, kl_t, clip_t, gain_t, on_host, flat[offset:])
 
 
 def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]:

@@ -124,9 +124,35 @@ def seed_vanishing(snap: Snapshot) -> bool:
     return any(level is not None and level.name == "vanishing" for level in levels)
 
 
+def entropy_collapsed(snap: Snapshot) -> bool:
+    """TELE-120 critical, TELE-124's flag up and every head with an entropy at TELE-170 critical."""
+    p = snap.policy
+    heads = [CATALOG["head_entropy"].level_of(v).status for v in p.head_entropy.values()]  # type: ignore[union-attr]
+    level = CATALOG["policy_entropy"].level_of(p.entropy)  # type: ignore[arg-type]
+    return (
+        level is not None
+        and level.status == "critical"
+        and p.entropy_collapsed == 1.0
+        and heads == ["critical"] * len(heads)
+    )
+
+
+def value_broken(snap: Snapshot) -> bool:
+    """TELE-200 critical, and far below 0: an untrained value function's first update may sit just under 0."""
+    ev = snap.policy.explained_variance
+    critical = ev is not None and CATALOG["explained_variance"].level_of(ev).status == "critical"  # type: ignore[union-attr]
+    return critical and ev is not None and ev < -1.0
+
+
 @pytest.mark.parametrize(
     ("mode", "bad"),
-    [("kl", kl_critical), ("explode", grad_critical), ("vanish", seed_vanishing)],
+    [
+        ("kl", kl_critical),
+        ("explode", grad_critical),
+        ("vanish", seed_vanishing),
+        ("entropy", entropy_collapsed),
+        ("value", value_broken),
+    ],
 )
 def test_fault_drives_its_signal_past_the_threshold_and_recovers(mode: str, bad: object) -> None:
     plan = FaultPlan(mode, after=1, until=4)
@@ -198,6 +224,12 @@ def test_default_run_beats_a_random_policy_and_stays_healthy() -> None:
     assert words["grad"] == ["healthy"] * len(results), words["grad"]
     assert "critical" not in words["kl"], words["kl"]
     assert words["cv"].count("healthy") >= 0.9 * len(results), words["cv"]
+    policy = [r.policy for r in results]
+    assert all(CATALOG["policy_entropy"].level_of(p.entropy).name == "healthy" for p in policy)  # type: ignore[arg-type,union-attr]
+    assert all(p.entropy_collapsed == 0.0 for p in policy)
+    ev = [CATALOG["explained_variance"].level_of(p.explained_variance).status for p in policy]  # type: ignore[arg-type,union-attr]
+    assert "critical" not in ev[2:], ev  # an untrained value function may start below 0
+    assert all(p.advantage_std is not None and 0.5 < p.advantage_std < 2.0 for p in policy)
 
 
 def test_head_weights_move_toward_even_head_norms() -> None:

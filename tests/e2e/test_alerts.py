@@ -1,14 +1,14 @@
 """End to end: demo faults -> real Prometheus (generated rules, unchanged) -> Alertmanager -> webhook.
 
-One Prometheus scrapes five demos at once (healthy, kl, explode, vanish, nan) as job
-"tele", so the whole run takes minutes, not the sum of every fault. Each fault must
+One Prometheus scrapes seven demos at once (healthy, kl, explode, vanish, nan, entropy,
+value) as job "tele", so the whole run takes minutes, not the sum of every fault. Each fault must
 reach the webhook as its alert with the right labels, then resolve after the demo's
 `--fault-until`; the healthy demo must fire nothing; every recording rule must
 return data. The latency from the first faulty update to the notification is printed
 (run with -s to see it).
 
 Fault windows are counted in PPO updates, so they are sized from the update rate
-measured with five demos running, as in the real run.
+measured with seven demos running, as in the real run.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ FAULTS = (
     Fault("explode", "TeleGradNormHigh", "critical"),
     Fault("vanish", "TeleSeedGradientVanishing", "warning"),
     Fault("nan", "TeleNonFiniteGradients", "critical", hold_s=duration_seconds("5m")),
+    Fault("entropy", "TeleEntropyCollapsed", "critical"),
+    Fault("value", "TeleExplainedVarianceLow", "critical"),
 )
 
 

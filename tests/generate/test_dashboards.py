@@ -117,7 +117,7 @@ def test_identity(board: dict[str, Any]) -> None:
 
 def test_rows(board: dict[str, Any]) -> None:
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Policy", "Gradients", "Action heads", "Gradient CV", "Seeds", "Alerts"]
+    assert rows == ["Policy", "Policy health", "Gradients", "Action heads", "Gradient CV", "Seeds", "Alerts"]
 
 
 def test_every_panel_has_unit_description_and_datasource(catalog: Catalog, board: dict[str, Any]) -> None:
@@ -175,14 +175,37 @@ def levelled_panels(catalog: Catalog, board: dict[str, Any]) -> Iterator[tuple[P
     """Panels whose single query reads one metric with levels: thresholds must follow them.
 
     Panels that compare with each run's tele_threshold show a level code instead (test_cv_status_labels).
+    A table is taken column by column: each value column that reads one levelled metric,
+    with the thresholds its override gives it (or the table's defaults).
     """
     for p in panels(board):
         if any(catalog["threshold"].name in t["expr"] for t in p.get("targets", [])):
+            continue
+        if p["type"] == "table":
+            yield from _levelled_columns(catalog, p)
             continue
         specs = {s.id: s for t in p.get("targets", []) for s in metrics_in(catalog, t["expr"])}
         levelled = [s for s in specs.values() if s.levels]
         if len(levelled) == 1:
             yield p, levelled[0]
+
+
+def _levelled_columns(catalog: Catalog, table: Panel) -> Iterator[tuple[Panel, MetricSpec]]:
+    renames = table["transformations"][1]["options"]["renameByName"]
+    overrides = {
+        o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+        for o in table["fieldConfig"]["overrides"]
+    }
+    defaults = table["fieldConfig"]["defaults"]
+    for target in table["targets"]:
+        levelled = [s for s in metrics_in(catalog, target["expr"]) if s.levels]
+        if len(levelled) != 1:
+            continue
+        header = renames[f"Value #{target['refId']}"]
+        steps = overrides.get(header, {}).get("thresholds", defaults["thresholds"])
+        column = {**table, "title": f"{table['title']}: {header}"}
+        column["fieldConfig"] = {**table["fieldConfig"], "defaults": {**defaults, "thresholds": steps}}
+        yield column, levelled[0]
 
 
 def test_levelled_panels_cover_every_levelled_metric(catalog: Catalog, board: dict[str, Any]) -> None:
@@ -234,7 +257,7 @@ def seed_table(board: dict[str, Any]) -> Panel:
 
 
 def head_table(board: dict[str, Any]) -> Panel:
-    return panel(board, "Action heads: gradient norm and trend")
+    return panel(board, "Action heads: gradient norm, trend and entropy")
 
 
 def override(p: Panel, column: str, prop: str) -> Any:

@@ -113,7 +113,7 @@ def test_level_alerts_match_catalog_levels() -> None:
             for key, value in spec.alert_on.items():
                 assert f'{key}="{value}"' in rule.expr
             count += 1
-    assert count == 9
+    assert count == 26
 
 
 def test_seed_ratio_zero_is_never_vanishing() -> None:
@@ -128,7 +128,28 @@ def test_warning_and_critical_share_an_alert_name() -> None:
     assert names["TeleKLDivergenceHigh"] == {"warning", "critical"}
     assert names["TeleGradNormHigh"] == {"warning", "critical"}
     assert names["TeleGradientCVHigh"] == {"warning", "critical"}
+    for policy_health in (
+        "TeleClipFractionHigh",
+        "TelePolicyEntropyLow",
+        "TeleHeadEntropyLow",
+        "TeleExplainedVarianceLow",
+        "TeleAdvantageStdLow",
+        "TeleAdvantageStdHigh",
+        "TeleImportanceRatioLow",
+        "TeleImportanceRatioHigh",
+    ):
+        assert names[policy_health] == {"warning", "critical"}, policy_health
+    assert names["TeleEntropyCollapsed"] == {"critical"}
     assert set(names) == {
+        "TeleClipFractionHigh",
+        "TelePolicyEntropyLow",
+        "TeleEntropyCollapsed",
+        "TeleHeadEntropyLow",
+        "TeleExplainedVarianceLow",
+        "TeleAdvantageStdLow",
+        "TeleAdvantageStdHigh",
+        "TeleImportanceRatioLow",
+        "TeleImportanceRatioHigh",
         "TeleGradNormHigh",
         "TeleGradNormVanishing",
         "TeleKLDivergenceHigh",

@@ -42,11 +42,22 @@ ALL = {"job": "tele", "instance": ".*", "env": ".*"}
 KL, CV, HEADS, SEEDS, STALE = (
     "KL divergence",
     "Gradient CV status",
-    "Action heads: gradient norm and trend",
+    "Action heads: gradient norm, trend and entropy",
     "Seeds: gradient flow per env and slot",
     "Time since the last PPO update",
 )
-HEAD_COLUMNS = ["Instance", "Head", "Kind", "Current", "Previous", "Trend"]
+HEAD_COLUMNS = ["Instance", "Head", "Kind", "Current", "Previous", "Trend", "Entropy"]
+HEAD_VALUES = HEAD_COLUMNS[3:]
+HEAD_ENTROPY = CATALOG["head_entropy"]
+# Policy-health stats (TELE-120/121/124/130/140/200): panel title -> (catalog id, shown as label or number).
+POLICY_STATS = {
+    "Policy entropy": ("policy_entropy", False),
+    "Entropy velocity": ("entropy_velocity", True),
+    "Entropy collapsed": ("entropy_collapsed", True),
+    "PPO clip fraction": ("clip_fraction", False),
+    "Explained variance": ("explained_variance", False),
+    "Advantage std": ("advantage_std", False),
+}
 SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
 SEED_VALUES = SEED_COLUMNS[3:]
 GAIN = CATALOG["seed_backward_gain"]
@@ -73,12 +84,13 @@ def colour(status: str) -> str:
 
 
 def number(value: float, decimals: int) -> str:
-    """A number as the records print it; Grafana writes infinity as ∞."""
+    """A number as the records print it; Grafana writes infinity as ∞ and a negative that rounds to 0 unsigned."""
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
         return "∞" if value > 0 else "-∞"
-    return f"{value:.{decimals}f}"
+    text = f"{value:.{decimals}f}"
+    return text.removeprefix("-") if float(text) == 0 else text
 
 
 def levelled(spec: MetricSpec, value: float) -> Shown:
@@ -93,12 +105,17 @@ def labelled(spec: MetricSpec, value: float) -> Shown:
 
 
 def probes(spec: MetricSpec) -> list[float]:
-    """Every level boundary, one float below and above it (within [0, +inf]), and NaN, +Inf, 0."""
-    edges = {lv.when.low for lv in spec.levels} | {lv.when.high for lv in spec.levels if math.isfinite(lv.when.high)}
-    values = {0.0, math.inf}
+    """Every level boundary, one float below and above it (within the levels' domain), and NaN, +Inf, 0.
+
+    A signed metric (levels from -inf: explained variance, entropy velocity) adds -Inf and negatives.
+    """
+    signed = spec.levels[0].when.low == -math.inf
+    edges = {lv.when.low for lv in spec.levels if math.isfinite(lv.when.low)}
+    edges |= {lv.when.high for lv in spec.levels if math.isfinite(lv.when.high)}
+    values = {0.0, math.inf, *([-math.inf] if signed else [])}
     for edge in edges:
         values |= {math.nextafter(edge, -math.inf), edge, math.nextafter(edge, math.inf)}
-    return [*sorted(v for v in values if v >= 0), math.nan]
+    return [*sorted(v for v in values if signed or v >= 0), math.nan]
 
 
 def seed_display(ratio: float, exploding: bool, vanishing: bool) -> Shown:
@@ -175,6 +192,8 @@ class Cases:
     gains: list[float]
     heads: list[tuple[float, float]]
     stale: list[float]
+    head_entropy: list[float]  # one per head, beside `heads`
+    policy: dict[str, list[float]]  # POLICY_STATS' metric id -> its values, by rank
 
 
 @dataclass(frozen=True)
@@ -196,6 +215,9 @@ def boundary_cases() -> Cases:
     seeds.append((math.inf, False, False))  # a non-finite ratio is exploding even without its flag
     stale = next(a for a in CATALOG["last_update_timestamp"].alerts if a.kind == "stale")
     after = duration_seconds(stale.after or "0s")
+    head_entropy = probes(HEAD_ENTROPY)
+    heads = [(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)]
+    heads += [(1.0, 1.0)] * (len(head_entropy) - len(heads))
     return Cases(
         kl=probes(CATALOG["kl_divergence"]),
         cv=probes(CATALOG["gradient_cv"]),
@@ -203,8 +225,10 @@ def boundary_cases() -> Cases:
         own={sid: [*probes(OWN_CATALOG[sid]), *CATALOG[sid].thresholds()] for sid in OWN},
         seeds=seeds,
         gains=[*(0.25 * i for i in range(len(seeds) - 1)), math.nan],
-        heads=[(1.0, 1.0), (math.nan, 0.5), (math.inf, 1.0), (0.05, 0.5), (3.0, 1.0)],
+        heads=heads,
         stale=[after - 1, after, after + 0.001, after + 1],
+        head_entropy=head_entropy,
+        policy={metric: probes(CATALOG[metric]) for metric, _ in POLICY_STATS.values()},
     )
 
 
@@ -238,6 +262,11 @@ def boundary_text(cases: Cases, at: float) -> str:
             c["head_grad_norm"].name: [(head_labels(cases, i), cur) for i, (cur, _) in enumerate(cases.heads)],
             c["head_grad_norm_prev"].name: [(head_labels(cases, i), prev) for i, (_, prev) in enumerate(cases.heads)],
             c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
+            HEAD_ENTROPY.name: [({"head": f"h{i}"}, v) for i, v in enumerate(cases.head_entropy)],
+            **{
+                c[metric].name: [({"rank": str(i)}, v) for i, v in enumerate(values)]
+                for metric, values in cases.policy.items()
+            },
         }
     )
 
@@ -303,6 +332,13 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
         },
         stat_by_rank(by_title(dashboard, shown, CV)["values"]),
     )
+    for title, (metric, as_label) in POLICY_STATS.items():
+        spec = CATALOG[metric]
+        problems += compare(
+            title,
+            {i: (labelled if as_label else levelled)(spec, v) for i, v in enumerate(run.cases.policy[metric])},
+            stat_by_rank(by_title(dashboard, shown, title)["values"]),
+        )
 
     shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda c: c["Env"][0])
     problems += shape
@@ -321,12 +357,15 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda c: c["Head"][0])
     problems += shape
     want_heads = {
-        f"h{i}": {"Current": neutral(c, 3), "Previous": neutral(p, 3), "Trend": trend_cell(c, p)}
+        f"h{i}": {
+            "Current": neutral(c, 3),
+            "Previous": neutral(p, 3),
+            "Trend": trend_cell(c, p),
+            "Entropy": levelled(HEAD_ENTROPY, run.cases.head_entropy[i]),
+        }
         for i, (c, p) in enumerate(run.cases.heads)
     }
-    problems += compare(
-        HEADS, want_heads, {k: {c: row.get(c) for c in ("Current", "Previous", "Trend")} for k, row in heads.items()}
-    )
+    problems += compare(HEADS, want_heads, {k: {c: row.get(c) for c in HEAD_VALUES} for k, row in heads.items()})
     kinds = {f"h{i}": head_labels(run.cases, i)["kind"] for i in range(len(run.cases.heads))}
     problems += compare(HEADS, kinds, {k: row.get("Kind", ("",))[0] for k, row in heads.items()})
 
@@ -392,7 +431,24 @@ def _catalog_levels_only(dashboard: dict[str, Any]) -> None:
             target["expr"] = target["expr"].replace(f"{threshold}{{", f"{threshold}_absent{{")
 
 
+def _head_entropy_threshold_off(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == HEADS]
+    for override in panel["fieldConfig"]["overrides"]:
+        if override["matcher"]["options"] == "Entropy":
+            for prop in override["properties"]:
+                if prop["id"] == "thresholds":
+                    step = prop["value"]["steps"][1]
+                    step["value"] = math.nextafter(step["value"], math.inf)
+
+
+def _velocity_mapping_colour(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == "Entropy velocity"]
+    panel["fieldConfig"]["defaults"]["mappings"][0]["options"]["result"]["color"] = "orange"
+
+
 MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "head entropy threshold one float off": (_head_entropy_threshold_off, HEADS),
+    "entropy velocity [vv] mapping in the wrong colour": (_velocity_mapping_colour, "Entropy velocity"),
     "old merge-on-__name__ tables": (_old_tables, "more than one row"),
     "KL threshold one float off": (_kl_threshold_off, KL),
     "CV warn mapping in the wrong colour": (_cv_mapping_colour, CV),
@@ -490,13 +546,22 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
             problems.append(f"{title}: legend {names}")
 
     cur, prev = raw(run, c["head_grad_norm"].name + at), raw(run, c["head_grad_norm_prev"].name + at)
+    entropy = raw(run, HEAD_ENTROPY.name + at)
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda cells: cells["Head"][0])
     problems += shape
     want_heads = {
-        key[0]: {"Current": neutral(v, 3), "Previous": neutral(prev[key], 3), "Trend": trend_cell(v, prev[key])}
+        key[0]: {
+            "Current": neutral(v, 3),
+            "Previous": neutral(prev[key], 3),
+            "Trend": trend_cell(v, prev[key]),
+            **({"Entropy": levelled(HEAD_ENTROPY, entropy[key])} if key in entropy else {}),
+        }
         for key, v in cur.items()
     }
-    got_heads = {k: {col: row.get(col) for col in ("Current", "Previous", "Trend")} for k, row in heads.items()}
+    got_heads = {
+        k: {col: row.get(col) for col in HEAD_VALUES if col != "Entropy" or col in want_heads.get(k, {})}
+        for k, row in heads.items()
+    }
     problems += compare(HEADS, want_heads, got_heads)
     problems += compare(
         HEADS, dict.fromkeys(want_heads, "action"), {k: row.get("Kind", ("",))[0] for k, row in heads.items()}

@@ -162,7 +162,7 @@ def test_trend_codes_match_the_live_values(scraped: Scraped) -> None:
     cur, prev = catalog["head_grad_norm"], catalog["head_grad_norm_prev"]
     assert prev.trend is not None
     codes = levels.trend_codes(prev.trend)
-    table = next(p for p in board()["panels"] if p["title"] == "Action heads: gradient norm and trend")
+    table = next(p for p in board()["panels"] if p["title"] == "Action heads: gradient norm, trend and entropy")
     expr = substitute(next(t["expr"] for t in table["targets"] if t["refId"] == "C"), ALL, 60)
     checked = 0
     for step in range(int(scraped.start) + 2, int(scraped.at)):

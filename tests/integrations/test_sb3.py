@@ -41,6 +41,8 @@ class _Recorder(BaseCallback):  # type: ignore[misc]
                     "snap": snap,
                     "approx_kl": float(logged["train/approx_kl"]),
                     "clip_fraction": float(logged["train/clip_fraction"]),
+                    "entropy_loss": float(logged["train/entropy_loss"]),
+                    "explained_variance": float(logged["train/explained_variance"]),
                     "n_updates": int(self.model._n_updates),
                 }
             )
@@ -62,7 +64,7 @@ def _model(**kwargs: Any) -> PPO:
 
 
 @pytest.mark.slow
-def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
+def test_exported_kl_clip_fraction_entropy_and_ev_equal_what_sb3_logs() -> None:
     model = _model(learning_rate=3e-3)
     cb = TelemetryCallback(port=0, linger=10)
     rec = _Recorder(cb)
@@ -73,6 +75,9 @@ def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
         for pair in rec.pairs:
             snap = pair["snap"]
             assert snap.kl == pair["approx_kl"]
+            assert snap.clip_fraction == pair["clip_fraction"]
+            assert snap.policy.entropy == -pair["entropy_loss"]
+            assert snap.policy.explained_variance == pair["explained_variance"]
             assert snap.steps == 4 * 2
             assert snap.early_stops == 0
             for head in ("action_net", "value_net"):
@@ -87,6 +92,8 @@ def test_exported_kl_and_clip_fraction_equal_what_sb3_logs() -> None:
         last = rec.pairs[-1]
         assert f"tele_kl_divergence {last['approx_kl']!r}" in body
         assert f"{default_catalog()['clip_fraction'].name} {last['clip_fraction']!r}" in body
+        assert f"tele_policy_entropy {-last['entropy_loss']!r}" in body
+        assert f"tele_explained_variance {last['explained_variance']!r}" in body
         assert 'tele_head_grad_norm{head="action_net",kind="action"}' in body
         assert 'tele_head_grad_norm{head="value_net",kind="other"}' in body
         assert cb.server.linger == 10  # the final update was just scraped: close() returns at once

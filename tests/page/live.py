@@ -30,11 +30,16 @@ _STATE_JS = """(() => {
   const panel = (id) => document.getElementById("panel-" + id).dataset.status;
   return {
     updates: Number(document.body.dataset.updates),
-    panels: {kl: panel("kl"), grad: panel("grad"), cv: panel("cv"), heads: panel("heads"), seeds: panel("seeds")},
+    panels: {
+      kl: panel("kl"), grad: panel("grad"), cv: panel("cv"), heads: panel("heads"), seeds: panel("seeds"),
+      entropy: panel("entropy"),
+    },
     text: {
       kl: document.getElementById("kl-label").textContent,
       grad: document.getElementById("grad-label").textContent,
       cv: document.getElementById("cv-text").textContent,
+      entropy: document.getElementById("entropy-label").textContent,
+      velocity: document.getElementById("entropy-velocity").textContent,
     },
     values: {
       kl: document.getElementById("kl-value").textContent,
@@ -43,14 +48,17 @@ _STATE_JS = """(() => {
     captions: {
       kl: document.getElementById("kl-range").textContent,
       grad: document.getElementById("grad-range").textContent,
+      entropy: document.getElementById("entropy-range").textContent,
     },
     spark: {
       kl: Number(document.getElementById("kl-spark").dataset.points),
       grad: Number(document.getElementById("grad-spark").dataset.points),
+      entropy: Number(document.getElementById("entropy-spark").dataset.points),
     },
     heads: [...document.querySelectorAll("#heads tr")].map((tr) => ({
       name: tr.dataset.head, kind: tr.dataset.kind, trend: tr.dataset.trendStatus, arrow: tr.children[3].textContent,
       current: tr.children[1].textContent, label: tr.children[0].textContent,
+      entropy: tr.children[5].textContent, entropyStatus: tr.dataset.entropyStatus,
     })),
     seeds: [...document.querySelectorAll("#seed-rows tr")].map((tr) => ({
       env: tr.dataset.env, slot: tr.dataset.slot, status: tr.dataset.status,

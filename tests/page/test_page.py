@@ -281,6 +281,22 @@ def test_a_group_outside_the_cv_is_shown_and_marked(browser: Chromium, policy: T
     assert shot.errors == []
 
 
+def test_entropy_panel_and_per_head_entropy_follow_the_snapshot(healthy: Shot) -> None:
+    """TELE-120 with its sparkline and TELE-121 velocity label; TELE-170 per head, in its level's status."""
+    policy = healthy.document["snapshot"]["policy"]
+    state = healthy.state
+    assert state["panels"]["entropy"] == policy["entropy"]["shown"]["status"]
+    assert state["text"]["entropy"] == policy["entropy"]["shown"]["label"]
+    assert state["spark"]["entropy"] == HEALTHY_UPDATES == len(policy["entropy"]["history"])
+    assert state["captions"]["entropy"].startswith(f"entropy, last {HEALTHY_UPDATES}: min ")
+    assert state["text"]["velocity"].startswith(policy["entropy"]["velocity"]["shown"]["label"] + " ")
+    shown = {h["name"]: h for h in state["heads"]}
+    assert policy["head_entropy"], "the demo reports per-head entropy"
+    for name, head in policy["head_entropy"].items():
+        assert shown[name]["entropyStatus"] == head["shown"]["status"]
+        assert shown[name]["entropy"] == f"{head['value']:.3f}"
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_faulted_heads_trend_up_in_red(faulted: Shot) -> None:

@@ -142,12 +142,15 @@ def progress_line(result: UpdateResult, total: int) -> str:
     catalog = default_catalog()
     of = str(total) if total else "inf"
     grad = result.grad_norm_pre
+    p = result.policy
     fault = "  [fault]" if result.fault_active else ""
     return (
         f"update {result.update}/{of}  reward {result.reward:+.4f}"
         f"  kl {_fmt(result.kl, 4)} ({_word(catalog['kl_divergence'], result.kl)})"
         f"  grad {_fmt(grad, 3)} ({_word(catalog['policy_grad_norm'], grad)})"
         f"  cv {_fmt(result.gradient_cv, 3)} ({_word(catalog['gradient_cv'], result.gradient_cv)})"
+        f"  ent {_fmt(p.entropy, 3)} ({_word(catalog['policy_entropy'], p.entropy)})"
+        f"  ev {_fmt(p.explained_variance, 3)} ({_word(catalog['explained_variance'], p.explained_variance)})"
         f"  seeds {result.live_seeds}{fault}"
     )
 

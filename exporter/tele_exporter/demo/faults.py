@@ -3,7 +3,10 @@
 Each mode pushes one signal past its critical (or vanishing) level while it is on:
 kl perturbs the behaviour policy's logits (a stale, off-policy rollout, so the
 real PPO log-ratio is large); explode scales the loss; vanish turns a pinned
-seed's output gain down; nan poisons one head's gradients.
+seed's output gain down; nan poisons one head's gradients; entropy sharpens every
+head's logits until the policy is deterministic (entropy collapse); value stores
+noise-corrupted values in the rollout, so the value function explains less than a
+constant (explained variance < 0).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from torch import Tensor
 
 from .env import Stage, VecEnv
 
-FAULTS = ("none", "kl", "explode", "vanish", "nan")
+FAULTS = ("none", "kl", "explode", "vanish", "nan", "entropy", "value")
 KL_LOGIT_NOISE = 1.0
 EXPLODE_LOSS_SCALE = 1e4
 VANISH_GAIN = 0.01
 NAN_HEAD = "op"
 PINNED_ENV = 0
+ENTROPY_LOGIT_SCALE = 1e3
+VALUE_NOISE = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,18 @@ class FaultPlan:
         """nan: make the gradient reaching one head's logits NaN."""
         if on and self.mode == "nan":
             logits[NAN_HEAD].register_hook(_nan_grad)  # type: ignore[no-untyped-call]
+
+    def sharpen(self, logits: dict[str, Tensor], on: bool) -> None:
+        """entropy: scale every head's logits (in the rollout and the update) so each picks one action."""
+        if on and self.mode == "entropy":
+            for h, lg in logits.items():
+                logits[h] = lg * ENTROPY_LOGIT_SCALE
+
+    def corrupt_values(self, value: Tensor, on: bool, generator: torch.Generator | None) -> Tensor:
+        """value: the state values the rollout stores, drowned in noise (corrupted data for GAE and EV)."""
+        if not (on and self.mode == "value"):
+            return value
+        return value + VALUE_NOISE * torch.randn(value.shape, generator=generator, device=value.device)
 
     def prepare_envs(self, vec: VecEnv, on: bool) -> None:
         """vanish: keep a live seed pinned in env 0 with a tiny output gain; restore otherwise."""

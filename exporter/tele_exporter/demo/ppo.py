@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from ..catalog import default_catalog
+from ..policy_health import PolicyState
 from ..snapshot import Snapshot
 from ..telemetry import Telemetry, Update
-from .env import HEADS, Action, EnvConfig, VecEnv
+from .env import HEADS, Action, EnvConfig, VecEnv, head_sizes
 from .faults import FaultPlan
 from .policy import Policy, causal_masks, entropies, log_probs, sample
 
@@ -69,6 +70,7 @@ class UpdateResult:
     fault_active: bool
     live_seeds: int
     seconds: float
+    policy: PolicyState = field(default_factory=PolicyState)  # entropy, EV, advantages, ratios
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Trainer:
             heads=self.policy.head_modules(),
             registry=registry,
             const_labels=const_labels,
+            action_sizes=head_sizes(cfg.env.slots),
         )
         for env in self.vec.envs:
             env.tele = self.tele
@@ -156,6 +159,7 @@ class Trainer:
             fault_active=on,
             live_seeds=sum(len(e.live_seeds()) for e in self.vec.envs),
             seconds=time.perf_counter() - start,
+            policy=snap.policy,
         )
         return result
 
@@ -194,6 +198,7 @@ class Trainer:
                 cfg.fault.prepare_envs(self.vec, fault_on)
                 obs = self.obs.to(self.device)
                 logits, value = self.policy(obs)
+                cfg.fault.sharpen(logits, fault_on)
                 if uniform:
                     logits = {h: torch.zeros_like(lg) for h, lg in logits.items()}
                 behaviour = cfg.fault.behaviour_logits(logits, fault_on, self.generator)
@@ -203,7 +208,7 @@ class Trainer:
                     acts[h].append(chosen[h])
                     logps[h].append(lp[h])
                 obs_buf.append(obs)
-                values.append(value)
+                values.append(cfg.fault.corrupt_values(value, fault_on, self.generator))
                 rows = torch.stack([chosen[h] for h in HEADS], dim=1).cpu().tolist()
                 self.obs, reward, done = self.vec.step([Action(*row) for row in rows])
                 rewards.append(reward.to(self.device))
@@ -236,7 +241,9 @@ class Trainer:
         n = adv.numel()
         obs = ro.obs.reshape(n, -1)
         adv, returns = adv.reshape(n), returns.reshape(n)
+        upd.observe_explained_variance(ro.values.reshape(n), returns)  # TELE-200: the rollout's values
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        upd.observe_advantages(adv)
         actions = {h: a.reshape(n) for h, a in ro.actions.items()}
         old_logp = {h: lp.reshape(n) for h, lp in ro.logp.items()}
         masks = {h: m.reshape(n) for h, m in ro.masks.items()}
@@ -255,9 +262,11 @@ class Trainer:
                 idx = order[begin : begin + mb_size]
                 host_idx = host_order[begin : begin + mb_size]
                 logits, value = self.policy(obs[idx])
+                cfg.fault.sharpen(logits, fault_on)
                 cfg.fault.poison(logits, fault_on)
                 new_logp = log_probs(logits, {h: a[idx] for h, a in actions.items()})
                 ent = entropies(logits)
+                upd.observe_entropy({h: e.detach() for h, e in ent.items()}, {h: m[idx] for h, m in masks.items()})
                 policy_loss = torch.zeros((), device=self.device)
                 entropy = torch.zeros((), device=self.device)
                 for h in HEADS:
@@ -284,10 +293,10 @@ class Trainer:
                 if bool(torch.isfinite(pre)):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            kl = upd.observe_kl(
-                {h: torch.cat(r) for h, r in ratios.items()},
-                {h: m[order] for h, m in masks.items()},
-            )
+            epoch_ratios = {h: torch.cat(r) for h, r in ratios.items()}
+            epoch_masks = {h: m[order] for h, m in masks.items()}
+            upd.observe_ratios(epoch_ratios, epoch_masks, clip_eps=cfg.clip)
+            kl = upd.observe_kl(epoch_ratios, epoch_masks)
             if float(kl) > self.kl_stop * cfg.target_kl:
                 upd.early_stop()
                 break

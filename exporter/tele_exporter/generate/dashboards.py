@@ -20,6 +20,7 @@ from .levels import (
     healthy_unit,
     level_code_mappings,
     level_code_query,
+    level_mappings,
     level_steps,
     neutral_steps,
     seed_mappings,
@@ -228,6 +229,7 @@ def _timeseries(
     catalog: Catalog,
     steps: list[Json] | None = None,
     note: str = "",
+    minimum: float | None = 0,
 ) -> Json:
     return {
         "type": "timeseries",
@@ -246,7 +248,7 @@ def _timeseries(
                 },
                 "decimals": spec.precision,
                 "mappings": with_nan(catalog, []),
-                "min": 0,
+                "min": minimum,
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
                 "unit": grafana_unit(spec),
             },
@@ -304,6 +306,89 @@ def _policy_row(b: _Builder) -> None:
         ),
         3,
         4,
+    )
+
+
+def _policy_health_row(b: _Builder) -> None:
+    """TELE-120/121/124/130/140/151/200: entropy, its velocity and collapse, clipping, value and advantages."""
+    c = b.catalog
+    ent, vel, collapsed = c["policy_entropy"], c["entropy_velocity"], c["entropy_collapsed"]
+    cf, side, ev, adv, ratio = (
+        c["clip_fraction"],
+        c["clip_fraction_side"],
+        c["explained_variance"],
+        c["advantage_std"],
+        c["head_ratio_max"],
+    )
+    b.row("Policy health")
+    b.add(_stat(ent, "Policy entropy", _sel(ent), catalog=c, graph=True, note=_boundary_note(ent)), 6, 8)
+    velocity_note = (
+        f"{_boundary_note(vel)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
+        " slope from PromQL (deriv over 5m per update), an approximation: its window is time, not 10 updates."
+    )
+    b.add(
+        _stat(
+            vel,
+            "Entropy velocity",
+            _sel(vel),
+            catalog=c,
+            graph=False,
+            mappings=level_mappings(c, vel),
+            color_mode="background",
+            note=velocity_note,
+        ),
+        4,
+        8,
+    )
+    b.add(
+        _stat(
+            collapsed,
+            "Entropy collapsed",
+            _sel(collapsed),
+            catalog=c,
+            graph=False,
+            mappings=level_mappings(c, collapsed),
+            color_mode="background",
+            note=_boundary_note(collapsed),
+        ),
+        4,
+        8,
+    )
+    b.add(
+        _timeseries(
+            ent,
+            "Policy entropy over time",
+            [_target(_named(_sel(ent)), legend=LEGEND)],
+            catalog=c,
+            note=_boundary_note(ent),
+        ),
+        10,
+        8,
+    )
+    b.add(_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, graph=True, note=_boundary_note(cf)), 6, 8)
+    b.add(
+        _timeseries(
+            side,
+            "PPO clip fraction by side",
+            [_target(_named(_sel(side)), legend=LEGEND + " {{side}}")],
+            catalog=c,
+            steps=neutral_steps(c),
+        ),
+        6,
+        8,
+    )
+    b.add(_stat(ev, "Explained variance", _sel(ev), catalog=c, graph=True, note=_boundary_note(ev)), 6, 8)
+    b.add(_stat(adv, "Advantage std", _sel(adv), catalog=c, graph=True, note=_boundary_note(adv)), 6, 8)
+    b.add(
+        _timeseries(
+            ratio,
+            "Importance ratio max per head",
+            [_target(_named(_sel(ratio)), legend=LEGEND + " {{head}}")],
+            catalog=c,
+            note=_boundary_note(ratio),
+        ),
+        24,
+        8,
     )
 
 
@@ -438,11 +523,19 @@ def _heads_row(b: _Builder) -> None:
         f' Arrow colours by context: {rules}. "no trend": a head without gradient (NaN).'
     )
     trend = {"mappings": with_nan(c, trend_mappings(c, prev)), "decimals": 0}
+    ent = c["head_entropy"]
+    entropy = {"decimals": ent.precision, "thresholds": thresholds(level_steps(c, ent))}
+    note += f" Entropy: {ent.name} (TELE-170), {_boundary_note(ent)}"
     b.add(
         _table(
             cur,
-            "Action heads: gradient norm and trend",
-            {"Current": (_sel(cur), {}), "Previous": (_sel(prev), {}), "Trend": (code, trend)},
+            "Action heads: gradient norm, trend and entropy",
+            {
+                "Current": (_sel(cur), {}),
+                "Previous": (_sel(prev), {}),
+                "Trend": (code, trend),
+                "Entropy": (_sel(ent), entropy),
+            },
             catalog=c,
             defaults={"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)},
             description=_description(prev, note),
@@ -656,6 +749,7 @@ def dashboard(catalog: Catalog) -> Json:
     b = _Builder(catalog)
     _policy_row(b)
     _levels_row(b)
+    _policy_health_row(b)
     _gradients_row(b)
     _heads_row(b)
     _cv_row(b)

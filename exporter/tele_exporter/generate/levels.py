@@ -44,7 +44,10 @@ def thresholds(steps: list[Json]) -> Json:
 def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
     """A range value mapping covering exactly the level's interval, in its colour."""
     iv = level.when
-    low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
+    # An unbounded end is null, which Grafana reads as -Infinity / +Infinity (JSON has no Inf).
+    low: float | None = None
+    if math.isfinite(iv.low):
+        low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
     high: float | None = None
     if math.isfinite(iv.high):
         high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
@@ -52,6 +55,11 @@ def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
     if text is not None:
         result["text"] = text
     return {"type": "range", "options": {"from": low, "to": high, "result": result}}
+
+
+def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
+    """Range mappings showing each level's label (TELE-121's velocity arrows, TELE-124's flag)."""
+    return [range_mapping(catalog, level, level.label) for level in spec.levels]
 
 
 def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str]) -> str:

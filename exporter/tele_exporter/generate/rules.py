@@ -308,6 +308,21 @@ def recording_rules(catalog: Catalog) -> list[dict[str, str]]:
         if spec.type == "histogram":
             rules.extend(_histogram_rules(catalog, spec, [catalog[o] for o in spec.of]))
     stops, updates = catalog.metrics.get("ppo_early_stops"), catalog.metrics.get("ppo_updates")
+    entropy = catalog.metrics.get("policy_entropy")
+    if entropy is not None and updates is not None:
+        # TELE-121 in PromQL: deriv() is nats per second over scrapes of a staircase, so
+        # dividing by updates per second gives nats per update. It approximates the
+        # exported tele_policy_entropy_velocity (the exact slope over the last 10
+        # updates) and is not equal to it: the window is time, not 10 updates.
+        rules.append(
+            {
+                "record": f"instance:{entropy.name}:deriv_per_update{WINDOW}",
+                "expr": (
+                    f"deriv({selector(catalog, entropy.name)}[{WINDOW}])\n"
+                    f"/ rate({selector(catalog, updates.name)}[{WINDOW}])"
+                ),
+            }
+        )
     if stops is not None and updates is not None:
         rules.append(
             {

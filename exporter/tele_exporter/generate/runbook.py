@@ -36,6 +36,57 @@ ADVICE: dict[str, str] = {
         "starve. Compare `tele_head_grad_norm` per head, check the causal masks of the heads "
         "that starve, and consider per-head loss weights."
     ),
+    "TeleClipFractionHigh": (
+        "The surrogate clip cuts off a large part of each update: the policy moves further per "
+        "update than the clip range allows, and the clipped samples stop contributing gradient. "
+        "`tele_ppo_clip_fraction_side` says whether ratios overshoot upward (high) or downward "
+        "(low). Lower the learning rate or the epochs per update, or use a smaller target KL; "
+        "compare with `tele_kl_divergence` and `tele_head_ratio_max` to find the head that moves."
+    ),
+    "TelePolicyEntropyLow": (
+        "The policy is becoming deterministic and stops exploring. Raise the entropy coefficient, "
+        "check that the entropy bonus still reaches the loss (sign, masking), and look at "
+        "`tele_head_entropy_normalized` for the head that collapsed. "
+        "`tele_policy_entropy_velocity` tells how fast it is falling."
+    ),
+    "TeleEntropyCollapsed": (
+        "The policy's entropy fell below the collapse threshold: it picks (nearly) the same action "
+        "every time and learning usually stalls for good. Restore a checkpoint from before the "
+        "collapse and raise the entropy coefficient or lower the learning rate."
+    ),
+    "TeleHeadEntropyLow": (
+        "One action head (`head` label) is close to deterministic relative to its number of "
+        "actions, even if the joint entropy still looks healthy. Check the head's causal mask "
+        "(a head that is rarely active barely learns), per-head entropy weights, and whether the "
+        "environment makes one choice dominant."
+    ),
+    "TeleExplainedVarianceLow": (
+        "The value function predicts the returns poorly; below 0 it is worse than a constant, "
+        "which usually means a bug or corrupted data: values and returns misaligned, a "
+        "missing bootstrap at truncation, unnormalised rewards, or a value head that diverged. "
+        "Check the value loss and its coefficient; a low value early in training is normal."
+    ),
+    "TeleAdvantageStdLow": (
+        "The normalised advantages have almost no spread: the batch carries no learning signal, "
+        "or normalisation divides by a huge std. Check reward scaling, the GAE lambda and gamma, "
+        "and that the advantages are normalised once, over the valid transitions."
+    ),
+    "TeleAdvantageStdHigh": (
+        "The advantages are not normalised as the loss expects (a normalised batch has std 1): "
+        "normalisation is off, computed over the wrong steps (padding included), or a few "
+        "extreme returns dominate. Check advantage normalisation and reward clipping."
+    ),
+    "TeleImportanceRatioLow": (
+        "Even the largest importance ratio of a head (`head` label) is well below 1: the new "
+        "policy gives every sampled action much less probability than the policy that collected "
+        "the data. Check that old log-probabilities come from the same action masks and "
+        "distribution, and lower the learning rate or the epochs per update."
+    ),
+    "TeleImportanceRatioHigh": (
+        "A head's largest importance ratio (`head` label) is far above 1: the update moves that "
+        "head's policy beyond the trust region. Lower the learning rate or epochs, check the "
+        "head's log-probabilities for mismatched masks, and compare with TeleClipFractionHigh."
+    ),
     "TeleSeedGradientVanishing": (
         "The seed's parameters receive far less gradient per element than its host's: it "
         "learns much slower than the network it grows in. Check the seed's alpha blending (an "

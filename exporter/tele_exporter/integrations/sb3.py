@@ -1,4 +1,4 @@
-"""Stable-Baselines3: publish PPO's own KL and clip fraction and the policy's gradient norms.
+"""Stable-Baselines3: publish PPO's own KL, clip fraction, entropy and EV and the policy's gradient norms.
 
 `TelemetryCallback` opens one `Telemetry.update()` per `PPO.train()` call: SB3
 calls `on_rollout_end` right before `train()` and `on_rollout_start` (or
@@ -14,10 +14,14 @@ update applied is the same as SB3's; `tele_policy_grad_norm{clip="pre"}` is the
 true pre-clip norm and `{clip="post"}` what the optimizer saw. `max_grad_norm`
 is restored after every `train()`, so checkpoints never save the lifted value.
 
-KL and clip fraction are SB3's own: `train/approx_kl` (mean over the
-minibatches of the last epoch run) and `train/clip_fraction` (mean over every
-minibatch), read from the model's logger after `train()` and published as
-`tele_kl_divergence` and `tele_ppo_clip_fraction`.
+KL, clip fraction, entropy and explained variance are SB3's own: `train/approx_kl`
+(mean over the minibatches of the last epoch run), `train/clip_fraction` (mean over
+every minibatch), `train/entropy_loss` (minus the mean entropy over every minibatch)
+and `train/explained_variance` (of the rollout's values, before the update), read
+from the model's logger after `train()` and published as `tele_kl_divergence`,
+`tele_ppo_clip_fraction`, `tele_policy_entropy` (= -entropy_loss) and
+`tele_explained_variance`. SB3 logs NaN for an explained variance with Var(returns)
+= 0; TELE-200 calls that missing, so the callback leaves it out then.
 
 Heads: the action head is the policy's `action_net`; for a MultiDiscrete action
 space, whose sub-actions' logits are consecutive output rows of that one
@@ -195,6 +199,11 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
                 upd.early_stop()
             if "train/clip_fraction" in logged:
                 upd.observe_clip_fraction(float(logged["train/clip_fraction"]))
+            if "train/entropy_loss" in logged:
+                upd.observe_entropy_value(-float(logged["train/entropy_loss"]))
+            ev = logged.get("train/explained_variance")
+            if ev is not None and not (math.isnan(float(ev)) and float(model.rollout_buffer.returns.var()) == 0.0):
+                upd.observe_explained_variance_value(float(ev))
         finally:
             upd.__exit__(None, None, None)
 

@@ -1,0 +1,234 @@
+"""The PPO policy-health signals of one update: what the trainer observed, and what is published.
+
+PolicyRecorder keeps an update's observe_entropy / observe_explained_variance /
+observe_advantages / observe_ratios results as device tensors; PolicyHealth turns
+them (after the update's single host transfer) into an immutable PolicyState and
+keeps the entropy history of TELE-121 across updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .policy_stats import (
+    ENTROPY_COLLAPSE,
+    advantage_std,
+    check_head_tensors,
+    check_tensor,
+    entropy_terms,
+    entropy_velocity,
+    explained_variance_terms,
+    head_entropy_normalized,
+    ratio_terms,
+)
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """The policy-health values of the latest update; None (or a head left out) is missing."""
+
+    entropy: float | None = None  # TELE-120, nats: mean of the update's observe_entropy calls
+    entropy_history: tuple[float, ...] = ()  # oldest first, the last 10 updates with an entropy
+    entropy_velocity: float | None = None  # TELE-121: slope of entropy_history, nats per update
+    head_entropy: Mapping[str, float] = field(default_factory=dict)  # TELE-170, normalised to [0, 1]
+    explained_variance: float | None = None  # TELE-200; missing when Var(returns) == 0
+    advantage_std: float | None = None  # TELE-140
+    head_ratio_max: Mapping[str, float] = field(default_factory=dict)  # TELE-151
+    clip_fraction_high: float | None = None  # TELE-130's parts: r > 1 + eps
+    clip_fraction_low: float | None = None  # r < 1 - eps
+
+    @property
+    def entropy_collapsed(self) -> float | None:
+        """TELE-124: 1.0 when entropy < 0.1 (strict), else 0.0; NaN for a NaN entropy, None while missing."""
+        if self.entropy is None:
+            return None
+        if math.isnan(self.entropy):
+            return math.nan
+        return 1.0 if self.entropy < ENTROPY_COLLAPSE else 0.0
+
+
+class PolicyRecorder:
+    """One update's policy observations, as small float64 device tensors (no host sync)."""
+
+    def __init__(self, heads: Sequence[str]) -> None:
+        self.heads = tuple(heads)
+        self.entropies: list[tuple[tuple[str, ...], Tensor]] = []
+        self.explained: list[Tensor] = []
+        self.advantages: list[Tensor] = []
+        self.ratios: list[tuple[tuple[str, ...], Tensor]] = []
+
+    def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> Tensor:
+        check_head_tensors("observe_entropy", entropies, masks, self.heads)
+        terms = entropy_terms(entropies, masks)
+        self.entropies.append((tuple(entropies), terms))
+        return terms[0]
+
+    def observe_entropy_value(self, value: float | Tensor) -> Tensor:
+        """A joint entropy the trainer computed itself (no per-head entropy from it)."""
+        terms = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1)
+        self.entropies.append(((), terms))
+        return terms[0]
+
+    def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
+        """An explained variance the trainer computed itself (published as given, NaN included)."""
+        ev = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
+        self.explained.append(torch.stack([ev, torch.ones_like(ev)]))
+        return ev
+
+    def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
+        check_tensor("observe_explained_variance: values", values)
+        check_tensor("observe_explained_variance: returns", returns)
+        if values.numel() != returns.numel():
+            raise ValueError(
+                f"observe_explained_variance: values has {values.numel()} elements, returns has {returns.numel()}"
+            )
+        terms = explained_variance_terms(values, returns)
+        self.explained.append(terms)
+        return terms[0]
+
+    def observe_advantages(self, advantages: Tensor, mask: Tensor | None) -> Tensor:
+        check_tensor("observe_advantages: advantages", advantages)
+        if mask is not None and (not isinstance(mask, Tensor) or mask.shape != advantages.shape):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"observe_advantages: mask has shape {shape}, advantages has shape {tuple(advantages.shape)}"
+            )
+        terms = advantage_std(advantages, mask)
+        self.advantages.append(terms)
+        return terms[0]
+
+    def observe_ratios(
+        self, log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None, clip_eps: float
+    ) -> Tensor:
+        check_head_tensors("observe_ratios", log_ratio, masks, self.heads)
+        if not 0.0 < float(clip_eps) < 1.0:
+            raise ValueError(f"observe_ratios: clip_eps must lie in (0, 1), got {clip_eps}")
+        terms = ratio_terms(log_ratio, masks, float(clip_eps))
+        self.ratios.append((tuple(log_ratio), terms))
+        return terms[0]
+
+    def parts(self) -> list[Tensor]:
+        """Every recorded tensor, in the order `split` reads them back."""
+        return [
+            *(t for _, t in self.entropies),
+            *self.explained,
+            *self.advantages,
+            *(t for _, t in self.ratios),
+        ]
+
+    def split(self, flat: Tensor) -> PolicyHost:
+        """The recorded tensors back from their host copy `flat` (the concatenation of `parts`)."""
+        offset = 0
+
+        def take(n: int) -> Tensor:
+            nonlocal offset
+            piece = flat[offset : offset + n]
+            offset += n
+            return piece
+
+        entropies = [(heads, take(t.numel())) for heads, t in self.entropies]
+        explained = [take(2) for _ in self.explained]
+        advantages = [take(2) for _ in self.advantages]
+        ratios = [(heads, take(t.numel())) for heads, t in self.ratios]
+        return PolicyHost(entropies, explained, advantages, ratios)
+
+
+@dataclass(frozen=True)
+class PolicyHost:
+    """What a PolicyRecorder recorded, on the host."""
+
+    entropies: list[tuple[tuple[str, ...], Tensor]]
+    explained: list[Tensor]
+    advantages: list[Tensor]
+    ratios: list[tuple[tuple[str, ...], Tensor]]
+
+
+class PolicyHealth:
+    """Per-Telemetry state of the policy-health signals: action sizes and the entropy history."""
+
+    def __init__(self, heads: Sequence[str], action_sizes: Mapping[str, int] | None, history: int) -> None:
+        self.heads = tuple(heads)
+        self.action_sizes = check_action_sizes(action_sizes, self.heads)
+        self._history: deque[float] = deque(maxlen=history)
+
+    def publish(self, host: PolicyHost) -> PolicyState:
+        """The update's PolicyState; appends its entropy (if any) to the history."""
+        entropy = None
+        head_entropy: dict[str, float] = {}
+        if host.entropies:
+            entropy = float(torch.stack([t[0] for _, t in host.entropies]).mean())
+            self._history.append(entropy)
+            head_entropy = self._head_entropy(host.entropies)
+        ev = [float(t[0]) for t in host.explained if float(t[1]) != 0.0]
+        adv = [float(t[0]) for t in host.advantages if float(t[1]) >= 2]
+        cf_high = cf_low = None
+        ratio_max: dict[str, float] = {}
+        if host.ratios:
+            cf_high = float(torch.stack([t[1] for _, t in host.ratios]).mean())
+            cf_low = float(torch.stack([t[2] for _, t in host.ratios]).mean())
+            ratio_max = _ratio_max(host.ratios)
+        history = tuple(self._history)
+        return PolicyState(
+            entropy=entropy,
+            entropy_history=history,
+            entropy_velocity=entropy_velocity(history),
+            head_entropy=head_entropy,
+            explained_variance=math.fsum(ev) / len(ev) if ev else None,
+            advantage_std=math.fsum(adv) / len(adv) if adv else None,
+            head_ratio_max=ratio_max,
+            clip_fraction_high=cf_high,
+            clip_fraction_low=cf_low,
+        )
+
+    def _head_entropy(self, calls: list[tuple[tuple[str, ...], Tensor]]) -> dict[str, float]:
+        """TELE-170 per head over all calls: masked entropy sum over valid steps, over log(n_actions)."""
+        totals = dict.fromkeys(self.heads, 0.0)
+        valid = dict.fromkeys(self.heads, 0.0)
+        seen: set[str] = set()
+        for heads, t in calls:
+            k = len(heads)
+            for i, name in enumerate(heads):
+                totals[name] += float(t[1 + i])
+                valid[name] += float(t[1 + k + i])
+                seen.add(name)
+        names = [h for h in self.heads if h in seen and h in self.action_sizes]
+        normalized = head_entropy_normalized(
+            torch.tensor([totals[h] for h in names], dtype=torch.float64),
+            torch.tensor([valid[h] for h in names], dtype=torch.float64),
+            [self.action_sizes[h] for h in names],
+        )
+        return {
+            h: float(v) for h, v in zip(names, normalized, strict=True) if valid[h] > 0 and self.action_sizes[h] > 1
+        }
+
+
+def _ratio_max(calls: list[tuple[tuple[str, ...], Tensor]]) -> dict[str, float]:
+    """TELE-151 per head: the largest ratio over the calls in which the head had a valid step; NaN wins."""
+    out: dict[str, float] = {}
+    for heads, t in calls:
+        k = len(heads)
+        for i, name in enumerate(heads):
+            if float(t[3 + k + i]) == 0:
+                continue
+            value = float(t[3 + i])
+            old = out.get(name)
+            out[name] = value if old is None or math.isnan(value) else (old if math.isnan(old) else max(old, value))
+    return out
+
+
+def check_action_sizes(sizes: Mapping[str, int] | None, heads: Sequence[str]) -> dict[str, int]:
+    """Action-space size per head, checked once; an error names the head with a bad size."""
+    out: dict[str, int] = {}
+    for name, n in (sizes or {}).items():
+        if name not in heads:
+            raise ValueError(f"action_sizes names head {name!r}, which is not one of the heads {list(heads)}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"action_sizes[{name!r}] must be an int >= 1 (the head's number of actions), got {n!r}")
+        out[name] = n
+    return out

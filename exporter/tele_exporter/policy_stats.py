@@ -1,0 +1,167 @@
+"""Pure tensor math of the PPO policy-health records (TELE-120/121/124/130/140/151/170/200).
+
+Per-call functions return small float64 tensors on the input's device (no host
+sync); Telemetry gathers them with the rest of an update and finishes the
+per-update values on the host with the `*_update` functions below.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .stats import KL_LOG_RATIO_CLAMP
+
+ENTROPY_COLLAPSE = 0.1
+"""TELE-124: the policy entropy is collapsed strictly below this many nats."""
+
+DEFAULT_CLIP_EPS = 0.2
+
+
+def check_head_tensors(
+    what: str, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None, heads: Sequence[str]
+) -> None:
+    """Raise an error naming the head whose tensor or mask is unknown, not a tensor or the wrong shape."""
+    masks = masks or {}
+    if not tensors:
+        raise ValueError(f"{what} needs at least one head's tensor")
+    for name in (*tensors, *masks):
+        if name not in heads:
+            raise ValueError(f"unknown head {name!r} in {what}; heads are {list(heads)}")
+    for name in masks:
+        if name not in tensors:
+            raise ValueError(f"{what}: mask for head {name!r} has no tensor")
+    steps: tuple[str, int] | None = None
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: head {name!r} is a {type(t).__name__}, not a tensor")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{what}: head {name!r} has dtype {t.dtype}, expected a real floating tensor")
+        mask = masks.get(name)
+        if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(t.shape)):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"{what}: mask of head {name!r} has shape {shape}, its tensor has shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"{what}: head {name!r} has no timesteps")
+        if steps is not None and t.numel() != steps[1]:
+            raise ValueError(f"{what}: head {name!r} has {t.numel()} timesteps, head {steps[0]!r} has {steps[1]}")
+        steps = steps or (name, t.numel())
+
+
+def check_tensor(what: str, t: object, *, min_numel: int = 1) -> Tensor:
+    """`t` as a tensor, or an error naming `what` when it is not a real tensor with enough elements."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{what} is a {type(t).__name__}, not a tensor")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} has dtype {t.dtype}, expected a real floating tensor")
+    if t.numel() < min_numel:
+        raise ValueError(f"{what} has {t.numel()} elements, needs at least {min_numel}")
+    return t
+
+
+def _valid(t: Tensor, mask: Tensor | None) -> Tensor:
+    """The float64 validity of each element (all 1 without a mask)."""
+    if mask is None:
+        return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+    return (mask.detach() != 0).to(torch.float64)
+
+
+def entropy_terms(entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    """One observe_entropy call as [joint, sum_h..., n_h...] float64 on the device (TELE-120/170).
+
+    joint = sum over heads of sum_t(mask * H_h(t)) / T: the factored policy's entropy, each
+    head counted only where its causal mask lets it act. sum_h and n_h are the masked sum of
+    a head's entropy and its valid steps, from which the per-head mean is taken at publish.
+    Masked-out entries never contribute, even when NaN.
+    """
+    masks = masks or {}
+    sums, counts = [], []
+    steps = 0
+    for name, h in entropies.items():
+        h64 = h.detach().reshape(-1).to(torch.float64)
+        m = _valid(h64, None if masks.get(name) is None else masks[name].reshape(-1))
+        sums.append(torch.where(m > 0, h64, torch.zeros_like(h64)).sum())
+        counts.append(m.sum())
+        steps = h64.numel()
+    s = torch.stack(sums)
+    return torch.cat([(s.sum() / steps).reshape(1), s, torch.stack(counts)])
+
+
+def head_entropy_normalized(total: Tensor, valid: Tensor, sizes: Sequence[int]) -> Tensor:
+    """TELE-170 per head: (total / valid) / log(n_actions); NaN (missing) with no valid step or one action."""
+    log_n = torch.tensor([math.log(n) if n > 1 else math.nan for n in sizes], dtype=torch.float64)
+    mean = torch.where(valid > 0, total / valid.clamp(min=1.0), torch.full_like(total, math.nan))
+    return mean / log_n
+
+
+def entropy_velocity(history: Sequence[float]) -> float | None:
+    """TELE-121: least-squares slope (nats per update) of the entropy history; None with fewer than two values."""
+    n = len(history)
+    if n < 2:
+        return None
+    x_mean = (n - 1) / 2.0
+    y_mean = math.fsum(history) / n
+    num = math.fsum((i - x_mean) * (y - y_mean) for i, y in enumerate(history))
+    den = math.fsum((i - x_mean) ** 2 for i in range(n))
+    return num / den
+
+
+def explained_variance_terms(values: Tensor, returns: Tensor) -> Tensor:
+    """[ev, var(returns)] float64 on the device: TELE-200's 1 - Var(returns - values) / Var(returns).
+
+    Population variances (SB3's explained_variance); var(returns) == 0 leaves ev undefined,
+    which publish reports as missing.
+    """
+    v = values.detach().reshape(-1).to(torch.float64)
+    r = returns.detach().reshape(-1).to(torch.float64)
+    var_r = r.var(correction=0)
+    ev = 1.0 - (r - v).var(correction=0) / torch.where(var_r == 0, torch.ones_like(var_r), var_r)
+    return torch.stack([ev, var_r])
+
+
+def advantage_std(advantages: Tensor, mask: Tensor | None = None) -> Tensor:
+    """[std, n_valid] float64 on the device: TELE-140's sample std (n - 1) of the valid advantages.
+
+    Sample std, as torch's adv.std() that trainers normalise with, so a normalised batch reads 1.0.
+    """
+    a = advantages.detach().reshape(-1).to(torch.float64)
+    m = _valid(a, None if mask is None else mask.reshape(-1))
+    n = m.sum()
+    kept = torch.where(m > 0, a, torch.zeros_like(a))
+    mean = kept.sum() / n.clamp(min=1.0)
+    dev = torch.where(m > 0, (a - mean).square(), torch.zeros_like(a))
+    return torch.stack([(dev.sum() / (n - 1).clamp(min=1.0)).sqrt(), n])
+
+
+def ratio_terms(
+    log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None, clip_eps: float = DEFAULT_CLIP_EPS
+) -> Tensor:
+    """One observe_ratios call as [cf, cf_high, cf_low, max_h..., n_h...] float64 on the device.
+
+    TELE-130: r = exp(sum of the heads' masked log-ratios), the joint ratio (an inactive head's
+    ratio is 1), each clamped to [-20, 20]; cf = mean(|r - 1| > eps), cf_high = mean(r > 1 + eps),
+    cf_low = mean(r < 1 - eps); a NaN ratio makes them NaN. TELE-151: max_h is the head's largest
+    exp(clamp(r_h, -20, 20)) over its valid steps, n_h their number.
+    """
+    masks = masks or {}
+    joint: Tensor | None = None
+    maxima, counts = [], []
+    for name, lr in log_ratio.items():
+        r = lr.detach().reshape(-1).to(torch.float64).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+        m = _valid(r, None if masks.get(name) is None else masks[name].reshape(-1)) > 0
+        contribution = torch.where(m, r, torch.zeros_like(r))
+        joint = contribution if joint is None else joint + contribution
+        masked = torch.where(m, r, torch.full_like(r, -math.inf))
+        maxima.append(masked.max().exp())
+        counts.append(m.sum().to(torch.float64))
+    assert joint is not None
+    ratio = joint.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP).exp()
+    nan = torch.isnan(ratio).any()
+    high = (ratio > 1.0 + clip_eps).to(torch.float64).mean()
+    low = (ratio < 1.0 - clip_eps).to(torch.float64).mean()
+    fractions = torch.stack([high + low, high, low])
+    fractions = torch.where(nan, torch.full_like(fractions, math.nan), fractions)
+    return torch.cat([fractions, torch.stack(maxima), torch.stack(counts)])
