@@ -38,6 +38,13 @@ EXTREMES = {
     "min pre-clip norm": 'min_over_time(tele_policy_grad_norm{job="tele", clip="pre"}[{w}])',
     "max pre-clip norm": 'max_over_time(tele_policy_grad_norm{job="tele", clip="pre"}[{w}])',
     "max CV": 'max_over_time(tele_gradient_cv{job="tele"}[{w}])',
+    "min policy entropy": 'min_over_time(tele_policy_entropy{job="tele"}[{w}])',
+    "min head entropy (normalised)": 'min(min_over_time(tele_head_entropy_normalized{job="tele"}[{w}]))',
+    "min explained variance": 'min_over_time(tele_explained_variance{job="tele"}[{w}])',
+    "max clip fraction": 'max_over_time(tele_ppo_clip_fraction{job="tele"}[{w}])',
+    "max head ratio max": 'max(max_over_time(tele_head_ratio_max{job="tele"}[{w}]))',
+    "min advantage std": 'min_over_time(tele_advantage_std{job="tele"}[{w}])',
+    "max seed ratio": 'max(max_over_time(tele_seed_grad_ratio{job="tele"}[{w}]))',
     "updates": 'max_over_time(tele_ppo_updates_total{job="tele"}[{w}])',
 }
 
