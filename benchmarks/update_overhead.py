@@ -32,7 +32,7 @@ from tele_exporter.stats import approx_kl
 
 
 class PlainUpdate:
-    """Stands in for tele.update(): plain clipping and the trainer's own KL, nothing recorded."""
+    """Stands in for tele.update(): plain clipping and the trainer's own KL, nothing recorded or observed."""
 
     def __init__(self, trainer: Trainer) -> None:
         self._params = list(trainer.policy.parameters())
@@ -54,6 +54,12 @@ class PlainUpdate:
 
     def early_stop(self) -> None:
         self.stopped_early = True
+
+    def _unobserved(self, *args: object, **kwargs: object) -> Tensor:
+        """The policy-health observations: a loop without telemetry computes none of them."""
+        return torch.zeros(())
+
+    observe_entropy = observe_explained_variance = observe_advantages = observe_ratios = _unobserved
 
 
 def _state(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any], Tensor]:

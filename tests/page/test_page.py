@@ -220,7 +220,7 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
     for panel, status in expected.items():
         assert shot.state["panels"][panel] == status, panel
         assert shot.hues[panel] == colours[status], f"{panel}: {status} should be drawn {colours[status]}"
-    assert shot.state["spark"] == {"kl": HEALTHY_UPDATES, "grad": HEALTHY_UPDATES}
+    assert shot.state["spark"] == {"kl": HEALTHY_UPDATES, "grad": HEALTHY_UPDATES, "entropy": HEALTHY_UPDATES}
     assert shot.state["text"]["cv"].split(" ")[-1] in {"stable", "warn", "BAD"}
 
 
