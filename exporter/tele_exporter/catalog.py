@@ -14,8 +14,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import strictyaml
 from .labels import RESERVED_LABELS as RESERVED_LABELS
 from .labels import check_label_names
@@ -511,14 +509,7 @@ def _check_cross_references(path: Path, metrics: Mapping[str, MetricSpec]) -> No
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """Read and validate a catalog file; raises CatalogError naming what is wrong."""
     file = Path(path) if path is not None else DEFAULT_PATH
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"{file}: cannot read the catalog: {exc.strerror or exc}") from None
-    try:
-        raw = strictyaml.load(text)
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{file}: not valid YAML: {exc}") from None
+    raw = strictyaml.load_file(file, CatalogError, "the catalog")
     top = _Reader(file, "catalog", raw)
     top.check_keys(("namespace", "selector", "job_label", "runbook", "colours", "metrics"))
     namespace = top.get("namespace", str)

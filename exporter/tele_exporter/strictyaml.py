@@ -6,6 +6,7 @@ repeated key silently replaces the first; both are refused with the line named.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -44,3 +45,15 @@ class _StrictLoader(yaml.SafeLoader):
 def load(text: str) -> Any:
     """Parse one YAML document strictly; raises yaml.YAMLError naming the line."""
     return yaml.load(text, Loader=_StrictLoader)
+
+
+def load_file(file: Path, error: type[Exception], what: str) -> Any:
+    """Read and parse one configuration file strictly; an unreadable file or bad YAML raises `error` naming it."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{file}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{file}: not valid YAML: {exc}") from None

@@ -16,8 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import strictyaml
 from .catalog import Catalog, Interval, Level, MetricSpec
 
@@ -47,15 +45,7 @@ def signals(catalog: Catalog) -> tuple[MetricSpec, ...]:
 def load_thresholds(path: str | Path) -> dict[str, dict[str, float]]:
     """Read a thresholds file: a YAML mapping of signal -> level -> start value."""
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ThresholdsError(f"{file}: cannot read the thresholds file: {exc.strerror or exc}") from None
-    try:
-        raw = strictyaml.load(text)
-    except yaml.YAMLError as exc:
-        raise ThresholdsError(f"{file}: not valid YAML: {exc}") from None
-    return _as_mapping(str(file), raw)
+    return _as_mapping(str(file), strictyaml.load_file(file, ThresholdsError, "the thresholds file"))
 
 
 def resolve(

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import strictyaml
 
 _CLIENT_AUTH = {
@@ -178,12 +176,7 @@ class WebConfig:
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web config file; raises WebConfigError naming the field."""
     file = Path(path)
-    try:
-        raw = strictyaml.load(file.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise WebConfigError(f"{file}: cannot read the web config: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise WebConfigError(f"{file}: not valid YAML: {exc}") from None
+    raw = strictyaml.load_file(file, WebConfigError, "the web config") or {}
     if not isinstance(raw, dict):
         raise WebConfigError(f"{file}: expected a mapping at the top level")
     unknown = sorted(set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config", "rate_limit"}, key=str)
