@@ -9,7 +9,6 @@ float64 gradient norm taken before each clip are compared with a real /metrics s
 from __future__ import annotations
 
 import math
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,12 @@ pytest.importorskip("gymnasium")
 
 import gymnasium as gym
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 from torch.distributions.categorical import Categorical
 
 from tele_exporter import Telemetry, serve
+from tests.support.reference import norm64
+from tests.support.scraper import scrape
 
 NUM_ENVS, NUM_STEPS, MINIBATCHES, EPOCHS, ITERATIONS = 4, 32, 4, 3, 4
 CLIP_COEF, MAX_GRAD_NORM, TARGET_KL = 0.2, 0.5, 0.015
@@ -66,21 +66,6 @@ class Agent(nn.Module):
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(x)
-
-
-def _norm64(params: Any) -> float:
-    """Float64 L2 norm of the parameters' gradients, independent of tele-exporter."""
-    return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
-
-
-def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.mark.slow
@@ -160,18 +145,18 @@ def test_cleanrl_style_loop_exports_what_it_computes() -> None:
 
                     optimizer.zero_grad()
                     loss.backward()
-                    reference["pre"].append(_norm64(agent.parameters()))
-                    reference["actor"].append(_norm64(agent.actor.parameters()))
-                    reference["critic"].append(_norm64(agent.critic.parameters()))
+                    reference["pre"].append(norm64(agent.parameters()))
+                    reference["actor"].append(norm64(agent.actor.parameters()))
+                    reference["critic"].append(norm64(agent.critic.parameters()))
                     upd.clip_grad_norm_(MAX_GRAD_NORM)  # tele-exporter: was nn.utils.clip_grad_norm_
-                    reference["post"].append(_norm64(agent.parameters()))
+                    reference["post"].append(norm64(agent.parameters()))
                     optimizer.step()
                 if approx_kl > TARGET_KL:
                     upd.early_stop()  # tele-exporter
                     break
             upd.observe_kl_value(approx_kl)  # tele-exporter: CleanRL's losses/approx_kl, the last minibatch's
         logged.append({"approx_kl": approx_kl.item(), "clipfrac": np.mean(clipfracs), **reference})
-        scraped.append(_scrape(server.url))
+        scraped.append(scrape(server.url))
     envs.close()
     assert server.close()
     tele.close()

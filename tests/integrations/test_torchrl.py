@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ pytest.importorskip("torchrl")
 pytest.importorskip("gymnasium")
 
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.collectors import Collector
@@ -33,14 +31,14 @@ from torchrl.objectives.value import GAE
 
 from tele_exporter import Telemetry, serve
 from tele_exporter.integrations.torchrl import k3_kl, loss_groups, loss_heads, observe_loss
+from tests.support.reference import norm64
+from tests.support.scraper import Samples, scrape
 
 from ..support.scraper import Scraper
 
 FRAMES, MINIBATCH, EPOCHS, ITERATIONS = 128, 32, 3, 4
 CLIP_EPSILON, MAX_GRAD_NORM, LEARNING_RATE = 0.2, 0.5, 3e-3  # a rate that makes the surrogate clip in 4 updates
 K3_ROUNDING = 5e-7  # TorchRL's float32 mean_ratio carries ~1e-7 of rounding into k3 (see k3_kl)
-
-Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def _agent(env: GymEnv) -> tuple[ProbabilisticActor, ValueOperator]:
@@ -58,26 +56,11 @@ def _agent(env: GymEnv) -> tuple[ProbabilisticActor, ValueOperator]:
     return actor, ValueOperator(critic_net, in_keys=["observation"])
 
 
-def _norm64(params: Any) -> float:
-    """Float64 L2 norm of the parameters' gradients, independent of tele-exporter."""
-    return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
-
-
 def _log_ratio(actor: ProbabilisticActor, loss: ClipPPOLoss, batch: Any) -> torch.Tensor:
     """The per-sample r = log pi_new - log pi_old, from a second actor pass (the test's reference only)."""
     with torch.no_grad():
         dist = actor.get_dist(batch.clone(False))
         return dist.log_prob(batch[loss.tensor_keys.action]) - batch[loss.tensor_keys.sample_log_prob]
-
-
-def _scrape(url: str) -> Scrape:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def _mean(values: list[float]) -> float:
@@ -100,7 +83,7 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
     tele = Telemetry(loss, heads=loss_heads(loss), groups=loss_groups(loss), const_labels={"run": "torchrl"})
     server = serve(tele, port=0, linger=10)
     logged: list[dict[str, list[float]]] = []
-    scraped: list[Scrape] = []
+    scraped: list[Samples] = []
 
     for data in collector:
         keys = ("clip_fraction", "kl_approx", "k3", "k3_exported", "torch", "pre", "post", "actor", "critic")
@@ -127,17 +110,17 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
                     for copy, p in zip(shadow, loss.parameters(), strict=True):
                         copy.grad = p.grad.clone()
                     own["torch"].append(float(torch.nn.utils.clip_grad_norm_(shadow, MAX_GRAD_NORM)))  # torch's own
-                    own["pre"].append(_norm64(loss.parameters()))
-                    own["actor"].append(_norm64(actor.parameters()))
-                    own["critic"].append(_norm64(critic.parameters()))
+                    own["pre"].append(norm64(loss.parameters()))
+                    own["actor"].append(norm64(actor.parameters()))
+                    own["critic"].append(norm64(critic.parameters()))
                     returned = upd.clip_grad_norm_(MAX_GRAD_NORM)  # tele-exporter: was nn.utils.clip_grad_norm_
                     assert float(returned) == pytest.approx(own["torch"][-1], rel=1e-6)
-                    own["post"].append(_norm64(loss.parameters()))
+                    own["post"].append(norm64(loss.parameters()))
                     for copy, p in zip(shadow, loss.parameters(), strict=True):
                         torch.testing.assert_close(p.grad, copy.grad, rtol=1e-6, atol=0.0)  # clipped as torch's
                     optimizer.step()
         logged.append(own)
-        scraped.append(_scrape(server.url))
+        scraped.append(scrape(server.url))
     collector.shutdown()
     assert server.close()
     tele.close()

@@ -19,6 +19,21 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+def parse(text: str) -> Samples:
+    """An exposition's samples as {(name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(url: str) -> Samples:
+    """One GET of a /metrics URL, parsed."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return parse(resp.read().decode())
+
+
 class Scraper(threading.Thread):
     """Scrapes the server a snippet puts in its namespace every 50 ms while it runs, as Prometheus would."""
 
@@ -43,8 +58,4 @@ class Scraper(threading.Thread):
     def samples(self) -> Samples:
         """The last scrape's samples; AssertionError if there was none."""
         assert self.last is not None, "the snippet's server was never scraped"
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(self.last)
-            for s in family.samples
-        }
+        return parse(self.last)
