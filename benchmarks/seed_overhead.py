@@ -9,10 +9,11 @@ engine callback takes one fused norm per host; the backward-gain probe adds
 forward hooks and two tensor hooks per seed. The update's publish (once per PPO
 update, not per pass) is timed separately. Torch runs on one thread, so the
 training thread's CPU time (`--clock thread`, the default) is the step's work and
-holds still on a shared machine where wall time (`--clock wall`) does not.
+holds still on a shared machine where wall time (`--clock wall`) does not. On a GPU
+(`--device cuda`) each step ends with a synchronize and is timed on the wall clock.
 
     python benchmarks/seed_overhead.py [--seeds 4] [--width 256] [--batch 256] [--updates 10] [--steps 25]
-                                       [--clock thread|wall]
+                                       [--clock thread|wall] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -66,20 +67,29 @@ CLOCKS: dict[str, Callable[[], float]] = {"thread": time.thread_time, "wall": ti
 
 
 def _step(host: Host, optim: torch.optim.Optimizer, x: Tensor, y: Tensor, clock: Callable[[], float]) -> float:
-    """Seconds of one training step: forward, backward, SGD step."""
+    """Seconds of one training step: forward, backward, SGD step (until the GPU has finished it)."""
     t0 = clock()
     optim.zero_grad(set_to_none=True)
     (host(x) - y).pow(2).mean().backward()
     optim.step()
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return clock() - t0
 
 
 def run(
-    seeds: int, width: int, batch: int, updates: int, steps: int, gain: bool, clock: Callable[[], float]
+    seeds: int,
+    width: int,
+    batch: int,
+    updates: int,
+    steps: int,
+    gain: bool,
+    clock: Callable[[], float],
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Alternate single steps of a plain and a watched copy of one host; returns medians and ratios."""
     torch.manual_seed(0)
-    plain_host = Host(width, seeds)
+    plain_host = Host(width, seeds).to(device)
     watched_host = copy.deepcopy(plain_host)
     policy = nn.Linear(1, 1)
     tele = Telemetry(policy, heads={"op": policy})
@@ -90,7 +100,7 @@ def run(
         "watched": torch.optim.SGD(watched_host.parameters(), lr=1e-3),
     }
     hosts = {"plain": plain_host, "watched": watched_host}
-    x, y = torch.randn(batch, 32), torch.randn(batch, 1)
+    x, y = torch.randn(batch, 32, device=device), torch.randn(batch, 1, device=device)
     times: dict[str, list[float]] = {"plain": [], "watched": []}
     publish: list[float] = []
     for u in range(updates + 1):
@@ -121,10 +131,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (timed on the wall clock)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    clock = CLOCKS["wall" if args.device.startswith("cuda") else args.clock]
     for gain, what in ((False, "ratio only (backward_gain=False)"), (True, "ratio and backward gain")):
-        res = run(args.seeds, args.width, args.batch, args.updates, args.steps, gain, CLOCKS[args.clock])
+        res = run(args.seeds, args.width, args.batch, args.updates, args.steps, gain, clock, args.device)
         print(f"{what}:")
         print(f"  host step without watched seeds: {res['plain_ms']:.3f} ms")
         print(f"  host step with {args.seeds} watched seeds: {res['watched_ms']:.3f} ms")
