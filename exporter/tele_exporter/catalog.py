@@ -27,6 +27,9 @@ COLOUR_KEYS = (*STATUSES, "neutral")
 LEVEL_STATUSES = COLOUR_KEYS
 SEVERITIES = ("warning", "critical")
 ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag")
+# Aggregations of a metric across the ranks of a job (prometheus/rules/tele-ranks.yml):
+# "worst" is min and/or max as the levels go bad; the *_rate ones are of a counter's rate.
+RANK_OPS = ("worst", "max", "min", "avg", "sum_rate", "min_rate")
 _NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _ALERT_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 _DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
@@ -172,6 +175,7 @@ class MetricSpec:
     alerts: tuple[MetricAlert, ...] = ()
     of: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
+    ranks: tuple[str, ...] = ()
 
     @property
     def family_name(self) -> str:
@@ -191,6 +195,10 @@ class MetricSpec:
                 return level
         raise KeyError(f"{self.id} has no level {name!r}")
 
+    def bad_sides(self) -> tuple[str, ...]:
+        """Which way the value goes bad, as the aggregation that finds its worst: "min", "max" or both."""
+        return bad_sides(self.levels)
+
     def thresholds(self) -> tuple[float, ...]:
         """Every finite boundary of the levels and trend contexts, sorted."""
         edges: set[float] = set()
@@ -200,6 +208,15 @@ class MetricSpec:
             for ctx in self.trend.context:
                 edges.update(ctx.when.edges())
         return tuple(sorted(edges))
+
+
+def bad_sides(levels: Sequence[Level]) -> tuple[str, ...]:
+    """ "min" when a warning or critical level lies below the ok levels, "max" when one lies above them."""
+    ok = [i for i, level in enumerate(levels) if level.status == "ok"]
+    bad = [level.status in SEVERITIES for level in levels]
+    if not ok:
+        return ()
+    return (*(("min",) if any(bad[: ok[0]]) else ()), *(("max",) if any(bad[ok[-1] + 1 :]) else ()))
 
 
 @dataclass(frozen=True)
@@ -315,6 +332,7 @@ _METRIC_KEYS = (
     "alerts",
     "of",
     "buckets",
+    "ranks",
 )
 
 
@@ -412,6 +430,26 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
     return tuple(alerts)
 
 
+def _read_ranks(r: _Reader, mtype: str, levels: tuple[Level, ...]) -> tuple[str, ...]:
+    """The cross-rank aggregations: rates for counters, values for gauges; "worst" needs a side that goes bad."""
+    ranks: list[str] = []
+    for i, op in enumerate(r.get("ranks", list, [])):
+        if op not in RANK_OPS:
+            raise r.fail(f"ranks[{i}]", f"{op!r} is not one of {', '.join(RANK_OPS)}")
+        if str(op).endswith("_rate") != (mtype == "counter"):
+            raise r.fail(f"ranks[{i}]", f"{op!r} is not for a {mtype}")
+        if op in ranks:
+            raise r.fail(f"ranks[{i}]", f"{op!r} is given twice")
+        ranks.append(str(op))
+    if "worst" in ranks:
+        ok = [i for i, level in enumerate(levels) if level.status == "ok"]
+        between = [level.name for level in levels[ok[0] : ok[-1]] if level.status in SEVERITIES] if ok else []
+        if between or not bad_sides(levels):
+            where = f": level {between[0]!r} lies between ok levels" if between else ""
+            raise r.fail("ranks", f"'worst' needs warning or critical levels below or above the ok levels{where}")
+    return tuple(ranks)
+
+
 def _read_buckets(r: _Reader) -> tuple[float, ...]:
     buckets = []
     for i, edge in enumerate(r.get("buckets", list, [])):
@@ -462,6 +500,7 @@ def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> Metric
             raise r.fail("buckets", "must be strictly increasing")
     elif buckets:
         raise r.fail("buckets", f"only histograms have buckets, {metric_id} is a {mtype}")
+    levels = _read_levels(r)
     return MetricSpec(
         id=metric_id,
         name=name,
@@ -474,13 +513,14 @@ def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> Metric
         precision=precision,
         history=history,
         history_stable=history_stable,
-        levels=_read_levels(r),
+        levels=levels,
         trend=_read_trend(r),
         alert_on={str(k): str(v) for k, v in alert_on.items()},
         early_stop_factor=None if factor is None else float(factor),
         alerts=_read_alerts(r),
         of=tuple(str(o) for o in r.get("of", list, [])),
         buckets=buckets,
+        ranks=_read_ranks(r, mtype, levels),
     )
 
 

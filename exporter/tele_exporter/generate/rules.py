@@ -25,17 +25,6 @@ RANKS_PATH = "prometheus/rules/tele-ranks.yml"
 RANK_LABELS = "instance, rank, node"
 # The matcher of series from a rank of a multi-process job (single processes have no rank).
 RANKED = 'rank!=""'
-# Cross-rank aggregations by catalog id: max finds the rank to worry about, avg the
-# typical one, min the slowest or stalest; counters are summed or min'd as rates.
-RANK_AGGREGATIONS: dict[str, tuple[str, ...]] = {
-    "head_grad_norm": ("max", "min"),
-    "policy_grad_norm": ("max", "avg"),
-    "kl_divergence": ("max", "avg"),
-    "gradient_cv": ("max",),
-    "last_update_timestamp": ("min",),
-    "nonfinite_gradients": ("sum_rate",),
-    "ppo_updates": ("min_rate",),
-}
 ALERTS_PATH = "prometheus/rules/tele-alerts.yml"
 # Window of rate(), delta() and increase() in recording rules.
 WINDOW = "5m"
@@ -339,19 +328,22 @@ def recording_rules(catalog: Catalog) -> list[dict[str, str]]:
 def rank_rules(catalog: Catalog) -> list[dict[str, str]]:
     """Recording rules that aggregate a torchrun job's ranks into one series per job."""
     rules: list[dict[str, str]] = []
-    for metric_id, operations in RANK_AGGREGATIONS.items():
-        spec = catalog.metrics.get(metric_id)
-        if spec is None:
-            continue
+    for spec in catalog:
         level = _level_name(["job", *spec.labels])
-        for op in operations:
+        series = selector(catalog, spec.name)
+        for op in spec.ranks:
             if op.endswith("_rate"):
                 agg = op.removesuffix("_rate")
-                expr = f"{agg} without ({RANK_LABELS}) (rate({selector(catalog, spec.name)}[{WINDOW}]))"
+                expr = f"{agg} without ({RANK_LABELS}) (rate({series}[{WINDOW}]))"
                 rules.append({"record": f"{level}:{spec.family_name}:{agg}_rate{WINDOW}", "expr": expr})
+            elif op == "worst":
+                rules.extend(
+                    {"record": f"{level}:{spec.name}:{side}", "expr": _worst(series, side)} for side in spec.bad_sides()
+                )
             else:
-                expr = f"{op} without ({RANK_LABELS}) ({selector(catalog, spec.name)})"
-                rules.append({"record": f"{level}:{spec.name}:{op}", "expr": expr})
+                rules.append(
+                    {"record": f"{level}:{spec.name}:{op}", "expr": f"{op} without ({RANK_LABELS}) ({series})"}
+                )
     job = job_labels(catalog)
     # Targets up, from `up` itself: still a series (0) when every rank is down.
     rules.append(
@@ -361,6 +353,15 @@ def rank_rules(catalog: Catalog) -> list[dict[str, str]]:
     if world is not None:
         rules.append({"record": f"job:{world.name}:max", "expr": f"max by ({job}) ({selector(catalog, world.name)})"})
     return rules
+
+
+def _worst(series: str, side: str) -> str:
+    """The worst rank's value, `side` (min or max) of the ranks, or NaN when any rank's is NaN.
+
+    min and max skip NaN (unless every rank's is NaN); the NaN ranks, kept by `x != x`,
+    come first in the `or`, so a rank whose signal broke is never hidden by its peers.
+    """
+    return f"max without ({RANK_LABELS}) ({series} != {series})\nor\n{side} without ({RANK_LABELS}) ({series})"
 
 
 def job_labels(catalog: Catalog) -> str:
