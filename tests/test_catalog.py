@@ -89,6 +89,19 @@ def test_policy_health_boundaries_are_exact_as_the_records_state() -> None:
     ]  # fmt: skip
 
 
+def test_bad_sides_are_where_warning_or_critical_levels_lie_beside_the_ok_ones() -> None:
+    """The side a metric goes bad on, read from its levels: neutral levels (TELE-121's slow decline) are not bad."""
+    catalog = default_catalog()
+    assert catalog["policy_entropy"].bad_sides() == ("min",)
+    assert catalog["entropy_velocity"].bad_sides() == ("min",)
+    assert catalog["explained_variance"].bad_sides() == ("min",)
+    assert catalog["clip_fraction"].bad_sides() == ("max",)
+    assert catalog["entropy_collapsed"].bad_sides() == ("max",)
+    assert catalog["advantage_std"].bad_sides() == ("min", "max")
+    assert catalog["head_ratio_max"].bad_sides() == ("min", "max")
+    assert catalog["head_grad_norm"].bad_sides() == ()
+
+
 def test_histogram_buckets_contain_every_threshold() -> None:
     c = default_catalog()
     for spec in c:
@@ -196,6 +209,27 @@ def _broken(tmp_path: Path, edit: object) -> Path:
         ),
         (lambda c: c["metrics"]["kl_divergence"].update(colour="red"), r"kl_divergence\.colour: unknown field"),
         (lambda c: c["metrics"]["gradient_cv"].update(precision="three"), r"gradient_cv\.precision: expected int"),
+        (lambda c: c["metrics"]["kl_divergence"].update(ranks=["median"]), r"kl_divergence\.ranks\[0\]: 'median'"),
+        (
+            lambda c: c["metrics"]["kl_divergence"].update(ranks=["sum_rate"]),
+            r"ranks\[0\]: 'sum_rate' is not for a gauge",
+        ),
+        (
+            lambda c: c["metrics"]["ppo_updates"].update(ranks=["max"]),
+            r"ppo_updates\.ranks\[0\]: 'max' is not for a counter",
+        ),
+        (
+            lambda c: c["metrics"]["kl_divergence"].update(ranks=["worst", "worst"]),
+            r"ranks\[1\]: 'worst' is given twice",
+        ),
+        (
+            lambda c: c["metrics"]["seed_grad_ratio"].update(ranks=["worst"]),
+            r"seed_grad_ratio\.ranks: 'worst' needs .*level 'vanishing' lies between ok levels",
+        ),
+        (
+            lambda c: c["metrics"]["head_grad_norm"].update(ranks=["worst"]),
+            r"head_grad_norm\.ranks: 'worst' needs warning or critical levels below or above the ok levels$",
+        ),
     ],
 )
 def test_malformed_catalog_names_entry_and_field(tmp_path: Path, edit: object, message: str) -> None:

@@ -254,3 +254,54 @@ def test_job_label_is_configurable_and_checked(tmp_path: Path) -> None:
         custom.write_text(source.replace("job_label: training_job", f"job_label: {bad!r}"))
         with pytest.raises(ValueError, match="job_label"):
             load_catalog(custom)
+
+
+def test_rank_rules_take_the_worst_rank_by_the_side_the_levels_go_bad() -> None:
+    """Entropy-like signals go bad low (min), clip fraction and KL high (max), advantage std and ratio both ways."""
+    records = {r["record"] for r in rules.rank_rules(default_catalog())}
+    assert {
+        "job:tele_policy_entropy:min",
+        "job:tele_policy_entropy_velocity:min",
+        "job:tele_policy_entropy_collapsed:max",
+        "job_head:tele_head_entropy_normalized:min",
+        "job:tele_explained_variance:min",
+        "job:tele_advantage_std:min",
+        "job:tele_advantage_std:max",
+        "job_head:tele_head_ratio_max:min",
+        "job_head:tele_head_ratio_max:max",
+        "job:tele_ppo_clip_fraction:max",
+        "job_side:tele_ppo_clip_fraction_side:max",
+        "job:tele_kl_divergence:max",
+        "job:tele_gradient_cv:max",
+    } <= records
+    assert (
+        not {"job:tele_policy_entropy:max", "job:tele_explained_variance:max", "job:tele_ppo_clip_fraction:min"}
+        & records
+    )
+    assert not any("seed" in record for record in records), "env ids repeat on every rank: seeds are not aggregated"
+
+
+def test_worst_rank_follows_the_catalog_levels_and_shows_nan(tmp_path: Path) -> None:
+    """A catalog whose clip fraction went bad low would aggregate it with min; a NaN rank comes first in the `or`."""
+    source = default_catalog().path.read_text(encoding="utf-8")
+    custom = tmp_path / "catalog.yaml"
+    flipped = source.replace('when: "[0, 0.25)"\n        status: ok', 'when: "[0, 0.25)"\n        status: critical', 1)
+    flipped = flipped.replace(
+        'when: "[0.3, +inf]"\n        status: critical', 'when: "[0.3, +inf]"\n        status: ok', 1
+    )
+    custom.write_text(flipped)
+    records = {r["record"]: r["expr"] for r in rules.rank_rules(load_catalog(custom))}
+    assert "job:tele_ppo_clip_fraction:min" in records
+    assert "job:tele_ppo_clip_fraction:max" not in records
+    series = 'tele_ppo_clip_fraction{job="tele"}'
+    assert records["job:tele_ppo_clip_fraction:min"] == (
+        f"max without (instance, rank, node) ({series} != {series})\nor\nmin without (instance, rank, node) ({series})"
+    )
+
+
+def test_every_rank_record_has_promtool_tests() -> None:
+    """Each cross-rank recording rule is evaluated by at least one promtool test in prometheus/tests/ranks.yml."""
+    records = {r["record"] for r in rules.rank_rules(default_catalog())}
+    suite = yaml.safe_load((ROOT / "prometheus" / "tests" / "ranks.yml").read_text(encoding="utf-8"))
+    exprs = " ".join(check["expr"] for test in suite["tests"] for check in test.get("promql_expr_test", []))
+    assert {record for record in records if record not in exprs} == set()
