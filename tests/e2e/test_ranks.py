@@ -5,6 +5,9 @@ with its own `training_job` in const_labels and in file_sd. Job "a" trains its r
 independently (a seed sweep under torchrun); job "b" all-reduces gradients every
 update like DDP. Then:
 
+* each rank publishes its own policy entropy and clip fraction (none is reduced, also
+  under DDP), and the rank rules take the job's worst rank: the lowest entropy, the
+  highest clip fraction;
 * rank 1 of "a" enters a collective its peer never joins: its /metrics still
   answers (up 1), its updates stop, and TeleRankLagging goes pending for it alone;
 * rank 1 of "b" is stopped (SIGSTOP): its scrapes time out (up 0), rank 0 of "b"
@@ -191,6 +194,15 @@ def test_killed_stopped_and_hung_ranks_raise_the_right_alerts(
     poll(all_publishing, 180, interval=0.5, what="4 ranks publishing")
     _settles(prom, "job:tele_ranks:count", {"a": 2.0, "b": 2.0})
     _settles(prom, "job:tele_world_size:max", {"a": 2.0, "b": 2.0})
+    entropy = {
+        (r["metric"]["training_job"], r["metric"]["rank"]): float(r["value"][1])
+        for r in prom.query("tele_policy_entropy")
+    }
+    assert entropy == {("a", "0"): 0.5, ("a", "1"): 1.0, ("b", "0"): 0.5, ("b", "1"): 1.0}, (
+        "measured per rank, never reduced"
+    )
+    _settles(prom, "job:tele_policy_entropy:min", {"a": 0.5, "b": 0.5})
+    _settles(prom, "job:tele_ppo_clip_fraction:max", {"a": 0.2, "b": 0.2})
     restarts = prom.query('tele_torchrun_restarts{job="tele"}')
     assert sorted(float(r["value"][1]) for r in restarts) == [0.0] * 4
     assert {r["metric"]["instance"]: r["metric"]["rank"] for r in restarts} == {
@@ -262,6 +274,9 @@ def _worker() -> None:
                         torch.distributed.all_reduce(p.grad)
             upd.clip_grad_norm_(0.5)
             upd.observe_kl({"op": torch.full((4,), 0.01)})
+            # Per-rank policy health, as each rank's own rollout gives it: rank 0 explores least, rank 1 clips most.
+            upd.observe_entropy({"op": torch.full((4,), 0.5 * (rank + 1))})
+            upd.observe_clip_fraction(0.1 * (rank + 1))
         step += 1
         time.sleep(UPDATE_PAUSE_S)
 
