@@ -223,6 +223,10 @@ def _broken(tmp_path: Path, edit: object) -> Path:
             r"ranks\[1\]: 'worst' is given twice",
         ),
         (
+            lambda c: c["metrics"]["kl_divergence"].update(ranks=["worst", "max"]),
+            r"kl_divergence\.ranks: 'max' is what 'worst' gives for these levels",
+        ),
+        (
             lambda c: c["metrics"]["seed_grad_ratio"].update(ranks=["worst"]),
             r"seed_grad_ratio\.ranks: 'worst' needs .*level 'vanishing' lies between ok levels",
         ),

@@ -447,6 +447,9 @@ def _read_ranks(r: _Reader, mtype: str, levels: tuple[Level, ...]) -> tuple[str,
         if between or not bad_sides(levels):
             where = f": level {between[0]!r} lies between ok levels" if between else ""
             raise r.fail("ranks", f"'worst' needs warning or critical levels below or above the ok levels{where}")
+        again = [op for op in bad_sides(levels) if op in ranks]
+        if again:
+            raise r.fail("ranks", f"{again[0]!r} is what 'worst' gives for these levels: list it once")
     return tuple(ranks)
 
 

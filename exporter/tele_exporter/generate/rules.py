@@ -326,7 +326,11 @@ def recording_rules(catalog: Catalog) -> list[dict[str, str]]:
 
 
 def rank_rules(catalog: Catalog) -> list[dict[str, str]]:
-    """Recording rules that aggregate a torchrun job's ranks into one series per job."""
+    """Recording rules that aggregate a torchrun job's ranks into one series per job.
+
+    Each metric gets the aggregations its catalog `ranks` lists ("worst": min and/or max by
+    the side its levels go bad on); then the job's ranks up and its world size.
+    """
     rules: list[dict[str, str]] = []
     for spec in catalog:
         level = _level_name(["job", *spec.labels])
