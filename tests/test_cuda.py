@@ -113,3 +113,64 @@ def test_policy_health_observations_make_no_host_sync() -> None:
         assert policy_state.explained_variance is not None and policy_state.advantage_std is not None
     finally:
         tele.close()
+
+
+class _SeededHost(torch.nn.Module):
+    """Two hidden layers, each followed by a residual seed: the shape benchmarks/seed_overhead.py times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(2))
+        self.seeds = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.ReLU(), torch.nn.Linear(4, 16)) for _ in range(2)
+        )
+        self.out = torch.nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, seed in zip(self.layers, self.seeds, strict=True):
+            x = torch.tanh(layer(x))
+            x = x + 0.5 * seed(x)
+        out: torch.Tensor = self.out(x)
+        return out
+
+
+def _rms_ratio64(host: _SeededHost, seed: torch.nn.Module) -> float:
+    """DESIGN §4 from the .grad tensors in float64 on the host: seed RMS over host RMS."""
+    seed_ids = {id(p) for s in host.seeds for p in s.parameters()}
+    own = [p.grad.double().cpu() for p in host.parameters() if id(p) not in seed_ids and p.grad is not None]
+    mine = [p.grad.double().cpu() for p in seed.parameters() if p.grad is not None]
+    g_host = math.sqrt(sum(float(g.pow(2).sum()) for g in own))
+    g_seed = math.sqrt(sum(float(g.pow(2).sum()) for g in mine))
+    n_host = sum(g.numel() for g in own)
+    n_seed = sum(g.numel() for g in mine)
+    return (g_seed / math.sqrt(n_seed)) / (g_host / math.sqrt(n_host) + 1e-8)
+
+
+def test_seed_ratios_make_no_host_sync_on_fresh_and_accumulating_passes() -> None:
+    """Both ways of TELE-557's probe: fresh .grad read at the end of the pass, and gradients normed in their hooks."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    host = _SeededHost().to(device)
+    tele = Telemetry(policy, heads={"op": policy.op})
+    for i, seed in enumerate(host.seeds):
+        tele.watch_seed(seed, host=host, env="0", slot=f"r0c{i}")
+    x = torch.randn(64, 16, device=device)
+    try:
+        for accumulate in (False, True):
+            torch.cuda.synchronize()
+            with tele.update(), _no_sync():
+                for _ in range(3):
+                    host.zero_grad(set_to_none=True)
+                    host(x).pow(2).mean().backward()
+                    if accumulate:
+                        host(x).pow(2).mean().backward()
+            snap = tele.snapshot()
+            for i, seed in enumerate(host.seeds):
+                state = snap.seed("0", f"r0c{i}")
+                assert state.passes == (6 if accumulate else 3)  # equal passes, no optimizer step
+                expected = _rms_ratio64(host, seed)  # .grad now holds two equal passes: the same ratio
+                assert state.ratio == pytest.approx(expected, rel=1e-5)
+        assert tele.errors() == {}
+    finally:
+        tele.close()
