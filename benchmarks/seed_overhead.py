@@ -7,13 +7,15 @@ in alternating single steps on the same data, so the ratio is the watch's
 alone: per backward pass, tensor hooks keep each parameter's gradient and one
 engine callback takes one fused norm per host; the backward-gain probe adds
 forward hooks and two tensor hooks per seed. The update's publish (once per PPO
-update, not per pass) is timed separately. Torch runs on one thread, so the
+update, not per pass) is timed separately. `--floor` also times the least any exact
+per-pass measurement must add: one fused norm of every host and seed gradient after
+each backward, inline, with no hook at all. Torch runs on one thread, so the
 training thread's CPU time (`--clock thread`, the default) is the step's work and
 holds still on a shared machine where wall time (`--clock wall`) does not. On a GPU
 (`--device cuda`) each step ends with a synchronize and is timed on the wall clock.
 
     python benchmarks/seed_overhead.py [--seeds 4] [--width 256] [--batch 256] [--updates 10] [--steps 25]
-                                       [--clock thread|wall] [--device cpu|cuda]
+                                       [--clock thread|wall] [--device cpu|cuda] [--floor]
 """
 
 from __future__ import annotations
@@ -123,6 +125,32 @@ def run(
     }
 
 
+def floor(seeds: int, width: int, batch: int, steps: int, clock: Callable[[], float], device: str) -> float:
+    """Median pair ratio of a step followed by one fused norm of all its gradients (no hooks) over a plain step."""
+    torch.manual_seed(0)
+    hosts = {"plain": Host(width, seeds).to(device)}
+    hosts["normed"] = copy.deepcopy(hosts["plain"])
+    optims = {name: torch.optim.SGD(host.parameters(), lr=1e-3) for name, host in hosts.items()}
+    x, y = torch.randn(batch, 32, device=device), torch.randn(batch, 1, device=device)
+    params = list(hosts["normed"].parameters())
+    times: dict[str, list[float]] = {"plain": [], "normed": []}
+    for k in range(2 * steps + 20):
+        for name in ("plain", "normed") if k % 2 else ("normed", "plain"):
+            host, optim = hosts[name], optims[name]
+            t0 = clock()
+            optim.zero_grad(set_to_none=True)
+            (host(x) - y).pow(2).mean().backward()
+            if name == "normed":
+                with torch.no_grad():
+                    torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))
+            optim.step()
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            if k >= 20:
+                times[name].append(clock() - t0)
+    return statistics.median(n / p for n, p in zip(times["normed"], times["plain"], strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4)
@@ -132,6 +160,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (timed on the wall clock)")
+    parser.add_argument("--floor", action="store_true", help="also time one fused norm per pass with no hooks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = CLOCKS["wall" if args.device.startswith("cuda") else args.clock]
@@ -143,6 +172,9 @@ def main() -> None:
         print(f"  seed watch ratio per backward pass: {res['ratio_median_pair']:.4f}x median of pairs, ", end="")
         print(f"{res['ratio_total']:.4f}x total (target <= 1.05x)")
         print(f"  publish at the end of an update of {args.steps} passes: {res['publish_ms']:.3f} ms")
+    if args.floor:
+        ratio = floor(args.seeds, args.width, args.batch, args.updates * args.steps, clock, args.device)
+        print(f"floor: one fused norm of every host and seed gradient per pass, no hooks: {ratio:.4f}x median of pairs")
 
 
 if __name__ == "__main__":

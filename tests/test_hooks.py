@@ -501,6 +501,26 @@ def test_nonfinite_parameter_gradients_make_the_ratio_exploding_on_both_paths(
     assert state.exploding and state.shown.label == "▲ EXPLODING"
 
 
+def test_a_nonfinite_seed_leaves_the_other_seeds_of_its_host_exact(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
+    """Per host and seed sums stay apart: a NaN or Inf in one seed's gradient is that seed's alone."""
+    _, tele, _ = setup
+    torch.manual_seed(19)
+    seeds = {"nan": _relu_seed(), "inf": _relu_seed(), "good": _relu_seed()}
+    host = Parallel(seeds)
+    for name, seed in seeds.items():
+        tele.watch_seed(seed, host=host, env=0, slot=name, backward_gain=False)
+    poison = {"nan": float("nan"), "inf": float("inf")}
+    for name, value in poison.items():  # the forward stays finite: only these gradients are not
+        seeds[name][0].weight.register_hook(lambda g, v=value: g.index_fill(0, torch.tensor([0]), v))  # type: ignore[index]
+    with tele.update():
+        grads = _backward_pass(host, 0)
+    snap = tele.snapshot()
+    for name in poison:
+        assert not math.isfinite(snap.seed("0", name).ratio) and snap.seed("0", name).exploding
+    reference = _reference_rms_ratio(host, seeds["good"], grads)
+    assert math.isfinite(reference) and snap.seed("0", "good").ratio == pytest.approx(reference, rel=1e-6)
+
+
 def test_a_hook_that_takes_grad_away_drops_that_pass_and_later_passes_are_normed_in_hooks(
     setup: tuple[TinyPolicy, Telemetry, Host],
 ) -> None:

@@ -365,11 +365,17 @@ class HostProbe:
         if state is None or layout is not self._layout:
             return
         try:
-            slots = state.slots
-            if any(s is _Mark.FAILED for s in slots):
-                return
-            deferred = [i for i, s in enumerate(slots) if s is _Mark.DEFERRED]
-            eager = [i for i, s in enumerate(slots) if isinstance(s, Tensor)]
+            deferred: list[int] = []
+            eager: list[int] = []
+            eager_norms: list[Tensor] = []
+            for i, slot in enumerate(state.slots):
+                if slot is _Mark.DEFERRED:
+                    deferred.append(i)
+                elif slot is _Mark.FAILED:
+                    return
+                elif slot is not None:
+                    eager.append(i)
+                    eager_norms.append(slot)
             chunks: list[Tensor] = []
             if deferred:
                 grads = [layout.tensors[i].grad for i in deferred]
@@ -379,14 +385,13 @@ class HostProbe:
                 with torch.no_grad():
                     chunks.append(tensor_norms([g for g in grads if g is not None]))
             if eager:
-                chunks.append(stack_float64([s for s in slots if isinstance(s, Tensor)]))
+                chunks.append(stack_float64(eager_norms))
             if not chunks:
                 return
             device = chunks[0].device
             norms = chunks[0] if len(chunks) == 1 else torch.cat([c.to(device) for c in chunks])
-            squares = norms.square()
             sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=device)
-            sums.index_add_(0, self._plan(layout, (*deferred, *eager), device), squares)
+            sums.index_add_(0, self._plan(layout, (*deferred, *eager), device), norms.square())
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
