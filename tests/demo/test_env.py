@@ -97,6 +97,20 @@ def test_episode_ends_and_resets_the_slots(tele: Telemetry) -> None:
     assert all(s.stage == Stage.EMPTY for e in vec.envs for s in e.slots)
 
 
+def test_a_diverging_host_ends_its_episode_with_the_collapse_penalty() -> None:
+    """A host whose validation loss blows up (or goes NaN) is reset: observations and rewards stay finite."""
+    cfg = EnvConfig(host_lr=50.0, episode_steps=1000)
+    vec = VecEnv(1, cfg, seed=0)
+    collapsed = 0
+    for _ in range(20):
+        obs, rewards, dones = vec.step([Action(op=Op.WAIT)])
+        assert torch.isfinite(obs).all() and torch.isfinite(rewards).all()
+        if dones[0]:
+            collapsed += 1
+            assert rewards[0] == -cfg.collapse_penalty and vec.envs[0].t == 0
+    assert collapsed > 0
+
+
 def _float64_rms(params: list[torch.nn.Parameter]) -> float:
     """Gradient RMS over every element of params, in float64 from their .grad."""
     grads = [p.grad.detach().to(torch.float64) for p in params if p.grad is not None]

@@ -195,6 +195,12 @@ def test_nan_fault_counts_nonfinite_gradients_and_keeps_params_finite() -> None:
     assert counts[2] == counts[3] == counts[4], "stops once the fault is off"
 
 
+def test_a_host_that_diverges_mid_rollout_does_not_stop_training() -> None:
+    """Seed 2 of this small demo blends a tempo-2 seed to alpha 1 and its host diverges in update 2 (it crashed)."""
+    results = Trainer(DemoConfig(updates=4, envs=4, steps=16, seed=2)).run()
+    assert len(results) == 4 and all(math.isfinite(r.reward) for r in results)
+
+
 def test_same_seed_same_run() -> None:
     config = DemoConfig(updates=2, envs=2, steps=8, seed=7)
     a = [(r.reward, r.kl, r.grad_norm_pre) for r, _ in run_with_snapshots(config)]

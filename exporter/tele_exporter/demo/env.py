@@ -94,6 +94,8 @@ class EnvConfig:
     improvement_scale: float = 2.0
     param_cost: float = 0.02
     invalid_penalty: float = 0.1
+    collapse_factor: float = 100.0  # a validation loss this many times the episode's first (or NaN) ends it
+    collapse_penalty: float = 2.0
 
 
 class Seed(nn.Module):
@@ -288,6 +290,8 @@ class SeedEnv:
         )
         self.t += 1
         done = self.t >= self.cfg.episode_steps
+        if not self.val <= self.cfg.collapse_factor * self.val_ref:  # the host diverged (NaN included)
+            reward, done = -self.cfg.collapse_penalty, True
         obs = self.reset() if done else self.observe()
         return obs, float(reward), done
 
