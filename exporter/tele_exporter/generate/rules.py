@@ -219,12 +219,13 @@ def _increase_rule(
         severity=severity,
         expr="\nor ".join(clauses),
         for_=for_,
-        summary="Gradients became NaN or Inf.",
+        summary="Gradients or training statistics became NaN or Inf.",
         description=(
             "{{ $labels.job }}/{{ $labels.instance }}: {{ $labels.metric }}"
             "{{ with $labels.head }} (head {{ . }}){{ end }} "
-            f"shows a non-finite gradient within the last {window} (value {VALUE}: new "
-            f"non-finite optimizer steps, or NaN). {spec.question}"
+            f'{{{{ if eq $labels.metric "{spec.name}" }}}}counted {VALUE} optimizer steps with a NaN or Inf '
+            f"gradient within the last {window}{{{{ else }}}}is NaN, which no level alert can compare{{{{ end }}}}. "
+            f"{spec.question} Or did the losses' inputs (log-probabilities, values, advantages) go NaN?"
         ),
         metric=spec,
     )

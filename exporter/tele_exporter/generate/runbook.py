@@ -100,10 +100,12 @@ ADVICE: dict[str, str] = {
         "Lower the seed's alpha or learning rate, check its weight scale, or prune it."
     ),
     "TeleNonFiniteGradients": (
-        "An optimizer step produced a NaN or Inf gradient (the `metric` label names the series, "
-        "`head` the action head). Training on non-finite gradients corrupts the weights: stop, "
-        "restore the last good checkpoint, and look for a log of zero, a division by a "
-        "vanishing std or an overflow in mixed precision. NaN fails every PromQL comparison, "
+        "An optimizer step produced a NaN or Inf gradient, or a metric with levels is NaN (the "
+        "`metric` label names the series, `head` the action head): a NaN entropy, explained "
+        "variance, advantage std or ratio comes from NaN log-probabilities, values or returns, "
+        "which a NaN gradient usually follows. Training on non-finite gradients corrupts the "
+        "weights: stop, restore the last good checkpoint, and look for a log of zero, a division "
+        "by a vanishing std or an overflow in mixed precision. NaN fails every PromQL comparison, "
         "so the level alerts go silent on NaN; this alert covers it."
     ),
     "TeleTelemetryErrors": (
