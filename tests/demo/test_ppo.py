@@ -81,7 +81,9 @@ def test_live_scrape_has_every_design_metric() -> None:
         assert not missing, f"update {k}: missing {missing}"
         assert s["tele_ppo_updates_total"][0][1] == k
         current = by(s, "tele_head_grad_norm", "head")
-        assert set(current) == HEADS
+        assert set(current) == {*HEADS, "value"}
+        kinds = {labels["head"]: labels["kind"] for labels, _ in s["tele_head_grad_norm"]}
+        assert kinds == {**dict.fromkeys(HEADS, "action"), "value": "other"}
         assert all((math.isfinite(v) and v >= 0) or math.isnan(v) for v in current.values())
         assert set(by(s, "tele_nonfinite_gradients_total", "head").values()) == {0.0}
         prev = by(s, "tele_head_grad_norm_prev", "head")

@@ -123,6 +123,7 @@ class Trainer:
         self.tele = Telemetry(
             self.policy,
             heads=self.policy.head_modules(),
+            groups={"value": self.policy.value},  # measured and shown, outside the gradient CV
             registry=registry,
             const_labels=const_labels,
             action_sizes=head_sizes(cfg.env.slots),
@@ -312,7 +313,7 @@ class Trainer:
         raw = {
             h.name: h.current / self.head_weights[h.name]
             for h in snap.heads
-            if math.isfinite(h.current) and h.current > 0
+            if h.kind == "action" and math.isfinite(h.current) and h.current > 0
         }
         if rate <= 0 or len(raw) < 2:
             return
