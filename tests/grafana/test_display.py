@@ -80,6 +80,9 @@ OWN_RANK = 100
 # as ranks EXPORTED_RANK and up with the same values as ranks 0 and up (which export none, as an
 # older exporter would: the catalog fallback).
 EXPORTED_RANK = 200
+# A run whose KL was scraped only before the evaluation's range ended: its level at the end is
+# unknown, so the per-run stat shows its last value once, in the catalog's colour.
+GONE_RANK, GONE_KL = 300, 0.02
 # Charts that draw each run's own level starts as dashed lines: title -> catalog id.
 OWN_LINES = {
     "KL divergence over time": "kl_divergence",
@@ -322,13 +325,14 @@ def boundary_text(cases: Cases, at: float) -> str:
 
 @pytest.fixture(scope="module")
 def boundary() -> Iterator[Boundary]:
-    """Prometheus that scraped the boundary series (served from 3 s before `at` on)."""
+    """Prometheus that scraped the boundary series (served from 3 s before `at` on; GONE_RANK's before that)."""
     cases = boundary_cases()
+    name = CATALOG["kl_divergence"].name
     with StaticExporter() as exporter, start_prometheus(prometheus_config([exporter.address])) as prom:
-        poll(lambda: prom.query("up == 1"), timeout=60, interval=0.5, what="the first scrape")
+        exporter.text = exposition({name: [({"rank": str(GONE_RANK)}, GONE_KL)]})
+        poll(lambda: prom.query(name), timeout=60, interval=0.5, what="the first scrape")
         at = float(math.floor(time.time()) + 3)
         exporter.text = boundary_text(cases, at)
-        name = CATALOG["kl_divergence"].name
 
         def scraped() -> bool:
             if time.time() < at + 1.5:
@@ -420,6 +424,8 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
             first + i: show_as(CATALOG[metric], v) for first in (0, EXPORTED_RANK) for i, v in enumerate(values)
         }
         expected |= {OWN_RANK + i: show_as(OWN_CATALOG[metric], v) for i, v in enumerate(own)}
+        if title == KL:
+            expected[GONE_RANK] = levelled(CATALOG[metric], GONE_KL)
         problems += compare(title, expected, stat_by_rank(by_title(dashboard, shown, title)["values"]))
     problems += own_start_problems(run, dashboard, shown)
 
@@ -472,6 +478,24 @@ def test_boundaries_show_as_the_records_say(boundary: Boundary) -> None:
 
 def test_tables_hold_together_when_the_backend_keeps_names(boundary: Boundary) -> None:
     assert boundary_problems(boundary, board(), keep_name=True) == []
+
+
+def test_nan_mapping_beats_a_fixed_colour(boundary: Boundary) -> None:
+    """A NaN in a query painted a fixed colour still reads "NaN" in the critical colour: Grafana maps first."""
+    painted = copy.deepcopy(board())
+    (panel,) = [p for p in painted["panels"] if p["title"] == KL]
+    ok = colour("ok")
+    panel["fieldConfig"]["overrides"].append(
+        {
+            "matcher": {"id": "byFrameRefID", "options": dashboards.REST_REF},
+            "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": ok}}],
+        }
+    )
+    shown = grafana_display(painted, panel_responses(boundary.prom, painted, boundary.at, ALL, 60))
+    stats = stat_by_rank(by_title(painted, shown, KL)["values"])
+    nan = [first + i for first in (0, EXPORTED_RANK) for i, v in enumerate(boundary.cases.kl) if math.isnan(v)]
+    assert nan and {stats[rank] for rank in nan} == {("NaN", colour("critical"))}
+    assert stats[GONE_RANK] == (number(GONE_KL, CATALOG["kl_divergence"].precision), ok)  # the colour applies
 
 
 def _old_tables(dashboard: dict[str, Any]) -> None:

@@ -1,12 +1,11 @@
 """Catalog levels as Grafana field config: threshold steps, value mappings, display codes.
 
 Grafana colours a value with the last threshold step whose value is <= it
-(steps are ">= value"), and a range value mapping matches from <= value <= to.
-Catalog levels state each boundary as open or closed. A closed lower bound is a
-Grafana step as it is; an open lower bound a (the level is "> a") becomes a step
-at the next float64 above a, math.nextafter(a, +inf), which is exactly "> a"
-for every double Grafana can hold. Range mappings use the same trick on open
-ends, so thresholds and mappings reproduce the catalog at the boundary values.
+(steps are ">= value"). Catalog levels state each boundary as open or closed. A
+closed lower bound is a Grafana step as it is; an open lower bound a (the level is
+"> a") becomes a step at the next float64 above a, math.nextafter(a, +inf), which is
+exactly "> a" for every double Grafana can hold. Where each run has its own levels,
+level_code_query() compares in PromQL with the catalog's operators instead.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..catalog import Catalog, Interval, Level, MetricSpec, Trend, duration_seconds
+from ..catalog import Catalog, Interval, MetricSpec, Trend, duration_seconds
 
 Json = dict[str, Any]
 
@@ -39,27 +38,6 @@ def level_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
 
 def thresholds(steps: list[Json]) -> Json:
     return {"mode": "absolute", "steps": steps}
-
-
-def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
-    """A range value mapping covering exactly the level's interval, in its colour."""
-    iv = level.when
-    # An unbounded end is null, which Grafana reads as -Infinity / +Infinity (JSON has no Inf).
-    low: float | None = None
-    if math.isfinite(iv.low):
-        low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
-    high: float | None = None
-    if math.isfinite(iv.high):
-        high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
-    result: Json = {"color": catalog.colour(level.status)}
-    if text is not None:
-        result["text"] = text
-    return {"type": "range", "options": {"from": low, "to": high, "result": result}}
-
-
-def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Range mappings showing each level's label (TELE-121's velocity arrows, TELE-124's flag)."""
-    return [range_mapping(catalog, level, level.label) for level in spec.levels]
 
 
 def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str], at: str = "") -> str:
