@@ -636,7 +636,7 @@ def _levels_row(b: _Builder) -> None:
                 c[THRESHOLD_METRIC],
                 "The level each run is in on its own thresholds (the starts it exports; the catalog's unless "
                 "Telemetry(thresholds=...) moved them), compared with the alert rules' operators: the level "
-                "shown is the level alerted on. The number panels colour by the catalog's levels.",
+                "shown is the level alerted on. The number panels colour each run by the same levels.",
             ),
         ),
         24,
