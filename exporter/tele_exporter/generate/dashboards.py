@@ -162,12 +162,12 @@ def _description(spec: MetricSpec, note: str = "") -> str:
     return spec.question + source + (f" {note}" if note else "")
 
 
-def _boundary_note(spec: MetricSpec) -> str:
-    """Plain words on how the exact catalog levels are drawn, for the panel description."""
+def _boundary_note(spec: MetricSpec, steps: bool = True) -> str:
+    """Plain words on the catalog's levels and, where threshold `steps` draw them, how exactly."""
     words = ", ".join(f"{lv.label.replace('{value}', 'value')} {lv.when}" for lv in spec.levels)
     opened = [lv.when.low for lv in spec.levels if not lv.when.low_closed]
     note = f"Levels from the catalog: {words}."
-    if opened:
+    if opened and steps:
         bounds = ", ".join(repr(v) for v in opened)
         note += (
             f" Grafana colours a step from its value upward (>=); the steps after {bounds}"
@@ -402,11 +402,15 @@ def _policy_health_row(b: _Builder) -> None:
     b.row("Policy health")
     b.add(_own_levels_stat(ent, "Policy entropy", _sel(ent), catalog=c, note=_boundary_note(ent)), 6, 8)
     velocity_note = (
-        f"{_boundary_note(vel)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
+        f"{_boundary_note(vel, steps=False)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
         " slope from PromQL (deriv over 5m per update), an approximation: its window is time, not 10 updates."
     )
     b.add(_label_stat(vel, "Entropy velocity", catalog=c, note=velocity_note + OWN_LABEL), 4, 8)
-    b.add(_label_stat(collapsed, "Entropy collapsed", catalog=c, note=_boundary_note(collapsed) + OWN_LABEL), 4, 8)
+    b.add(
+        _label_stat(collapsed, "Entropy collapsed", catalog=c, note=_boundary_note(collapsed, steps=False) + OWN_LABEL),
+        4,
+        8,
+    )
     b.add(
         _timeseries(
             ent,
@@ -580,9 +584,9 @@ def _heads_row(b: _Builder) -> None:
     entropy = {"decimals": ent.precision}
     level = {"decimals": 0, "mappings": with_nan(c, level_code_mappings(c, ent))}
     note += (
-        f" Entropy: {ent.name} (TELE-170), {_boundary_note(ent)} Entropy level: the head's level on its run's own"
-        " levels (tele_threshold; the catalog's without), in its colour; a table colours a cell by its own"
-        " column only, so the number beside it stays plain."
+        f" Entropy: {ent.name} (TELE-170), {_boundary_note(ent, steps=False)} Entropy level: the head's level"
+        " on its run's own levels (tele_threshold; the catalog's without), in its colour; a table colours a cell"
+        " by its own column only, so the number beside it stays plain."
     )
     b.add(
         _table(
@@ -683,7 +687,7 @@ def _seeds_row(b: _Builder) -> None:
     flags = ", then ".join(c[flag].name for flag in codes)
     no_data = ratio.level_of(0.0)
     note = (
-        f"{_boundary_note(ratio)} Gradient column: {flags}, then the ratio's level on its run's own levels"
+        f"{_boundary_note(ratio, steps=False)} Gradient column: {flags}, then the ratio's level on its run's own levels"
         f" (tele_threshold; the catalog's without), compared as the alert rules compare"
         f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}"). A table colours a cell'
         " by its own column only, so the Ratio beside it stays plain."
