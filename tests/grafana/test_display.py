@@ -629,7 +629,25 @@ def live() -> Iterator[Live]:
             interval=1.0,
             what=f"{MIN_UPDATES} updates scraped from every demo",
         )
-        yield Live(prom, time.time(), start, {fault: d.address for fault, d in demos.items()})
+
+        def settled() -> float | None:
+            """A time at which every demo was up, once each has been scraped after it.
+
+            A scrape that starts before `at` and times out (a loaded machine) writes its stale
+            markers at its start, so the data at `at` is final only after a later scrape.
+            """
+            at = time.time()
+            poll(
+                lambda: len(prom.query(f"timestamp(up) > {at}")) == len(FAULTS),
+                timeout=60,
+                interval=0.5,
+                what="a scrape of every demo after the evaluation time",
+            )
+            body = prom.api("/api/v1/query", query="up == 1", time=f"{at:.3f}")
+            return at if len(body["data"]["result"]) == len(FAULTS) else None
+
+        at = poll(settled, timeout=120, interval=0.5, what="a time at which every demo was up")
+        yield Live(prom, at, start, {fault: d.address for fault, d in demos.items()})
 
 
 def raw(run: Live, expr: str) -> dict[tuple[str, ...], float]:
