@@ -25,6 +25,7 @@ import yaml
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
 from tele_exporter.generate import dashboards, levels
+from tele_exporter.thresholds import signals
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVISIONING = ROOT / "grafana" / "provisioning"
@@ -172,22 +173,28 @@ def test_required_panels(catalog: Catalog, board: dict[str, Any]) -> None:
 
 
 def levelled_panels(catalog: Catalog, board: dict[str, Any]) -> Iterator[tuple[Panel, MetricSpec]]:
-    """Panels whose single query reads one metric with levels: thresholds must follow them.
+    """Panels whose queries read one metric with levels and colour by threshold steps: they must follow the catalog.
 
-    Panels that compare with each run's tele_threshold show a level code instead (test_cv_status_labels).
-    A table is taken column by column: each value column that reads one levelled metric,
-    with the thresholds its override gives it (or the table's defaults).
+    Those are the charts' bands and the fallback of the per-run stats (a series in no level at the
+    range's end); panels and columns with plain steps show a level code or a plain number instead
+    (coloured_by_level_code, tests/grafana/test_display.py). A table is taken column by column: each
+    value column that reads one levelled metric, with the thresholds its override gives it (or the
+    table's defaults).
     """
     for p in panels(board):
-        if any(catalog["threshold"].name in t["expr"] for t in p.get("targets", [])):
-            continue
         if p["type"] == "table":
             yield from _levelled_columns(catalog, p)
             continue
         specs = {s.id: s for t in p.get("targets", []) for s in metrics_in(catalog, t["expr"])}
         levelled = [s for s in specs.values() if s.levels]
-        if len(levelled) == 1:
+        if len(levelled) == 1 and len(p["fieldConfig"]["defaults"]["thresholds"]["steps"]) > 1:
             yield p, levelled[0]
+
+
+def coloured_by_level_code(catalog: Catalog, board: dict[str, Any]) -> set[str]:
+    """Ids of the metrics some panel compares with each run's own starts, tele_threshold{metric="..."}."""
+    exprs = [t["expr"] for p in panels(board) for t in p.get("targets", [])]
+    return {s.id for s in catalog if any(f'metric="{s.name}"' in expr for expr in exprs)}
 
 
 def _levelled_columns(catalog: Catalog, table: Panel) -> Iterator[tuple[Panel, MetricSpec]]:
@@ -203,14 +210,38 @@ def _levelled_columns(catalog: Catalog, table: Panel) -> Iterator[tuple[Panel, M
             continue
         header = renames[f"Value #{target['refId']}"]
         steps = overrides.get(header, {}).get("thresholds", defaults["thresholds"])
+        if len(steps["steps"]) == 1:
+            continue
         column = {**table, "title": f"{table['title']}: {header}"}
         column["fieldConfig"] = {**table["fieldConfig"], "defaults": {**defaults, "thresholds": steps}}
         yield column, levelled[0]
 
 
 def test_levelled_panels_cover_every_levelled_metric(catalog: Catalog, board: dict[str, Any]) -> None:
-    shown = {spec.id for _, spec in levelled_panels(catalog, board)}
+    shown = {spec.id for _, spec in levelled_panels(catalog, board)} | coloured_by_level_code(catalog, board)
     assert shown == {s.id for s in catalog if s.levels and s.type != "histogram"}
+    assert coloured_by_level_code(catalog, board) == {s.id for s in signals(catalog)}
+
+
+def test_per_run_stats_paint_each_level_in_its_colour(catalog: Catalog, board: dict[str, Any]) -> None:
+    """One query per level, painted by a byFrameRefID override; the rest keeps the catalog's steps."""
+    split = [p for p in panels(board) if p["type"] == "stat" and len(p["targets"]) > 1]
+    assert {p["title"] for p in split} >= {"KL divergence", "Gradient CV", "Policy entropy", "PPO clip fraction"}
+    for p in split:
+        (spec,) = {s.id: s for s in metrics_in(catalog, p["targets"][0]["expr"]) if s.levels}.values()
+        assert [t["refId"] for t in p["targets"]] == [dashboards.REST_REF, *(lv.name for lv in spec.levels)]
+        painted = {
+            o["matcher"]["options"]: o["properties"]
+            for o in p["fieldConfig"]["overrides"]
+            if o["matcher"]["id"] == "byFrameRefID"
+        }
+        assert painted == {
+            lv.name: [{"id": "color", "value": {"mode": "fixed", "fixedColor": catalog.colour(lv.status)}}]
+            for lv in spec.levels
+        }, p["title"]
+        for i, (target, level) in enumerate(zip(p["targets"][1:], spec.levels, strict=True)):
+            assert target["expr"].endswith(f') == {i}, "rank_text", " rank $1", "rank", "(.+)")'), level.name
+            assert "@ end()" in target["expr"]
 
 
 def test_thresholds_colour_every_value_as_the_catalog(catalog: Catalog, board: dict[str, Any]) -> None:
@@ -282,21 +313,21 @@ def test_seed_mappings_follow_tele_557(catalog: Catalog, board: dict[str, Any]) 
         result = grafana_mapping(mappings, code)
         assert result is not None
         assert (result["text"], result["color"]) == (level.label, catalog.colour(level.status))
-    no_data = ratio.level_of(0.0)
-    assert no_data is not None
-    result = grafana_mapping(mappings, 0.0)
-    assert result is not None
-    assert (
-        (result["text"], result["color"])
-        == ("OK", catalog.colour(no_data.status))
-        == (
-            no_data.label,
-            catalog.colour(no_data.status),
-        )
-    )
+    level_codes = levels.seed_level_codes(ratio)
+    assert max(level_codes.values()) < min(codes.values())
+    for k, level in enumerate(ratio.levels):
+        if "{value}" in level.label:
+            assert k not in level_codes
+            continue
+        result = grafana_mapping(mappings, level_codes[k])
+        assert result is not None
+        assert (result["text"], result["color"]) == (level.label, catalog.colour(level.status))
+    assert ratio.level_of(0.0) == ratio.levels[0] and ratio.levels[0].label == "OK"
     healthy = ratio.level("healthy")
+    steps = override(seed_table(board), "Gradient", "thresholds")["steps"]
     for value in (healthy.when.low, 1.0, healthy.when.high):
         assert grafana_mapping(mappings, value) is None
+        assert grafana_colour(steps, value) == catalog.colour(healthy.status)
     assert seed_table(board)["fieldConfig"]["defaults"]["custom"]["cellOptions"] == {"type": "color-text"}
 
 
@@ -453,15 +484,19 @@ def test_seed_query_and_mappings_reproduce_tele_557(catalog: Catalog, board: dic
             _series(catalog["seed_gradient_exploding"].name, labels, exploding),
             _series(catalog["seed_gradient_vanishing"].name, labels, vanishing),
         ]
-        codes = levels.flag_codes(ratio)
+        codes, index = levels.flag_codes(ratio), ratio.levels.index(level)
         code = (
-            codes["seed_gradient_exploding"] if exploding else codes["seed_gradient_vanishing"] if vanishing else value
+            codes["seed_gradient_exploding"]
+            if exploding
+            else codes["seed_gradient_vanishing"]
+            if vanishing
+            else levels.seed_level_codes(ratio).get(index, value)
         )
         expected = show(ratio, value)
         mapped = grafana_mapping(mappings, code)
         if mapped is None:
             text = unit.removeprefix("prefix:") + f"{code:.{defaults['decimals']}f}"
-            colour = grafana_colour(defaults["thresholds"]["steps"], code)
+            colour = grafana_colour(override(table, "Gradient", "thresholds")["steps"], code)
         else:
             text, colour = mapped["text"], mapped["color"]
         assert (text, colour) == (expected.label, catalog.colour(expected.status)), value

@@ -70,7 +70,7 @@ const fieldConfigRegistry = new data.FieldConfigOptionsRegistry(() => [
   option('mappings', p.valueMappingsOverrideProcessor),
   option('links', p.identityOverrideProcessor),
   ...['cellOptions', 'align', 'inspect', 'drawStyle', 'lineWidth', 'fillOpacity', 'showPoints', 'spanNulls',
-    'thresholdsStyle', 'hideFrom'].map((name) =>
+    'thresholdsStyle', 'hideFrom', 'lineStyle'].map((name) =>
     option(`custom.${name}`, p.identityOverrideProcessor, { path: name, isCustom: true })
   ),
 ]);

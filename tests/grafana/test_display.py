@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from tele_exporter.catalog import MetricSpec, default_catalog, duration_seconds
+from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.display import head_trend, show
 from tele_exporter.generate import dashboards
-from tele_exporter.thresholds import apply
+from tele_exporter.thresholds import apply, exported
 from tests.support.demo import start_demo
 from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus
@@ -46,8 +46,8 @@ KL, CV, HEADS, SEEDS, STALE = (
     "Seeds: gradient flow per env and slot",
     "Time since the last PPO update",
 )
-HEAD_COLUMNS = ["Instance", "Head", "Kind", "Current", "Previous", "Trend", "Entropy"]
-HEAD_VALUES = HEAD_COLUMNS[3:]
+HEAD_VALUES = ["Current", "Previous", "Trend", "Entropy", "Entropy level"]
+HEAD_COLUMNS = ["Instance", "Head", "Kind", *HEAD_VALUES]
 HEAD_ENTROPY = CATALOG["head_entropy"]
 # Policy-health stats (TELE-120/121/124/130/140/200): panel title -> (catalog id, shown as label or number).
 POLICY_STATS = {
@@ -58,18 +58,38 @@ POLICY_STATS = {
     "Explained variance": ("explained_variance", False),
     "Advantage std": ("advantage_std", False),
 }
-SEED_COLUMNS = ["Instance", "Env", "Slot", "Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
-SEED_VALUES = SEED_COLUMNS[3:]
+SEED_VALUES = ["Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
+SEED_COLUMNS = ["Instance", "Env", "Slot", *SEED_VALUES]
 GAIN = CATALOG["seed_backward_gain"]
 RANK = re.compile(r" rank (\d+)$")
-# Runs with their own levels (Telemetry(thresholds=OWN)), served as ranks OWN_RANK and up.
+START = re.compile(r" rank (\d+) ([a-z_]+)$")
+# Runs with their own levels (Telemetry(thresholds=OWN)), served as ranks OWN_RANK and up;
+# their seeds and heads are rank OWN_RANK's.
 OWN = {
     "gradient_cv": {"warning": 1.0, "critical": 3.0},
     "kl_divergence": {"warning": 0.05, "critical": 0.1},
     "policy_grad_norm": {"healthy": 0.01, "warning": 50.0, "critical": 100.0},
+    "clip_fraction": {"warning": 0.1, "critical": 0.2},
+    "entropy_velocity": {"other_high": 0.02, "recovering": 0.05},
+    "head_entropy": {"warning": 0.4, "healthy": 0.7},
+    "seed_grad_ratio": {"healthy": 0.25, "exploding": 4.0},
 }
 OWN_CATALOG = apply(CATALOG, OWN)
 OWN_RANK = 100
+# Runs that export the catalog's starts as tele_threshold, as every run without overrides does, served
+# as ranks EXPORTED_RANK and up with the same values as ranks 0 and up (which export none, as an
+# older exporter would: the catalog fallback).
+EXPORTED_RANK = 200
+# A run whose KL was scraped only before the evaluation's range ended: its level at the end is
+# unknown, so the per-run stat shows its last value once, in the catalog's colour.
+GONE_RANK, GONE_KL = 300, 0.02
+# Charts that draw each run's own level starts as dashed lines: title -> catalog id.
+OWN_LINES = {
+    "KL divergence over time": "kl_divergence",
+    "Gradient CV over time": "gradient_cv",
+    "Policy gradient norm, pre-clip": "policy_grad_norm",
+    "Policy entropy over time": "policy_entropy",
+}
 LEVELS = "Levels per run"
 LEVEL_COLUMNS = {"KL": "kl_divergence", "Gradient norm (pre-clip)": "policy_grad_norm", "Gradient CV": "gradient_cv"}
 Shown = tuple[str, str | None]
@@ -118,14 +138,21 @@ def probes(spec: MetricSpec) -> list[float]:
     return [*sorted(v for v in values if signed or v >= 0), math.nan]
 
 
-def seed_display(ratio: float, exploding: bool, vanishing: bool) -> Shown:
-    """TELE-557: exploding, then vanishing, then the ratio's own level."""
-    spec = CATALOG["seed_grad_ratio"]
+def seed_display(ratio: float, exploding: bool, vanishing: bool, catalog: Catalog = CATALOG) -> Shown:
+    """TELE-557: exploding, then vanishing, then the ratio's own level (on the run's `catalog`)."""
+    spec = catalog["seed_grad_ratio"]
     for flagged, name in ((exploding, "exploding"), (vanishing, "vanishing")):
         if flagged:
             level = spec.level(name)
             return level.label, colour(level.status)
     return labelled(spec, ratio)
+
+
+def seed_flags(spec: MetricSpec, value: float) -> tuple[float, bool, bool]:
+    """A seed as its run exports it: the ratio and its exploding/vanishing flags on the run's levels."""
+    level = spec.level_of(value)
+    flag = level.name if level is not None else ""
+    return value, flag == "exploding", flag == "vanishing"
 
 
 def flag_cell(flagged: bool, level: str) -> Shown:
@@ -154,7 +181,8 @@ def stat_by_rank(values: list[dict[str, Any]]) -> dict[int | str, Shown]:
     out: dict[int | str, Shown] = {}
     for v in values:
         found = RANK.search(v["name"])
-        out[int(found.group(1)) if found else v["name"]] = (v["text"], v["color"])
+        key = int(found.group(1)) if found else v["name"]
+        out[key] = ("shown more than once", None) if key in out else (v["text"], v["color"])
     return out
 
 
@@ -207,11 +235,7 @@ class Boundary:
 
 def boundary_cases() -> Cases:
     ratio = CATALOG["seed_grad_ratio"]
-    seeds = []
-    for value in probes(ratio):
-        level = ratio.level_of(value)
-        flag = level.name if level is not None else ""
-        seeds.append((value, flag == "exploding", flag == "vanishing"))
+    seeds = [seed_flags(ratio, value) for value in probes(ratio)]
     seeds.append((math.inf, False, False))  # a non-finite ratio is exploding even without its flag
     stale = next(a for a in CATALOG["last_update_timestamp"].alerts if a.kind == "stale")
     after = duration_seconds(stale.after or "0s")
@@ -237,49 +261,78 @@ def head_labels(cases: Cases, i: int) -> dict[str, str]:
     return {"head": f"h{i}", "kind": "other" if i == len(cases.heads) - 1 else "action"}
 
 
+def own_seeds(cases: Cases) -> list[tuple[float, bool, bool]]:
+    """Rank OWN_RANK's seeds: the ratios of cases.own, flagged on its own levels as the run flags them."""
+    return [seed_flags(OWN_CATALOG["seed_grad_ratio"], v) for v in cases.own["seed_grad_ratio"]]
+
+
+def ranked(values: list[float], labels: dict[str, str] | None = None) -> list[tuple[dict[str, str], float]]:
+    """One series per value, rank i and rank EXPORTED_RANK + i, with `labels`."""
+    return [
+        ({"rank": str(first + i), **(labels or {})}, v) for first in (0, EXPORTED_RANK) for i, v in enumerate(values)
+    ]
+
+
+def own_ranked(cases: Cases, metric: str, labels: dict[str, str] | None = None) -> list[tuple[dict[str, str], float]]:
+    """cases.own[metric] (none if absent) as ranks OWN_RANK and up."""
+    return [({"rank": str(OWN_RANK + i), **(labels or {})}, v) for i, v in enumerate(cases.own.get(metric, []))]
+
+
 def boundary_text(cases: Cases, at: float) -> str:
     """The cases as /metrics text; update timestamps are ages before `at`."""
     c = CATALOG
     seed = [{"env": str(i), "slot": "s"} for i in range(len(cases.seeds))]
+    own_seed = [{"rank": str(OWN_RANK), "env": f"own{i}", "slot": "s"} for i in range(len(own_seeds(cases)))]
+    own_head = [
+        {"rank": str(OWN_RANK), "head": f"own{i}", "kind": "action"} for i in range(len(cases.own["head_entropy"]))
+    ]
     return exposition(
         {
-            c["kl_divergence"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.kl)]
-            + [({"rank": str(OWN_RANK + i)}, v) for i, v in enumerate(cases.own["kl_divergence"])],
-            c["gradient_cv"].name: [({"rank": str(i)}, v) for i, v in enumerate(cases.cv)]
-            + [({"rank": str(OWN_RANK + i)}, v) for i, v in enumerate(cases.own["gradient_cv"])],
-            c["policy_grad_norm"].name: [({"rank": str(i), "clip": "pre"}, v) for i, v in enumerate(cases.grad)]
-            + [({"rank": str(OWN_RANK + i), "clip": "pre"}, v) for i, v in enumerate(cases.own["policy_grad_norm"])],
+            c["kl_divergence"].name: ranked(cases.kl) + own_ranked(cases, "kl_divergence"),
+            c["gradient_cv"].name: ranked(cases.cv) + own_ranked(cases, "gradient_cv"),
+            c["policy_grad_norm"].name: ranked(cases.grad, {"clip": "pre"})
+            + own_ranked(cases, "policy_grad_norm", {"clip": "pre"}),
             c["threshold"].name: [
-                ({"rank": str(OWN_RANK + i), "metric": c[sid].name, "level": level}, start)
-                for i in range(max(len(values) for values in cases.own.values()))
-                for sid, levels in OWN.items()
-                for level, start in levels.items()
+                ({"rank": str(first + i), "metric": name, "level": level}, start)
+                for first, catalog, values in (
+                    (OWN_RANK, OWN_CATALOG, cases.own.values()),
+                    (EXPORTED_RANK, CATALOG, [cases.kl, cases.cv, cases.grad, *cases.policy.values()]),
+                )
+                for i in range(max(len(v) for v in values))
+                for name, level, start in exported(catalog)
             ],
-            c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)],
-            c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)],
-            c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)],
-            GAIN.name: [(seed[i], g) for i, g in enumerate(cases.gains)],
-            c["head_grad_norm"].name: [(head_labels(cases, i), cur) for i, (cur, _) in enumerate(cases.heads)],
-            c["head_grad_norm_prev"].name: [(head_labels(cases, i), prev) for i, (_, prev) in enumerate(cases.heads)],
+            c["seed_grad_ratio"].name: [(seed[i], v) for i, (v, _, _) in enumerate(cases.seeds)]
+            + [(own_seed[i], v) for i, (v, _, _) in enumerate(own_seeds(cases))],
+            c["seed_gradient_exploding"].name: [(seed[i], float(e)) for i, (_, e, _) in enumerate(cases.seeds)]
+            + [(own_seed[i], float(e)) for i, (_, e, _) in enumerate(own_seeds(cases))],
+            c["seed_gradient_vanishing"].name: [(seed[i], float(v)) for i, (_, _, v) in enumerate(cases.seeds)]
+            + [(own_seed[i], float(v)) for i, (_, _, v) in enumerate(own_seeds(cases))],
+            GAIN.name: [(seed[i], g) for i, g in enumerate(cases.gains)] + [(labels, 1.0) for labels in own_seed],
+            c["head_grad_norm"].name: [(head_labels(cases, i), cur) for i, (cur, _) in enumerate(cases.heads)]
+            + [(labels, 1.0) for labels in own_head],
+            c["head_grad_norm_prev"].name: [(head_labels(cases, i), prev) for i, (_, prev) in enumerate(cases.heads)]
+            + [(labels, 1.0) for labels in own_head],
             c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
-            HEAD_ENTROPY.name: [({"head": f"h{i}"}, v) for i, v in enumerate(cases.head_entropy)],
-            **{
-                c[metric].name: [({"rank": str(i)}, v) for i, v in enumerate(values)]
-                for metric, values in cases.policy.items()
-            },
+            HEAD_ENTROPY.name: [({"head": f"h{i}"}, v) for i, v in enumerate(cases.head_entropy)]
+            + [
+                ({"rank": str(OWN_RANK), "head": labels["head"]}, v)
+                for labels, v in zip(own_head, cases.own["head_entropy"], strict=True)
+            ],
+            **{c[metric].name: ranked(values) + own_ranked(cases, metric) for metric, values in cases.policy.items()},
         }
     )
 
 
 @pytest.fixture(scope="module")
 def boundary() -> Iterator[Boundary]:
-    """Prometheus that scraped the boundary series (served from 3 s before `at` on)."""
+    """Prometheus that scraped the boundary series (served from 3 s before `at` on; GONE_RANK's before that)."""
     cases = boundary_cases()
+    name = CATALOG["kl_divergence"].name
     with StaticExporter() as exporter, start_prometheus(prometheus_config([exporter.address])) as prom:
-        poll(lambda: prom.query("up == 1"), timeout=60, interval=0.5, what="the first scrape")
+        exporter.text = exposition({name: [({"rank": str(GONE_RANK)}, GONE_KL)]})
+        poll(lambda: prom.query(name), timeout=60, interval=0.5, what="the first scrape")
         at = float(math.floor(time.time()) + 3)
         exporter.text = boundary_text(cases, at)
-        name = CATALOG["kl_divergence"].name
 
         def scraped() -> bool:
             if time.time() < at + 1.5:
@@ -296,7 +349,11 @@ def levels_problems(run: Boundary, dashboard: dict[str, Any], shown: dict[str, A
     catalog_values = {"kl_divergence": run.cases.kl, "gradient_cv": run.cases.cv, "policy_grad_norm": run.cases.grad}
     expected: dict[str, dict[str, Shown]] = {}
     for column, sid in LEVEL_COLUMNS.items():
-        for offset, values, catalog in ((0, catalog_values[sid], CATALOG), (OWN_RANK, run.cases.own[sid], OWN_CATALOG)):
+        for offset, values, catalog in (
+            (0, catalog_values[sid], CATALOG),
+            (EXPORTED_RANK, catalog_values[sid], CATALOG),
+            (OWN_RANK, run.cases.own[sid], OWN_CATALOG),
+        ):
             for i, value in enumerate(values):
                 expected.setdefault(str(offset + i), {})[column] = labelled(catalog[sid], value)
     shape, rows = table_rows(
@@ -306,67 +363,99 @@ def levels_problems(run: Boundary, dashboard: dict[str, Any], shown: dict[str, A
     return shape + compare(LEVELS, expected, got)
 
 
+def ranked_columns(columns: list[str]) -> list[str]:
+    """A table's columns when some of its series carry a rank (the boundary's own-level run does)."""
+    return [columns[0], "Rank", *columns[1:]]
+
+
+def head_cells(current: float, prev: float, entropy: float, catalog: Catalog) -> dict[str, Shown]:
+    """A head's row: plain norms, the trend arrow, the entropy plain and its level on the run's `catalog`."""
+    return {
+        "Current": neutral(current, 3),
+        "Previous": neutral(prev, 3),
+        "Trend": trend_cell(current, prev),
+        "Entropy": neutral(entropy, HEAD_ENTROPY.precision),
+        "Entropy level": labelled(catalog["head_entropy"], entropy),
+    }
+
+
+def own_start_problems(run: Boundary, dashboard: dict[str, Any], shown: dict[str, Any]) -> list[str]:
+    """The charts' dashed lines: each own-level run's starts that differ from the catalog's, in the level's colour."""
+    problems = []
+    for title, metric in OWN_LINES.items():
+        spec, own = CATALOG[metric], OWN_CATALOG[metric]
+        moved = {
+            level.name: level.when.low
+            for level, mine in zip(spec.levels, own.levels, strict=True)
+            if level.name in OWN.get(metric, {}) and mine.when.low != level.when.low
+        }
+        runs = max(len(values) for values in run.cases.own.values())
+        expected = {
+            (OWN_RANK + i, name): (number(OWN[metric][name], spec.precision), colour(spec.level(name).status))
+            for i in range(runs)
+            for name in moved
+        }
+        got: dict[tuple[int, str], Shown] = {}
+        for v in by_title(dashboard, shown, title)["values"]:
+            found = START.search(v["name"])
+            if found:
+                got[(int(found.group(1)), found.group(2))] = (v["text"], v["color"])
+        problems += compare(f"{title} own starts", expected, got)
+    return problems
+
+
 def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool = False) -> list[str]:
     """Every difference between what Grafana shows for the boundary series and the records."""
     shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, ALL, 60), keep_name)
-    kl, cv, ratio = CATALOG["kl_divergence"], CATALOG["gradient_cv"], CATALOG["seed_grad_ratio"]
-    own_kl = {OWN_RANK + i: v for i, v in enumerate(run.cases.own["kl_divergence"])}
-    problems = compare(
-        KL,  # the number panels colour by the catalog's levels
-        {**{i: levelled(kl, v) for i, v in enumerate(run.cases.kl)}, **{r: levelled(kl, v) for r, v in own_kl.items()}},
-        stat_by_rank(by_title(dashboard, shown, KL)["values"]),
-    )
-    problems += levels_problems(run, dashboard, shown)
-    own = {OWN_RANK + i: v for i, v in enumerate(run.cases.own["gradient_cv"])}
-    problems += compare(
-        "Gradient CV",
-        {**{i: levelled(cv, v) for i, v in enumerate(run.cases.cv)}, **{r: levelled(cv, v) for r, v in own.items()}},
-        stat_by_rank(by_title(dashboard, shown, "Gradient CV")["values"]),
-    )
-    own_cv = OWN_CATALOG["gradient_cv"]
-    problems += compare(
-        CV,  # the status panel follows each run's own levels
-        {
-            **{i: labelled(cv, v) for i, v in enumerate(run.cases.cv)},
-            **{r: labelled(own_cv, v) for r, v in own.items()},
+    problems = levels_problems(run, dashboard, shown)
+    stats = {
+        KL: ("kl_divergence", levelled, run.cases.kl),
+        "Gradient CV": ("gradient_cv", levelled, run.cases.cv),
+        CV: ("gradient_cv", labelled, run.cases.cv),
+        **{
+            title: (metric, labelled if as_label else levelled, run.cases.policy[metric])
+            for title, (metric, as_label) in POLICY_STATS.items()
         },
-        stat_by_rank(by_title(dashboard, shown, CV)["values"]),
-    )
-    for title, (metric, as_label) in POLICY_STATS.items():
-        spec = CATALOG[metric]
-        problems += compare(
-            title,
-            {i: (labelled if as_label else levelled)(spec, v) for i, v in enumerate(run.cases.policy[metric])},
-            stat_by_rank(by_title(dashboard, shown, title)["values"]),
-        )
-
-    shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda c: c["Env"][0])
-    problems += shape
-    expected = {}
-    for i, (value, exploding, vanishing) in enumerate(run.cases.seeds):
-        expected[str(i)] = {
-            "Gradient": seed_display(value, exploding, vanishing),
-            "Ratio": levelled(ratio, value),
-            "Backward gain": neutral(run.cases.gains[i], GAIN.precision),
-            "Exploding": flag_cell(exploding, "exploding"),
-            "Vanishing": flag_cell(vanishing, "vanishing"),
+    }
+    for title, (metric, show_as, values) in stats.items():
+        # Every run in its own levels: OWN's for ranks OWN_RANK and up, the catalog's for the rest.
+        own = run.cases.own.get(metric, [])
+        expected = {
+            first + i: show_as(CATALOG[metric], v) for first in (0, EXPORTED_RANK) for i, v in enumerate(values)
         }
-    got = {k: {c: row.get(c) for c in SEED_VALUES} for k, row in seeds.items()}
-    problems += compare(SEEDS, expected, got)
+        expected |= {OWN_RANK + i: show_as(OWN_CATALOG[metric], v) for i, v in enumerate(own)}
+        if title == KL:
+            expected[GONE_RANK] = levelled(CATALOG[metric], GONE_KL)
+        problems += compare(title, expected, stat_by_rank(by_title(dashboard, shown, title)["values"]))
+    problems += own_start_problems(run, dashboard, shown)
 
-    shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda c: c["Head"][0])
+    shape, seeds = table_rows(by_title(dashboard, shown, SEEDS), ranked_columns(SEED_COLUMNS), lambda c: c["Env"][0])
+    problems += shape
+    expected_seeds = {}
+    for key, cases, gains, catalog in (
+        ("{}", run.cases.seeds, run.cases.gains, CATALOG),
+        ("own{}", own_seeds(run.cases), [1.0] * len(own_seeds(run.cases)), OWN_CATALOG),
+    ):
+        for i, (value, exploding, vanishing) in enumerate(cases):
+            expected_seeds[key.format(i)] = {
+                "Gradient": seed_display(value, exploding, vanishing, catalog),
+                "Ratio": neutral(value, catalog["seed_grad_ratio"].precision),
+                "Backward gain": neutral(gains[i], GAIN.precision),
+                "Exploding": flag_cell(exploding, "exploding"),
+                "Vanishing": flag_cell(vanishing, "vanishing"),
+            }
+    got = {k: {c: row.get(c) for c in SEED_VALUES} for k, row in seeds.items()}
+    problems += compare(SEEDS, expected_seeds, got)
+
+    shape, heads = table_rows(by_title(dashboard, shown, HEADS), ranked_columns(HEAD_COLUMNS), lambda c: c["Head"][0])
     problems += shape
     want_heads = {
-        f"h{i}": {
-            "Current": neutral(c, 3),
-            "Previous": neutral(p, 3),
-            "Trend": trend_cell(c, p),
-            "Entropy": levelled(HEAD_ENTROPY, run.cases.head_entropy[i]),
-        }
-        for i, (c, p) in enumerate(run.cases.heads)
+        f"h{i}": head_cells(c, p, run.cases.head_entropy[i], CATALOG) for i, (c, p) in enumerate(run.cases.heads)
     }
+    want_heads |= {f"own{i}": head_cells(1.0, 1.0, v, OWN_CATALOG) for i, v in enumerate(run.cases.own["head_entropy"])}
     problems += compare(HEADS, want_heads, {k: {c: row.get(c) for c in HEAD_VALUES} for k, row in heads.items()})
     kinds = {f"h{i}": head_labels(run.cases, i)["kind"] for i in range(len(run.cases.heads))}
+    kinds |= dict.fromkeys((f"own{i}" for i in range(len(run.cases.own["head_entropy"]))), "action")
     problems += compare(HEADS, kinds, {k: row.get("Kind", ("",))[0] for k, row in heads.items()})
 
     stale = stat_by_rank(by_title(dashboard, shown, STALE)["values"])
@@ -391,6 +480,24 @@ def test_tables_hold_together_when_the_backend_keeps_names(boundary: Boundary) -
     assert boundary_problems(boundary, board(), keep_name=True) == []
 
 
+def test_nan_mapping_beats_a_fixed_colour(boundary: Boundary) -> None:
+    """A NaN in a query painted a fixed colour still reads "NaN" in the critical colour: Grafana maps first."""
+    painted = copy.deepcopy(board())
+    (panel,) = [p for p in painted["panels"] if p["title"] == KL]
+    ok = colour("ok")
+    panel["fieldConfig"]["overrides"].append(
+        {
+            "matcher": {"id": "byFrameRefID", "options": dashboards.REST_REF},
+            "properties": [{"id": "color", "value": {"mode": "fixed", "fixedColor": ok}}],
+        }
+    )
+    shown = grafana_display(painted, panel_responses(boundary.prom, painted, boundary.at, ALL, 60))
+    stats = stat_by_rank(by_title(painted, shown, KL)["values"])
+    nan = [first + i for first in (0, EXPORTED_RANK) for i, v in enumerate(boundary.cases.kl) if math.isnan(v)]
+    assert nan and {stats[rank] for rank in nan} == {("NaN", colour("critical"))}
+    assert stats[GONE_RANK] == (number(GONE_KL, CATALOG["kl_divergence"].precision), ok)  # the colour applies
+
+
 def _old_tables(dashboard: dict[str, Any]) -> None:
     """The tables as they were: plain selectors merged with `__name__` still on them."""
     for panel in dashboard["panels"]:
@@ -401,10 +508,16 @@ def _old_tables(dashboard: dict[str, Any]) -> None:
         panel["transformations"][1]["options"]["excludeByName"].pop("__name__")
 
 
-def _kl_threshold_off(dashboard: dict[str, Any]) -> None:
-    (panel,) = [p for p in dashboard["panels"] if p["title"] == KL]
-    step = panel["fieldConfig"]["defaults"]["thresholds"]["steps"][1]
-    step["value"] = math.nextafter(step["value"], math.inf)
+def _boundary_off(title: str, metric: str, level: str) -> Callable[[dict[str, Any]], None]:
+    """The catalog's start of `level` one float higher in the panel's level-code queries."""
+    low = CATALOG[metric].level(level).when.low
+
+    def mutate(dashboard: dict[str, Any]) -> None:
+        (panel,) = [p for p in dashboard["panels"] if p["title"] == title]
+        for target in panel["targets"]:
+            target["expr"] = target["expr"].replace(f" bool {low!r})", f" bool {math.nextafter(low, math.inf)!r})")
+
+    return mutate
 
 
 def _cv_mapping_colour(dashboard: dict[str, Any]) -> None:
@@ -419,8 +532,9 @@ def _seed_mapping_colour(dashboard: dict[str, Any]) -> None:
         for prop in override["properties"]:
             if prop["id"] == "mappings":
                 for mapping in prop["value"]:
-                    if mapping["type"] == "range" and mapping["options"]["result"].get("text") == exploding:
-                        mapping["options"]["result"]["color"] = "orange"
+                    for result in mapping["options"].values() if mapping["type"] == "value" else []:
+                        if result.get("text") == exploding:
+                            result["color"] = "orange"
 
 
 def _catalog_levels_only(dashboard: dict[str, Any]) -> None:
@@ -431,30 +545,42 @@ def _catalog_levels_only(dashboard: dict[str, Any]) -> None:
             target["expr"] = target["expr"].replace(f"{threshold}{{", f"{threshold}_absent{{")
 
 
-def _head_entropy_threshold_off(dashboard: dict[str, Any]) -> None:
-    (panel,) = [p for p in dashboard["panels"] if p["title"] == HEADS]
+def _kl_warning_in_critical_colour(dashboard: dict[str, Any]) -> None:
+    (panel,) = [p for p in dashboard["panels"] if p["title"] == KL]
     for override in panel["fieldConfig"]["overrides"]:
-        if override["matcher"]["options"] == "Entropy":
-            for prop in override["properties"]:
-                if prop["id"] == "thresholds":
-                    step = prop["value"]["steps"][1]
-                    step["value"] = math.nextafter(step["value"], math.inf)
+        if override["matcher"] == {"id": "byFrameRefID", "options": "warning"}:
+            override["properties"][0]["value"]["fixedColor"] = colour("critical")
+
+
+def _own_starts_for_every_run(dashboard: dict[str, Any]) -> None:
+    """The charts draw every run's exported starts, the catalog's too."""
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            target["expr"] = re.sub(r" != [-+.e\d]+, \"", ', "', target["expr"])
 
 
 def _velocity_mapping_colour(dashboard: dict[str, Any]) -> None:
     (panel,) = [p for p in dashboard["panels"] if p["title"] == "Entropy velocity"]
-    panel["fieldConfig"]["defaults"]["mappings"][0]["options"]["result"]["color"] = "orange"
+    panel["fieldConfig"]["defaults"]["mappings"][0]["options"]["0"]["color"] = "orange"
 
 
 MUTATIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "head entropy threshold one float off": (_head_entropy_threshold_off, HEADS),
+    "head entropy level one float off": (_boundary_off(HEADS, "head_entropy", "warning"), HEADS),
     "entropy velocity [vv] mapping in the wrong colour": (_velocity_mapping_colour, "Entropy velocity"),
     "old merge-on-__name__ tables": (_old_tables, "more than one row"),
-    "KL threshold one float off": (_kl_threshold_off, KL),
+    "KL level one float off": (_boundary_off(KL, "kl_divergence", "warning"), KL),
     "CV warn mapping in the wrong colour": (_cv_mapping_colour, CV),
-    "seed EXPLODING range mapping in the wrong colour": (_seed_mapping_colour, SEEDS),
+    "seed EXPLODING mapping in the wrong colour": (_seed_mapping_colour, SEEDS),
     "levels table on the catalog's levels for every run": (_catalog_levels_only, LEVELS),
     "CV status on the catalog's levels for every run": (_catalog_levels_only, CV),
+    "KL stat on the catalog's levels for every run": (_catalog_levels_only, KL),
+    "Gradient CV stat on the catalog's levels for every run": (_catalog_levels_only, "Gradient CV 10"),
+    "clip fraction stat on the catalog's levels for every run": (_catalog_levels_only, "PPO clip fraction"),
+    "entropy velocity on the catalog's levels for every run": (_catalog_levels_only, "Entropy velocity"),
+    "seed gradient on the catalog's levels for every run": (_catalog_levels_only, SEEDS),
+    "head entropy level on the catalog's levels for every run": (_catalog_levels_only, HEADS),
+    "KL warning painted in the critical colour": (_kl_warning_in_critical_colour, KL),
+    "own starts drawn for runs on the catalog's starts": (_own_starts_for_every_run, "KL divergence over time"),
 }
 
 
@@ -503,7 +629,25 @@ def live() -> Iterator[Live]:
             interval=1.0,
             what=f"{MIN_UPDATES} updates scraped from every demo",
         )
-        yield Live(prom, time.time(), start, {fault: d.address for fault, d in demos.items()})
+
+        def settled() -> float | None:
+            """A time at which every demo was up, once each has been scraped after it.
+
+            A scrape that starts before `at` and times out (a loaded machine) writes its stale
+            markers at its start, so the data at `at` is final only after a later scrape.
+            """
+            at = time.time()
+            poll(
+                lambda: len(prom.query(f"timestamp(up) > {at}")) == len(FAULTS),
+                timeout=60,
+                interval=0.5,
+                what="a scrape of every demo after the evaluation time",
+            )
+            body = prom.api("/api/v1/query", query="up == 1", time=f"{at:.3f}")
+            return at if len(body["data"]["result"]) == len(FAULTS) else None
+
+        at = poll(settled, timeout=120, interval=0.5, what="a time at which every demo was up")
+        yield Live(prom, at, start, {fault: d.address for fault, d in demos.items()})
 
 
 def raw(run: Live, expr: str) -> dict[tuple[str, ...], float]:
@@ -549,19 +693,13 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
     entropy = raw(run, HEAD_ENTROPY.name + at)
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda cells: cells["Head"][0])
     problems += shape
-    want_heads = {
-        key[0]: {
-            "Current": neutral(v, 3),
-            "Previous": neutral(prev[key], 3),
-            "Trend": trend_cell(v, prev[key]),
-            **({"Entropy": levelled(HEAD_ENTROPY, entropy[key])} if key in entropy else {}),
-        }
-        for key, v in cur.items()
-    }
-    got_heads = {
-        k: {col: row.get(col) for col in HEAD_VALUES if col != "Entropy" or col in want_heads.get(k, {})}
-        for k, row in heads.items()
-    }
+    want_heads = {}
+    for key, v in cur.items():
+        cells = head_cells(v, prev[key], entropy.get(key, math.nan), CATALOG)
+        if key not in entropy:
+            del cells["Entropy"], cells["Entropy level"]
+        want_heads[key[0]] = cells
+    got_heads = {k: {col: row.get(col) for col in want_heads.get(k, HEAD_VALUES)} for k, row in heads.items()}
     problems += compare(HEADS, want_heads, got_heads)
     problems += compare(
         HEADS,
@@ -583,7 +721,7 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
         env, slot = key[0], key[3]
         want_seeds[(env, slot)] = {
             "Gradient": seed_display(value, e, v),
-            "Ratio": levelled(ratio, value),
+            "Ratio": neutral(value, ratio.precision),
             "Backward gain": neutral(gains[key], GAIN.precision),
             "Exploding": flag_cell(e, "exploding"),
             "Vanishing": flag_cell(v, "vanishing"),

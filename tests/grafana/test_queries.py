@@ -10,6 +10,7 @@ at least one series with samples.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -118,14 +119,18 @@ def variable_values(run: Scraped, values: dict[str, str], instant: bool) -> dict
     return out
 
 
-def execute(run: Scraped, target: dict[str, Any], expr: str) -> list[dict[str, Any]]:
-    """The query as the panel runs it: instant for table targets, else a range query."""
+def execute(run: Scraped, target: dict[str, Any], expr: str, end: float | None = None) -> list[dict[str, Any]]:
+    """The query as the panel runs it: instant for table targets, else a range query (to `end`, or now)."""
     if target.get("instant"):
         body = run.prom.api("/api/v1/query", query=expr, time=f"{run.at:.3f}")
         assert body["status"] == "success", body
         return list(body["data"]["result"])
     body = run.prom.api(
-        "/api/v1/query_range", query=expr, start=f"{run.start:.3f}", end=f"{time.time():.3f}", step=f"{SCRAPE_S}s"
+        "/api/v1/query_range",
+        query=expr,
+        start=f"{run.start:.3f}",
+        end=f"{time.time() if end is None else end:.3f}",
+        step=f"{SCRAPE_S}s",
     )
     assert body["status"] == "success", body
     return [series for series in body["data"]["result"] if series["values"]]
@@ -138,14 +143,40 @@ def test_variables_offer_the_demo_run(scraped: Scraped) -> None:
     assert options["env"]
 
 
+def split(name: str) -> str | None:
+    """The panel whose queries share its series out (one per level, or a run's own starts), else None."""
+    panel = name.rsplit("/", 1)[0]
+    targets = next(p["targets"] for p in board()["panels"] if p["title"] == panel and p["type"] != "row")
+    return panel if len(targets) > 1 and not targets[0].get("instant") else None
+
+
 @pytest.mark.parametrize("name,target", query_targets(), ids=[n for n, _ in query_targets()])
 def test_query_returns_data(scraped: Scraped, name: str, target: dict[str, Any]) -> None:
+    """Every query returns data; a per-run stat's level queries and the charts' own starts together.
+
+    The demo runs on the catalog's starts, so the charts' dashed own starts must return nothing,
+    and a per-run stat shows each series from exactly one of its queries.
+    """
     window = max(int(time.time() - scraped.start), 10)
     options = variable_values(scraped, ALL, instant=bool(target.get("instant")))
     choices = [ALL] + [{**ALL, var: grafana_escape(value)} for var, values in options.items() for value in values]
+    panel = split(name)
     for values in choices:
-        expr = substitute(target["expr"], values, window)
-        assert execute(scraped, target, expr), f"{name}: no data for {expr}"
+        if panel is None:
+            expr = substitute(target["expr"], values, window)
+            assert execute(scraped, target, expr), f"{name}: no data for {expr}"
+            continue
+        targets = next(p["targets"] for p in board()["panels"] if p["title"] == panel and p["type"] != "row")
+        series: dict[str, list[str]] = {}
+        end = float(math.floor(time.time()))  # one range for all, so each series' level at its end is the same
+        for other in targets:
+            for found in execute(scraped, other, substitute(other["expr"], values, window), end):
+                series.setdefault(json.dumps(found["metric"], sort_keys=True), []).append(other["refId"])
+        if target["refId"].startswith("own "):
+            assert not any(target["refId"] in refs for refs in series.values()), f"{name}: own starts for {values}"
+            continue
+        assert series, f"{name}: no data for {values}"
+        assert all(len(refs) == 1 for refs in series.values()), f"{name}: a series in more than one query {series}"
 
 
 def test_every_query_is_valid_promql(scraped: Scraped) -> None:

@@ -20,10 +20,11 @@ from .levels import (
     healthy_unit,
     level_code_mappings,
     level_code_query,
-    level_mappings,
     level_steps,
     neutral_steps,
     seed_mappings,
+    seed_query,
+    seed_value_steps,
     stale_steps,
     thresholds,
     trend_mappings,
@@ -161,12 +162,12 @@ def _description(spec: MetricSpec, note: str = "") -> str:
     return spec.question + source + (f" {note}" if note else "")
 
 
-def _boundary_note(spec: MetricSpec) -> str:
-    """Plain words on how the exact catalog levels are drawn, for the panel description."""
+def _boundary_note(spec: MetricSpec, steps: bool = True) -> str:
+    """Plain words on the catalog's levels and, where threshold `steps` draw them, how exactly."""
     words = ", ".join(f"{lv.label.replace('{value}', 'value')} {lv.when}" for lv in spec.levels)
     opened = [lv.when.low for lv in spec.levels if not lv.when.low_closed]
     note = f"Levels from the catalog: {words}."
-    if opened:
+    if opened and steps:
         bounds = ", ".join(repr(v) for v in opened)
         note += (
             f" Grafana colours a step from its value upward (>=); the steps after {bounds}"
@@ -221,6 +222,77 @@ def _stat(
     }
 
 
+# Per-run stats read each run's level at the end of the range: a series is in one query only.
+AT_END = " @ end()"
+# The query of a per-run stat that holds the series in no level at the end (NaN, or gone before it).
+REST_REF = "A"
+
+
+def _fixed(ref: str, colour: str, **properties: Any) -> Json:
+    """A field override painting every field of the query `ref` in `colour`."""
+    props = {"color": {"mode": "fixed", "fixedColor": colour}, **properties}
+    return {
+        "matcher": {"id": "byFrameRefID", "options": ref},
+        "properties": [{"id": key, "value": value} for key, value in props.items()],
+    }
+
+
+def _own_levels_stat(spec: MetricSpec, title: str, value: str, *, catalog: Catalog, note: str) -> Json:
+    """A number stat coloured by each run's own levels: one query per level, painted in its colour.
+
+    Query `level.name` holds the series whose run puts its value at the range's end in that
+    level (tele_threshold, compared as the alert rules compare; the catalog's starts without
+    it), so the sparkline stays and its colour is the current level. REST_REF holds the rest,
+    NaN at the end (shown "NaN" in the critical colour: a value mapping beats the fixed colour)
+    or gone before it, coloured by the catalog's thresholds.
+    """
+    code = _level_code(catalog, spec, value + AT_END, AT_END)
+    words = (
+        " Each run's number is coloured by its own levels (the starts it exports as tele_threshold;"
+        " the catalog's unless Telemetry(thresholds=...) moved them) at the end of the time range."
+    )
+    panel = _stat(spec, title, value, catalog=catalog, graph=True, note=note + words)
+    rest = _target(_named(f"{value} unless ({code}) >= 0"), REST_REF, LEGEND)
+    panel["targets"] = [rest] + [
+        _target(_named(f"{value} and ({code}) == {i}"), level.name, LEGEND) for i, level in enumerate(spec.levels)
+    ]
+    panel["fieldConfig"]["overrides"] = [_fixed(level.name, catalog.colour(level.status)) for level in spec.levels]
+    return panel
+
+
+OWN_LABEL = (
+    " The label is the level of each run's own thresholds (tele_threshold, the catalog's unless the run sets"
+    " its own), compared as the alert rules compare."
+)
+
+
+def _label_stat(spec: MetricSpec, title: str, *, catalog: Catalog, note: str) -> Json:
+    """A stat showing each run's level label on its own levels, in the level's colour."""
+    return _stat(
+        spec,
+        title,
+        _level_code(catalog, spec, _sel(spec)),
+        catalog=catalog,
+        graph=False,
+        mappings=level_code_mappings(catalog, spec),
+        steps=neutral_steps(catalog),
+        color_mode="background",
+        note=note,
+    )
+
+
+def _own_starts(catalog: Catalog, spec: MetricSpec) -> tuple[list[Json], list[Json]]:
+    """Dashed lines at each run's own level starts where they differ from the catalog's (targets, overrides)."""
+    targets, overrides = [], []
+    for level in movable(spec):
+        ref = f"own {level.name}"
+        start = _sel(catalog[THRESHOLD_METRIC], f"metric={json.dumps(spec.name)}", f"level={json.dumps(level.name)}")
+        targets.append(_target(_named(f"{start} != {level.when.low!r}"), ref, f"{LEGEND} {level.name}"))
+        dash = {"fill": "dash", "dash": [10, 10]}
+        overrides.append(_fixed(ref, catalog.colour(level.status), **{"custom.lineStyle": dash, "custom.lineWidth": 1}))
+    return targets, overrides
+
+
 def _timeseries(
     spec: MetricSpec,
     title: str,
@@ -231,6 +303,13 @@ def _timeseries(
     note: str = "",
     minimum: float | None = 0,
 ) -> Json:
+    """Lines per run over the catalog's threshold bands, plus the dashed own starts of runs that moved them."""
+    own: tuple[list[Json], list[Json]] = ([], []) if steps is not None else _own_starts(catalog, spec)
+    if own[0]:
+        note += (
+            " Dashed lines: a run's own level starts (tele_threshold), drawn only where they differ"
+            " from the catalog's; the bands are the catalog's levels."
+        )
     return {
         "type": "timeseries",
         "title": title,
@@ -252,7 +331,7 @@ def _timeseries(
                 "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
                 "unit": grafana_unit(spec),
             },
-            "overrides": [],
+            "overrides": own[1],
         },
         "options": {
             "legend": {
@@ -263,7 +342,7 @@ def _timeseries(
             },
             "tooltip": {"mode": "multi", "sort": "none"},
         },
-        "targets": targets,
+        "targets": [*targets, *own[0]],
     }
 
 
@@ -271,7 +350,7 @@ def _policy_row(b: _Builder) -> None:
     c = b.catalog
     kl, early, updates = c["kl_divergence"], c["ppo_early_stops"], c["ppo_updates"]
     b.row("Policy")
-    b.add(_stat(kl, "KL divergence", _sel(kl), catalog=c, graph=True, note=_boundary_note(kl)), 6, 8)
+    b.add(_own_levels_stat(kl, "KL divergence", _sel(kl), catalog=c, note=_boundary_note(kl)), 6, 8)
     b.add(
         _timeseries(
             kl,
@@ -321,36 +400,14 @@ def _policy_health_row(b: _Builder) -> None:
         c["head_ratio_max"],
     )
     b.row("Policy health")
-    b.add(_stat(ent, "Policy entropy", _sel(ent), catalog=c, graph=True, note=_boundary_note(ent)), 6, 8)
+    b.add(_own_levels_stat(ent, "Policy entropy", _sel(ent), catalog=c, note=_boundary_note(ent)), 6, 8)
     velocity_note = (
-        f"{_boundary_note(vel)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
+        f"{_boundary_note(vel, steps=False)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
         " slope from PromQL (deriv over 5m per update), an approximation: its window is time, not 10 updates."
     )
+    b.add(_label_stat(vel, "Entropy velocity", catalog=c, note=velocity_note + OWN_LABEL), 4, 8)
     b.add(
-        _stat(
-            vel,
-            "Entropy velocity",
-            _sel(vel),
-            catalog=c,
-            graph=False,
-            mappings=level_mappings(c, vel),
-            color_mode="background",
-            note=velocity_note,
-        ),
-        4,
-        8,
-    )
-    b.add(
-        _stat(
-            collapsed,
-            "Entropy collapsed",
-            _sel(collapsed),
-            catalog=c,
-            graph=False,
-            mappings=level_mappings(c, collapsed),
-            color_mode="background",
-            note=_boundary_note(collapsed),
-        ),
+        _label_stat(collapsed, "Entropy collapsed", catalog=c, note=_boundary_note(collapsed, steps=False) + OWN_LABEL),
         4,
         8,
     )
@@ -365,7 +422,7 @@ def _policy_health_row(b: _Builder) -> None:
         10,
         8,
     )
-    b.add(_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, graph=True, note=_boundary_note(cf)), 6, 8)
+    b.add(_own_levels_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, note=_boundary_note(cf)), 6, 8)
     b.add(
         _timeseries(
             side,
@@ -377,8 +434,8 @@ def _policy_health_row(b: _Builder) -> None:
         6,
         8,
     )
-    b.add(_stat(ev, "Explained variance", _sel(ev), catalog=c, graph=True, note=_boundary_note(ev)), 6, 8)
-    b.add(_stat(adv, "Advantage std", _sel(adv), catalog=c, graph=True, note=_boundary_note(adv)), 6, 8)
+    b.add(_own_levels_stat(ev, "Explained variance", _sel(ev), catalog=c, note=_boundary_note(ev)), 6, 8)
+    b.add(_own_levels_stat(adv, "Advantage std", _sel(adv), catalog=c, note=_boundary_note(adv)), 6, 8)
     b.add(
         _timeseries(
             ratio,
@@ -524,8 +581,13 @@ def _heads_row(b: _Builder) -> None:
     )
     trend = {"mappings": with_nan(c, trend_mappings(c, prev)), "decimals": 0}
     ent = c["head_entropy"]
-    entropy = {"decimals": ent.precision, "thresholds": thresholds(level_steps(c, ent))}
-    note += f" Entropy: {ent.name} (TELE-170), {_boundary_note(ent)}"
+    entropy = {"decimals": ent.precision}
+    level = {"decimals": 0, "mappings": with_nan(c, level_code_mappings(c, ent))}
+    note += (
+        f" Entropy: {ent.name} (TELE-170), {_boundary_note(ent, steps=False)} Entropy level: the head's level"
+        " on its run's own levels (tele_threshold; the catalog's without), in its colour; a table colours a cell"
+        " by its own column only, so the number beside it stays plain."
+    )
     b.add(
         _table(
             cur,
@@ -535,6 +597,7 @@ def _heads_row(b: _Builder) -> None:
                 "Previous": (_sel(prev), {}),
                 "Trend": (code, trend),
                 "Entropy": (_sel(ent), entropy),
+                "Entropy level": (_level_code(c, ent, _sel(ent)), level),
             },
             catalog=c,
             defaults={"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)},
@@ -545,10 +608,10 @@ def _heads_row(b: _Builder) -> None:
     )
 
 
-def _level_code(catalog: Catalog, spec: MetricSpec, expr: str) -> str:
+def _level_code(catalog: Catalog, spec: MetricSpec, expr: str, at: str = "") -> str:
     """The index of each series' level among its own run's levels (tele_threshold; the catalog's without)."""
     own = _sel(catalog[THRESHOLD_METRIC], f"metric={json.dumps(spec.name)}")[:-1]
-    return level_code_query(spec, expr, own, {lv.name for lv in movable(spec)})
+    return level_code_query(spec, expr, own, {lv.name for lv in movable(spec)}, at)
 
 
 LEVELS_TITLE = "Levels per run"
@@ -577,7 +640,7 @@ def _levels_row(b: _Builder) -> None:
                 c[THRESHOLD_METRIC],
                 "The level each run is in on its own thresholds (the starts it exports; the catalog's unless "
                 "Telemetry(thresholds=...) moved them), compared with the alert rules' operators: the level "
-                "shown is the level alerted on. The number panels colour by the catalog's levels.",
+                "shown is the level alerted on. The number panels colour each run by the same levels.",
             ),
         ),
         24,
@@ -590,26 +653,8 @@ def _cv_row(b: _Builder) -> None:
     cv = c["gradient_cv"]
     note = _boundary_note(cv)
     b.row("Gradient CV")
-    b.add(_stat(cv, "Gradient CV", _sel(cv), catalog=c, graph=True, note=note), 6, 8)
-    status = _level_code(c, cv, _sel(cv))
-    b.add(
-        _stat(
-            cv,
-            "Gradient CV status",
-            status,
-            catalog=c,
-            graph=False,
-            mappings=level_code_mappings(c, cv),
-            steps=neutral_steps(c),
-            color_mode="background",
-            note=(
-                "The level of each run's own thresholds (tele_threshold, the catalog's unless the run sets its own), "
-                "compared as the alert rules compare."
-            ),
-        ),
-        6,
-        8,
-    )
+    b.add(_own_levels_stat(cv, "Gradient CV", _sel(cv), catalog=c, note=note), 6, 8)
+    b.add(_label_stat(cv, "Gradient CV status", catalog=c, note=OWN_LABEL.strip()), 6, 8)
     b.add(
         _timeseries(cv, "Gradient CV over time", [_target(_named(_sel(cv)), legend=LEGEND)], catalog=c, note=note),
         12,
@@ -625,12 +670,15 @@ def _seeds_row(b: _Builder) -> None:
     # Priority as TELE-557 shows it: each raised flag's code in turn, then the ratio itself.
     # `or` picks the first that exists per seed, with no arithmetic on the ratio (Inf * 0 is NaN).
     raised = [f"{code} * ({_sel(c[flag], env=True)} == 1)" for flag, code in codes.items()]
-    gradient = {"mappings": seed_mappings(c, ratio), "unit": healthy_unit(ratio)}
-    gain = (_sel(c["seed_backward_gain"], env=True), {"thresholds": thresholds(neutral_steps(c))})
+    gradient = {
+        "mappings": seed_mappings(c, ratio),
+        "unit": healthy_unit(ratio),
+        "thresholds": thresholds(seed_value_steps(c, ratio)),
+    }
     columns: dict[str, tuple[str, Json]] = {
-        "Gradient": (" or ".join([*raised, r]), gradient),
+        "Gradient": (seed_query(ratio, raised, r, _level_code(c, ratio, r)), gradient),
         "Ratio": (r, {}),
-        "Backward gain": gain,
+        "Backward gain": (_sel(c["seed_backward_gain"], env=True), {}),
     }
     for flag in codes:
         steps = thresholds(flag_steps(c, ratio, c[flag]))
@@ -639,8 +687,10 @@ def _seeds_row(b: _Builder) -> None:
     flags = ", then ".join(c[flag].name for flag in codes)
     no_data = ratio.level_of(0.0)
     note = (
-        f"{_boundary_note(ratio)} Gradient column: {flags}, then the ratio's own level"
-        f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}").'
+        f"{_boundary_note(ratio, steps=False)} Gradient column: {flags}, then the ratio's level on its run's own levels"
+        f" (tele_threshold; the catalog's without), compared as the alert rules compare"
+        f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}"). A table colours a cell'
+        " by its own column only, so the Ratio beside it stays plain."
     )
     b.row("Seeds")
     b.add(
@@ -651,7 +701,7 @@ def _seeds_row(b: _Builder) -> None:
             catalog=c,
             defaults={
                 "decimals": ratio.precision,
-                "thresholds": thresholds(level_steps(c, ratio)),
+                "thresholds": thresholds(neutral_steps(c)),
                 "unit": grafana_unit(ratio),
             },
             description=_description(ratio, note),

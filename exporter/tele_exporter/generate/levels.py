@@ -1,12 +1,11 @@
 """Catalog levels as Grafana field config: threshold steps, value mappings, display codes.
 
 Grafana colours a value with the last threshold step whose value is <= it
-(steps are ">= value"), and a range value mapping matches from <= value <= to.
-Catalog levels state each boundary as open or closed. A closed lower bound is a
-Grafana step as it is; an open lower bound a (the level is "> a") becomes a step
-at the next float64 above a, math.nextafter(a, +inf), which is exactly "> a"
-for every double Grafana can hold. Range mappings use the same trick on open
-ends, so thresholds and mappings reproduce the catalog at the boundary values.
+(steps are ">= value"). Catalog levels state each boundary as open or closed. A
+closed lower bound is a Grafana step as it is; an open lower bound a (the level is
+"> a") becomes a step at the next float64 above a, math.nextafter(a, +inf), which is
+exactly "> a" for every double Grafana can hold. Where each run has its own levels,
+level_code_query() compares in PromQL with the catalog's operators instead.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..catalog import Catalog, Interval, Level, MetricSpec, Trend, duration_seconds
+from ..catalog import Catalog, Interval, MetricSpec, Trend, duration_seconds
 
 Json = dict[str, Any]
 
@@ -41,32 +40,12 @@ def thresholds(steps: list[Json]) -> Json:
     return {"mode": "absolute", "steps": steps}
 
 
-def range_mapping(catalog: Catalog, level: Level, text: str | None) -> Json:
-    """A range value mapping covering exactly the level's interval, in its colour."""
-    iv = level.when
-    # An unbounded end is null, which Grafana reads as -Infinity / +Infinity (JSON has no Inf).
-    low: float | None = None
-    if math.isfinite(iv.low):
-        low = iv.low if iv.low_closed else math.nextafter(iv.low, math.inf)
-    high: float | None = None
-    if math.isfinite(iv.high):
-        high = iv.high if iv.high_closed else math.nextafter(iv.high, -math.inf)
-    result: Json = {"color": catalog.colour(level.status)}
-    if text is not None:
-        result["text"] = text
-    return {"type": "range", "options": {"from": low, "to": high, "result": result}}
-
-
-def level_mappings(catalog: Catalog, spec: MetricSpec) -> list[Json]:
-    """Range mappings showing each level's label (TELE-121's velocity arrows, TELE-124's flag)."""
-    return [range_mapping(catalog, level, level.label) for level in spec.levels]
-
-
-def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str]) -> str:
+def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str], at: str = "") -> str:
     """PromQL giving each series the index of its level among its own run's levels; NaN stays NaN.
 
     `threshold` is the run's tele_threshold selector without its closing brace, so a
-    level's start is `threshold + ', level="<name>"}'`. Each level past the first adds
+    level's start is `threshold + ', level="<name>"}' + at`; `at` is a modifier such as
+    " @ end()" (then `value` should carry it too). Each level past the first adds
     (value >= start) or (value > start) as the catalog's interval says, so the index
     is exact at every boundary, as the alert rules' comparisons are; a run that exports
     no tele_threshold is held to the catalog's starts. NaN fails every comparison, so a
@@ -80,10 +59,10 @@ def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[
         constant = f"({value} {op} bool {level.when.low!r})"
         fallback.append(constant)
         if level.name in movable:
-            own.append(f'({value} {op} bool {ignoring} group_left {threshold}, level="{level.name}"}})')
+            own.append(f'({value} {op} bool {ignoring} group_left {threshold}, level="{level.name}"}}{at})')
         else:
             own.append(constant)
-    runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} unless {ignoring} {threshold}}})"
+    runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} unless {ignoring} {threshold}}}{at})"
     return f"({runs}) and ({value} == {value}) or {value} * 1"
 
 
@@ -143,19 +122,46 @@ def flag_codes(ratio: MetricSpec) -> dict[str, int]:
     return {str(lv.flag): i - len(flagged) for i, lv in enumerate(flagged)}
 
 
-def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
-    """TELE-557 display: a raised flag's code shows its level, and so does a ratio in a labelled level.
+SEED_LEVEL_CODE = -10
+"""The seed query shows the ratio's level k (on its run's own levels) as SEED_LEVEL_CODE - k, below the flag codes."""
 
-    Levels whose label is fixed text ("OK", "▼ VANISHING", "▲ EXPLODING") are range mappings,
-    so +Inf shows "▲ EXPLODING" even where no flag says so; "ratio={value}" stays a number.
+
+def seed_level_codes(ratio: MetricSpec) -> dict[int, int]:
+    """Level index -> seed query code, for the levels with a fixed label; a "{value}" level shows the ratio itself."""
+    return {k: SEED_LEVEL_CODE - k for k, lv in enumerate(ratio.levels) if "{value}" not in lv.label}
+
+
+def seed_query(ratio: MetricSpec, raised: list[str], value: str, code: str) -> str:
+    """PromQL for TELE-557's display: the first raised flag's code, else the ratio's level code, else the ratio.
+
+    `raised` are the flag terms in priority order, `code` level_code_query() of `value`. The
+    "{value}" level (healthy) returns the ratio itself, every other level SEED_LEVEL_CODE - index
+    (NaN stays NaN); `or` picks the first that exists per seed, with no arithmetic on the ratio.
+    """
+    (shown,) = [k for k, lv in enumerate(ratio.levels) if "{value}" in lv.label]
+    return " or ".join([*raised, f"({value} and ({code}) == {shown})", f"{SEED_LEVEL_CODE} - ({code})"])
+
+
+def seed_value_steps(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
+    """The seed query's plain numbers are ratios in the "{value}" level: that level's colour."""
+    (level,) = [lv for lv in ratio.levels if "{value}" in lv.label]
+    return [{"color": catalog.colour(level.status), "value": None}]
+
+
+def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
+    """TELE-557 display: a raised flag's code shows its level, and so does each fixed-label level's code.
+
+    Levels whose label is fixed text ("OK", "▼ VANISHING", "▲ EXPLODING") come as codes, so +Inf
+    shows "▲ EXPLODING" even where no flag says so; "ratio={value}" stays a number.
     """
     by_flag = {lv.flag: lv for lv in ratio.levels if lv.flag}
+    shown = [(code, by_flag[flag]) for flag, code in flag_codes(ratio).items()]
+    shown += [(code, ratio.levels[k]) for k, code in seed_level_codes(ratio).items()]
     codes = {
-        str(code): {"color": catalog.colour(by_flag[flag].status), "index": i, "text": by_flag[flag].label}
-        for i, (flag, code) in enumerate(sorted(flag_codes(ratio).items(), key=lambda kv: kv[1]))
+        str(code): {"color": catalog.colour(lv.status), "index": i, "text": lv.label}
+        for i, (code, lv) in enumerate(sorted(shown, key=lambda item: -item[0]))
     }
-    ranges = [range_mapping(catalog, lv, lv.label) for lv in ratio.levels if "{value}" not in lv.label]
-    return with_nan(catalog, [{"type": "value", "options": codes}, *ranges])
+    return with_nan(catalog, [{"type": "value", "options": codes}])
 
 
 def _bool_cmp(expr: str, interval: Interval) -> str:
