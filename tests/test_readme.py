@@ -26,6 +26,7 @@ from torch.distributions import Categorical
 
 from tele_exporter import Telemetry
 from tele_exporter.catalog import default_catalog
+from tele_exporter.thresholds import movable, signals
 
 from .support.scraper import Scraper
 from .support.servers import poll, start_prometheus
@@ -38,6 +39,19 @@ def test_metric_table_matches_the_catalog() -> None:
     table = {name: (kind, tuple(x.strip() for x in labels.split(",") if x.strip())) for name, kind, labels in rows}
     catalog = {spec.name: (spec.type, spec.labels) for spec in default_catalog()}
     assert table == catalog
+
+
+def test_thresholds_signals_list_every_movable_level() -> None:
+    """The README's list of what a run may move is thresholds.signals() and movable(), level for level."""
+    text = (ROOT / "README.md").read_text()
+    bullet = re.search(r"^\* Signals, each with the levels a run may move: (.+?)\.\n  An unknown", text, re.M | re.S)
+    assert bullet is not None
+    listed: dict[str, tuple[str, ...]] = {}
+    for names, levels in re.findall(r"((?:`\w+`(?:, | and )?)+) \(([\w, ]+)\)", " ".join(bullet.group(1).split())):
+        for name in re.findall(r"`(\w+)`", names):
+            listed[name] = tuple(level.strip() for level in levels.split(","))
+    catalog = default_catalog()
+    assert listed == {spec.id: tuple(lv.name for lv in movable(spec)) for spec in signals(catalog)}
 
 
 def test_ci_runs_the_readme_test_command() -> None:
