@@ -373,7 +373,7 @@ def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pas
     assert tele.snapshot().seed("0", "t").backward_gain == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize(("path", "target"), [("deferred", "tensor_norms"), ("in_hook", "tensor_norm")])
+@pytest.mark.parametrize(("path", "target"), [("deferred", "tensor_norm_list"), ("in_hook", "tensor_norm")])
 def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, path: str, target: str
 ) -> None:
@@ -623,7 +623,7 @@ def test_under_ddp_every_gradient_is_normed_in_its_hook(
         host = Parallel({"s": seed})
         wrapped = DistributedDataParallel(host)
         tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
-        monkeypatch.setattr(hooks, "tensor_norms", boom)
+        monkeypatch.setattr(hooks, "tensor_norm_list", boom)
         x, c = torch.randn(16, 6), torch.randn(16, 5)
         with tele.update():
             host.zero_grad(set_to_none=True)

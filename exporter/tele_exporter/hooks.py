@@ -6,10 +6,10 @@ landing in an empty .grad in a `backward()` is only marked, any other is normed
 in the hook (one kernel in the gradient's precision). The hooks never keep a
 gradient: that would stop autograd from stealing it into .grad and double its
 memory. The first hook of a pass queues an engine callback that runs once the
-pass is done, norms the marked .grad tensors with one fused kernel and sums the
-squares per host and seed with one `index_add_`, left on the device: no host
-sync. docs/fidelity.md says why this and not `register_multi_grad_hook`, a norm
-in every hook or a norm at the optimizer step.
+pass is done and norms the marked .grad tensors with one fused kernel. The
+per-tensor norms stay on the device (no host sync); the update's publish
+squares and sums them per host and seed. docs/fidelity.md says why this and not
+`register_multi_grad_hook`, a norm in every hook or a norm at the optimizer step.
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -23,7 +23,6 @@ the update's publish); no host sync.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,11 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, stack_float64, tensor_norm, tensor_norms
+from .stats import tensor_norm, tensor_norm_list
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
 MAX_PENDING_PASSES = 4096
+MAX_ORDERS = 64  # hook orders remembered per layout; a graph that varies its order keeps at most this many
 
 
 @dataclass
@@ -172,11 +172,16 @@ class SeedProbe:
 
 @dataclass(frozen=True)
 class HostPass:
-    """Squared parameter-gradient norms of one backward pass: the host's, then each seed's in `seeds` order."""
+    """Parameter-gradient norms of one backward pass, each with its group: 0 the host, 1 + i `seeds[i]`.
+
+    The norms stay per tensor, 0-d, in their gradients' precision and on their
+    devices: the update's publish squares and sums them per group in float64.
+    """
 
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]  # trainable parameter elements: the host's, then each seed's
-    squares: Tensor  # [1 + len(seeds)] float64, on the gradients' device
+    groups: tuple[int, ...]  # per norm
+    norms: tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -187,23 +192,21 @@ class _Layout:
     groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
-    plans: dict[tuple[torch.device, tuple[int, ...]], Tensor] = field(default_factory=dict)  # group per norm's order
     accumulators: dict[int, Any] = field(default_factory=dict)  # per tensor index: its AccumulateGrad node, once seen
-
-
-class _Mark(enum.Enum):
-    """What a parameter's hook left instead of a norm."""
-
-    DEFERRED = "read .grad at the end of the pass"
-    FAILED = "the norm raised"
+    orders: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # tensor order -> group per norm
 
 
 @dataclass
 class _Pass:
-    """A backward pass in progress: per parameter, its gradient's norm, a mark, or None (no gradient)."""
+    """A backward pass in progress: which parameters' gradients are to be read from .grad and which were normed.
+
+    Hooks only append (atomic under the GIL, so hooks on several device threads may race).
+    """
 
     defers: bool  # gradients accumulate into .grad in this pass and may be read there at its end
-    slots: list[Tensor | _Mark | None]
+    deferred: list[int] = field(default_factory=list)  # tensor indices whose fresh .grad is read at the end
+    normed: list[tuple[int, Tensor]] = field(default_factory=list)  # tensor index and the norm its hook took
+    failed: bool = False  # a hook's norm raised: the pass records nothing
 
 
 def _grad_accumulator(param: Tensor) -> Any:
@@ -315,10 +318,13 @@ class HostProbe:
             try:
                 task = torch._C._current_graph_task_id()
                 state = pending.get(task) or self._open(layout, task, index)
-                state.slots[index] = _Mark.DEFERRED if state.defers and param.grad is None else tensor_norm(grad)
+                if state.defers and param.grad is None:
+                    state.deferred.append(index)
+                else:
+                    state.normed.append((index, tensor_norm(grad)))
             except Exception as exc:  # telemetry must never break the backward pass
                 if state is not None:
-                    state.slots[index] = _Mark.FAILED
+                    state.failed = True
                 self._on_error(self._site, exc)
 
         return hook
@@ -329,7 +335,7 @@ class HostProbe:
             state = self._pending.get(task)
             if state is not None:
                 return state
-            state = self._pending[task] = _Pass(self._accumulates(layout, index), [None] * len(layout.tensors))
+            state = self._pending[task] = _Pass(self._accumulates(layout, index))
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(layout, task))
         return state
 
@@ -355,54 +361,41 @@ class HostProbe:
             return False
 
     def _finish(self, layout: _Layout, task: int) -> None:
-        """End of a backward pass: the squared norms of the host's and each seed's gradients, summed.
+        """End of a backward pass: one fused norm of the fresh .grad tensors, kept with the hooks' norms.
 
+        Only that: every further op here costs ~10-30 us of cold code per pass on
+        CPU, so the float64 sums per host and seed are the update's publish's job.
         A pass with a failed norm, or whose deferred .grad is gone (a later hook
         consumed it), records nothing: missing, never a partial sum.
         """
-        with self._lock:
-            state = self._pending.pop(task, None)
-        if state is None or layout is not self._layout:
+        state = self._pending.pop(task, None)  # atomic under the GIL; _open's lock only orders the opening
+        if state is None or state.failed or layout is not self._layout:
             return
         try:
-            deferred: list[int] = []
-            eager: list[int] = []
-            eager_norms: list[Tensor] = []
-            for i, slot in enumerate(state.slots):
-                if slot is _Mark.DEFERRED:
-                    deferred.append(i)
-                elif slot is _Mark.FAILED:
-                    return
-                elif slot is not None:
-                    eager.append(i)
-                    eager_norms.append(slot)
-            chunks: list[Tensor] = []
-            if deferred:
-                grads = [layout.tensors[i].grad for i in deferred]
+            order = tuple(state.deferred)
+            norms: list[Tensor] = []
+            if order:
+                tensors = layout.tensors
+                grads = [tensors[i].grad for i in order]
                 if any(g is None for g in grads):
                     self.defers = False
                     return
                 with torch.no_grad():
-                    chunks.append(tensor_norms([g for g in grads if g is not None]))
-            if eager:
-                chunks.append(stack_float64(eager_norms))
-            if not chunks:
+                    norms = tensor_norm_list(grads)  # type: ignore[arg-type]
+            if state.normed:
+                order += tuple(i for i, _ in state.normed)
+                norms.extend(n for _, n in state.normed)
+            if not norms:
                 return
-            device = chunks[0].device
-            norms = chunks[0] if len(chunks) == 1 else torch.cat([c.to(device) for c in chunks])
-            sums = torch.zeros(1 + len(layout.seeds), dtype=torch.float64, device=device)
-            sums.index_add_(0, self._plan(layout, (*deferred, *eager), device), norms.square())
+            groups = layout.orders.get(order)
+            if groups is None:
+                if len(layout.orders) >= MAX_ORDERS:
+                    layout.orders.clear()
+                groups = layout.orders[order] = tuple(layout.groups[i] for i in order)
+            record = HostPass(layout.seeds, layout.numels, groups, tuple(norms))
             with self._lock:
                 if len(self._passes) >= MAX_PENDING_PASSES:
                     del self._passes[: MAX_PENDING_PASSES // 2]
-                self._passes.append(HostPass(layout.seeds, layout.numels, sums))
+                self._passes.append(record)
         except Exception as exc:  # telemetry must never break the backward pass
             self._on_error(self._site, exc)
-
-    @staticmethod
-    def _plan(layout: _Layout, order: tuple[int, ...], device: torch.device) -> Tensor:
-        """Which sum each norm adds to, for norms of the parameters in `order`, cached per device and order."""
-        plan = layout.plans.get((device, order))
-        if plan is None:
-            plan = layout.plans[(device, order)] = index_tensor([layout.groups[i] for i in order], device)
-        return plan

@@ -58,6 +58,28 @@ def stack_float64(values: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(values)).to(torch.float64)
 
 
+def tensor_norm_list(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """L2 norm of each tensor as a 0-d tensor in its own precision (see _norm_dtype), in input order.
+
+    One fused `_foreach_norm` per device and dtype, and nothing else: the backward-pass
+    callback of the seed probe calls this, and every further op there costs ~10-30 us
+    of cold code on CPU, so stacking and the float64 sums wait for the update's publish.
+    """
+    if not tensors:
+        return []
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        return list(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(first.dtype)))
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    out: list[Tensor] = [first] * len(tensors)
+    for (_, dtype), idx in groups.items():
+        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype)), strict=True):
+            out[i] = norm
+    return out
+
+
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device and dtype."""
     if not tensors:

@@ -710,7 +710,9 @@ def _to_host(
         if complete:
             parts.append(stack_float64([n for p in complete for ns in _sides(p) for n in ns]))
     passes = [p for probe_passes in host_passes.values() for p in probe_passes]
-    parts.extend(p.squares for p in passes)
+    pass_norms = [n for p in passes for n in p.norms]
+    if pass_norms:
+        parts.append(stack_float64(pass_norms))
     parts.extend(t.reshape(-1) for t in policy)
     flat = _gather(parts)
     width = drained.rows.shape[1] if drained is not None else 0
@@ -729,12 +731,22 @@ def _to_host(
         index = torch.tensor(sides, dtype=torch.long)
         sums = torch.zeros(2 * n_passes, dtype=torch.float64).index_add_(0, index, squares)
         gain_t[key] = backward_gain(sums[0::2].sqrt(), sums[1::2].sqrt())
-    on_host: list[tuple[HostPass, Tensor]] = []
+    squares = _host_squares(passes, flat[offset : offset + len(pass_norms)])
+    offset += len(pass_norms)
+    return _Host(rows, kl_t, clip_t, gain_t, list(zip(passes, squares, strict=True)), flat[offset:])
+
+
+def _host_squares(passes: list[HostPass], norms: Tensor) -> list[Tensor]:
+    """Per pass, the float64 sums of the squared norms of the host and of each seed, by one index_add_ for all."""
+    bins: list[int] = []
+    bounds: list[tuple[int, int]] = []
+    start = 0
     for p in passes:
-        n = p.squares.numel()
-        on_host.append((p, flat[offset : offset + n]))
-        offset += n
-    return _Host(rows, kl_t, clip_t, gain_t, on_host, flat[offset:])
+        bins.extend(start + g for g in p.groups)
+        bounds.append((start, start + 1 + len(p.seeds)))
+        start += 1 + len(p.seeds)
+    sums = torch.zeros(start, dtype=torch.float64).index_add_(0, torch.tensor(bins, dtype=torch.long), norms.square())
+    return [sums[a:b] for a, b in bounds]
 
 
 def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]:
