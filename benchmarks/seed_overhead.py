@@ -4,10 +4,10 @@ A host MLP with `seeds` residual seeds (Linear-ReLU-Linear, alpha-blended) train
 with SGD: forward, backward, step. Two copies of the same host train side by side,
 one plain and one with every seed watched by `tele.watch_seed(seed, host=host, ...)`,
 in alternating single steps on the same data, so the ratio is the watch's
-alone: per backward pass, tensor hooks keep each parameter's gradient and one
-engine callback takes one fused norm per host; the backward-gain probe adds
-forward hooks and two tensor hooks per seed. The update's publish (once per PPO
-update, not per pass) is timed separately. `--floor` also times the least any exact
+alone: per backward pass, tensor hooks mark each parameter's gradient and one
+engine callback takes one fused norm per host; the opt-in backward-gain probe
+(`backward_gain=True`) adds forward hooks and two tensor hooks per seed. The
+update's publish (once per PPO update, not per pass) is timed separately. `--floor` also times the least any exact
 per-pass measurement must add: one fused norm of every host and seed gradient after
 each backward, inline, with no hook at all. Torch runs on one thread, so the
 training thread's CPU time (`--clock thread`, the default) is the step's work and
@@ -164,7 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     clock = CLOCKS["wall" if args.device.startswith("cuda") else args.clock]
-    for gain, what in ((False, "ratio only (backward_gain=False)"), (True, "ratio and backward gain")):
+    modes = ((False, "ratio only (watch_seed's default)"), (True, "ratio and backward gain (backward_gain=True)"))
+    for gain, what in modes:
         res = run(args.seeds, args.width, args.batch, args.updates, args.steps, gain, clock, args.device)
         print(f"{what}:")
         print(f"  host step without watched seeds: {res['plain_ms']:.3f} ms")

@@ -37,11 +37,28 @@ def test_before_the_first_update_only_counters_and_histograms_are_exported(polic
     assert not any(name == "tele_last_update_timestamp_seconds" for name, _ in samples)
 
 
+def test_a_seed_watched_without_the_backward_gain_publishes_no_gain_series_not_zero(policy: TinyPolicy) -> None:
+    """The gain is opt-in; a seed without it (the default) or without a pass with data has no sample at all."""
+    registry = CollectorRegistry()
+    tele = Telemetry(policy, heads={"op": policy.op}, registry=registry)
+    host = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 1))
+    tele.watch_seed(host[0], host=host, env=0, slot="plain")
+    tele.watch_seed(host[1], host=host, env=0, slot="gain", backward_gain=True)
+    assert not host[0]._forward_hooks and host[1]._forward_hooks  # no probe for the default watch
+    with tele.update():
+        host(torch.randn(2, 6)).sum().backward()
+    samples = _samples(registry)
+    gains = {labels: v for (name, labels), v in samples.items() if name == "tele_seed_backward_gain"}
+    assert set(gains) == {(("env", "0"), ("slot", "gain"))} and gains[(("env", "0"), ("slot", "gain"))] > 0
+    assert samples[("tele_seed_grad_ratio", (("env", "0"), ("slot", "plain")))] > 0
+    assert tele.snapshot().seed("0", "plain").backward_gain is None
+
+
 def test_every_catalog_metric_is_exported_with_catalog_type_and_help(policy: TinyPolicy) -> None:
     registry = CollectorRegistry()
     tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, registry=registry)
     seed, host = torch.nn.Linear(6, 6), torch.nn.Linear(6, 1)
-    tele.watch_seed(seed, host=host, env=3, slot="r0c1")
+    tele.watch_seed(seed, host=host, env=3, slot="r0c1", backward_gain=True)
     with tele.update() as upd:
         backward(policy)
         host(seed(torch.randn(2, 6, requires_grad=True))).sum().backward()

@@ -88,7 +88,7 @@ def test_in_place_ops_inside_a_seed(tele: Telemetry, policy: TinyPolicy) -> None
             return (x * 2.0).add_(1.0).mul_(2.0)
 
     seed = InPlace()
-    tele.watch_seed(seed, host=policy, env=0, slot="s")
+    tele.watch_seed(seed, host=policy, env=0, slot="s", backward_gain=True)
     x = torch.rand(3, 4, requires_grad=True)
     after = _faulty_update(tele, policy, lambda: seed(x).sum().backward())
     assert after.seed("0", "s").backward_gain == pytest.approx(4.0)  # y = 2(2x + 1): dy/dx = 4
@@ -100,7 +100,7 @@ def test_an_exception_raised_inside_a_hook(
     import tele_exporter.hooks as hooks
 
     seed = nn.Linear(4, 4)
-    tele.watch_seed(seed, host=policy, env=0, slot="s")
+    tele.watch_seed(seed, host=policy, env=0, slot="s", backward_gain=True)
     x = torch.randn(2, 4, requires_grad=True)
 
     def boom(grad: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_an_exception_raised_inside_a_hook(
     after = _faulty_update(tele, policy, lambda: seed(x).sum().backward())
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert tele.errors()["seed_hook"] == 2
-    assert after.seed("0", "s").backward_gain == 0.0
+    assert after.seed("0", "s").backward_gain is None
 
 
 def test_a_scrape_during_publish(tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -69,7 +69,7 @@ def test_backward_gain_matches_autograd_reference(setup: tuple[TinyPolicy, Telem
     _, tele, host = setup
     x = torch.randn(16, 4)
     expected = _reference_gain(host, x)
-    tele.watch_seed(host.seed, host=host, env=0, slot="r0c0")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r0c0", backward_gain=True)
     _train(tele, host, x)
     seed = tele.snapshot().seed("0", "r0c0")
     assert seed.backward_gain == pytest.approx(expected, rel=1e-6)
@@ -263,7 +263,7 @@ def test_in_place_op_inside_the_seed(setup: tuple[TinyPolicy, Telemetry, Host]) 
     host = Host(InPlaceSeed())
     x = torch.randn(16, 4)
     expected = _reference_gain(host, x)
-    tele.watch_seed(host.seed, host=host, env=0, slot="s")
+    tele.watch_seed(host.seed, host=host, env=0, slot="s", backward_gain=True)
     _train(tele, host, x)
     assert tele.snapshot().seed("0", "s").backward_gain == pytest.approx(expected, rel=1e-6)
 
@@ -271,11 +271,11 @@ def test_in_place_op_inside_the_seed(setup: tuple[TinyPolicy, Telemetry, Host]) 
 def test_seed_whose_input_does_not_require_grad_reports_no_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, _ = setup
     seed = nn.Linear(4, 1)
-    tele.watch_seed(seed, host=nn.Linear(1, 1), env=0, slot="first")
+    tele.watch_seed(seed, host=nn.Linear(1, 1), env=0, slot="first", backward_gain=True)
     with tele.update():
         seed(torch.randn(3, 4)).sum().backward()  # raw data: no gradient reaches the input
     state = tele.snapshot().seed("0", "first")
-    assert state.backward_gain == 0.0 and state.ratio == 0.0 and state.shown.label == "OK"
+    assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "OK"
     assert not state.vanishing  # 0.0 is "no data", never vanishing
 
 
@@ -289,7 +289,7 @@ def test_seed_without_backward_reports_no_data(setup: tuple[TinyPolicy, Telemetr
 
 def test_remove_is_idempotent_leaves_no_hooks_and_drops_the_series(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
-    watch = tele.watch_seed(host.seed, host=host, env=0, slot="r0c1")
+    watch = tele.watch_seed(host.seed, host=host, env=0, slot="r0c1", backward_gain=True)
     assert host.seed._forward_hooks and host.seed._forward_pre_hooks
     assert [(s.env, s.slot) for s in tele.snapshot().seeds] == [("0", "r0c1")]
     watch.remove()
@@ -297,7 +297,7 @@ def test_remove_is_idempotent_leaves_no_hooks_and_drops_the_series(setup: tuple[
     assert not host.seed._forward_hooks and not host.seed._forward_pre_hooks
     assert tele.snapshot().seeds == ()
     assert not watch.active
-    with tele.watch_seed(host.seed, host=host, env=0, slot="r0c1") as again:
+    with tele.watch_seed(host.seed, host=host, env=0, slot="r0c1", backward_gain=True) as again:
         assert again.active
     assert not host.seed._forward_hooks and tele.snapshot().seeds == ()
 
@@ -333,23 +333,24 @@ def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
 
     monkeypatch.setattr(hooks, "_gain_norm", boom)
     caplog.set_level(logging.WARNING, logger="tele_exporter")
-    tele.watch_seed(host.seed, host=host, env=0, slot="r")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r", backward_gain=True)
     for _ in range(2):
         _train(tele, host, torch.randn(4, 4))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in host.parameters())
     assert tele.errors()["seed_hook"] == 4  # two hooks a pass, two passes
     assert caplog.text.count("telemetry failed in seed_hook") == 1
-    assert tele.snapshot().seed("0", "r").backward_gain == 0.0
+    assert tele.snapshot().seed("0", "r").backward_gain is None  # missing, never 0
 
 
 def test_nonfinite_seed_gradients_are_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:
     _, tele, host = setup
     with torch.no_grad():
         host.seed.weight[0, 0] = float("inf")  # type: ignore[index]
-    tele.watch_seed(host.seed, host=host, env=0, slot="r")
+    tele.watch_seed(host.seed, host=host, env=0, slot="r", backward_gain=True)
     _train(tele, host, torch.randn(4, 4))
     state = tele.snapshot().seed("0", "r")
-    assert not math.isfinite(state.backward_gain) and not math.isfinite(state.ratio)
+    assert state.backward_gain is not None and not math.isfinite(state.backward_gain)
+    assert not math.isfinite(state.ratio)
     assert state.exploding and state.shown.label == "▲ EXPLODING"  # a non-finite ratio is exploding
 
 
@@ -364,10 +365,10 @@ def test_a_seed_that_modifies_its_input_in_place_is_measured_from_its_second_pas
 
     _, tele, _ = setup
     lin, seed, out = nn.Linear(4, 4), Tripler(), nn.Linear(4, 1)
-    tele.watch_seed(seed, host=out, env=0, slot="t")
+    tele.watch_seed(seed, host=out, env=0, slot="t", backward_gain=True)
     with tele.update():
         out(seed(lin(torch.randn(5, 4)))).sum().backward()
-    assert tele.snapshot().seed("0", "t").backward_gain == 0.0  # first pass: no data, and now detected
+    assert tele.snapshot().seed("0", "t").backward_gain is None  # first pass: no data, and now detected
     with tele.update():
         out(seed(lin(torch.randn(5, 4)))).sum().backward()
     assert tele.snapshot().seed("0", "t").backward_gain == pytest.approx(3.0)

@@ -154,6 +154,10 @@ def test_snapshot_api_is_json_with_display_fields(server: Server, tele: Telemetr
     assert len(snap["grad_norm"]["history"]) == 2
     assert doc["colours"]["critical"] == "red"
     assert doc["metrics"]["kl_divergence"]["question"].startswith("What is the KL divergence trend")
+    tele.watch_seed(policy.trunk, host=policy, env=0, slot="r0c0")  # no backward gain: null, never 0.0
+    _train(tele, policy, 1)
+    (seed,) = json.loads(_get(server.base_url + "/api/snapshot")[1])["snapshot"]["seeds"]
+    assert seed["backward_gain"] is None and seed["passes"] == 1 and seed["ratio"] > 0
 
 
 def test_half_open_slow_and_malformed_clients_do_not_stall_scrapes(server: Server, tele: Telemetry) -> None:

@@ -44,8 +44,11 @@ def _policy_grad_norm(s: Snapshot) -> Samples:
 
 
 def _seed(field: str) -> Callable[[Snapshot], Samples]:
+    """One sample per watched seed that has the value (a backward gain never measured is missing, not 0)."""
+
     def samples(s: Snapshot) -> Samples:
-        return [((seed.env, seed.slot), float(getattr(seed, field))) for seed in s.seeds]
+        values = ((seed, getattr(seed, field)) for seed in s.seeds)
+        return [((seed.env, seed.slot), float(value)) for seed, value in values if value is not None]
 
     return samples
 

@@ -41,7 +41,7 @@ class SeedState:
     exploding: bool
     shown: Shown
     passes: int  # backward passes with data in the latest update
-    backward_gain: float = 0.0  # |dL/d input| / |dL/d output|, mean over passes with data; 0.0: no data
+    backward_gain: float | None = None  # |dL/d input| / |dL/d output|, mean over passes with data; None: missing
 
 
 @dataclass(frozen=True)

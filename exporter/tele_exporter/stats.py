@@ -75,7 +75,8 @@ def tensor_norm_list(tensors: Sequence[Tensor]) -> list[Tensor]:
         groups.setdefault((t.device, t.dtype), []).append(i)
     out: list[Tensor] = [first] * len(tensors)
     for (_, dtype), idx in groups.items():
-        for i, norm in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype)), strict=True):
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype))
+        for i, norm in zip(idx, norms, strict=True):
             out[i] = norm
     return out
 

@@ -164,14 +164,14 @@ class Telemetry:
         return Update(self) if self.enabled else _DisabledUpdate(self)
 
     def watch_seed(
-        self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str, backward_gain: bool = True
+        self, module: nn.Module, *, host: nn.Module, env: str | int, slot: str, backward_gain: bool = False
     ) -> SeedWatch:
         """Measure TELE-557 for a seed module grown in `host` until the handle is removed.
 
         Per backward pass: the seed's parameter-gradient RMS over the host's (the
-        host's parameters without any watched seed's), and, unless backward_gain
-        is False, the seed's backward gain (forward hooks and two gradient hooks
-        per seed, about as costly as the ratio).
+        host's parameters without any watched seed's), and, with backward_gain=True,
+        the seed's backward gain: forward hooks and two gradient hooks per seed that
+        cost more than the ratio itself, for a diagnostic without levels, so it is opt-in.
         Past `max_seeds` live seeds the call is refused and counted: the returned
         handle is inert and training goes on.
         """
@@ -302,7 +302,7 @@ class Telemetry:
             seed_values[key] = SeedValues(
                 float(with_data.mean()) if with_data.numel() else 0.0,
                 int(with_data.numel()),
-                float(gain.mean()) if gain.numel() else 0.0,
+                float(gain.mean()) if gain.numel() else None,
             )
 
         with self._lock:
@@ -663,10 +663,10 @@ class SeedValues:
 
     ratio: float
     passes: int
-    backward_gain: float
+    backward_gain: float | None  # None: not measured (no probe, or no pass with data)
 
 
-_NO_SEED_DATA = SeedValues(0.0, 0, 0.0)
+_NO_SEED_DATA = SeedValues(0.0, 0, None)
 
 
 @dataclass(frozen=True)
@@ -731,9 +731,9 @@ def _to_host(
         index = torch.tensor(sides, dtype=torch.long)
         sums = torch.zeros(2 * n_passes, dtype=torch.float64).index_add_(0, index, squares)
         gain_t[key] = backward_gain(sums[0::2].sqrt(), sums[1::2].sqrt())
-    squares = _host_squares(passes, flat[offset : offset + len(pass_norms)])
+    host_sums = _host_squares(passes, flat[offset : offset + len(pass_norms)])
     offset += len(pass_norms)
-    return _Host(rows, kl_t, clip_t, gain_t, list(zip(passes, squares, strict=True)), flat[offset:])
+    return _Host(rows, kl_t, clip_t, gain_t, list(zip(passes, host_sums, strict=True)), flat[offset:])
 
 
 def _host_squares(passes: list[HostPass], norms: Tensor) -> list[Tensor]:

@@ -722,11 +722,13 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
         want_seeds[(env, slot)] = {
             "Gradient": seed_display(value, e, v),
             "Ratio": neutral(value, ratio.precision),
-            "Backward gain": neutral(gains[key], GAIN.precision),
+            "Backward gain": neutral(gains.get(key, math.nan), GAIN.precision),
             "Exploding": flag_cell(e, "exploding"),
             "Vanishing": flag_cell(v, "vanishing"),
         }
-    got_seeds = {k: {col: row.get(col) for col in SEED_VALUES} for k, row in seeds.items()}
+        if key not in gains:  # no pass with data yet: the gain is missing, not 0
+            del want_seeds[(env, slot)]["Backward gain"]
+    got_seeds = {k: {col: row.get(col) for col in want_seeds.get(k, SEED_VALUES)} for k, row in seeds.items()}
     problems += compare(SEEDS, want_seeds, got_seeds)
     return problems
 

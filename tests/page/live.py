@@ -63,6 +63,7 @@ _STATE_JS = """(() => {
     seeds: [...document.querySelectorAll("#seed-rows tr")].map((tr) => ({
       env: tr.dataset.env, slot: tr.dataset.slot, status: tr.dataset.status,
       label: tr.children[2].textContent, bold: getComputedStyle(tr.children[2]).fontWeight,
+      gain: tr.children[3].textContent,
     })),
   };
 })()"""

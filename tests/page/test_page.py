@@ -259,6 +259,7 @@ def test_heads_and_seeds_follow_the_snapshot(run: str, request: pytest.FixtureRe
         expected = (seed["env"], seed["slot"], seed["shown"]["label"], seed["shown"]["status"])
         assert (shown["env"], shown["slot"], shown["label"], shown["status"]) == expected
         assert (int(shown["bold"]) >= 700) == (seed["exploding"] or seed["vanishing"])
+        assert (shown["gain"] == "— missing") == (seed["backward_gain"] is None)
 
 
 @pytest.mark.slow
@@ -347,6 +348,8 @@ def test_empty_panels_are_hidden_until_their_signal_appears(
         upd.observe_kl_value(0.01)
     tab.wait_for("Number(document.body.dataset.updates) === 2", PAGE_TIMEOUT_S)
     assert tab.evaluate(_HIDDEN_JS) == {"seeds": False, "kl": False}
+    # watched without backward_gain=True: the gain is missing, never 0
+    assert tab.evaluate("document.querySelector('#seed-rows tr').children[3].textContent") == "— missing"
     watch.remove()
     with tele.update():
         pass

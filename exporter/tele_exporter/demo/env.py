@@ -316,7 +316,8 @@ class SeedEnv:
         slot.alpha_target = ALPHA_TARGETS[alpha_target]
         slot.alpha_speed, slot.curve, slot.tempo = DEFAULT_SPEED, 0, TEMPOS[tempo]
         if self.tele is not None:
-            slot.watch = self.tele.watch_seed(seed, host=self.host, env=self.env_id, slot=slot.name)
+            # The demo shows every metric, so it opts into the backward gain too (watch_seed's default is off).
+            slot.watch = self.tele.watch_seed(seed, host=self.host, env=self.env_id, slot=slot.name, backward_gain=True)
         return True
 
     def clear_slot(self, slot_index: int) -> None:

@@ -92,7 +92,8 @@ ADVICE: dict[str, str] = {
         "learns much slower than the network it grows in. Check the seed's alpha blending (an "
         "alpha near 0 starves it) and initialisation; a seed that stays here is a prune "
         "candidate. A ratio of exactly 0 means no gradient data, not vanishing. "
-        "`tele_seed_backward_gain` tells whether the seed also damps the gradient it passes back."
+        "`tele_seed_backward_gain` (from `watch_seed(..., backward_gain=True)`) tells whether the "
+        "seed also damps the gradient it passes back."
     ),
     "TeleSeedGradientExploding": (
         "The seed's parameters receive far more gradient per element than its host's and can "
