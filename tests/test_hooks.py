@@ -604,6 +604,39 @@ def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_ch
     assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-12)
 
 
+class MixedPrecisionHost(nn.Module):
+    """A float32 host layer with a float64 seed: the end-of-pass read norms each dtype in its own fused call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.seeds = nn.ModuleDict({"s": _relu_seed().double()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.seeds["s"](x.double()).float()
+
+
+def test_a_host_whose_seed_has_another_dtype_is_read_at_the_end_of_the_pass_and_exact(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tele_exporter.hooks as hooks
+
+    def boom(tensor: object) -> torch.Tensor:
+        raise RuntimeError("normed in a hook")
+
+    _, tele, _ = setup
+    torch.manual_seed(16)
+    host = MixedPrecisionHost()
+    seed = host.seeds["s"]
+    tele.watch_seed(seed, host=host, env=0, slot="s")
+    monkeypatch.setattr(hooks, "tensor_norm", boom)
+    with tele.update():
+        grads = _backward_pass(host, 0)  # type: ignore[arg-type]
+    assert tele.errors() == {}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
+
+
 def test_under_ddp_every_gradient_is_normed_in_its_hook(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ from tele_exporter.stats import (
     seed_grad_ratio,
     seed_rms_ratio,
     step_cvs,
+    tensor_norm_list,
     tensor_norms,
 )
 
@@ -82,6 +83,25 @@ def test_tensor_norms_one_per_tensor() -> None:
     out = tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])])
     assert out.tolist() == [5.0, 1.0]
     assert tensor_norms([]).numel() == 0
+
+
+def test_tensor_norm_list_keeps_input_order_and_each_gradients_precision() -> None:
+    """Mixed dtypes: one fused call per dtype, results back in input order; float16 is normed in float32."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [
+        torch.randn(70, generator=gen),
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.full((4,), 200.0, dtype=torch.float16),  # squares overflow float16: 400 is right
+        torch.randn(9, generator=gen),
+    ]
+    out = tensor_norm_list(grads)
+    assert [n.dtype for n in out] == [torch.float32, torch.float64, torch.float32, torch.float32]
+    expected = [float(np.sqrt(np.sum(g.double().numpy() ** 2))) for g in grads]
+    assert [float(n) for n in out] == pytest.approx(expected, rel=1e-6)
+    assert float(out[2]) == 400.0
+    assert tensor_norm_list([]) == []
+    same = tensor_norm_list(grads[:1] + grads[3:])
+    assert [float(n) for n in same] == pytest.approx([expected[0], expected[3]], rel=1e-6)
 
 
 @pytest.mark.parametrize(

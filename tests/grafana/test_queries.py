@@ -34,6 +34,8 @@ DASHBOARD = ROOT / dashboards.PATH
 MIN_UPDATES = 4
 MIN_SCRAPES = 15
 ALL = {"job": ".*", "instance": ".*", "env": ".*"}
+GAIN = default_catalog()["seed_backward_gain"].name
+RATIO = default_catalog()["seed_grad_ratio"].name
 LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
 
 
@@ -65,12 +67,13 @@ def scraped(demo: str) -> Iterator[Scraped]:
         updates, seeds = catalog["ppo_updates"].name, catalog["seed_grad_ratio"].name
 
         def ready() -> float | None:
-            # The demo grows and prunes seeds, so some instants have none: find one that has.
+            # The demo grows and prunes seeds, so some instants have none: find one with a seed
+            # that has had a pass with data (ratio > 0; before that its backward gain is missing).
             at = time.time()
             history = f"count_over_time({updates}[5m]) >= {MIN_SCRAPES}"
             if not prom.query(f"{updates} >= {MIN_UPDATES}") or not prom.query(history):
                 return None
-            live = prom.api("/api/v1/query", query=f"count({seeds})", time=f"{at:.3f}")
+            live = prom.api("/api/v1/query", query=f"count({seeds} > 0)", time=f"{at:.3f}")
             return at if live["data"]["result"] else None
 
         at = poll(ready, timeout=240, interval=0.5, what=f"{MIN_UPDATES} updates and live seeds")
@@ -164,6 +167,11 @@ def test_query_returns_data(scraped: Scraped, name: str, target: dict[str, Any])
     for values in choices:
         if panel is None:
             expr = substitute(target["expr"], values, window)
+            if GAIN in expr and values["env"] != ALL["env"] and not execute(scraped, target, expr):
+                # The gain is missing, never 0, until a seed has a pass with data: so are the ratios.
+                ratios = substitute(f'{RATIO}{{env=~"$env"}} > 0', values, window)
+                assert not execute(scraped, target, ratios), f"{name}: no gain where {ratios} has data"
+                continue
             assert execute(scraped, target, expr), f"{name}: no data for {expr}"
             continue
         targets = next(p["targets"] for p in board()["panels"] if p["title"] == panel and p["type"] != "row")
