@@ -146,8 +146,14 @@ def _rms_ratio64(host: _SeededHost, seed: torch.nn.Module) -> float:
     return (g_seed / math.sqrt(n_seed)) / (g_host / math.sqrt(n_host) + 1e-8)
 
 
-def test_seed_ratios_make_no_host_sync_on_fresh_and_accumulating_passes() -> None:
-    """Both ways of TELE-557's probe: fresh .grad read at the end of the pass, and gradients normed in their hooks."""
+def test_seed_ratios_make_no_host_sync_on_fresh_and_accumulating_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of TELE-557's probe: fresh .grad read at the end of the pass, and gradients normed in their hooks.
+
+    Passes are summed two at a time, so the fold of their norms runs inside the no-sync block too.
+    """
+    import tele_exporter.hooks as hooks
+
+    monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
     device = torch.device("cuda")
     torch.manual_seed(0)
     policy = TinyPolicy().to(device)

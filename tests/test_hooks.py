@@ -202,6 +202,68 @@ def test_several_seeds_on_one_host_over_several_passes(setup: tuple[TinyPolicy, 
         assert state.ratio == pytest.approx(float(np.mean(expected[name])), rel=1e-6)
 
 
+def _reference_among(host: nn.Module, seed: nn.Module, watched: list[nn.Module], grads: dict[int, np.ndarray]) -> float:
+    """DESIGN §4 in float64 numpy, with only the `watched` seeds' parameters taken out of the host's."""
+    out = {id(p) for m in watched for p in m.parameters()}
+    g_s = np.sqrt(sum(np.sum(grads[id(p)] ** 2) for p in seed.parameters()))
+    host_params = [p for p in host.parameters() if id(p) not in out]
+    g_h = np.sqrt(sum(np.sum(grads[id(p)] ** 2) for p in host_params))
+    n_s, n_h = sum(p.numel() for p in seed.parameters()), sum(p.numel() for p in host_params)
+    return float((g_s / np.sqrt(n_s)) / (g_h / np.sqrt(n_h) + 1e-8))
+
+
+def test_passes_are_summed_in_batches_while_seeds_join_and_leave_and_each_stays_exact(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folds of 3 passes whose layouts differ (a seed joins at pass 2, one leaves at 5), then the drain's rest."""
+    import tele_exporter.hooks as hooks
+
+    monkeypatch.setattr(hooks, "FOLD_PASSES", 3)
+    _, tele, _ = setup
+    torch.manual_seed(17)
+    seeds = {name: _relu_seed(scale) for name, scale in (("a", 1.0), ("b", 2.0), ("c", 0.5))}
+    host = Parallel(seeds)
+    watches = {name: tele.watch_seed(seeds[name], host=host, env=0, slot=name) for name in ("a", "b")}
+    expected: dict[str, list[float]] = {"a": [], "c": []}
+    with tele.update():
+        for k in range(8):
+            if k == 2:
+                watches["c"] = tele.watch_seed(seeds["c"], host=host, env=0, slot="c")
+            if k == 5:
+                watches.pop("b").remove()
+            grads = _backward_pass(host, k)
+            watched = [seeds[name] for name in watches]
+            for name in expected:
+                if name in watches:
+                    expected[name].append(_reference_among(host, seeds[name], watched, grads))
+    snap = tele.snapshot()
+    assert [s.slot for s in snap.seeds] == ["a", "c"] and tele.errors() == {}
+    for name, values in expected.items():
+        assert snap.seed("0", name).passes == len(values) == {"a": 8, "c": 6}[name]
+        assert snap.seed("0", name).ratio == pytest.approx(float(np.mean(values)), rel=1e-6)
+
+
+def test_a_host_never_published_keeps_a_bounded_number_of_its_latest_passes(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tele_exporter.hooks as hooks
+
+    monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
+    monkeypatch.setattr(hooks, "MAX_PENDING_PASSES", 6)
+    _, tele, _ = setup
+    torch.manual_seed(18)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s")
+    ratios = []
+    with tele.update():
+        for k in range(20):
+            ratios.append(_reference_rms_ratio(host, seed, _backward_pass(host, k)))
+    state = tele.snapshot().seed("0", "s")
+    assert 2 <= state.passes <= 7
+    assert state.ratio == pytest.approx(float(np.mean(ratios[-state.passes :])), rel=1e-6)  # the newest are kept
+
+
 def test_removing_a_seed_during_training_leaves_the_others_and_no_hooks(
     setup: tuple[TinyPolicy, Telemetry, Host],
 ) -> None:
@@ -277,6 +339,20 @@ def test_seed_whose_input_does_not_require_grad_reports_no_data(setup: tuple[Tin
     state = tele.snapshot().seed("0", "first")
     assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "OK"
     assert not state.vanishing  # 0.0 is "no data", never vanishing
+
+
+def test_a_seed_that_passes_no_gradient_back_has_a_measured_gain_of_zero_not_a_missing_one(
+    setup: tuple[TinyPolicy, Telemetry, Host],
+) -> None:
+    """Zero weights: dL/d input = W^T dL/d output = 0 while dL/d output is not; that 0.0 is data."""
+    _, tele, _ = setup
+    seed = nn.Linear(8, 8)
+    with torch.no_grad():
+        seed.weight.zero_()
+    host = Host(seed)
+    tele.watch_seed(seed, host=host, env=0, slot="blocked", backward_gain=True)
+    _train(tele, host, torch.randn(16, 4))
+    assert tele.snapshot().seed("0", "blocked").backward_gain == 0.0
 
 
 def test_seed_without_backward_reports_no_data(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:

@@ -6,10 +6,11 @@ landing in an empty .grad in a `backward()` is only marked, any other is normed
 in the hook (one kernel in the gradient's precision). The hooks never keep a
 gradient: that would stop autograd from stealing it into .grad and double its
 memory. The first hook of a pass queues an engine callback that runs once the
-pass is done and norms the marked .grad tensors with one fused kernel. The
-per-tensor norms stay on the device (no host sync); the update's publish
-squares and sums them per host and seed. docs/fidelity.md says why this and not
-`register_multi_grad_hook`, a norm in every hook or a norm at the optimizer step.
+pass is done and norms the marked .grad tensors with one fused kernel, nothing
+more. The per-tensor norms stay on the device (no host sync) and are squared
+and summed per host and seed in float64 for FOLD_PASSES passes at a time and at
+the drain. docs/fidelity.md says why this and not `register_multi_grad_hook`, a
+norm in every hook or a norm at the optimizer step.
 
 `SeedProbe` measures a seed's backward gain with tensor hooks, not full backward hooks.
 The forward pre-hook hands the seed a `view_as` alias of each input and hooks the
@@ -24,7 +25,7 @@ the update's publish); no host sync.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -33,12 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import tensor_norm, tensor_norm_list
+from .stats import index_tensor, stack_float64, tensor_norm, tensor_norm_list
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
 MAX_PENDING_PASSES = 4096
-MAX_ORDERS = 64  # hook orders remembered per layout; a graph that varies its order keeps at most this many
+FOLD_PASSES = 64  # a host's passes whose per-tensor norms are summed together (bounds the tensors held per host)
 
 
 @dataclass
@@ -171,17 +172,34 @@ class SeedProbe:
 
 
 @dataclass(frozen=True)
-class HostPass:
-    """Parameter-gradient norms of one backward pass, each with its group: 0 the host, 1 + i `seeds[i]`.
+class HostPasses:
+    """Backward passes of one host, summed: per pass its seeds and parameter counts, and float64 sums.
 
-    The norms stay per tensor, 0-d, in their gradients' precision and on their
-    devices: the update's publish squares and sums them per group in float64.
+    Pass i owns the next 1 + len(seeds[i]) values: the squared parameter-gradient
+    norm of the host, then of each seed in order. `squares` holds one such vector
+    per device the gradients were on (a host split over devices adds them up on
+    the host after the publish's one copy per device); until then nothing leaves
+    its device.
     """
 
-    seeds: tuple[SeedKey, ...]
-    numels: tuple[int, ...]  # trainable parameter elements: the host's, then each seed's
-    groups: tuple[int, ...]  # per norm
-    norms: tuple[Tensor, ...]
+    seeds: tuple[tuple[SeedKey, ...], ...]
+    numels: tuple[tuple[int, ...], ...]  # per pass: trainable parameter elements, the host's then each seed's
+    squares: tuple[Tensor, ...]  # per device, each of size sum(1 + len(seeds[i]))
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def size(self) -> int:
+        return sum(1 + len(seeds) for seeds in self.seeds)
+
+    def per_pass(self, squares: Tensor) -> Iterator[tuple[tuple[SeedKey, ...], tuple[int, ...], Tensor]]:
+        """Each pass's seeds, parameter counts and sums, cut from `squares` (the devices' vectors added up)."""
+        start = 0
+        for seeds, numels in zip(self.seeds, self.numels, strict=True):
+            stop = start + 1 + len(seeds)
+            yield seeds, numels, squares[start:stop]
+            start = stop
 
 
 @dataclass(frozen=True)
@@ -193,7 +211,37 @@ class _Layout:
     seeds: tuple[SeedKey, ...]
     numels: tuple[int, ...]
     accumulators: dict[int, Any] = field(default_factory=dict)  # per tensor index: its AccumulateGrad node, once seen
-    orders: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)  # tensor order -> group per norm
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """One pass as its end-of-pass callback left it: a 0-d norm per gradient tensor, in the order of `order`."""
+
+    layout: _Layout
+    order: tuple[int, ...]  # per norm: the index of its tensor in layout.tensors
+    norms: tuple[Tensor, ...]
+
+
+def _fold(measured: Sequence[_Measured]) -> HostPasses:
+    """Square and sum the norms per pass and group in float64, a handful of ops per device for a whole batch.
+
+    `index_add_` sums each group's own entries only, so a NaN or Inf stays in its group;
+    norms on another device are summed there (no copy, no host sync).
+    """
+    by_device: dict[torch.device, tuple[list[Tensor], list[int]]] = {}
+    start = 0
+    for m in measured:
+        groups = m.layout.groups
+        for i, norm in zip(m.order, m.norms, strict=True):
+            norms, bins = by_device.setdefault(norm.device, ([], []))
+            norms.append(norm)
+            bins.append(start + groups[i])
+        start += 1 + len(m.layout.seeds)
+    squares = []
+    for device, (norms, bins) in by_device.items():
+        sums = torch.zeros(start, dtype=torch.float64, device=device)
+        squares.append(sums.index_add_(0, index_tensor(bins, device), stack_float64(norms).square()))
+    return HostPasses(tuple(m.layout.seeds for m in measured), tuple(m.layout.numels for m in measured), tuple(squares))
 
 
 @dataclass
@@ -242,7 +290,8 @@ class HostProbe:
         self._layout: _Layout | None = None
         self._handles: list[RemovableHandle] = []
         self._pending: dict[int, _Pass] = {}  # per running graph task
-        self._passes: list[HostPass] = []
+        self._measured: list[_Measured] = []  # passes since the last fold
+        self._folded: list[HostPasses] = []
         self.defers = True  # off for good once a deferred .grad was gone at the end of a pass
 
     @property
@@ -274,11 +323,18 @@ class HostProbe:
         self._seeds.clear()
         self._register()
 
-    def drain(self) -> list[HostPass]:
-        """The passes recorded since the last drain."""
+    def drain(self) -> list[HostPasses]:
+        """The passes recorded since the last drain, summed (a fold failure is counted and loses its passes)."""
         with self._lock:
-            passes, self._passes = self._passes, []
-        return passes
+            folded, self._folded = self._folded, []
+            measured, self._measured = self._measured, []
+        if measured:
+            try:
+                with torch.no_grad():
+                    folded.append(_fold(measured))
+            except Exception as exc:
+                self._on_error(self._site, exc)
+        return folded
 
     def _register(self) -> None:
         """(Re-)register the tensor hooks over the host's own and every seed's trainable parameters."""
@@ -364,9 +420,10 @@ class HostProbe:
         """End of a backward pass: one fused norm of the fresh .grad tensors, kept with the hooks' norms.
 
         Only that: every further op here costs ~10-30 us of cold code per pass on
-        CPU, so the float64 sums per host and seed are the update's publish's job.
-        A pass with a failed norm, or whose deferred .grad is gone (a later hook
-        consumed it), records nothing: missing, never a partial sum.
+        CPU, so the float64 sums per host and seed are made for FOLD_PASSES passes
+        at a time (which bounds the tensors held) and at the drain. A pass with a
+        failed norm, or whose deferred .grad is gone (a later hook consumed it),
+        records nothing: missing, never a partial sum.
         """
         state = self._pending.pop(task, None)  # atomic under the GIL; _open's lock only orders the opening
         if state is None or state.failed or layout is not self._layout:
@@ -387,15 +444,17 @@ class HostProbe:
                 norms.extend(n for _, n in state.normed)
             if not norms:
                 return
-            groups = layout.orders.get(order)
-            if groups is None:
-                if len(layout.orders) >= MAX_ORDERS:
-                    layout.orders.clear()
-                groups = layout.orders[order] = tuple(layout.groups[i] for i in order)
-            record = HostPass(layout.seeds, layout.numels, groups, tuple(norms))
+            batch: list[_Measured] = []
             with self._lock:
-                if len(self._passes) >= MAX_PENDING_PASSES:
-                    del self._passes[: MAX_PENDING_PASSES // 2]
-                self._passes.append(record)
+                self._measured.append(_Measured(layout, order, tuple(norms)))
+                if len(self._measured) >= FOLD_PASSES:
+                    batch, self._measured = self._measured, []
+            if batch:
+                with torch.no_grad():
+                    block = _fold(batch)
+                with self._lock:
+                    self._folded.append(block)
+                    if len(self._folded) > MAX_PENDING_PASSES // FOLD_PASSES:
+                        del self._folded[: len(self._folded) // 2]
         except Exception as exc:  # telemetry must never break the backward pass
             self._on_error(self._site, exc)

@@ -30,7 +30,7 @@ from .display import Shown, show
 from .gradients import Drained, GradientMeter, NonFiniteNormError
 from .heads import ACTION, Head, HeadSpec, resolve_heads
 from .histogram import LabelledHistogram
-from .hooks import BackwardPass, HostPass, HostProbe, SeedKey, SeedProbe
+from .hooks import BackwardPass, HostPasses, HostProbe, SeedKey, SeedProbe
 from .labels import check_label_names
 from .policy_health import PolicyHealth, PolicyRecorder
 from .policy_stats import DEFAULT_CLIP_EPS
@@ -298,7 +298,6 @@ class Telemetry:
             with_data = ratios[ratios != 0]
             self._histograms["step_seed_grad_ratio"].observe_many((), with_data)
             gain = host.gains.get(key, torch.zeros(0, dtype=torch.float64))
-            gain = gain[gain != 0]
             seed_values[key] = SeedValues(
                 float(with_data.mean()) if with_data.numel() else 0.0,
                 int(with_data.numel()),
@@ -667,6 +666,7 @@ class SeedValues:
 
 
 _NO_SEED_DATA = SeedValues(0.0, 0, None)
+PassSums = tuple[tuple[SeedKey, ...], tuple[int, ...], Tensor]  # a pass's seeds, parameter counts and float64 sums
 
 
 @dataclass(frozen=True)
@@ -677,7 +677,7 @@ class _Host:
     kls: Tensor
     clip_fractions: Tensor
     gains: dict[SeedKey, Tensor]
-    host_passes: list[tuple[HostPass, Tensor]]  # each pass with its squared norms on the host
+    host_passes: list[PassSums]  # each backward pass of a watched host, its sums on the host
     policy: Tensor  # PolicyRecorder.parts(), concatenated
 
 
@@ -693,7 +693,7 @@ def _to_host(
     kls: list[Tensor],
     clip_fractions: list[Tensor],
     gains: Mapping[SeedKey, list[BackwardPass]],
-    host_passes: Mapping[int, list[HostPass]],
+    host_passes: Mapping[int, list[HostPasses]],
     policy: list[Tensor],
 ) -> _Host:
     """Gather everything the update recorded and copy it to the host, one transfer per device."""
@@ -709,10 +709,8 @@ def _to_host(
         gain_sides.append((key, sides))
         if complete:
             parts.append(stack_float64([n for p in complete for ns in _sides(p) for n in ns]))
-    passes = [p for probe_passes in host_passes.values() for p in probe_passes]
-    pass_norms = [n for p in passes for n in p.norms]
-    if pass_norms:
-        parts.append(stack_float64(pass_norms))
+    blocks = [b for probe_blocks in host_passes.values() for b in probe_blocks]
+    parts.extend(sums for b in blocks for sums in b.squares)
     parts.extend(t.reshape(-1) for t in policy)
     flat = _gather(parts)
     width = drained.rows.shape[1] if drained is not None else 0
@@ -730,36 +728,28 @@ def _to_host(
         n_passes = (max(sides) + 2) // 2 if sides else 0
         index = torch.tensor(sides, dtype=torch.long)
         sums = torch.zeros(2 * n_passes, dtype=torch.float64).index_add_(0, index, squares)
-        gain_t[key] = backward_gain(sums[0::2].sqrt(), sums[1::2].sqrt())
-    host_sums = _host_squares(passes, flat[offset : offset + len(pass_norms)])
-    offset += len(pass_norms)
-    return _Host(rows, kl_t, clip_t, gain_t, list(zip(passes, host_sums, strict=True)), flat[offset:])
+        g_in, g_out = sums[0::2].sqrt(), sums[1::2].sqrt()
+        gain_t[key] = backward_gain(g_in, g_out)[g_out != 0]  # no output gradient: no data; a gain of 0 is data
+    on_host: list[PassSums] = []
+    for b in blocks:
+        n = b.size
+        per_device = [flat[offset + k * n : offset + (k + 1) * n] for k in range(len(b.squares))]
+        on_host.extend(b.per_pass(torch.stack(per_device).sum(0)))
+        offset += n * len(b.squares)
+    return _Host(rows, kl_t, clip_t, gain_t, on_host, flat[offset:])
 
 
-def _host_squares(passes: list[HostPass], norms: Tensor) -> list[Tensor]:
-    """Per pass, the float64 sums of the squared norms of the host and of each seed, by one index_add_ for all."""
-    bins: list[int] = []
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for p in passes:
-        bins.extend(start + g for g in p.groups)
-        bounds.append((start, start + 1 + len(p.seeds)))
-        start += 1 + len(p.seeds)
-    sums = torch.zeros(start, dtype=torch.float64).index_add_(0, torch.tensor(bins, dtype=torch.long), norms.square())
-    return [sums[a:b] for a, b in bounds]
-
-
-def _seed_ratios(passes: list[tuple[HostPass, Tensor]]) -> dict[SeedKey, Tensor]:
+def _seed_ratios(passes: list[PassSums]) -> dict[SeedKey, Tensor]:
     """TELE-557 ratio of every seed at each recorded backward pass that covered it (0.0: no data)."""
     columns: dict[SeedKey, tuple[list[float], list[float], list[int], list[int]]] = {}
-    for p, squares in passes:
+    for seeds, numels, squares in passes:
         values = squares.tolist()
-        for col, key in enumerate(p.seeds, start=1):
+        for col, key in enumerate(seeds, start=1):
             seed_sq, host_sq, seed_n, host_n = columns.setdefault(key, ([], [], [], []))
             seed_sq.append(values[col])
             host_sq.append(values[0])
-            seed_n.append(p.numels[col])
-            host_n.append(p.numels[0])
+            seed_n.append(numels[col])
+            host_n.append(numels[0])
     return {
         key: seed_rms_ratio(
             torch.tensor(seed_sq, dtype=torch.float64).sqrt(),

@@ -80,7 +80,8 @@ def test_live_seed_reports_a_measured_gradient_ratio(tele: Telemetry) -> None:
             env.step(Action(op=Op.WAIT))
     (seed,) = tele.snapshot().seeds
     assert seed.passes == 4, "the germinating step and three more trained the host through it"
-    assert seed.ratio > 0 and 0.5 <= seed.backward_gain <= 2.0  # measured; the residual seed passes gradient on
+    assert seed.ratio > 0 and seed.backward_gain is not None  # measured
+    assert 0.5 <= seed.backward_gain <= 2.0  # the residual seed passes gradient on
 
 
 def test_episode_ends_and_resets_the_slots(tele: Telemetry) -> None:
