@@ -765,3 +765,24 @@ def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
     assert tele.errors() == {"seed_grad_hook": 1}
     state = tele.snapshot().seed("0", "s")
     assert state.passes == 1 and state.ratio == pytest.approx(_reference_rms_ratio(host, seed, grads), rel=1e-6)
+
+
+def test_the_fold_sums_each_device_on_its_own_and_keeps_a_nan_in_its_group() -> None:
+    """A host split over devices: no norm is copied to another device before the publish (meta stands in for a GPU)."""
+    from tele_exporter.hooks import _fold, _Layout, _Measured
+
+    params = tuple(nn.Parameter(torch.zeros(n)) for n in (3, 2, 4))
+    layout = _Layout(params, groups=(0, 1, 0), seeds=(("0", "s"),), numels=(7, 2))
+    first = _Measured(layout, (0, 1, 2), (torch.tensor(3.0), torch.tensor(4.0, device="meta"), torch.tensor(math.nan)))
+    second = _Measured(layout, (2, 1, 0), (torch.tensor(1.0), torch.tensor(6.0), torch.tensor(2.0)))
+    block = _fold([first, second])
+    assert len(block) == 2 and block.size == 4 and block.numels == ((7, 2), (7, 2))
+    cpu, meta = block.squares
+    assert meta.device.type == "meta" and meta.shape == (4,)
+    host_first, seed_first, host_second, seed_second = cpu.tolist()
+    assert math.isnan(host_first) and seed_first == 0.0  # the NaN stays in the host's sum; the seed's is on meta
+    assert (host_second, seed_second) == (5.0, 36.0)
+    ((_, numels, sums),) = list(block.per_pass(cpu))[1:]
+    assert numels == (7, 2) and sums.tolist() == [5.0, 36.0]
+    (single,) = _fold([second]).squares
+    assert single.tolist() == [5.0, 36.0] and single.dtype == torch.float64

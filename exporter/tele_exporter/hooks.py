@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, stack_float64, tensor_norm, tensor_norm_list
+from .stats import index_tensor, tensor_norm, tensor_norm_list
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]
@@ -228,20 +228,29 @@ def _fold(measured: Sequence[_Measured]) -> HostPasses:
     `index_add_` sums each group's own entries only, so a NaN or Inf stays in its group;
     norms on another device are summed there (no copy, no host sync).
     """
-    by_device: dict[torch.device, tuple[list[Tensor], list[int]]] = {}
+    bins: list[int] = []
     start = 0
     for m in measured:
         groups = m.layout.groups
-        for i, norm in zip(m.order, m.norms, strict=True):
-            norms, bins = by_device.setdefault(norm.device, ([], []))
-            norms.append(norm)
-            bins.append(start + groups[i])
+        bins += [start + groups[i] for i in m.order]
         start += 1 + len(m.layout.seeds)
-    squares = []
-    for device, (norms, bins) in by_device.items():
-        sums = torch.zeros(start, dtype=torch.float64, device=device)
-        squares.append(sums.index_add_(0, index_tensor(bins, device), stack_float64(norms).square()))
-    return HostPasses(tuple(m.layout.seeds for m in measured), tuple(m.layout.numels for m in measured), tuple(squares))
+    norms = [n for m in measured for n in m.norms]
+    try:
+        parts = {norms[0].device: (torch.stack(norms), bins)}
+    except RuntimeError:  # a host split over devices: stack refuses before any kernel runs
+        by_device: dict[torch.device, tuple[list[Tensor], list[int]]] = {}
+        for norm, b in zip(norms, bins, strict=True):
+            on, at = by_device.setdefault(norm.device, ([], []))
+            on.append(norm)
+            at.append(b)
+        parts = {device: (torch.stack(on), at) for device, (on, at) in by_device.items()}
+    squares = tuple(
+        torch.zeros(start, dtype=torch.float64, device=device).index_add_(
+            0, index_tensor(at, device), values.to(torch.float64).square()
+        )
+        for device, (values, at) in parts.items()
+    )
+    return HostPasses(tuple(m.layout.seeds for m in measured), tuple(m.layout.numels for m in measured), squares)
 
 
 @dataclass

@@ -734,7 +734,7 @@ def _to_host(
     for b in blocks:
         n = b.size
         per_device = [flat[offset + k * n : offset + (k + 1) * n] for k in range(len(b.squares))]
-        on_host.extend(b.per_pass(torch.stack(per_device).sum(0)))
+        on_host.extend(b.per_pass(per_device[0] if len(per_device) == 1 else torch.stack(per_device).sum(0)))
         offset += n * len(b.squares)
     return _Host(rows, kl_t, clip_t, gain_t, on_host, flat[offset:])
 
