@@ -648,21 +648,26 @@ def test_create_graph_backward_is_measured_and_builds_no_graph_through_the_norms
         p.grad = None
 
 
-def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_changes_dtype(
-    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`.double()` gives every parameter a new AccumulateGrad node; the cached one is looked up again, not dropped."""
+def _forbid_norms_in_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gradient normed in its hook now raises (and is counted): the test shows every one was read from .grad."""
     import tele_exporter.hooks as hooks
 
     def boom(tensor: object) -> torch.Tensor:
         raise RuntimeError("normed in a hook")
 
+    monkeypatch.setattr(hooks, "tensor_norm", boom)
+
+
+def test_fresh_gradients_are_still_read_at_the_end_of_the_pass_after_the_host_changes_dtype(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.double()` gives every parameter a new AccumulateGrad node; the cached one is looked up again, not dropped."""
     _, tele, _ = setup
     torch.manual_seed(13)
     seed = _relu_seed()
     host = Parallel({"s": seed})
     tele.watch_seed(seed, host=host, env=0, slot="s", backward_gain=False)
-    monkeypatch.setattr(hooks, "tensor_norm", boom)
+    _forbid_norms_in_hooks(monkeypatch)
     with tele.update():
         _backward_pass(host, 0)
     host.double()
@@ -695,17 +700,12 @@ class MixedPrecisionHost(nn.Module):
 def test_a_host_whose_seed_has_another_dtype_is_read_at_the_end_of_the_pass_and_exact(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tele_exporter.hooks as hooks
-
-    def boom(tensor: object) -> torch.Tensor:
-        raise RuntimeError("normed in a hook")
-
     _, tele, _ = setup
     torch.manual_seed(16)
     host = MixedPrecisionHost()
     seed = host.seeds["s"]
     tele.watch_seed(seed, host=host, env=0, slot="s")
-    monkeypatch.setattr(hooks, "tensor_norm", boom)
+    _forbid_norms_in_hooks(monkeypatch)
     with tele.update():
         grads = _backward_pass(host, 0)  # type: ignore[arg-type]
     assert tele.errors() == {}
