@@ -243,9 +243,10 @@ def test_passes_are_summed_in_batches_while_seeds_join_and_leave_and_each_stays_
         assert snap.seed("0", name).ratio == pytest.approx(float(np.mean(values)), rel=1e-6)
 
 
-def test_a_host_never_published_keeps_a_bounded_number_of_its_latest_passes(
+def test_passes_piling_up_between_publishes_keep_a_bounded_number_of_the_newest(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """20 passes in one update, folds of 2, room for 6: past 3 blocks the oldest half goes, leaving the newest 4."""
     import tele_exporter.hooks as hooks
 
     monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
@@ -260,8 +261,38 @@ def test_a_host_never_published_keeps_a_bounded_number_of_its_latest_passes(
         for k in range(20):
             ratios.append(_reference_rms_ratio(host, seed, _backward_pass(host, k)))
     state = tele.snapshot().seed("0", "s")
-    assert 2 <= state.passes <= 7
-    assert state.ratio == pytest.approx(float(np.mean(ratios[-state.passes :])), rel=1e-6)  # the newest are kept
+    assert state.passes == 4
+    assert state.ratio == pytest.approx(float(np.mean(ratios[-4:])), rel=1e-6)
+    assert len({round(r, 9) for r in ratios[-4:]} | {round(r, 9) for r in ratios[:4]}) == 8  # the passes differ
+
+
+def test_a_fold_that_fails_is_counted_and_loses_only_its_own_passes(
+    setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tele_exporter.hooks as hooks
+
+    fold = hooks._fold
+    calls: list[int] = []
+
+    def first_fails(measured: list[object]) -> object:
+        calls.append(len(measured))
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return fold(measured)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
+    monkeypatch.setattr(hooks, "_fold", first_fails)
+    _, tele, _ = setup
+    torch.manual_seed(20)
+    seed = _relu_seed()
+    host = Parallel({"s": seed})
+    tele.watch_seed(seed, host=host, env=0, slot="s")
+    with tele.update():
+        ratios = [_reference_rms_ratio(host, seed, _backward_pass(host, k)) for k in range(5)]
+    assert calls == [2, 2, 1]  # in the callbacks of passes 1 and 3, then the drain's rest
+    assert tele.errors() == {"seed_grad_hook": 1}
+    state = tele.snapshot().seed("0", "s")
+    assert state.passes == 3 and state.ratio == pytest.approx(float(np.mean(ratios[2:])), rel=1e-6)
 
 
 def test_removing_a_seed_during_training_leaves_the_others_and_no_hooks(
@@ -769,20 +800,20 @@ def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
 
 def test_the_fold_sums_each_device_on_its_own_and_keeps_a_nan_in_its_group() -> None:
     """A host split over devices: no norm is copied to another device before the publish (meta stands in for a GPU)."""
-    from tele_exporter.hooks import _fold, _Layout, _Measured
+    from tele_exporter.hooks import _fold, _Groups, _Measured
 
-    params = tuple(nn.Parameter(torch.zeros(n)) for n in (3, 2, 4))
-    layout = _Layout(params, groups=(0, 1, 0), seeds=(("0", "s"),), numels=(7, 2))
-    first = _Measured(layout, (0, 1, 2), (torch.tensor(3.0), torch.tensor(4.0, device="meta"), torch.tensor(math.nan)))
-    second = _Measured(layout, (2, 1, 0), (torch.tensor(1.0), torch.tensor(6.0), torch.tensor(2.0)))
-    block = _fold([first, second])
+    sums = _Groups(groups=(0, 1, 0), seeds=(("0", "s"),), numels=(7, 2))
+    on = torch.tensor
+    meta_seed = _Measured(sums, (0, 1, 2), (on(3.0), on(4.0, device="meta"), on(math.nan)))
+    meta_host = _Measured(sums, (2, 1, 0), (on(1.0, device="meta"), on(6.0), on(2.0)))
+    block = _fold([meta_seed, meta_host])
     assert len(block) == 2 and block.size == 4 and block.numels == ((7, 2), (7, 2))
     cpu, meta = block.squares
-    assert meta.device.type == "meta" and meta.shape == (4,)
+    assert meta.device.type == "meta" and meta.shape == (4,) and cpu.dtype == torch.float64
     host_first, seed_first, host_second, seed_second = cpu.tolist()
     assert math.isnan(host_first) and seed_first == 0.0  # the NaN stays in the host's sum; the seed's is on meta
-    assert (host_second, seed_second) == (5.0, 36.0)
-    ((_, numels, sums),) = list(block.per_pass(cpu))[1:]
-    assert numels == (7, 2) and sums.tolist() == [5.0, 36.0]
-    (single,) = _fold([second]).squares
-    assert single.tolist() == [5.0, 36.0] and single.dtype == torch.float64
+    assert (host_second, seed_second) == (4.0, 36.0)  # the host's other norm (1.0) is on meta
+    ((_, numels, values),) = list(block.per_pass(cpu))[1:]
+    assert numels == (7, 2) and values.tolist() == [4.0, 36.0]
+    (single,) = _fold([_Measured(sums, (2, 1, 0), (torch.tensor(1.0), torch.tensor(6.0), torch.tensor(2.0)))]).squares
+    assert single.tolist() == [5.0, 36.0]

@@ -203,13 +203,20 @@ class HostPasses:
 
 
 @dataclass(frozen=True)
+class _Groups:
+    """Which sum each hooked tensor's norm goes to and what the sums cover; a kept pass holds no parameter."""
+
+    groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
+    seeds: tuple[SeedKey, ...]
+    numels: tuple[int, ...]  # trainable parameter elements: the host's, then each seed's
+
+
+@dataclass(frozen=True)
 class _Layout:
     """What one registration of the tensor hooks covers."""
 
     tensors: tuple[nn.Parameter, ...]
-    groups: tuple[int, ...]  # per tensor: 0 for the host, 1 + i for seeds[i]
-    seeds: tuple[SeedKey, ...]
-    numels: tuple[int, ...]
+    sums: _Groups
     accumulators: dict[int, Any] = field(default_factory=dict)  # per tensor index: its AccumulateGrad node, once seen
 
 
@@ -217,8 +224,8 @@ class _Layout:
 class _Measured:
     """One pass as its end-of-pass callback left it: a 0-d norm per gradient tensor, in the order of `order`."""
 
-    layout: _Layout
-    order: tuple[int, ...]  # per norm: the index of its tensor in layout.tensors
+    sums: _Groups
+    order: tuple[int, ...]  # per norm: the index of its tensor in the layout
     norms: tuple[Tensor, ...]
 
 
@@ -231,9 +238,9 @@ def _fold(measured: Sequence[_Measured]) -> HostPasses:
     bins: list[int] = []
     start = 0
     for m in measured:
-        groups = m.layout.groups
+        groups = m.sums.groups
         bins += [start + groups[i] for i in m.order]
-        start += 1 + len(m.layout.seeds)
+        start += 1 + len(m.sums.seeds)
     norms = [n for m in measured for n in m.norms]
     try:
         parts = {norms[0].device: (torch.stack(norms), bins)}
@@ -250,7 +257,7 @@ def _fold(measured: Sequence[_Measured]) -> HostPasses:
         )
         for device, (values, at) in parts.items()
     )
-    return HostPasses(tuple(m.layout.seeds for m in measured), tuple(m.layout.numels for m in measured), squares)
+    return HostPasses(tuple(m.sums.seeds for m in measured), tuple(m.sums.numels for m in measured), squares)
 
 
 @dataclass
@@ -366,7 +373,7 @@ class HostProbe:
         if not keys or not tensors:
             self._layout = None
             return
-        layout = _Layout(tuple(tensors), tuple(groups), keys, tuple(numels))
+        layout = _Layout(tuple(tensors), _Groups(tuple(groups), keys, tuple(numels)))
         self._layout = layout
         self._handles = [
             p.register_hook(self._keep(layout, i))  # type: ignore[no-untyped-call]
@@ -455,7 +462,7 @@ class HostProbe:
                 return
             batch: list[_Measured] = []
             with self._lock:
-                self._measured.append(_Measured(layout, order, tuple(norms)))
+                self._measured.append(_Measured(layout.sums, order, tuple(norms)))
                 if len(self._measured) >= FOLD_PASSES:
                     batch, self._measured = self._measured, []
             if batch:
