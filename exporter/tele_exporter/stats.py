@@ -58,22 +58,26 @@ def stack_float64(values: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(values)).to(torch.float64)
 
 
+def _by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of the tensors per (device, dtype): the groups one fused `_foreach_norm` can take."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
 def tensor_norm_list(tensors: Sequence[Tensor]) -> list[Tensor]:
     """L2 norm of each tensor as a 0-d tensor in its own precision (see _norm_dtype), in input order.
 
     One fused `_foreach_norm` per device and dtype, and nothing else: the backward-pass
     callback of the seed probe calls this, and every further op there costs ~10-30 us
-    of cold code on CPU, so stacking and the float64 sums wait for the update's publish.
+    of cold code on CPU, so stacking and the float64 sums wait for the probe's fold.
     """
-    if not tensors:
-        return []
-    first = tensors[0]
-    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
-        return list(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(first.dtype)))
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    out: list[Tensor] = [first] * len(tensors)
+    groups = _by_device_and_dtype(tensors)
+    if len(groups) == 1:
+        ((_, dtype),) = groups
+        return list(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype)))
+    out: list[Tensor] = list(tensors)
     for (_, dtype), idx in groups.items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype))
         for i, norm in zip(idx, norms, strict=True):
@@ -86,9 +90,7 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     first = tensors[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
+    groups = _by_device_and_dtype(tensors)
     if len(groups) == 1:
         ((_, dtype),) = groups
         return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype))).to(torch.float64)
