@@ -35,10 +35,10 @@ import bcrypt
 import torch
 from prometheus_client import generate_latest
 
-from tele_exporter import server as server_module
 from tele_exporter.bench import BenchPolicy
-from tele_exporter.server import DEFAULT_MAX_CONNECTIONS, serve
-from tele_exporter.telemetry import Telemetry
+from tele_exporter.server import http as server_module
+from tele_exporter.server.http import DEFAULT_MAX_CONNECTIONS, serve
+from tele_exporter.telemetry.telemetry import Telemetry
 
 USER, PASSWORD = "prometheus", "correct horse battery staple"
 PHASES = ("quiet", "scrape", "requests", "held")

@@ -26,7 +26,7 @@ from prometheus_client import (
 from torch import nn
 
 from tele_exporter.bench import BenchPolicy
-from tele_exporter.telemetry import SeedWatch, Telemetry
+from tele_exporter.telemetry.telemetry import SeedWatch, Telemetry
 
 
 def instrumented(seeds: int) -> tuple[Telemetry, list[SeedWatch]]:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from tele_exporter.bench import BenchPolicy
-from tele_exporter.server import serve
-from tele_exporter.telemetry import Telemetry
+from tele_exporter.server.http import serve
+from tele_exporter.telemetry.telemetry import Telemetry
 
 _SCRAPER = """
 import sys, time, urllib.request

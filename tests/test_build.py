@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tele_exporter
 from tele_exporter import Telemetry
-from tele_exporter.build import UNKNOWN, build_info, git_revision
+from tele_exporter.server.build_info import UNKNOWN, build_info, git_revision
 
 from .conftest import TinyPolicy
 

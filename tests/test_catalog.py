@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from tele_exporter import Telemetry
-from tele_exporter.catalog import DEFAULT_PATH, CatalogError, Interval, default_catalog, load_catalog
+from tele_exporter.catalog.model import DEFAULT_PATH, CatalogError, Interval, default_catalog, load_catalog
 
 from .conftest import DESIGN_METRICS
 

@@ -151,7 +151,7 @@ def test_seed_ratios_make_no_host_sync_on_fresh_and_accumulating_passes(monkeypa
 
     Passes are summed two at a time, so the fold of their norms runs inside the no-sync block too.
     """
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
     device = torch.device("cuda")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tele_exporter.catalog import default_catalog
-from tele_exporter.display import head_trend, history_trend, show, sparkline
+from tele_exporter.catalog.display import head_trend, history_trend, show, sparkline
 
 PREV = default_catalog()["head_grad_norm_prev"]
 

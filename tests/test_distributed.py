@@ -18,7 +18,7 @@ import torch
 
 from tele_exporter import Telemetry
 from tele_exporter.distributed import file_sd_targets, local_rank, main, rank_port, serve_rank
-from tele_exporter.server import PortInUseError
+from tele_exporter.server.http import PortInUseError
 
 from .conftest import TinyPolicy
 

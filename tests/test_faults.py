@@ -97,7 +97,7 @@ def test_in_place_ops_inside_a_seed(tele: Telemetry, policy: TinyPolicy) -> None
 def test_an_exception_raised_inside_a_hook(
     tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     seed = nn.Linear(4, 4)
     tele.watch_seed(seed, host=policy, env=0, slot="s", backward_gain=True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tele_exporter import Telemetry
-from tele_exporter.gradients import GradientMeter
-from tele_exporter.heads import resolve_heads
+from tele_exporter.measure.heads import resolve_heads
+from tele_exporter.measure.meter import GradientMeter
 
 from .conftest import TinyPolicy, backward
 

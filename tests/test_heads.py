@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tele_exporter import Telemetry
-from tele_exporter.heads import ACTION, OTHER, resolve_heads
+from tele_exporter.measure.heads import ACTION, OTHER, resolve_heads
 
 from .conftest import TinyPolicy
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tele_exporter.histogram import HistogramSeries, LabelledHistogram
+from tele_exporter.telemetry.histograms import HistogramSeries, LabelledHistogram
 
 
 def test_le_semantics_put_a_value_equal_to_an_edge_in_that_bucket() -> None:

@@ -216,7 +216,7 @@ def test_passes_are_summed_in_batches_while_seeds_join_and_leave_and_each_stays_
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Folds of 3 passes whose layouts differ (a seed joins at pass 2, one leaves at 5), then the drain's rest."""
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     monkeypatch.setattr(hooks, "FOLD_PASSES", 3)
     _, tele, _ = setup
@@ -247,7 +247,7 @@ def test_passes_piling_up_between_publishes_keep_a_bounded_number_of_the_newest(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """20 passes in one update, folds of 2, room for 6: past 3 blocks the oldest half goes, leaving the newest 4."""
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     monkeypatch.setattr(hooks, "FOLD_PASSES", 2)
     monkeypatch.setattr(hooks, "MAX_PENDING_PASSES", 6)
@@ -269,7 +269,7 @@ def test_passes_piling_up_between_publishes_keep_a_bounded_number_of_the_newest(
 def test_a_fold_that_fails_is_counted_and_loses_only_its_own_passes(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     fold = hooks._fold
     calls: list[int] = []
@@ -433,7 +433,7 @@ def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, tele, host = setup
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     def boom(grad: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected")
@@ -490,7 +490,7 @@ def test_a_failing_seed_norm_is_counted_and_leaves_no_data_and_backward_goes_on(
     Fresh gradients are normed together at the end of the pass (one error a pass);
     gradients that accumulate into an existing .grad are normed in their hooks (one error each).
     """
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     def boom(tensors: object) -> torch.Tensor:
         raise RuntimeError("injected")
@@ -681,7 +681,7 @@ def test_create_graph_backward_is_measured_and_builds_no_graph_through_the_norms
 
 def _forbid_norms_in_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A gradient normed in its hook now raises (and is counted): the test shows every one was read from .grad."""
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     def boom(tensor: object) -> torch.Tensor:
         raise RuntimeError("normed in a hook")
@@ -750,7 +750,7 @@ def test_under_ddp_every_gradient_is_normed_in_its_hook(
     """DDP may rewrite .grad in its buckets during the pass, so nothing is read from .grad at its end."""
     from torch.nn.parallel import DistributedDataParallel
 
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     def boom(tensors: object) -> torch.Tensor:
         raise RuntimeError("read from .grad")
@@ -780,7 +780,7 @@ def test_under_ddp_every_gradient_is_normed_in_its_hook(
 def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tele_exporter.hooks as hooks
+    import tele_exporter.measure.seed_probes as hooks
 
     def boom(param: object) -> object:
         raise TypeError("injected")
@@ -800,7 +800,7 @@ def test_when_the_accumulator_lookup_fails_the_hooks_norm_every_gradient(
 
 def test_the_fold_sums_each_device_on_its_own_and_keeps_a_nan_in_its_group() -> None:
     """A host split over devices: no norm is copied to another device before the publish (meta stands in for a GPU)."""
-    from tele_exporter.hooks import _fold, _Groups, _Measured
+    from tele_exporter.measure.seed_probes import _fold, _Groups, _Measured
 
     sums = _Groups(groups=(0, 1, 0), seeds=(("0", "s"),), numels=(7, 2))
     on = torch.tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tele_exporter import Telemetry, serve
-from tele_exporter.labels import check_label_names
+from tele_exporter.catalog.labels import check_label_names
 
 from .conftest import TinyPolicy, backward
 from .support.servers import poll, prometheus_config, start_prometheus

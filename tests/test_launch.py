@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
-from tele_exporter.launch import Launch, launch_info
+from tele_exporter.telemetry.launch import Launch, launch_info
 
 from .conftest import TinyPolicy
 

@@ -12,7 +12,7 @@ import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import tele_exporter.telemetry as telemetry_module
+import tele_exporter.telemetry.telemetry as telemetry_module
 from tele_exporter import Telemetry
 
 from .conftest import TinyPolicy

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tele_exporter.policy_stats import (
+from tele_exporter.measure.policy_math import (
     advantage_std,
     check_head_tensors,
     entropy_terms,

@@ -26,7 +26,7 @@ from torch.distributions import Categorical
 
 from tele_exporter import Telemetry
 from tele_exporter.catalog import default_catalog
-from tele_exporter.thresholds import movable, signals
+from tele_exporter.catalog.thresholds import movable, signals
 
 from .support.scraper import Scraper
 from .support.servers import poll, start_prometheus

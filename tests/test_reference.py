@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from tele_exporter import Telemetry, serve
-from tele_exporter.server import Server
+from tele_exporter.server.http import Server
 
 HEADS = ("op", "slot", "blueprint")
 MAX_NORM = 0.5

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tele_exporter import Telemetry, serve
-from tele_exporter.server import DEFAULT_ADDR
-from tele_exporter.webconfig import load_web_config
+from tele_exporter.server.http import DEFAULT_ADDR
+from tele_exporter.server.web_config import load_web_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples" / "security"

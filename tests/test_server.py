@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import PortInUseError, Telemetry, serve
-from tele_exporter.server import Server
+from tele_exporter.server.http import Server
 
 from .conftest import TinyPolicy, backward
 
@@ -311,7 +311,7 @@ def test_query_strings_other_than_name_filters_are_served_from_the_cache(
 def test_the_snapshot_api_is_rendered_once_per_published_snapshot(
     server: Server, tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tele_exporter import server as server_module
+    from tele_exporter.server import http as server_module
 
     calls = []
     real = server_module.snapshot_document

@@ -24,7 +24,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
-from tele_exporter.sharding import (
+from tele_exporter.measure.sharding import (
     LEGACY_FSDP_MESSAGE,
     LOCAL,
     LegacyFSDPError,

@@ -284,7 +284,7 @@ def test_a_step_whose_measurement_fails_records_nothing(
     policy: TinyPolicy, tele: Telemetry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The failed step is missing (no 0.0 for heads or the global norm); torch clips instead; errors count."""
-    import tele_exporter.gradients as gradients
+    import tele_exporter.measure.meter as gradients
 
     def boom(tensors: object) -> torch.Tensor:
         raise RuntimeError("injected, like sparse or DTensor gradients")
@@ -511,8 +511,8 @@ def test_float32_rounding_below_zero_is_zero_not_an_error(tele: Telemetry) -> No
 
 def test_a_host_block_on_two_devices_is_added_up_after_the_copy_and_the_parts_around_it_stay_in_place() -> None:
     """_to_host: one vector per device per block (two CPU vectors stand in for two devices), amid gains and policy."""
-    from tele_exporter.hooks import BackwardPass, HostPasses
-    from tele_exporter.telemetry import _to_host
+    from tele_exporter.measure.seed_probes import BackwardPass, HostPasses
+    from tele_exporter.telemetry.telemetry import _to_host
 
     f64 = torch.float64
     block = HostPasses(

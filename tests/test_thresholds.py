@@ -11,9 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tele_exporter import Telemetry
 from tele_exporter.catalog import default_catalog
-from tele_exporter.display import show
-from tele_exporter.server import snapshot_document
-from tele_exporter.thresholds import THRESHOLDS_ENV, ThresholdsError, apply, load_thresholds, resolve
+from tele_exporter.catalog.display import show
+from tele_exporter.catalog.thresholds import THRESHOLDS_ENV, ThresholdsError, apply, load_thresholds, resolve
+from tele_exporter.server.http import snapshot_document
 
 from .conftest import TinyPolicy
 

@@ -17,8 +17,8 @@ import bcrypt
 import pytest
 
 from tele_exporter import Telemetry, serve
-from tele_exporter.server import Server
-from tele_exporter.webconfig import AUTH_CACHE_SIZE, WebConfig, WebConfigError, load_web_config
+from tele_exporter.server.http import Server
+from tele_exporter.server.web_config import AUTH_CACHE_SIZE, WebConfig, WebConfigError, load_web_config
 
 PASSWORD = "correct horse"
 

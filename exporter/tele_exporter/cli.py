@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .catalog import CatalogError, load_catalog
+from .catalog.model import CatalogError, load_catalog
 
 # Subcommands that live in their own modules: name -> (module, help).
 # Each module exposes add_arguments(parser) and run(args) -> int.

@@ -25,10 +25,10 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .catalog import default_catalog
-from .launch import env_int
-from .server import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, Server, serve
-from .telemetry import Telemetry
+from .catalog.model import default_catalog
+from .server.http import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, Server, serve
+from .telemetry.launch import env_int
+from .telemetry.telemetry import Telemetry
 
 MAX_PORT = 65535
 

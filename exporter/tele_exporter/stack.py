@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from .addresses import server_address
+from .server.addresses import server_address
 
 PROMETHEUS_NAMES = ("prometheus",)
 ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")

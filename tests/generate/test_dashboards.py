@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
-from tele_exporter.display import head_trend, show
+from tele_exporter.catalog.display import head_trend, show
+from tele_exporter.catalog.thresholds import signals
 from tele_exporter.generate import dashboards, levels
-from tele_exporter.thresholds import signals
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVISIONING = ROOT / "grafana" / "provisioning"

@@ -4,7 +4,7 @@ Real Prometheus scrapes (a) a static exporter whose series sit exactly on every 
 boundary, one float below and one above, plus NaN, +Inf and 0, and (b) real demo runs, healthy
 and with each `--fault`. Every panel query runs on it; tests/grafana/grafana_display.cjs turns
 the responses into what each panel shows with npm @grafana/prometheus 12.4.0 and @grafana/data
-12.4.2. The expected text and colour come from the catalog and `tele_exporter.display`, the
+12.4.2. The expected text and colour come from the catalog and `tele_exporter.catalog.display`, the
 exporter's own reading of the records, never from the dashboard. Deliberately broken
 dashboards (the old merge-on-__name__ tables, a threshold one float off, a mapping in the
 wrong colour) must fail the same checks.
@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
-from tele_exporter.display import head_trend, show
+from tele_exporter.catalog.display import head_trend, show
+from tele_exporter.catalog.thresholds import apply, exported
 from tele_exporter.generate import dashboards
-from tele_exporter.thresholds import apply, exported
 from tests.support.demo import start_demo
 from tests.support.grafana import by_title, grafana_display, grafana_escape, panel_responses
 from tests.support.servers import Running, poll, prometheus_config, start_prometheus

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tele_exporter.catalog import default_catalog
-from tele_exporter.display import head_trend
+from tele_exporter.catalog.display import head_trend
 from tele_exporter.generate import dashboards, levels
 from tests.support.demo import start_demo
 from tests.support.grafana import SCRAPE_S, grafana_escape, substitute

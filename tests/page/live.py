@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tele_exporter.demo import DemoConfig, FaultPlan, Trainer
-from tele_exporter.server import Server, serve
+from tele_exporter.server.http import Server, serve
 
 from .cdp import Chromium
 from .png import dominant_hue

@@ -19,8 +19,8 @@ from torch import nn
 
 from tele_exporter import Telemetry, serve
 from tele_exporter.catalog import Catalog, default_catalog
-from tele_exporter.display import show
-from tele_exporter.server import Server
+from tele_exporter.catalog.display import show
+from tele_exporter.server.http import Server
 
 from ..conftest import TinyPolicy, backward
 from .cdp import Chromium

@@ -31,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
 
 from tele_exporter import Telemetry
-from tele_exporter.server import serve
-from tele_exporter.sharding import ShardedSliceError
+from tele_exporter.measure.sharding import ShardedSliceError
+from tele_exporter.server.http import serve
 
 from ..conftest import TinyPolicy
 

@@ -18,11 +18,11 @@ from types import FrameType
 
 import torch
 
-from ..addresses import listen_address
-from ..catalog import MetricSpec, default_catalog
-from ..display import show
-from ..server import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, serve
-from ..webconfig import WebConfig, WebConfigError, load_web_config
+from ..catalog.display import show
+from ..catalog.model import MetricSpec, default_catalog
+from ..server.addresses import listen_address
+from ..server.http import DEFAULT_ADDR, DEFAULT_PORT, PortInUseError, serve
+from ..server.web_config import WebConfig, WebConfigError, load_web_config
 from .faults import FAULTS, FaultPlan
 from .ppo import DemoConfig, Trainer, UpdateResult
 

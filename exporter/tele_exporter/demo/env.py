@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..telemetry import SeedWatch, Telemetry
+from ..telemetry.telemetry import SeedWatch, Telemetry
 
 
 class Op(enum.IntEnum):

@@ -19,10 +19,9 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
-from ..catalog import default_catalog
-from ..policy_health import PolicyState
-from ..snapshot import Snapshot
-from ..telemetry import Telemetry, Update
+from ..catalog.model import default_catalog
+from ..snapshot import PolicyState, Snapshot
+from ..telemetry.telemetry import Telemetry, Update
 from .env import HEADS, Action, EnvConfig, VecEnv, head_sizes
 from .faults import FaultPlan
 from .policy import Policy, causal_masks, entropies, log_probs, sample

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from ..catalog import Catalog
+from ..catalog.model import Catalog
 
 PRODUCERS = ("rules", "runbook", "dashboards", "grafana_alerts")
 

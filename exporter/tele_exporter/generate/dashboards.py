@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..catalog import Catalog, MetricSpec
-from ..thresholds import THRESHOLD_METRIC, movable
+from ..catalog.model import Catalog, MetricSpec
+from ..catalog.thresholds import THRESHOLD_METRIC, movable
 from .levels import (
     count_steps,
     flag_codes,

@@ -26,7 +26,7 @@ except ModuleNotFoundError as error:
         "pip install 'tele-exporter[grafana]'"
     ) from error
 
-from ..catalog import SEVERITIES, Catalog
+from ..catalog.model import SEVERITIES, Catalog
 from . import rules
 
 RULES_PATH = "grafana/provisioning/alerting/tele-alert-rules.yml"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..catalog import Catalog, Interval, MetricSpec, Trend, duration_seconds
+from ..catalog.model import Catalog, Interval, MetricSpec, Trend, duration_seconds
 
 Json = dict[str, Any]
 

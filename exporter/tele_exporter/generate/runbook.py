@@ -6,8 +6,8 @@ PromQL come from the catalog and the rules generator, the advice from ADVICE.
 
 from __future__ import annotations
 
-from ..catalog import Catalog, MetricSpec
-from ..thresholds import THRESHOLD_METRIC
+from ..catalog.model import Catalog, MetricSpec
+from ..catalog.thresholds import THRESHOLD_METRIC
 from .rules import alert_rules, anchor
 
 PATH = "docs/runbook.md"

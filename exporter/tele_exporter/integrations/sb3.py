@@ -44,9 +44,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import rank_port
-from ..heads import HeadSpec
-from ..server import DEFAULT_ADDR, Server, serve
-from ..telemetry import Telemetry, Update
+from ..measure.heads import HeadSpec
+from ..server.http import DEFAULT_ADDR, Server, serve
+from ..telemetry.telemetry import Telemetry, Update
 
 _LIFTED_MAX_NORM = float(torch.finfo(torch.float32).max)
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchrl.objectives import ClipPPOLoss
 
-from ..telemetry import Update
+from ..telemetry.telemetry import Update
 
 _NEEDED = ("mean_ratio", "kl_approx", "clip_fraction")
 

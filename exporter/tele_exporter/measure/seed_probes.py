@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .stats import index_tensor, tensor_norm, tensor_norm_list
+from .norms import index_tensor, tensor_norm, tensor_norm_list
 
 ErrorSink = Callable[[str, BaseException], None]
 SeedKey = tuple[str, str]

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from . import strictyaml
+from . import safe_yaml
 from .labels import RESERVED_LABELS as RESERVED_LABELS
 from .labels import check_label_names
 
@@ -552,7 +552,7 @@ def _check_cross_references(path: Path, metrics: Mapping[str, MetricSpec]) -> No
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """Read and validate a catalog file; raises CatalogError naming what is wrong."""
     file = Path(path) if path is not None else DEFAULT_PATH
-    raw = strictyaml.load_file(file, CatalogError, "the catalog")
+    raw = safe_yaml.load_file(file, CatalogError, "the catalog")
     top = _Reader(file, "catalog", raw)
     top.check_keys(("namespace", "selector", "job_label", "runbook", "colours", "metrics"))
     namespace = top.get("namespace", str)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import Head
+from .norms import clip_coefficient, index_tensor, tensor_norms
 from .sharding import (
     LOCAL,
     REPLICA,
@@ -34,7 +35,6 @@ from .sharding import (
     refuse_legacy_fsdp,
     refuse_sharded_rows,
 )
-from .stats import clip_coefficient, index_tensor, tensor_norms
 
 _INITIAL_ROWS = 64
 

@@ -25,19 +25,19 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor, nn
 
-from .catalog import Catalog, default_catalog
-from .display import Shown, show
-from .gradients import Drained, GradientMeter, NonFiniteNormError
-from .heads import ACTION, Head, HeadSpec, resolve_heads
-from .histogram import LabelledHistogram
-from .hooks import BackwardPass, HostPasses, HostProbe, SeedKey, SeedProbe
-from .labels import check_label_names
-from .policy_health import PolicyHealth, PolicyRecorder
-from .policy_stats import DEFAULT_CLIP_EPS
-from .sharding import LegacyFSDPError, refuse_legacy_fsdp, refuse_sharded_rows
-from .snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
-from .stats import approx_kl, backward_gain, seed_rms_ratio, stack_float64, step_cvs
-from .thresholds import Thresholds, resolve
+from ..catalog.display import Shown, show
+from ..catalog.labels import check_label_names
+from ..catalog.model import Catalog, default_catalog
+from ..catalog.thresholds import Thresholds, resolve
+from ..measure.heads import ACTION, Head, HeadSpec, resolve_heads
+from ..measure.meter import Drained, GradientMeter, NonFiniteNormError
+from ..measure.norms import backward_gain, seed_rms_ratio, stack_float64, step_cvs
+from ..measure.policy_math import DEFAULT_CLIP_EPS, approx_kl
+from ..measure.seed_probes import BackwardPass, HostPasses, HostProbe, SeedKey, SeedProbe
+from ..measure.sharding import LegacyFSDPError, refuse_legacy_fsdp, refuse_sharded_rows
+from ..snapshot import HeadState, SeedState, Snapshot, empty_snapshot, head_state
+from .histograms import LabelledHistogram
+from .policy_record import PolicyHealth, PolicyRecorder
 
 log = logging.getLogger("tele_exporter")
 
@@ -149,7 +149,7 @@ class Telemetry:
         self._hinted_unmeasured = False
         self.enabled = _enabled(enabled)
 
-        from .collector import TeleCollector  # the collector reads Telemetry; import late
+        from ..server.collector import TeleCollector  # the collector reads Telemetry; import late
 
         self.owns_registry = registry is None  # nothing but this Telemetry writes to it
         self.registry = registry if registry is not None else CollectorRegistry()

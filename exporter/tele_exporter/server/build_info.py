@@ -17,7 +17,7 @@ UNKNOWN = "unknown"
 @cache
 def build_info() -> tuple[str, str, str]:
     """(version, revision, torch version), read once."""
-    from . import __version__
+    from .._version import __version__
 
     return __version__, git_revision(Path(__file__).resolve().parent), str(torch.__version__)
 

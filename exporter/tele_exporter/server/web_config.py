@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import strictyaml
+from ..catalog import safe_yaml
 
 _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -176,7 +176,7 @@ class WebConfig:
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web config file; raises WebConfigError naming the field."""
     file = Path(path)
-    raw = strictyaml.load_file(file, WebConfigError, "the web config") or {}
+    raw = safe_yaml.load_file(file, WebConfigError, "the web config") or {}
     if not isinstance(raw, dict):
         raise WebConfigError(f"{file}: expected a mapping at the top level")
     unknown = sorted(set(raw) - {"tls_server_config", "basic_auth_users", "http_server_config", "rate_limit"}, key=str)

@@ -17,14 +17,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .build import build_info
-from .catalog import MetricSpec
-from .launch import launch_info
-from .snapshot import Snapshot
-from .thresholds import THRESHOLD_METRIC, exported
+from ..catalog.model import MetricSpec
+from ..catalog.thresholds import THRESHOLD_METRIC, exported
+from ..snapshot import Snapshot
+from ..telemetry.launch import launch_info
+from .build_info import build_info
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..telemetry.telemetry import Telemetry
 
 Samples = list[tuple[tuple[str, ...], float]]
 

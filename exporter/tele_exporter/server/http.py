@@ -33,11 +33,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from .catalog import Level
-from .webconfig import WebConfig, load_web_config
+from ..catalog.model import Level
+from .web_config import WebConfig, load_web_config
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..telemetry.telemetry import Telemetry
 
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
@@ -53,7 +53,7 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Response = tuple[str, list[tuple[str, str]], bytes]
 Route = Callable[[dict[str, Any]], Response]
 
-_LANDING = importlib.resources.files("tele_exporter").joinpath("page.html").read_text(encoding="utf-8")
+_LANDING = importlib.resources.files("tele_exporter.server").joinpath("page.html").read_text(encoding="utf-8")
 _ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
 _METHODS = "GET, HEAD, OPTIONS"
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .snapshot import HistogramState
+from ..snapshot import HistogramState
 
 
 class HistogramSeries:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .catalog import MetricSpec
+from .model import MetricSpec
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .policy_stats import (
-    ENTROPY_COLLAPSE,
+from ..measure.policy_math import (
     advantage_std,
     check_head_tensors,
     check_tensor,
@@ -27,30 +26,7 @@ from .policy_stats import (
     head_entropy_normalized,
     ratio_terms,
 )
-
-
-@dataclass(frozen=True)
-class PolicyState:
-    """The policy-health values of the latest update; None (or a head left out) is missing."""
-
-    entropy: float | None = None  # TELE-120, nats: mean of the update's observe_entropy calls
-    entropy_history: tuple[float, ...] = ()  # oldest first, the last 10 updates with an entropy
-    entropy_velocity: float | None = None  # TELE-121: slope of entropy_history, nats per update
-    head_entropy: Mapping[str, float] = field(default_factory=dict)  # TELE-170, normalised to [0, 1]
-    explained_variance: float | None = None  # TELE-200; missing when Var(returns) == 0
-    advantage_std: float | None = None  # TELE-140
-    head_ratio_max: Mapping[str, float] = field(default_factory=dict)  # TELE-151
-    clip_fraction_high: float | None = None  # TELE-130's parts: r > 1 + eps
-    clip_fraction_low: float | None = None  # r < 1 - eps
-
-    @property
-    def entropy_collapsed(self) -> float | None:
-        """TELE-124: 1.0 when entropy < 0.1 (strict), else 0.0; NaN for a NaN entropy, None while missing."""
-        if self.entropy is None:
-            return None
-        if math.isnan(self.entropy):
-            return math.nan
-        return 1.0 if self.entropy < ENTROPY_COLLAPSE else 0.0
+from ..snapshot import PolicyState
 
 
 class PolicyRecorder:

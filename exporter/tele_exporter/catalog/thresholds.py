@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import strictyaml
-from .catalog import Catalog, Interval, Level, MetricSpec
+from . import safe_yaml
+from .model import Catalog, Interval, Level, MetricSpec
 
 THRESHOLDS_ENV = "TELE_EXPORTER_THRESHOLDS"
 """Environment variable naming a thresholds file, read when Telemetry gets no thresholds_file."""
@@ -45,7 +45,7 @@ def signals(catalog: Catalog) -> tuple[MetricSpec, ...]:
 def load_thresholds(path: str | Path) -> dict[str, dict[str, float]]:
     """Read a thresholds file: a YAML mapping of signal -> level -> start value."""
     file = Path(path)
-    return _as_mapping(str(file), strictyaml.load_file(file, ThresholdsError, "the thresholds file"))
+    return _as_mapping(str(file), safe_yaml.load_file(file, ThresholdsError, "the thresholds file"))
 
 
 def resolve(

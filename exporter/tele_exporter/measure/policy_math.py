@@ -1,4 +1,4 @@
-"""Pure tensor math of the PPO policy-health records (TELE-120/121/124/130/140/151/170/200).
+"""Pure tensor math of the PPO policy records: KL (TELE-111) and policy health (TELE-120/121/124/130/140/151/170/200).
 
 Per-call functions return small float64 tensors on the input's device (no host
 sync); Telemetry gathers them with the rest of an update and finishes the
@@ -13,10 +13,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .stats import KL_LOG_RATIO_CLAMP
-
-ENTROPY_COLLAPSE = 0.1
-"""TELE-124: the policy entropy is collapsed strictly below this many nats."""
+KL_LOG_RATIO_CLAMP = 20.0
+"""TELE-111: log-ratios are clamped to [-20, 20] before exp(r) - 1 - r."""
+KL_WEIGHT_FLOOR = 1e-8
 
 DEFAULT_CLIP_EPS = 0.2
 
@@ -165,3 +164,54 @@ def ratio_terms(
     fractions = torch.stack([high + low, high, low])
     fractions = torch.where(nan, torch.full_like(fractions, math.nan), fractions)
     return torch.cat([fractions, torch.stack(maxima), torch.stack(counts)])
+
+
+def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(masked mean of exp(r) - 1 - r with r clamped to [-20, 20], number of valid steps)."""
+    r = log_ratio.detach().to(torch.float64).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    kl_t = torch.expm1(r) - r
+    if mask is None:
+        n_valid = torch.full((), float(r.numel()), dtype=torch.float64, device=r.device)
+        return kl_t.sum() / max(r.numel(), 1), n_valid
+    m = mask.detach().to(torch.float64)
+    n_valid = m.sum()
+    return (kl_t * m).sum() / n_valid.clamp(min=1.0), n_valid
+
+
+def approx_kl(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Causally weighted approx KL over heads (TELE-111) as a 0-d float64 tensor.
+
+    weight = n_valid / T per head; approx_kl = sum(weight * head_kl) / max(sum(weight), 1e-8).
+    """
+    masks = masks or {}
+    if not log_ratio:
+        raise ValueError("approx_kl needs at least one head's log_ratio")
+    _check_kl_inputs(log_ratio, masks)
+    weighted: list[Tensor] = []
+    weights: list[Tensor] = []
+    for name, r in log_ratio.items():
+        kl, n_valid = head_kl(r, masks.get(name))
+        w = n_valid / max(r.numel(), 1)
+        weighted.append(w * kl)
+        weights.append(w)
+    total_w = torch.stack(weights).sum()
+    return torch.stack(weighted).sum() / total_w.clamp(min=KL_WEIGHT_FLOOR)
+
+
+def _check_kl_inputs(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
+    """Raise a ValueError naming the head whose inputs do not fit together."""
+    for name in masks:
+        if name not in log_ratio:
+            raise ValueError(f"mask for head {name!r} has no log_ratio")
+    steps = None
+    for name, r in log_ratio.items():
+        if not isinstance(r, Tensor):
+            raise TypeError(f"log_ratio of head {name!r} is a {type(r).__name__}, not a tensor")
+        mask = masks.get(name)
+        if mask is not None and tuple(mask.shape) != tuple(r.shape):
+            raise ValueError(
+                f"mask of head {name!r} has shape {tuple(mask.shape)}, its log_ratio has shape {tuple(r.shape)}"
+            )
+        if steps is not None and r.numel() != steps[1]:
+            raise ValueError(f"head {name!r} has {r.numel()} timesteps, head {steps[0]!r} has {steps[1]}")
+        steps = steps or (name, r.numel())
