@@ -94,7 +94,7 @@ def test_page_holds_no_threshold_of_the_catalog(server: Server) -> None:
     assert numbers & _thresholds(default_catalog()) == set()
 
 
-# --- the /api/snapshot document, beyond tests/test_server.py --------------------------------
+# --- the /api/snapshot document, beyond tests/server/test_http.py --------------------------------
 
 
 def test_snapshot_document_shape_is_version_1(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:

@@ -1,4 +1,4 @@
-"""One torchrun rank of tests/test_sharding.py: sharded scenarios against a single-process float64 reference.
+"""One torchrun rank of tests/measure/test_sharding.py: sharded scenarios against a single-process float64 reference.
 
 Every scenario trains a TinyPolicy-shaped model for a few updates of one clipped
 step each, sharded the scenario's way, next to an unsharded twin that sees the

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import tele_exporter.telemetry.telemetry as telemetry_module
 from tele_exporter import Telemetry
 
-from .conftest import TinyPolicy
-from .test_policy_stats import ref_ev, ref_joint_entropy, ref_ratio, ref_slope
+from ..conftest import TinyPolicy
+from ..measure.test_policy_math import ref_ev, ref_joint_entropy, ref_ratio, ref_slope
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

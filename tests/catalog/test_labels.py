@@ -7,8 +7,8 @@ import pytest
 from tele_exporter import Telemetry, serve
 from tele_exporter.catalog.labels import check_label_names
 
-from .conftest import TinyPolicy, backward
-from .support.servers import poll, prometheus_config, start_prometheus
+from ..conftest import TinyPolicy, backward
+from ..support.servers import poll, prometheus_config, start_prometheus
 
 
 @pytest.mark.parametrize(

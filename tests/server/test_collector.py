@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tele_exporter import Telemetry
 from tele_exporter.catalog import default_catalog
 
-from .conftest import TinyPolicy, backward
+from ..conftest import TinyPolicy, backward
 
 
 def _families(registry: CollectorRegistry) -> dict[str, object]:

@@ -15,7 +15,7 @@ from torch import nn
 from tele_exporter import Telemetry
 from tele_exporter.stats import grad_norms, gradient_cv
 
-from .conftest import TinyPolicy, backward
+from ..conftest import TinyPolicy, backward
 
 
 def _update(

@@ -9,7 +9,7 @@ from torch import nn
 from tele_exporter import Telemetry
 from tele_exporter.measure.heads import ACTION, OTHER, resolve_heads
 
-from .conftest import TinyPolicy
+from ..conftest import TinyPolicy
 
 
 def test_heads_then_groups_with_their_kind_and_rows(policy: TinyPolicy) -> None:

@@ -3,7 +3,7 @@
 The ranks run tests/support/sharded_ranks.py (DDP, FSDP2, tensor parallel and
 DTensor placements on 2 ranks; 2-D meshes and HSDP on 4) and write what they
 measured; the assertions here compare it with the float64 single-process
-reference each rank computed on the same data. Run alone with `pytest -m slow tests/test_sharding.py`.
+reference each rank computed on the same data. Run alone with `pytest -m slow tests/measure/test_sharding.py`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from tele_exporter.measure.sharding import (
     plan_sharding,
 )
 
-from .conftest import TinyPolicy, backward
+from ..conftest import TinyPolicy, backward
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REL = 1e-6
 MAX_NORM = 0.5
 HEADS = ("op", "slot", "value")

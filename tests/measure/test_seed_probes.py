@@ -13,7 +13,7 @@ from torch import nn
 
 from tele_exporter import Telemetry
 
-from .conftest import TinyPolicy
+from ..conftest import TinyPolicy
 
 
 class Host(nn.Module):

@@ -13,7 +13,7 @@ from tele_exporter import Telemetry, serve
 from tele_exporter.server.http import DEFAULT_ADDR
 from tele_exporter.server.web_config import load_web_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples" / "security"
 
 

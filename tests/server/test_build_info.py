@@ -13,7 +13,7 @@ import tele_exporter
 from tele_exporter import Telemetry
 from tele_exporter.server.build_info import UNKNOWN, build_info, git_revision
 
-from .conftest import TinyPolicy
+from ..conftest import TinyPolicy
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -33,7 +33,7 @@ def test_build_info_is_constant_1_with_version_revision_and_torch(policy: TinyPo
 
 
 def test_the_revision_is_the_checked_out_commit() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
     assert git_revision(root / "exporter" / "tele_exporter") == head.stdout.strip()
 

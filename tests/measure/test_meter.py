@@ -13,7 +13,7 @@ from tele_exporter import Telemetry
 from tele_exporter.measure.heads import resolve_heads
 from tele_exporter.measure.meter import GradientMeter
 
-from .conftest import TinyPolicy, backward
+from ..conftest import TinyPolicy, backward
 
 
 def _rows_norm(module: torch.nn.Linear, start: int, stop: int) -> float:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tele_exporter import PortInUseError, Telemetry, serve
 from tele_exporter.server.http import Server
 
-from .conftest import TinyPolicy, backward
+from ..conftest import TinyPolicy, backward
 
 
 @pytest.fixture

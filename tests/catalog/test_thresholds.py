@@ -15,7 +15,7 @@ from tele_exporter.catalog.display import show
 from tele_exporter.catalog.thresholds import THRESHOLDS_ENV, ThresholdsError, apply, load_thresholds, resolve
 from tele_exporter.server.http import snapshot_document
 
-from .conftest import TinyPolicy
+from ..conftest import TinyPolicy
 
 CATALOG = default_catalog()
 OWN = {"policy_grad_norm": {"warning": 50, "critical": 100}, "kl_divergence": {"warning": 0.05, "critical": 0.1}}

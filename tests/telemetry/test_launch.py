@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tele_exporter import Telemetry
 from tele_exporter.telemetry.launch import Launch, launch_info
 
-from .conftest import TinyPolicy
+from ..conftest import TinyPolicy
 
 
 def _samples(registry: CollectorRegistry, name: str) -> list[float]:

@@ -13,7 +13,7 @@ from torch import nn
 from tele_exporter import Telemetry
 from tele_exporter.catalog.model import DEFAULT_PATH, CatalogError, Interval, default_catalog, load_catalog
 
-from .conftest import DESIGN_METRICS
+from ..conftest import DESIGN_METRICS
 
 
 def test_packaged_catalog_has_every_design_metric() -> None:
