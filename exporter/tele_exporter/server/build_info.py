@@ -1,15 +1,17 @@
 """tele_build_info's labels: this package's version, its git revision and torch's version.
 
 The revision is read from the checkout's .git files (no git process); an installed
-package outside a checkout reports "unknown".
+package outside a checkout reports "unknown". Torch's version comes from its installed
+metadata, so the server layer never imports torch.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from functools import cache
 from pathlib import Path
 
-import torch
+from .._version import __version__
 
 UNKNOWN = "unknown"
 
@@ -17,9 +19,15 @@ UNKNOWN = "unknown"
 @cache
 def build_info() -> tuple[str, str, str]:
     """(version, revision, torch version), read once."""
-    from .._version import __version__
+    return __version__, git_revision(Path(__file__).resolve().parent), torch_version()
 
-    return __version__, git_revision(Path(__file__).resolve().parent), str(torch.__version__)
+
+def torch_version() -> str:
+    """The installed torch distribution's version (what torch.__version__ says), or "unknown"."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return UNKNOWN
 
 
 def git_revision(start: Path) -> str:

@@ -7,7 +7,6 @@ Snapshot read once per scrape, so a scrape never mixes two updates.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -20,11 +19,8 @@ from prometheus_client.registry import Collector
 from ..catalog.model import MetricSpec
 from ..catalog.thresholds import THRESHOLD_METRIC, exported
 from ..snapshot import Snapshot
-from ..telemetry.launch import launch_info
 from .build_info import build_info
-
-if TYPE_CHECKING:
-    from ..telemetry.telemetry import Telemetry
+from .source import SnapshotSource
 
 Samples = list[tuple[tuple[str, ...], float]]
 
@@ -118,22 +114,25 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
 
 
 class TeleCollector(Collector):
-    """Yields every catalog metric of one Telemetry from its latest snapshot."""
+    """Yields every catalog metric of one source (a Telemetry) from its latest snapshot.
 
-    def __init__(self, tele: Telemetry) -> None:
-        self._tele = tele
-        launch = launch_info()
+    `world_size` and `restarts` (None: not under torchrun) are the process's launch
+    facts, read by the caller: finding them needs torch.distributed, which this layer never imports.
+    """
+
+    def __init__(self, source: SnapshotSource, *, world_size: int, restarts: int | None) -> None:
+        self._source = source
         # Facts of the process's launch, the same at every scrape.
         self._static: dict[str, Samples] = {
-            "world_size": [((), float(launch.world_size))],
+            "world_size": [((), float(world_size))],
             "build_info": [(build_info(), 1.0)],
-            "torchrun_restarts": [] if launch.restarts is None else [((), float(launch.restarts))],
+            "torchrun_restarts": [] if restarts is None else [((), float(restarts))],
             # The run's own level starts (Telemetry(thresholds=...)), which the alert rules compare against.
-            THRESHOLD_METRIC: [((name, level), start) for name, level, start in exported(tele.catalog)],
+            THRESHOLD_METRIC: [((name, level), start) for name, level, start in exported(source.catalog)],
         }
         missing = [
             spec.id
-            for spec in tele.catalog
+            for spec in source.catalog
             if spec.type != "histogram"
             and spec.id not in SOURCES
             and spec.id not in self._static
@@ -143,13 +142,13 @@ class TeleCollector(Collector):
             raise ValueError(f"catalog metrics without a source in the collector: {missing}")
 
     def describe(self) -> Iterator[Metric]:
-        for spec in self._tele.catalog:
+        for spec in self._source.catalog:
             yield self._histogram(spec) if spec.type == "histogram" else self._scalar(spec)
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._tele.snapshot()
-        errors = self._tele.errors()
-        for spec in self._tele.catalog:
+        snap = self._source.snapshot()
+        errors = self._source.errors()
+        for spec in self._source.catalog:
             if spec.type == "histogram":
                 histogram = self._histogram(spec)
                 for labels, state in snap.histograms.get(spec.id, {}).items():
@@ -171,10 +170,10 @@ class TeleCollector(Collector):
             yield family
 
     def _values(self, labels: tuple[str, ...]) -> list[str]:
-        return [*labels, *self._tele.const_labels.values()]
+        return [*labels, *self._source.const_labels.values()]
 
     def _labels(self, spec: MetricSpec) -> list[str]:
-        return [*spec.labels, *self._tele.const_labels]
+        return [*spec.labels, *self._source.const_labels]
 
     def _scalar(self, spec: MetricSpec) -> GaugeMetricFamily | CounterMetricFamily:
         kind = CounterMetricFamily if spec.type == "counter" else GaugeMetricFamily
