@@ -36,7 +36,7 @@ import torch
 from prometheus_client import generate_latest
 
 from tele_exporter.bench import BenchPolicy
-from tele_exporter.server import http as server_module
+from tele_exporter.server import connections
 from tele_exporter.server.http import DEFAULT_MAX_CONNECTIONS, serve
 from tele_exporter.telemetry.telemetry import Telemetry
 
@@ -278,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per published update")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--child", action="store_true", help="add a phase scraping a child process serving bytes")
-    parser.add_argument("--nice", type=int, default=server_module.SERVE_NICE, help="nice of the serving threads")
+    parser.add_argument("--nice", type=int, default=connections.SERVE_NICE, help="nice of the serving threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    server_module.SERVE_NICE = args.nice
+    connections.SERVE_NICE = args.nice
     r = run(args.rounds, args.seconds, args.rate, args.workers, args.steps, args.child)
     print(
         f"flood: {args.rounds} rounds x 4 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "

@@ -311,11 +311,11 @@ def test_query_strings_other_than_name_filters_are_served_from_the_cache(
 def test_the_snapshot_api_is_rendered_once_per_published_snapshot(
     server: Server, tele: Telemetry, policy: TinyPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tele_exporter.server import http as server_module
+    from tele_exporter.server import api
 
     calls = []
-    real = server_module.snapshot_document
-    monkeypatch.setattr(server_module, "snapshot_document", lambda t: calls.append(1) or real(t))
+    real = api.snapshot_document
+    monkeypatch.setattr(api, "snapshot_document", lambda t: calls.append(1) or real(t))
     for _ in range(10):
         assert _get(server.base_url + "/api/snapshot")[0] == 200
     assert len(calls) == 1
