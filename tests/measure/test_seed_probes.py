@@ -189,7 +189,7 @@ def test_several_seeds_on_one_host_over_several_passes(setup: tuple[TinyPolicy, 
     host = Parallel(seeds, {f"s{i}": 0.3 * (i + 1) for i in range(4)})
     for name, seed in seeds.items():
         tele.watch_seed(seed, host=host, env="7", slot=name)
-    assert len(tele._hosts) == 1
+    assert len(tele._seeds.hosts) == 1
     expected: dict[str, list[float]] = {name: [] for name in seeds}
     with tele.update():
         for k in range(3):
@@ -315,7 +315,7 @@ def test_removing_a_seed_during_training_leaves_the_others_and_no_hooks(
     later = _reference_rms_ratio(host, seeds["keep"], grads)
     assert snap.seed("0", "keep").passes == 2 and later > 0
     watches["keep"].remove()
-    assert not tele._hosts
+    assert not tele._seeds.hosts
     assert all(not p._backward_hooks for p in (*host.parameters(), *seeds["drop"].parameters()))  # type: ignore[attr-defined]
     with tele.update():
         _backward_pass(host, 2)
@@ -348,7 +348,7 @@ def test_host_and_seed_must_be_modules_and_distinct(setup: tuple[TinyPolicy, Tel
         tele.watch_seed(host.seed, host="net", env=0, slot="a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="its own host"):
         tele.watch_seed(host.seed, host=host.seed, env=0, slot="a")
-    assert not tele._hosts and tele.snapshot().seeds == ()
+    assert not tele._seeds.hosts and tele.snapshot().seeds == ()
 
 
 def test_in_place_op_inside_the_seed(setup: tuple[TinyPolicy, Telemetry, Host]) -> None:

@@ -12,7 +12,7 @@ import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import tele_exporter.telemetry.telemetry as telemetry_module
+import tele_exporter.telemetry.packer as packer_module
 from tele_exporter import Telemetry
 
 from ..conftest import TinyPolicy
@@ -45,8 +45,8 @@ def test_every_signal_matches_the_float64_reference_through_one_transfer(
     tele: Telemetry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gathers: list[int] = []
-    real_gather = telemetry_module._gather
-    monkeypatch.setattr(telemetry_module, "_gather", lambda parts: gathers.append(len(parts)) or real_gather(parts))
+    real_gather = packer_module.gather
+    monkeypatch.setattr(packer_module, "gather", lambda parts: gathers.append(len(parts)) or real_gather(parts))
     rng = np.random.default_rng(7)
     ent = [{"op": rng.uniform(0, 1.4, 32), "slot": rng.uniform(0, 1.1, 32)} for _ in range(3)]
     masks = [{"op": np.ones(32, dtype=bool), "slot": rng.random(32) < 0.5} for _ in range(3)]

@@ -510,9 +510,10 @@ def test_float32_rounding_below_zero_is_zero_not_an_error(tele: Telemetry) -> No
 
 
 def test_a_host_block_on_two_devices_is_added_up_after_the_copy_and_the_parts_around_it_stay_in_place() -> None:
-    """_to_host: one vector per device per block (two CPU vectors stand in for two devices), amid gains and policy."""
+    """to_host: one vector per device per block (two CPU vectors stand in for two devices), amid gains and policy."""
     from tele_exporter.measure.seed_probes import BackwardPass, HostPasses
-    from tele_exporter.telemetry.telemetry import _to_host
+    from tele_exporter.telemetry.fold import Recorded, to_host
+    from tele_exporter.telemetry.policy_record import PolicyRecorder
 
     f64 = torch.float64
     block = HostPasses(
@@ -521,9 +522,12 @@ def test_a_host_block_on_two_devices_is_added_up_after_the_copy_and_the_parts_ar
         squares=(torch.arange(1.0, 6.0, dtype=f64), 10 * torch.arange(1.0, 6.0, dtype=f64)),
     )
     gains = {("0", "a"): [BackwardPass([torch.tensor(2.0)], [torch.tensor(4.0)])]}
-    host = _to_host(None, [torch.tensor(0.5)], [], gains, {1: [block]}, [torch.tensor([7.0])])
+    recorder = PolicyRecorder(())
+    recorder.observe_entropy_value(7.0)
+    recorded = Recorded(None, [torch.tensor(0.5)], [], recorder, gains, [block], False, 0)
+    host = to_host(recorded)
     assert host.kls.tolist() == [0.5] and host.gains[("0", "a")].tolist() == [0.5]
     (seeds_1, numels_1, sums_1), (seeds_2, numels_2, sums_2) = host.host_passes
     assert (seeds_1, numels_1, sums_1.tolist()) == ((("0", "a"),), (10, 2), [11.0, 22.0])
     assert (seeds_2, numels_2, sums_2.tolist()) == ((("0", "a"), ("0", "b")), (10, 2, 3), [33.0, 44.0, 55.0])
-    assert host.policy.tolist() == [7.0]
+    assert host.policy.flat.tolist()[-1:] == [7.0] and recorder.unpack(host.policy).entropies[0][1].tolist() == [7.0]

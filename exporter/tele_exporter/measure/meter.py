@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import Head
-from .norms import clip_coefficient, index_tensor, tensor_norms
+from .norms import clip_coefficient, index_tensor, tensor_norms, use_foreach
 from .sharding import (
     LOCAL,
     REPLICA,
@@ -86,6 +86,7 @@ class GradientMeter:
         """Columns of a row: one per head, then pre-clip and post-clip totals."""
         return len(self.head_names) + 2
 
+    @torch.no_grad()
     def measure(
         self, max_norm: float | None, *, error_if_nonfinite: bool = False, foreach: bool | None = None
     ) -> Tensor:
@@ -96,6 +97,8 @@ class GradientMeter:
         a non-finite total raises before the gradients are scaled, as torch does.
         A step without any gradient records nothing and returns 0.0, as torch does.
         Under sharding every rank of a mesh must measure the same steps, as with torch's clip.
+        Runs under no_grad, as torch's clip does: after backward(create_graph=True) the
+        returned norm and the row buffer stay outside the autograd graph.
         """
         grads = [p.grad for p in self.params]
         key = tuple(g is not None for g in grads)
@@ -109,7 +112,7 @@ class GradientMeter:
         inputs = norm_parts(present_grads, parts, plan.sharding)
         if plan.views:
             inputs = [*inputs, *(inputs[i].narrow(0, start, rows) for i, start, rows in plan.views)]
-        norms = self._reduce(inputs, plan)
+        norms = self._reduce(inputs, plan, foreach)
         h = len(self.head_names)
         pre = norms[h]
         if error_if_nonfinite and not bool(torch.isfinite(pre)):
@@ -130,14 +133,14 @@ class GradientMeter:
         self._present.append(plan.present)
         return pre  # a view of this call's own `norms`, never of the row buffer
 
-    def _reduce(self, parts: list[Tensor], plan: _Plan) -> Tensor:
+    def _reduce(self, parts: list[Tensor], plan: _Plan, foreach: bool | None = None) -> Tensor:
         """Per-head and global L2 norms [H + 1] (float64) of this step's gradients, one fused pass.
 
         The one place that turns per-tensor norms of local parts into totals: local
         sums, plus one all-reduced row of sums per device mesh of sharded gradients.
         """
         h = len(self.head_names)
-        squares = tensor_norms(parts).square()
+        squares = tensor_norms(parts, foreach).square()
         reductions = plan.sharding.reductions
         sums = torch.zeros((1 + len(reductions)) * (h + 1), dtype=torch.float64, device=squares.device)
         sums.index_add_(0, plan.sum_index, squares.index_select(0, plan.tensor_index))
@@ -212,12 +215,12 @@ class NonFiniteNormError(RuntimeError):
 
 
 def _scale_(grads: list[Tensor], coef: Tensor, foreach: bool | None) -> None:
-    """Multiply gradients in place by a 0-d tensor: one foreach call per device, or one mul_ each (foreach=False)."""
+    """Multiply gradients in place by a 0-d tensor: one foreach call per device, or one mul_ each, as torch decides."""
     for device in dict.fromkeys(g.device for g in grads):
         on_device = [g for g in grads if g.device == device]
         factor = coef.to(device)
-        if foreach is False:
+        if use_foreach(on_device, device, foreach):
+            torch._foreach_mul_(on_device, factor)
+        else:
             for g in on_device:
                 g.mul_(factor)
-        else:
-            torch._foreach_mul_(on_device, factor)

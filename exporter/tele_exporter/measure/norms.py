@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
 CLIP_EPS = 1e-6
 CV_MEAN_FLOOR = 1e-8
@@ -83,18 +84,47 @@ def tensor_norm_list(tensors: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device and dtype."""
+class ForeachUnsupportedError(RuntimeError):
+    """foreach=True on a device without foreach kernels: torch's clip raises the same message."""
+
+
+def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """Whether to take the fused foreach kernels, decided as torch.nn.utils.clip_grad_norm_ decides.
+
+    None: foreach where the device and every tensor support it, else one kernel per
+    tensor; True: foreach, and a device without it raises; False: one kernel per tensor.
+    """
+    if foreach is None:
+        return _has_foreach_support(list(tensors), device)
+    if foreach and not _device_has_foreach_support(device):
+        raise ForeachUnsupportedError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return bool(foreach)
+
+
+def _group_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool | None) -> list[Tensor]:
+    """Per-tensor L2 norms of one device and dtype: one fused kernel, or one each where foreach is off."""
+    if use_foreach(tensors, tensors[0].device, foreach):
+        return list(torch._foreach_norm(tensors, 2, dtype=_norm_dtype(dtype)))
+    return [torch.linalg.vector_norm(t, dtype=_norm_dtype(dtype)) for t in tensors]
+
+
+def tensor_norms(tensors: Sequence[Tensor], foreach: bool | None = None) -> Tensor:
+    """L2 norm of each tensor as one float64 vector, from fused foreach kernels per device and dtype.
+
+    `foreach` as torch's clip takes it (see use_foreach).
+    """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     first = tensors[0].device
     groups = _by_device_and_dtype(tensors)
     if len(groups) == 1:
         ((_, dtype),) = groups
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype))).to(torch.float64)
+        return torch.stack(_group_norms(list(tensors), dtype, foreach)).to(torch.float64)
     out = torch.empty(len(tensors), dtype=torch.float64, device=first)
     for (_, dtype), idx in groups.items():
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype))
+        norms = _group_norms([tensors[i] for i in idx], dtype, foreach)
         out[index_tensor(idx, first)] = torch.stack(norms).to(device=first, dtype=torch.float64)
     return out
 

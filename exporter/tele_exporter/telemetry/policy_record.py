@@ -27,13 +27,18 @@ from ..measure.policy_math import (
     ratio_terms,
 )
 from ..snapshot import PolicyState
+from .packer import Packer, Unpacked
+
+# The packer keys of the recorder's pieces.
+_ENTROPY, _EXPLAINED, _ADVANTAGES, _RATIOS = "policy.entropy", "policy.explained", "policy.advantages", "policy.ratios"
 
 
 class PolicyRecorder:
     """One update's policy observations, as small float64 device tensors (no host sync)."""
 
-    def __init__(self, heads: Sequence[str]) -> None:
+    def __init__(self, heads: Sequence[str], *, recording: bool = True) -> None:
         self.heads = tuple(heads)
+        self.recording = recording  # False: compute and check for the caller, keep nothing (a disabled Telemetry)
         self.entropies: list[tuple[tuple[str, ...], Tensor]] = []
         self.explained: list[Tensor] = []
         self.advantages: list[Tensor] = []
@@ -42,19 +47,22 @@ class PolicyRecorder:
     def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> Tensor:
         check_head_tensors("observe_entropy", entropies, masks, self.heads)
         terms = entropy_terms(entropies, masks)
-        self.entropies.append((tuple(entropies), terms))
+        if self.recording:
+            self.entropies.append((tuple(entropies), terms))
         return terms[0]
 
     def observe_entropy_value(self, value: float | Tensor) -> Tensor:
         """A joint entropy the trainer computed itself (no per-head entropy from it)."""
         terms = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1)
-        self.entropies.append(((), terms))
+        if self.recording:
+            self.entropies.append(((), terms))
         return terms[0]
 
     def observe_explained_variance_value(self, value: float | Tensor) -> Tensor:
         """An explained variance the trainer computed itself (published as given, NaN included)."""
         ev = torch.as_tensor(value, dtype=torch.float64).detach().reshape(())
-        self.explained.append(torch.stack([ev, torch.ones_like(ev)]))
+        if self.recording:
+            self.explained.append(torch.stack([ev, torch.ones_like(ev)]))
         return ev
 
     def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
@@ -65,7 +73,8 @@ class PolicyRecorder:
                 f"observe_explained_variance: values has {values.numel()} elements, returns has {returns.numel()}"
             )
         terms = explained_variance_terms(values, returns)
-        self.explained.append(terms)
+        if self.recording:
+            self.explained.append(terms)
         return terms[0]
 
     def observe_advantages(self, advantages: Tensor, mask: Tensor | None) -> Tensor:
@@ -76,7 +85,8 @@ class PolicyRecorder:
                 f"observe_advantages: mask has shape {shape}, advantages has shape {tuple(advantages.shape)}"
             )
         terms = advantage_std(advantages, mask)
-        self.advantages.append(terms)
+        if self.recording:
+            self.advantages.append(terms)
         return terms[0]
 
     def observe_ratios(
@@ -86,33 +96,29 @@ class PolicyRecorder:
         if not 0.0 < float(clip_eps) < 1.0:
             raise ValueError(f"observe_ratios: clip_eps must lie in (0, 1), got {clip_eps}")
         terms = ratio_terms(log_ratio, masks, float(clip_eps))
-        self.ratios.append((tuple(log_ratio), terms))
+        if self.recording:
+            self.ratios.append((tuple(log_ratio), terms))
         return terms[0]
 
-    def parts(self) -> list[Tensor]:
-        """Every recorded tensor, in the order `split` reads them back."""
-        return [
-            *(t for _, t in self.entropies),
-            *self.explained,
-            *self.advantages,
-            *(t for _, t in self.ratios),
-        ]
+    def pack(self, packer: Packer) -> None:
+        """Add every recorded tensor to the update's one host transfer."""
+        for key, calls in (
+            (_ENTROPY, [t for _, t in self.entropies]),
+            (_EXPLAINED, self.explained),
+            (_ADVANTAGES, self.advantages),
+            (_RATIOS, [t for _, t in self.ratios]),
+        ):
+            for t in calls:
+                packer.add(key, t)
 
-    def split(self, flat: Tensor) -> PolicyHost:
-        """The recorded tensors back from their host copy `flat` (the concatenation of `parts`)."""
-        offset = 0
-
-        def take(n: int) -> Tensor:
-            nonlocal offset
-            piece = flat[offset : offset + n]
-            offset += n
-            return piece
-
-        entropies = [(heads, take(t.numel())) for heads, t in self.entropies]
-        explained = [take(2) for _ in self.explained]
-        advantages = [take(2) for _ in self.advantages]
-        ratios = [(heads, take(t.numel())) for heads, t in self.ratios]
-        return PolicyHost(entropies, explained, advantages, ratios)
+    def unpack(self, host: Unpacked) -> PolicyHost:
+        """The recorded tensors back from the transfer's host copy."""
+        return PolicyHost(
+            [(heads, t) for (heads, _), t in zip(self.entropies, host.pieces(_ENTROPY), strict=True)],
+            host.pieces(_EXPLAINED),
+            host.pieces(_ADVANTAGES),
+            [(heads, t) for (heads, _), t in zip(self.ratios, host.pieces(_RATIOS), strict=True)],
+        )
 
 
 @dataclass(frozen=True)
