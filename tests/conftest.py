@@ -25,7 +25,7 @@ DESIGN_METRICS = (
     "tele_last_update_timestamp_seconds",
     "tele_nonfinite_gradients_total",
 )
-"""Every metric of DESIGN.md section 5, the contract's names."""
+"""Every metric of the metric contract (README's metric table): names users and rules rely on."""
 
 
 class TinyPolicy(nn.Module):

@@ -135,7 +135,7 @@ class _SeededHost(torch.nn.Module):
 
 
 def _rms_ratio64(host: _SeededHost, seed: torch.nn.Module) -> float:
-    """DESIGN §4 from the .grad tensors in float64 on the host: seed RMS over host RMS."""
+    """TELE-557 from the .grad tensors in float64 on the host: seed RMS over host RMS."""
     seed_ids = {id(p) for s in host.seeds for p in s.parameters()}
     own = [p.grad.double().cpu() for p in host.parameters() if id(p) not in seed_ids and p.grad is not None]
     mine = [p.grad.double().cpu() for p in seed.parameters() if p.grad is not None]

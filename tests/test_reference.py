@@ -1,9 +1,9 @@
-"""Every published number against DESIGN §4 written independently in float64 numpy, read from a real scrape.
+"""Every published number against the TELE records' formulas written independently in float64 numpy, read from a real scrape.
 
 A trainer-shaped scenario runs multi-step PPO updates with missing heads, NaN and
 Inf gradients, an early stop before the first step, clipped and unclipped steps,
 KL observations and watched seeds (one pruned mid-run). The expected values come
-from the gradients themselves with numpy float64 and the formulas as DESIGN §4
+from the gradients themselves with numpy float64 and the formulas as the TELE records and the README
 states them; the actual values come from GET /metrics on a running server, parsed
 by prometheus_client. Tolerance: 1e-6 relative where tele-exporter takes float32
 per-tensor norms, float64 rounding for KL, exact for counts and presence.
@@ -56,7 +56,7 @@ class Host(nn.Module):
         return out
 
 
-# --- DESIGN §4 in float64 numpy --------------------------------------------------------
+# --- the TELE formulas in float64 numpy --------------------------------------------------------
 
 
 def l2(arrays: list[np.ndarray]) -> float:

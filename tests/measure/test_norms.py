@@ -142,7 +142,7 @@ def test_a_nonfinite_head_makes_the_step_cv_nan_and_missing_is_left_out(bad: flo
 
 
 def _cv_reference(row: np.ndarray, present: np.ndarray) -> float:
-    """DESIGN §4 in float64 numpy, written from the formula."""
+    """The TELE records' formula in float64 numpy, written from the formula."""
     values = row[present]
     if not np.all(np.isfinite(values)):
         return math.nan

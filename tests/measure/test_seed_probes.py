@@ -104,7 +104,7 @@ def _relu_seed(scale: float = 1.0) -> nn.Module:
 
 
 def _reference_rms_ratio(host: nn.Module, seed: nn.Module, grads: dict[int, np.ndarray]) -> float:
-    """DESIGN §4 in float64 numpy: (|g_seed|/sqrt(n_seed)) / (|g_host|/sqrt(n_host) + 1e-8); 0 below 1e-8."""
+    """TELE-557 in float64 numpy: (|g_seed|/sqrt(n_seed)) / (|g_host|/sqrt(n_host) + 1e-8); 0 below 1e-8."""
     seed_ids = {id(p) for p in seed.parameters()}
     seeds_of_host = {id(p) for m in getattr(host, "seeds", {}).values() for p in m.parameters()}
     host_params = [p for p in host.parameters() if id(p) not in seeds_of_host]
@@ -203,7 +203,7 @@ def test_several_seeds_on_one_host_over_several_passes(setup: tuple[TinyPolicy, 
 
 
 def _reference_among(host: nn.Module, seed: nn.Module, watched: list[nn.Module], grads: dict[int, np.ndarray]) -> float:
-    """DESIGN §4 in float64 numpy, with only the `watched` seeds' parameters taken out of the host's."""
+    """TELE-557 in float64 numpy, with only the `watched` seeds' parameters taken out of the host's."""
     out = {id(p) for m in watched for p in m.parameters()}
     g_s = np.sqrt(sum(np.sum(grads[id(p)] ** 2) for p in seed.parameters()))
     host_params = [p for p in host.parameters() if id(p) not in out]

@@ -135,7 +135,7 @@ def test_scrapes_during_training_never_see_a_torn_update(server: Server, tele: T
     assert len(seen) > 5
     for update, current, prev in seen:
         assert current == currents[update]
-        assert prev == currents.get(update - 1, 0.0)  # DESIGN §4: prev is 0.0 until the second update
+        assert prev == currents.get(update - 1, 0.0)  # TELE-321: prev is 0.0 until the second update
 
 
 def test_snapshot_api_is_json_with_display_fields(server: Server, tele: Telemetry, policy: TinyPolicy) -> None:

@@ -22,7 +22,7 @@ from ..telemetry.telemetry import SeedWatch, Telemetry
 
 
 class Op(enum.IntEnum):
-    """The op head's choices (DESIGN §4)."""
+    """The op head's choices: WAIT, GERMINATE, SET_ALPHA_TARGET, PRUNE, FOSSILIZE, ADVANCE."""
 
     WAIT = 0
     GERMINATE = 1

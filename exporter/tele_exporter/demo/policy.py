@@ -1,6 +1,6 @@
 """The factored-action policy: a shared trunk, eight action heads (TELE-321) and a value head.
 
-Causal masks (DESIGN §4) say which heads an op actually uses; a head that does
+Causal masks (docs/demo.md) say which heads an op actually uses; a head that does
 not matter for a step contributes nothing to its log-probability, its loss,
 its advantage or its KL.
 """

@@ -1,4 +1,4 @@
-"""The only module that registers PyTorch hooks: TELE-557's seed gradient probes.
+"""TELE-557's seed gradient probes: the tensor hooks and engine callbacks that measure seeds against their host.
 
 `HostProbe` measures TELE-557's ratio. A tensor hook on each parameter of a host
 and of its watched seeds sees the gradient that arrives in a backward pass: one
