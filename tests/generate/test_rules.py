@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import pytest
 import yaml
 
 from tele_exporter import cli, generate
-from tele_exporter.catalog import Interval, default_catalog, load_catalog
-from tele_exporter.generate import rules
+from tele_exporter.catalog import default_catalog, load_catalog
+from tele_exporter.generate import promql, rules
 from tests.prometheus import promtool_cases
 from tests.support.servers import PROMTOOL, binary
 
@@ -80,22 +79,6 @@ def test_every_alert_has_promtool_tests() -> None:
     assert alerts == tested
 
 
-@pytest.mark.parametrize(
-    ("text", "promql"),
-    [
-        ("(5.0, 10.0]", "> 5 <= 10"),
-        ("[0.1, 5.0]", ">= 0.1 <= 5"),
-        ("[0.015, 0.03)", ">= 0.015 < 0.03"),
-        ("(0, 0.5)", "> 0 < 0.5"),
-        ("(10.0, +inf]", "> 10"),
-        ("(10.0, +inf)", "> 10 < +Inf"),
-        ("[0, 0.1)", ">= 0 < 0.1"),
-    ],
-)
-def test_interval_filter_keeps_both_ends_exact(text: str, promql: str) -> None:
-    assert rules.interval_filter(Interval.parse(text)) == promql
-
-
 def test_level_alerts_match_catalog_levels() -> None:
     """Each level with an alert has exactly one rule, with its filter, for: and severity."""
     catalog = default_catalog()
@@ -106,7 +89,7 @@ def test_level_alerts_match_catalog_levels() -> None:
             if level.alert is None:
                 continue
             rule = by_key[(level.alert.name, level.alert.severity)]
-            assert rule.catalog_expr.endswith(rules.interval_filter(level.when))
+            assert rule.catalog_expr.endswith(promql.interval_filter(level.when))
             assert f"{rule.catalog_expr}\n  unless " in rule.expr  # the fallback for runs without tele_threshold
             assert rule.for_ == level.alert.for_
             assert catalog.selector in rule.expr
@@ -206,11 +189,6 @@ def test_bad_selector_is_refused(tmp_path: Path) -> None:
         load_catalog(custom)
 
 
-def test_number_literals_round_trip() -> None:
-    for value in (0.015, 0.03, 5.0, 10.0, 0.1, 2.0, 600.0, math.inf):
-        assert float(rules.number(value).replace("Inf", "inf")) == value
-
-
 def test_telemetry_errors_alert_on_any_increase_of_the_error_counter() -> None:
     """Telemetry that cannot measure is itself an alert: its values are missing, never 0."""
     (rule,) = [r for r in rules.alert_rules(default_catalog()) if r.name == "TeleTelemetryErrors"]
@@ -231,7 +209,7 @@ def test_rank_alerts_live_in_the_rank_rules_with_catalog_values() -> None:
     assert set(alerts) == {"TeleRanksMissing", "TeleRankLagging"}
     assert "TeleRanksMissing" not in produced[rules.ALERTS_PATH]
     lag = next(a for a in catalog["last_update_timestamp"].alerts if a.kind == "rank_lag")
-    assert alerts["TeleRankLagging"]["expr"].endswith(f"> {rules.number(lag.intervals or 0)}")
+    assert alerts["TeleRankLagging"]["expr"].endswith(f"> {promql.number(lag.intervals or 0)}")
     assert alerts["TeleRankLagging"]["for"] == lag.for_
     for alert in alerts.values():
         assert f"by (job, {catalog.job_label})" in alert["expr"]

@@ -31,6 +31,7 @@ from .levels import (
     trend_query,
     with_nan,
 )
+from .promql import RunStarts, matcher, number, selector, threshold_selector
 
 PATH = "grafana/dashboards/tele-training-health.json"
 UID = "tele-training-health"
@@ -94,13 +95,14 @@ class _Builder:
         return self.next_id - 1
 
 
-def _sel(spec: MetricSpec, *extra: str, env: bool = False, suffix: str = "") -> str:
-    """The metric selected by the dashboard's job/instance (and env) variables."""
-    matchers = ['job=~"$job"', 'instance=~"$instance"']
-    if env:
-        matchers.append('env=~"$env"')
-    matchers.extend(extra)
-    return f"{spec.name}{suffix}{{{', '.join(matchers)}}}"
+# The series the dashboard's job and instance variables select.
+VARIABLES = (matcher("job", "$job", "=~"), matcher("instance", "$instance", "=~"))
+
+
+def _sel(spec: MetricSpec, labels: dict[str, str] | None = None, *, env: bool = False, suffix: str = "") -> str:
+    """The metric selected by the dashboard's job/instance (and env) variables, and `labels`."""
+    matchers = [*VARIABLES, matcher("env", "$env", "=~")] if env else VARIABLES
+    return selector(f"{spec.name}{suffix}", labels, matchers=matchers)
 
 
 def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> Json:
@@ -116,7 +118,7 @@ def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> 
     return target
 
 
-# Who a series comes from: the scrape target, and the rank under torchrun (DESIGN §9).
+# Who a series comes from: the scrape target, and the rank under torchrun (docs/scale.md).
 SOURCE_LABELS = ("job", "instance", "rank")
 SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
 # Legends name the instance, and the rank where the series has one: label_replace adds
@@ -286,8 +288,8 @@ def _own_starts(catalog: Catalog, spec: MetricSpec) -> tuple[list[Json], list[Js
     targets, overrides = [], []
     for level in movable(spec):
         ref = f"own {level.name}"
-        start = _sel(catalog[THRESHOLD_METRIC], f"metric={json.dumps(spec.name)}", f"level={json.dumps(level.name)}")
-        targets.append(_target(_named(f"{start} != {level.when.low!r}"), ref, f"{LEGEND} {level.name}"))
+        start = threshold_selector(catalog[THRESHOLD_METRIC].name, spec.name, level.name, matchers=VARIABLES)
+        targets.append(_target(_named(f"{start} != {number(level.when.low)}"), ref, f"{LEGEND} {level.name}"))
         dash = {"fill": "dash", "dash": [10, 10]}
         overrides.append(_fixed(ref, catalog.colour(level.status), **{"custom.lineStyle": dash, "custom.lineWidth": 1}))
     return targets, overrides
@@ -452,7 +454,6 @@ def _policy_health_row(b: _Builder) -> None:
 def _gradients_row(b: _Builder) -> None:
     c = b.catalog
     g, hist = c["policy_grad_norm"], c["step_policy_grad_norm"]
-    alerted = ", ".join(f'{k}="{v}"' for k, v in g.alert_on.items())
     note = _boundary_note(g) + " Alerts watch the pre-clip norm; post-clip never exceeds max_norm."
     b.row("Gradients")
     for clip, word in (("pre", "pre-clip"), ("post", "post-clip")):
@@ -460,7 +461,7 @@ def _gradients_row(b: _Builder) -> None:
             _timeseries(
                 g,
                 f"Policy gradient norm, {word}",
-                [_target(_named(_sel(g, f'clip="{clip}"')), legend=f"{LEGEND} {word}")],
+                [_target(_named(_sel(g, {"clip": clip})), legend=f"{LEGEND} {word}")],
                 catalog=c,
                 note=note,
             ),
@@ -501,7 +502,7 @@ def _gradients_row(b: _Builder) -> None:
             },
             "targets": [
                 _target(
-                    f"sum by (le) (increase({_sel(hist, alerted, suffix='_bucket')}[$__rate_interval]))",
+                    f"sum by (le) (increase({_sel(hist, dict(g.alert_on), suffix='_bucket')}[$__rate_interval]))",
                     legend="{{le}}",
                     format="heatmap",
                 )
@@ -610,8 +611,12 @@ def _heads_row(b: _Builder) -> None:
 
 def _level_code(catalog: Catalog, spec: MetricSpec, expr: str, at: str = "") -> str:
     """The index of each series' level among its own run's levels (tele_threshold; the catalog's without)."""
-    own = _sel(catalog[THRESHOLD_METRIC], f"metric={json.dumps(spec.name)}")[:-1]
-    return level_code_query(spec, expr, own, {lv.name for lv in movable(spec)}, at)
+    name = catalog[THRESHOLD_METRIC].name
+
+    def threshold(level: str | None) -> str:
+        return threshold_selector(name, spec.name, level, matchers=VARIABLES)
+
+    return level_code_query(RunStarts(spec, threshold, at), expr)
 
 
 LEVELS_TITLE = "Levels per run"
@@ -624,7 +629,7 @@ def _levels_row(b: _Builder) -> None:
     columns = {
         "KL": (_level_code(c, kl, _sel(kl)), {"mappings": with_nan(c, level_code_mappings(c, kl))}),
         "Gradient norm (pre-clip)": (
-            _level_code(c, g, _sel(g, *(f'{k}="{v}"' for k, v in g.alert_on.items()))),
+            _level_code(c, g, _sel(g, dict(g.alert_on))),
             {"mappings": with_nan(c, level_code_mappings(c, g))},
         ),
         "Gradient CV": (_level_code(c, cv, _sel(cv)), {"mappings": with_nan(c, level_code_mappings(c, cv))}),

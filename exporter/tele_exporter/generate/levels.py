@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from ..catalog.model import Catalog, Interval, MetricSpec, Trend, duration_seconds
+from .promql import RunStarts, comparison, high_op, indicator, low_op, number
 
 Json = dict[str, Any]
 
@@ -40,29 +41,22 @@ def thresholds(steps: list[Json]) -> Json:
     return {"mode": "absolute", "steps": steps}
 
 
-def level_code_query(spec: MetricSpec, value: str, threshold: str, movable: set[str], at: str = "") -> str:
+def level_code_query(starts: RunStarts, value: str) -> str:
     """PromQL giving each series the index of its level among its own run's levels; NaN stays NaN.
 
-    `threshold` is the run's tele_threshold selector without its closing brace, so a
-    level's start is `threshold + ', level="<name>"}' + at`; `at` is a modifier such as
-    " @ end()" (then `value` should carry it too). Each level past the first adds
-    (value >= start) or (value > start) as the catalog's interval says, so the index
-    is exact at every boundary, as the alert rules' comparisons are; a run that exports
-    no tele_threshold is held to the catalog's starts. NaN fails every comparison, so a
-    NaN is returned as it is for the NaN mapping, `* 1` dropping its name: one series per
-    run across time, whether its value was NaN or not.
+    If `starts` carries a modifier such as " @ end()", `value` should carry it too. Each
+    level past the first adds (value >= start) or (value > start) as the catalog's interval
+    says, so the index is exact at every boundary, as the alert rules' comparisons are; a
+    run that exports no tele_threshold is held to the catalog's starts. NaN fails every
+    comparison, so a NaN is returned as it is for the NaN mapping, `* 1` dropping its name:
+    one series per run across time, whether its value was NaN or not.
     """
-    ignoring = f"ignoring ({', '.join([*spec.labels, 'metric', 'level'])})"
     own, fallback = [], []
-    for level in spec.levels[1:]:
-        op = ">=" if level.when.low_closed else ">"
-        constant = f"({value} {op} bool {level.when.low!r})"
-        fallback.append(constant)
-        if level.name in movable:
-            own.append(f'({value} {op} bool {ignoring} group_left {threshold}, level="{level.name}"}}{at})')
-        else:
-            own.append(constant)
-    runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} unless {ignoring} {threshold}}}{at})"
+    for level in starts.spec.levels[1:]:
+        op = low_op(level.when.low_closed)
+        fallback.append(f"({value} {comparison(op, True)} {number(level.when.low)})")
+        own.append(f"({value} {starts.compare(op, level.name, level.when.low, boolean=True)})")
+    runs = f"({' + '.join(own)}) or ({' + '.join(fallback)} {starts.unless_own()})"
     return f"({runs}) and ({value} == {value}) or {value} * 1"
 
 
@@ -164,16 +158,6 @@ def seed_mappings(catalog: Catalog, ratio: MetricSpec) -> list[Json]:
     return with_nan(catalog, [{"type": "value", "options": codes}])
 
 
-def _bool_cmp(expr: str, interval: Interval) -> str:
-    """PromQL 1/0 indicator that `expr` lies in `interval` (exact open/closed ends)."""
-    parts = []
-    if math.isfinite(interval.low):
-        parts.append(f"({expr} {'>=' if interval.low_closed else '>'} bool {interval.low!r})")
-    if math.isfinite(interval.high):
-        parts.append(f"({expr} {'<=' if interval.high_closed else '<'} bool {interval.high!r})")
-    return " * ".join(parts) if parts else f"({expr} >= bool -Inf)"
-
-
 def trend_query(current: str, prev: str, trend: Trend) -> str:
     """PromQL returning the trend code per head: 1 stable, 10*(context+1)+1 up, +2 down.
 
@@ -182,14 +166,15 @@ def trend_query(current: str, prev: str, trend: Trend) -> str:
     """
     delta = f"({current} - {prev})"
     stable = trend.stable
-    up = f"({delta} {'>' if stable.high_closed else '>='} bool {stable.high!r})"
-    down = f"({delta} {'<' if stable.low_closed else '<='} bool {stable.low!r})"
-    up_terms = " + ".join(f"{10 * (i + 1) + 1} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context))
+    # Above the stable interval is past its high end (not <= / <), below it past its low end.
+    up = f"({delta} {comparison(low_op(not stable.high_closed), True)} {number(stable.high)})"
+    down = f"({delta} {comparison(high_op(not stable.low_closed), True)} {number(stable.low)})"
+    up_terms = " + ".join(f"{10 * (i + 1) + 1} * {indicator(current, ctx.when)}" for i, ctx in enumerate(trend.context))
     down_terms = " + ".join(
-        f"{10 * (i + 1) + 2} * {_bool_cmp(current, ctx.when)}" for i, ctx in enumerate(trend.context)
+        f"{10 * (i + 1) + 2} * {indicator(current, ctx.when)}" for i, ctx in enumerate(trend.context)
     )
-    code = f"{TREND_STABLE} * {_bool_cmp(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
-    return f"({code}) and (abs{delta} < +Inf) or {TREND_NONE} * ({current} >= bool -Inf)"
+    code = f"{TREND_STABLE} * {indicator(delta, stable)} + {up} * ({up_terms}) + {down} * ({down_terms})"
+    return f"({code}) and (abs{delta} < {number(math.inf)}) or {TREND_NONE} * ({current} >= bool {number(-math.inf)})"
 
 
 def neutral_steps(catalog: Catalog) -> list[Json]:
