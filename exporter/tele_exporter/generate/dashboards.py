@@ -1,17 +1,15 @@
-"""Grafana dashboard "TELE training health", generated from the catalog.
+"""Grafana dashboard "TELE training health": which panel goes where, and what each asks of the catalog.
 
-Every metric name, threshold, label, colour and question comes from the catalog; the
-field configuration each level becomes (steps, mappings, codes) is built in `levels`.
-This module lays the panels out and writes their queries.
+The panels are generate/panels.py's, their level colours and codes generate/levels.py's, so this is only layout.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from ..catalog.model import Catalog, MetricSpec
 from ..catalog.thresholds import THRESHOLD_METRIC, movable
+from . import panels
 from .levels import (
     count_steps,
     flag_codes,
@@ -26,11 +24,11 @@ from .levels import (
     seed_query,
     seed_value_steps,
     stale_steps,
-    thresholds,
     trend_mappings,
     trend_query,
     with_nan,
 )
+from .panels import LEGEND, Json, named, thresholds
 from .promql import RunStarts, matcher, number, selector, threshold_selector
 
 PATH = "grafana/dashboards/tele-training-health.json"
@@ -39,10 +37,18 @@ TITLE = "TELE training health"
 TAGS = ["tele", "pytorch", "rl"]
 SCHEMA_VERSION = 42
 PROMETHEUS_UID = "tele-prometheus"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 WIDTH = 24
-
-Json = dict[str, Any]
+# The series the dashboard's job and instance variables select.
+VARIABLES = (matcher("job", "$job", "=~"), matcher("instance", "$instance", "=~"))
+# Per-run stats read each run's level at the end of the range: a series is in one query only.
+AT_END = " @ end()"
+# The query of a per-run stat that holds the series in no level at the end (NaN, or gone before it).
+REST_REF = "A"
+LEVELS_TITLE = "Levels per run"
+OWN_LABEL = (
+    " The label is the level of each run's own thresholds (tele_threshold, the catalog's unless the run sets"
+    " its own), compared as the alert rules compare."
+)
 
 
 def files(catalog: Catalog) -> dict[str, str]:
@@ -50,8 +56,8 @@ def files(catalog: Catalog) -> dict[str, str]:
     return {PATH: json.dumps(dashboard(catalog), indent=2, sort_keys=True, ensure_ascii=False) + "\n"}
 
 
-class _Builder:
-    """Lays panels out on the 24-column grid and numbers them."""
+class _Grid:
+    """Lays panels out left to right on the 24-column grid, under row headings, and numbers them."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -63,16 +69,10 @@ class _Builder:
 
     def row(self, title: str) -> None:
         self._newline()
-        self.panels.append(
-            {
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": WIDTH, "x": 0, "y": self.y},
-                "id": self._id(),
-                "panels": [],
-                "title": title,
-                "type": "row",
-            }
-        )
+        heading = panels.row(title)
+        heading["gridPos"] = {"h": 1, "w": WIDTH, "x": 0, "y": self.y}
+        heading["id"] = self._id()
+        self.panels.append(heading)
         self.y += 1
 
     def add(self, panel: Json, w: int, h: int) -> None:
@@ -80,7 +80,7 @@ class _Builder:
             self._newline()
         panel["id"] = self._id()
         panel["gridPos"] = {"h": h, "w": w, "x": self.x, "y": self.y}
-        panel.setdefault("datasource", DATASOURCE)
+        panel.setdefault("datasource", panels.DATASOURCE)
         self.panels.append(panel)
         self.x += w
         self.row_height = max(self.row_height, h)
@@ -95,67 +95,25 @@ class _Builder:
         return self.next_id - 1
 
 
-# The series the dashboard's job and instance variables select.
-VARIABLES = (matcher("job", "$job", "=~"), matcher("instance", "$instance", "=~"))
-
-
 def _sel(spec: MetricSpec, labels: dict[str, str] | None = None, *, env: bool = False, suffix: str = "") -> str:
     """The metric selected by the dashboard's job/instance (and env) variables, and `labels`."""
     matchers = [*VARIABLES, matcher("env", "$env", "=~")] if env else VARIABLES
     return selector(f"{spec.name}{suffix}", labels, matchers=matchers)
 
 
-def _target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> Json:
-    target: Json = {
-        "datasource": DATASOURCE,
-        "editorMode": "code",
-        "expr": expr,
-        "legendFormat": legend,
-        "range": True,
-        "refId": ref,
-    }
-    target.update(extra)
-    return target
+def _line(expr: str, legend: str = LEGEND) -> list[Json]:
+    """The one target of a panel: `expr` per run, its legend naming the instance and rank."""
+    return [panels.target(named(expr), legend=legend)]
 
 
-# Who a series comes from: the scrape target, and the rank under torchrun (docs/scale.md).
-SOURCE_LABELS = ("job", "instance", "rank")
-SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
-# Legends name the instance, and the rank where the series has one: label_replace adds
-# " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
-RANK_TEXT = "rank_text"
-LEGEND = "{{instance}}{{" + RANK_TEXT + "}}"
+def _level_code(catalog: Catalog, spec: MetricSpec, expr: str, at: str = "") -> str:
+    """The index of each series' level among its own run's levels (tele_threshold; the catalog's without)."""
+    name = catalog[THRESHOLD_METRIC].name
 
+    def threshold(level: str | None) -> str:
+        return threshold_selector(name, spec.name, level, matchers=VARIABLES)
 
-def _named(expr: str) -> str:
-    """`expr` with the RANK_TEXT label the LEGEND needs."""
-    return f'label_replace({expr}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
-
-
-def _merged_table(renames: dict[str, str]) -> list[dict[str, Any]]:
-    """Merge instant queries into one table row per series, renamed and ordered as `renames`.
-
-    Every target is aggregated `by` the same labels, so no frame carries `__name__` and
-    `merge` finds equal label columns; `__name__` is dropped here too, for backends that keep it.
-    """
-    columns = {**SOURCE_COLUMNS, **renames}
-    return [
-        {"id": "merge", "options": {}},
-        {
-            "id": "organize",
-            "options": {
-                "excludeByName": {"Time": True, "__name__": True, "job": True},
-                "indexByName": {name: i for i, name in enumerate(columns)},
-                "renameByName": columns,
-            },
-        },
-    ]
-
-
-def _instant(expr: str, ref: str, labels: list[str]) -> Json:
-    """A table target: one row per series of `labels` (and its source), without `__name__`."""
-    by = ", ".join([*SOURCE_LABELS, *labels])
-    return _target(f"max by ({by}) ({expr})", ref, "__auto", format="table", instant=True, range=False)
+    return level_code_query(RunStarts(spec, threshold, at), expr)
 
 
 def _description(spec: MetricSpec, note: str = "") -> str:
@@ -189,54 +147,23 @@ def _stat(
     mappings: list[Json] | None = None,
     steps: list[Json] | None = None,
     color_mode: str = "value",
-    text_mode: str = "auto",
     note: str = "",
     description: str | None = None,
     decimals: int | None = None,
     unit: str | None = None,
 ) -> Json:
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description if description is not None else _description(spec, note),
-        "fieldConfig": {
-            "defaults": {
-                "color": {"mode": "thresholds"},
-                "decimals": spec.precision if decimals is None else decimals,
-                "mappings": with_nan(catalog, mappings or []),
-                "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": grafana_unit(spec) if unit is None else unit,
-            },
-            "overrides": [],
-        },
-        "options": {
-            "colorMode": color_mode,
-            "graphMode": "area" if graph else "none",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "percentChangeColorMode": "standard",
-            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
-            "showPercentChange": False,
-            "textMode": text_mode,
-            "wideLayout": True,
-        },
-        "targets": [_target(_named(expr), legend=LEGEND)],
-    }
-
-
-# Per-run stats read each run's level at the end of the range: a series is in one query only.
-AT_END = " @ end()"
-# The query of a per-run stat that holds the series in no level at the end (NaN, or gone before it).
-REST_REF = "A"
-
-
-def _fixed(ref: str, colour: str, **properties: Any) -> Json:
-    """A field override painting every field of the query `ref` in `colour`."""
-    props = {"color": {"mode": "fixed", "fixedColor": colour}, **properties}
-    return {
-        "matcher": {"id": "byFrameRefID", "options": ref},
-        "properties": [{"id": key, "value": value} for key, value in props.items()],
-    }
+    """A stat of `expr` per run, by default in `spec`'s precision and unit, coloured by the catalog's levels."""
+    return panels.stat(
+        title,
+        description if description is not None else _description(spec, note),
+        _line(expr),
+        decimals=spec.precision if decimals is None else decimals,
+        mappings=with_nan(catalog, mappings or []),
+        steps=steps if steps is not None else level_steps(catalog, spec),
+        unit=grafana_unit(spec) if unit is None else unit,
+        graph=graph,
+        color_mode=color_mode,
+    )
 
 
 def _own_levels_stat(spec: MetricSpec, title: str, value: str, *, catalog: Catalog, note: str) -> Json:
@@ -253,19 +180,21 @@ def _own_levels_stat(spec: MetricSpec, title: str, value: str, *, catalog: Catal
         " Each run's number is coloured by its own levels (the starts it exports as tele_threshold;"
         " the catalog's unless Telemetry(thresholds=...) moved them) at the end of the time range."
     )
-    panel = _stat(spec, title, value, catalog=catalog, graph=True, note=note + words)
-    rest = _target(_named(f"{value} unless ({code}) >= 0"), REST_REF, LEGEND)
-    panel["targets"] = [rest] + [
-        _target(_named(f"{value} and ({code}) == {i}"), level.name, LEGEND) for i, level in enumerate(spec.levels)
+    rest = panels.target(named(f"{value} unless ({code}) >= 0"), REST_REF, LEGEND)
+    levels = [
+        panels.target(named(f"{value} and ({code}) == {i}"), level.name, LEGEND) for i, level in enumerate(spec.levels)
     ]
-    panel["fieldConfig"]["overrides"] = [_fixed(level.name, catalog.colour(level.status)) for level in spec.levels]
-    return panel
-
-
-OWN_LABEL = (
-    " The label is the level of each run's own thresholds (tele_threshold, the catalog's unless the run sets"
-    " its own), compared as the alert rules compare."
-)
+    return panels.stat(
+        title,
+        _description(spec, note + words),
+        [rest, *levels],
+        decimals=spec.precision,
+        mappings=with_nan(catalog, []),
+        steps=level_steps(catalog, spec),
+        unit=grafana_unit(spec),
+        graph=True,
+        overrides=[panels.fixed(level.name, catalog.colour(level.status)) for level in spec.levels],
+    )
 
 
 def _label_stat(spec: MetricSpec, title: str, *, catalog: Catalog, note: str) -> Json:
@@ -289,9 +218,10 @@ def _own_starts(catalog: Catalog, spec: MetricSpec) -> tuple[list[Json], list[Js
     for level in movable(spec):
         ref = f"own {level.name}"
         start = threshold_selector(catalog[THRESHOLD_METRIC].name, spec.name, level.name, matchers=VARIABLES)
-        targets.append(_target(_named(f"{start} != {number(level.when.low)}"), ref, f"{LEGEND} {level.name}"))
+        targets.append(panels.target(named(f"{start} != {number(level.when.low)}"), ref, f"{LEGEND} {level.name}"))
         dash = {"fill": "dash", "dash": [10, 10]}
-        overrides.append(_fixed(ref, catalog.colour(level.status), **{"custom.lineStyle": dash, "custom.lineWidth": 1}))
+        style = {"custom.lineStyle": dash, "custom.lineWidth": 1}
+        overrides.append(panels.fixed(ref, catalog.colour(level.status), **style))
     return targets, overrides
 
 
@@ -303,225 +233,28 @@ def _timeseries(
     catalog: Catalog,
     steps: list[Json] | None = None,
     note: str = "",
-    minimum: float | None = 0,
 ) -> Json:
-    """Lines per run over the catalog's threshold bands, plus the dashed own starts of runs that moved them."""
-    own: tuple[list[Json], list[Json]] = ([], []) if steps is not None else _own_starts(catalog, spec)
-    if own[0]:
+    """Lines per run over the catalog's threshold bands, plus the dashed own starts of runs that moved them.
+
+    With `steps` of its own the panel has no levels to move, and draws no own starts.
+    """
+    own, overrides = ([], []) if steps is not None else _own_starts(catalog, spec)
+    if own:
         note += (
             " Dashed lines: a run's own level starts (tele_threshold), drawn only where they differ"
             " from the catalog's; the bands are the catalog's levels."
         )
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": _description(spec, note),
-        "fieldConfig": {
-            "defaults": {
-                "color": {"mode": "palette-classic"},
-                "custom": {
-                    "drawStyle": "line",
-                    "lineWidth": 2,
-                    "fillOpacity": 0,
-                    "showPoints": "auto",
-                    "spanNulls": False,
-                    "thresholdsStyle": {"mode": "line+area"},
-                },
-                "decimals": spec.precision,
-                "mappings": with_nan(catalog, []),
-                "min": minimum,
-                "thresholds": thresholds(steps if steps is not None else level_steps(catalog, spec)),
-                "unit": grafana_unit(spec),
-            },
-            "overrides": own[1],
-        },
-        "options": {
-            "legend": {
-                "calcs": ["last", "max"],
-                "displayMode": "table",
-                "placement": "bottom",
-                "showLegend": True,
-            },
-            "tooltip": {"mode": "multi", "sort": "none"},
-        },
-        "targets": [*targets, *own[0]],
-    }
-
-
-def _policy_row(b: _Builder) -> None:
-    c = b.catalog
-    kl, early, updates = c["kl_divergence"], c["ppo_early_stops"], c["ppo_updates"]
-    b.row("Policy")
-    b.add(_own_levels_stat(kl, "KL divergence", _sel(kl), catalog=c, note=_boundary_note(kl)), 6, 8)
-    b.add(
-        _timeseries(
-            kl,
-            "KL divergence over time",
-            [_target(_named(_sel(kl)), legend=LEGEND)],
-            catalog=c,
-            note=_boundary_note(kl),
-        ),
-        12,
-        8,
+    return panels.timeseries(
+        title,
+        _description(spec, note),
+        [*targets, *own],
+        decimals=spec.precision,
+        mappings=with_nan(catalog, []),
+        steps=steps if steps is not None else level_steps(catalog, spec),
+        unit=grafana_unit(spec),
+        minimum=0,
+        overrides=overrides,
     )
-    b.add(
-        _stat(
-            updates,
-            "PPO updates in range",
-            f"sum by (instance, rank) (increase({_sel(updates)}[$__range]))",
-            catalog=c,
-            graph=False,
-            steps=neutral_steps(c),
-        ),
-        3,
-        4,
-    )
-    b.add(
-        _stat(
-            early,
-            "Early stops in range",
-            f"sum by (instance, rank) (increase({_sel(early)}[$__range]))",
-            catalog=c,
-            graph=False,
-            steps=neutral_steps(c),
-        ),
-        3,
-        4,
-    )
-
-
-def _policy_health_row(b: _Builder) -> None:
-    """TELE-120/121/124/130/140/151/200: entropy, its velocity and collapse, clipping, value and advantages."""
-    c = b.catalog
-    ent, vel, collapsed = c["policy_entropy"], c["entropy_velocity"], c["entropy_collapsed"]
-    cf, side, ev, adv, ratio = (
-        c["clip_fraction"],
-        c["clip_fraction_side"],
-        c["explained_variance"],
-        c["advantage_std"],
-        c["head_ratio_max"],
-    )
-    b.row("Policy health")
-    b.add(_own_levels_stat(ent, "Policy entropy", _sel(ent), catalog=c, note=_boundary_note(ent)), 6, 8)
-    velocity_note = (
-        f"{_boundary_note(vel, steps=False)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
-        " slope from PromQL (deriv over 5m per update), an approximation: its window is time, not 10 updates."
-    )
-    b.add(_label_stat(vel, "Entropy velocity", catalog=c, note=velocity_note + OWN_LABEL), 4, 8)
-    b.add(
-        _label_stat(collapsed, "Entropy collapsed", catalog=c, note=_boundary_note(collapsed, steps=False) + OWN_LABEL),
-        4,
-        8,
-    )
-    b.add(
-        _timeseries(
-            ent,
-            "Policy entropy over time",
-            [_target(_named(_sel(ent)), legend=LEGEND)],
-            catalog=c,
-            note=_boundary_note(ent),
-        ),
-        10,
-        8,
-    )
-    b.add(_own_levels_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, note=_boundary_note(cf)), 6, 8)
-    b.add(
-        _timeseries(
-            side,
-            "PPO clip fraction by side",
-            [_target(_named(_sel(side)), legend=LEGEND + " {{side}}")],
-            catalog=c,
-            steps=neutral_steps(c),
-        ),
-        6,
-        8,
-    )
-    b.add(_own_levels_stat(ev, "Explained variance", _sel(ev), catalog=c, note=_boundary_note(ev)), 6, 8)
-    b.add(_own_levels_stat(adv, "Advantage std", _sel(adv), catalog=c, note=_boundary_note(adv)), 6, 8)
-    b.add(
-        _timeseries(
-            ratio,
-            "Importance ratio max per head",
-            [_target(_named(_sel(ratio)), legend=LEGEND + " {{head}}")],
-            catalog=c,
-            note=_boundary_note(ratio),
-        ),
-        24,
-        8,
-    )
-
-
-def _gradients_row(b: _Builder) -> None:
-    c = b.catalog
-    g, hist = c["policy_grad_norm"], c["step_policy_grad_norm"]
-    note = _boundary_note(g) + " Alerts watch the pre-clip norm; post-clip never exceeds max_norm."
-    b.row("Gradients")
-    for clip, word in (("pre", "pre-clip"), ("post", "post-clip")):
-        b.add(
-            _timeseries(
-                g,
-                f"Policy gradient norm, {word}",
-                [_target(_named(_sel(g, {"clip": clip})), legend=f"{LEGEND} {word}")],
-                catalog=c,
-                note=note,
-            ),
-            8,
-            9,
-        )
-    b.add(
-        {
-            "type": "heatmap",
-            "title": "Policy gradient norm per optimizer step (pre-clip)",
-            "description": _description(hist),
-            "fieldConfig": {
-                "defaults": {
-                    "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
-                    "unit": grafana_unit(hist),
-                },
-                "overrides": [],
-            },
-            "options": {
-                "calculate": False,
-                "exemplars": {"color": "rgba(255,0,255,0.7)"},
-                "cellGap": 1,
-                "color": {
-                    "exponent": 0.5,
-                    "fill": "dark-orange",
-                    "mode": "scheme",
-                    "reverse": False,
-                    "scale": "exponential",
-                    "scheme": "Oranges",
-                    "steps": 64,
-                },
-                "filterValues": {"le": 1e-9},
-                "legend": {"show": True},
-                "rowsFrame": {"layout": "auto"},
-                "showValue": "never",
-                "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
-                "yAxis": {"axisPlacement": "left", "reverse": False, "unit": grafana_unit(hist)},
-            },
-            "targets": [
-                _target(
-                    f"sum by (le) (increase({_sel(hist, dict(g.alert_on), suffix='_bucket')}[$__rate_interval]))",
-                    legend="{{le}}",
-                    format="heatmap",
-                )
-            ],
-        },
-        8,
-        9,
-    )
-
-
-COLOR_TEXT = {"type": "color-text"}
-
-
-def _override(name: str, **properties: Any) -> Json:
-    """A field override for the column called `name` (after the organize transformation)."""
-    return {
-        "matcher": {"id": "byName", "options": name},
-        "properties": [{"id": key, "value": value} for key, value in properties.items()],
-    }
 
 
 def _table(
@@ -533,47 +266,99 @@ def _table(
     defaults: Json,
     description: str,
 ) -> Json:
-    """One row per series of `spec.labels`: `columns` maps a header to (PromQL, its field overrides).
+    """One row per series of `spec.labels`; NaN in any column reads "NaN" in the critical colour."""
+    mapped = {"mappings": with_nan(catalog, []), **defaults}
+    return panels.table(title, description, columns, labels=spec.labels, defaults=mapped)
 
-    Label columns are text as they are (unit "string": Grafana would read env "0" as a number);
-    value columns colour their text, so NaN reads red and levels show their colours.
-    """
-    labels = {name: name.capitalize() for name in spec.labels}
-    refs = {header: chr(ord("A") + i) for i, header in enumerate(columns)}
-    renames = {**labels, **{f"Value #{refs[h]}": h for h in columns}}
-    plain = {"unit": "string", "custom.cellOptions": {"type": "auto"}}
-    return {
-        "type": "table",
-        "title": title,
-        "description": description,
-        "fieldConfig": {
-            "defaults": {
-                "color": {"mode": "thresholds"},
-                "custom": {"align": "auto", "inspect": False, "cellOptions": COLOR_TEXT},
-                "mappings": with_nan(catalog, []),
-                **defaults,
-            },
-            "overrides": [
-                *(_override(name, **plain) for name in [*SOURCE_COLUMNS.values(), *labels.values()]),
-                *(_override(header, **props) for header, (_, props) in columns.items() if props),
-            ],
-        },
-        "options": {
-            "cellHeight": "sm",
-            "frameIndex": 0,
-            "showHeader": True,
-            "sortBy": [{"desc": False, "displayName": next(iter(labels.values()), SOURCE_COLUMNS["instance"])}],
-        },
-        "targets": [_instant(expr, refs[header], list(spec.labels)) for header, (expr, _) in columns.items()],
-        "transformations": _merged_table(renames),
+
+def _policy_row(g: _Grid) -> None:
+    c = g.catalog
+    kl, early, updates = c["kl_divergence"], c["ppo_early_stops"], c["ppo_updates"]
+    g.row("Policy")
+    g.add(_own_levels_stat(kl, "KL divergence", _sel(kl), catalog=c, note=_boundary_note(kl)), 6, 8)
+    g.add(_timeseries(kl, "KL divergence over time", _line(_sel(kl)), catalog=c, note=_boundary_note(kl)), 12, 8)
+    for spec, title in ((updates, "PPO updates in range"), (early, "Early stops in range")):
+        total = f"sum by (instance, rank) (increase({_sel(spec)}[$__range]))"
+        g.add(_stat(spec, title, total, catalog=c, graph=False, steps=neutral_steps(c)), 3, 4)
+
+
+def _levels_row(g: _Grid) -> None:
+    """One row per run: the level KL, pre-clip gradient norm and CV are in, on the run's own thresholds."""
+    c = g.catalog
+    kl, norm, cv = c["kl_divergence"], c["policy_grad_norm"], c["gradient_cv"]
+    columns = {
+        header: (
+            _level_code(c, spec, _sel(spec, dict(spec.alert_on))),
+            {"mappings": with_nan(c, level_code_mappings(c, spec))},
+        )
+        for header, spec in (("KL", kl), ("Gradient norm (pre-clip)", norm), ("Gradient CV", cv))
     }
+    description = _description(
+        c[THRESHOLD_METRIC],
+        "The level each run is in on its own thresholds (the starts it exports; the catalog's unless "
+        "Telemetry(thresholds=...) moved them), compared with the alert rules' operators: the level "
+        "shown is the level alerted on. The number panels colour each run by the same levels.",
+    )
+    defaults = {"decimals": 0, "thresholds": thresholds(neutral_steps(c)), "unit": "none"}
+    g.add(_table(kl, LEVELS_TITLE, columns, catalog=c, defaults=defaults, description=description), 24, 6)
 
 
-def _heads_row(b: _Builder) -> None:
-    c = b.catalog
+def _policy_health_row(g: _Grid) -> None:
+    """TELE-120/121/124/130/140/151/200: entropy, its velocity and collapse, clipping, value and advantages."""
+    c = g.catalog
+    ent, vel, collapsed = c["policy_entropy"], c["entropy_velocity"], c["entropy_collapsed"]
+    cf, side, ev, adv, ratio = (
+        c["clip_fraction"],
+        c["clip_fraction_side"],
+        c["explained_variance"],
+        c["advantage_std"],
+        c["head_ratio_max"],
+    )
+    g.row("Policy health")
+    g.add(_own_levels_stat(ent, "Policy entropy", _sel(ent), catalog=c, note=_boundary_note(ent)), 6, 8)
+    velocity_note = (
+        f"{_boundary_note(vel, steps=False)} The recording rule instance:{ent.name}:deriv_per_update5m is the same"
+        " slope from PromQL (deriv over 5m per update), an approximation: its window is time, not 10 updates."
+    )
+    g.add(_label_stat(vel, "Entropy velocity", catalog=c, note=velocity_note + OWN_LABEL), 4, 8)
+    collapsed_note = _boundary_note(collapsed, steps=False) + OWN_LABEL
+    g.add(_label_stat(collapsed, "Entropy collapsed", catalog=c, note=collapsed_note), 4, 8)
+    g.add(_timeseries(ent, "Policy entropy over time", _line(_sel(ent)), catalog=c, note=_boundary_note(ent)), 10, 8)
+    g.add(_own_levels_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, note=_boundary_note(cf)), 6, 8)
+    sides = _line(_sel(side), LEGEND + " {{side}}")
+    g.add(_timeseries(side, "PPO clip fraction by side", sides, catalog=c, steps=neutral_steps(c)), 6, 8)
+    g.add(_own_levels_stat(ev, "Explained variance", _sel(ev), catalog=c, note=_boundary_note(ev)), 6, 8)
+    g.add(_own_levels_stat(adv, "Advantage std", _sel(adv), catalog=c, note=_boundary_note(adv)), 6, 8)
+    heads = _line(_sel(ratio), LEGEND + " {{head}}")
+    g.add(_timeseries(ratio, "Importance ratio max per head", heads, catalog=c, note=_boundary_note(ratio)), 24, 8)
+
+
+def _gradients_row(g: _Grid) -> None:
+    c = g.catalog
+    norm, hist = c["policy_grad_norm"], c["step_policy_grad_norm"]
+    note = _boundary_note(norm) + " Alerts watch the pre-clip norm; post-clip never exceeds max_norm."
+    g.row("Gradients")
+    for clip, word in (("pre", "pre-clip"), ("post", "post-clip")):
+        lines = _line(_sel(norm, {"clip": clip}), f"{LEGEND} {word}")
+        g.add(_timeseries(norm, f"Policy gradient norm, {word}", lines, catalog=c, note=note), 8, 9)
+    buckets = f"sum by (le) (increase({_sel(hist, dict(norm.alert_on), suffix='_bucket')}[$__rate_interval]))"
+    g.add(
+        panels.heatmap(
+            "Policy gradient norm per optimizer step (pre-clip)",
+            _description(hist),
+            panels.target(buckets, legend="{{le}}", format="heatmap"),
+            unit=grafana_unit(hist),
+        ),
+        8,
+        9,
+    )
+
+
+def _heads_row(g: _Grid) -> None:
+    c = g.catalog
     cur, prev = c["head_grad_norm"], c["head_grad_norm_prev"]
     assert prev.trend is not None
-    b.row("Action heads")
+    g.row("Action heads")
     code = trend_query(_sel(cur), _sel(prev), prev.trend)
     rules = "; ".join(f"current in {ctx.when}: up {ctx.up}, down {ctx.down}" for ctx in prev.trend.context)
     note = (
@@ -589,86 +374,30 @@ def _heads_row(b: _Builder) -> None:
         " on its run's own levels (tele_threshold; the catalog's without), in its colour; a table colours a cell"
         " by its own column only, so the number beside it stays plain."
     )
-    b.add(
-        _table(
-            cur,
-            "Action heads: gradient norm, trend and entropy",
-            {
-                "Current": (_sel(cur), {}),
-                "Previous": (_sel(prev), {}),
-                "Trend": (code, trend),
-                "Entropy": (_sel(ent), entropy),
-                "Entropy level": (_level_code(c, ent, _sel(ent)), level),
-            },
-            catalog=c,
-            defaults={"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)},
-            description=_description(prev, note),
-        ),
-        24,
-        9,
-    )
-
-
-def _level_code(catalog: Catalog, spec: MetricSpec, expr: str, at: str = "") -> str:
-    """The index of each series' level among its own run's levels (tele_threshold; the catalog's without)."""
-    name = catalog[THRESHOLD_METRIC].name
-
-    def threshold(level: str | None) -> str:
-        return threshold_selector(name, spec.name, level, matchers=VARIABLES)
-
-    return level_code_query(RunStarts(spec, threshold, at), expr)
-
-
-LEVELS_TITLE = "Levels per run"
-
-
-def _levels_row(b: _Builder) -> None:
-    """One row per run: the level KL, pre-clip gradient norm and CV are in, on the run's own thresholds."""
-    c = b.catalog
-    kl, g, cv = c["kl_divergence"], c["policy_grad_norm"], c["gradient_cv"]
-    columns = {
-        "KL": (_level_code(c, kl, _sel(kl)), {"mappings": with_nan(c, level_code_mappings(c, kl))}),
-        "Gradient norm (pre-clip)": (
-            _level_code(c, g, _sel(g, dict(g.alert_on))),
-            {"mappings": with_nan(c, level_code_mappings(c, g))},
-        ),
-        "Gradient CV": (_level_code(c, cv, _sel(cv)), {"mappings": with_nan(c, level_code_mappings(c, cv))}),
+    columns: dict[str, tuple[str, Json]] = {
+        "Current": (_sel(cur), {}),
+        "Previous": (_sel(prev), {}),
+        "Trend": (code, trend),
+        "Entropy": (_sel(ent), entropy),
+        "Entropy level": (_level_code(c, ent, _sel(ent)), level),
     }
-    b.add(
-        _table(
-            kl,
-            LEVELS_TITLE,
-            columns,
-            catalog=c,
-            defaults={"decimals": 0, "thresholds": thresholds(neutral_steps(c)), "unit": "none"},
-            description=_description(
-                c[THRESHOLD_METRIC],
-                "The level each run is in on its own thresholds (the starts it exports; the catalog's unless "
-                "Telemetry(thresholds=...) moved them), compared with the alert rules' operators: the level "
-                "shown is the level alerted on. The number panels colour each run by the same levels.",
-            ),
-        ),
-        24,
-        6,
-    )
+    defaults = {"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)}
+    title = "Action heads: gradient norm, trend and entropy"
+    g.add(_table(cur, title, columns, catalog=c, defaults=defaults, description=_description(prev, note)), 24, 9)
 
 
-def _cv_row(b: _Builder) -> None:
-    c = b.catalog
+def _cv_row(g: _Grid) -> None:
+    c = g.catalog
     cv = c["gradient_cv"]
     note = _boundary_note(cv)
-    b.row("Gradient CV")
-    b.add(_own_levels_stat(cv, "Gradient CV", _sel(cv), catalog=c, note=note), 6, 8)
-    b.add(_label_stat(cv, "Gradient CV status", catalog=c, note=OWN_LABEL.strip()), 6, 8)
-    b.add(
-        _timeseries(cv, "Gradient CV over time", [_target(_named(_sel(cv)), legend=LEGEND)], catalog=c, note=note),
-        12,
-        8,
-    )
+    g.row("Gradient CV")
+    g.add(_own_levels_stat(cv, "Gradient CV", _sel(cv), catalog=c, note=note), 6, 8)
+    g.add(_label_stat(cv, "Gradient CV status", catalog=c, note=OWN_LABEL.strip()), 6, 8)
+    g.add(_timeseries(cv, "Gradient CV over time", _line(_sel(cv)), catalog=c, note=note), 12, 8)
 
 
-def _seeds_row(b: _Builder) -> None:
-    c = b.catalog
+def _seeds_row(g: _Grid) -> None:
+    c = g.catalog
     ratio = c["seed_grad_ratio"]
     r = _sel(ratio, env=True)
     codes = flag_codes(ratio)
@@ -697,62 +426,35 @@ def _seeds_row(b: _Builder) -> None:
         f' (a ratio of 0, no gradient data, shows "{no_data.label if no_data else 0}"). A table colours a cell'
         " by its own column only, so the Ratio beside it stays plain."
     )
-    b.row("Seeds")
-    b.add(
-        _table(
-            ratio,
-            "Seeds: gradient flow per env and slot",
-            columns,
-            catalog=c,
-            defaults={
-                "decimals": ratio.precision,
-                "thresholds": thresholds(neutral_steps(c)),
-                "unit": grafana_unit(ratio),
-            },
-            description=_description(ratio, note),
-        ),
-        24,
-        10,
-    )
+    defaults = {"decimals": ratio.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(ratio)}
+    g.row("Seeds")
+    title = "Seeds: gradient flow per env and slot"
+    g.add(_table(ratio, title, columns, catalog=c, defaults=defaults, description=_description(ratio, note)), 24, 10)
 
 
-def _alerts_row(b: _Builder) -> None:
-    c = b.catalog
+def _alerts_row(g: _Grid) -> None:
+    c = g.catalog
     last = c["last_update_timestamp"]
-    b.row("Alerts")
-    b.add(
-        {
-            "type": "alertlist",
-            "title": "Tele alerts firing",
-            "description": "Which Tele alerts are firing now? Rules come from the Prometheus data"
+    g.row("Alerts")
+    g.add(
+        panels.alertlist(
+            "Tele alerts firing",
+            "Which Tele alerts are firing now? Rules come from the Prometheus data"
             " source (generated from the catalog); this list is not a PromQL query.",
-            "fieldConfig": {"defaults": {"unit": "none"}, "overrides": []},
-            "options": {
-                "alertInstanceLabelFilter": "",
-                "alertName": "Tele",
-                "dashboardAlerts": False,
-                "groupBy": [],
-                "groupMode": "default",
-                "maxItems": 20,
-                "sortOrder": 1,
-                "stateFilter": {
-                    "error": True,
-                    "firing": True,
-                    "noData": False,
-                    "normal": False,
-                    "pending": False,
-                },
-                "viewMode": "list",
-            },
-        },
+            alert_name="Tele",
+            max_items=20,
+        ),
         12,
         8,
     )
-    b.add(
+    firing = selector(
+        "ALERTS", matchers=[matcher("alertname", "Tele.*", "=~"), matcher("alertstate", "firing"), *VARIABLES]
+    )
+    g.add(
         _stat(
             last,
             "Tele alerts firing (count)",
-            'count(ALERTS{alertname=~"Tele.*", alertstate="firing", job=~"$job", instance=~"$instance"}) or vector(0)',
+            f"count({firing}) or vector(0)",
             catalog=c,
             graph=False,
             steps=count_steps(c),
@@ -769,7 +471,7 @@ def _alerts_row(b: _Builder) -> None:
     # Whole seconds, rounded up: ceil(x) > limit exactly when x > limit, so the colour turns
     # with the alert and the text ("00:10:00" / "00:10:01") differs across it.
     seconds = f"ceil(time() - max by (instance, rank) ({_sel(last)}))"
-    b.add(
+    g.add(
         _stat(
             last,
             "Time since the last PPO update",
@@ -785,38 +487,27 @@ def _alerts_row(b: _Builder) -> None:
     )
 
 
-def _datasource_var() -> Json:
-    """The Prometheus data source, defaulting to the provisioned one."""
-    return {
-        "current": {"text": "Prometheus", "value": PROMETHEUS_UID},
-        "label": "Data source",
-        "name": "datasource",
-        "options": [],
-        "query": "prometheus",
-        "refresh": 1,
-        "regex": "",
-        "type": "datasource",
-    }
-
-
 def dashboard(catalog: Catalog) -> Json:
     """The whole dashboard as a plain dict (classic JSON model, rows as row panels)."""
-    b = _Builder(catalog)
-    _policy_row(b)
-    _levels_row(b)
-    _policy_health_row(b)
-    _gradients_row(b)
-    _heads_row(b)
-    _cv_row(b)
-    _seeds_row(b)
-    _alerts_row(b)
+    grid = _Grid(catalog)
+    for row in (
+        _policy_row,
+        _levels_row,
+        _policy_health_row,
+        _gradients_row,
+        _heads_row,
+        _cv_row,
+        _seeds_row,
+        _alerts_row,
+    ):
+        row(grid)
     updates = catalog["ppo_updates"].name
     ratio = catalog["seed_grad_ratio"].name
     variables = [
-        _datasource_var(),
-        _query_var("job", "Job", updates, ""),
-        _query_var("instance", "Instance", updates, 'job=~"$job"'),
-        _query_var("env", "Env", ratio, 'job=~"$job", instance=~"$instance"'),
+        panels.datasource_variable(PROMETHEUS_UID),
+        panels.query_variable("job", "Job", updates),
+        panels.query_variable("instance", "Instance", selector(updates, matchers=VARIABLES[:1])),
+        panels.query_variable("env", "Env", selector(ratio, matchers=VARIABLES)),
     ]
     return {
         "annotations": {
@@ -839,7 +530,7 @@ def dashboard(catalog: Catalog) -> Json:
         "graphTooltip": 1,
         "id": None,
         "links": [],
-        "panels": b.panels,
+        "panels": grid.panels,
         "refresh": "10s",
         "schemaVersion": SCHEMA_VERSION,
         "tags": TAGS,
@@ -851,24 +542,4 @@ def dashboard(catalog: Catalog) -> Json:
         "uid": UID,
         "version": 1,
         "weekStart": "",
-    }
-
-
-def _query_var(name: str, label: str, metric: str, matchers: str) -> Json:
-    """A multi-value label variable with "All" (.*) filled from the metric's series."""
-    q = f"label_values({metric}{{{matchers}}}, {name})" if matchers else f"label_values({metric}, {name})"
-    return {
-        "allValue": ".*",
-        "current": {"text": "All", "value": "$__all"},
-        "datasource": DATASOURCE,
-        "includeAll": True,
-        "label": label,
-        "multi": True,
-        "name": name,
-        "options": [],
-        "query": {"qryType": 1, "query": q, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "refresh": 2,
-        "regex": "",
-        "sort": 1,
-        "type": "query",
     }

@@ -37,10 +37,6 @@ def level_steps(catalog: Catalog, spec: MetricSpec) -> list[Json]:
     return steps
 
 
-def thresholds(steps: list[Json]) -> Json:
-    return {"mode": "absolute", "steps": steps}
-
-
 def level_code_query(starts: RunStarts, value: str) -> str:
     """PromQL giving each series the index of its level among its own run's levels; NaN stays NaN.
 

@@ -1,0 +1,332 @@
+"""Grafana panel primitives: one function per panel, target, override or variable, as classic-JSON dicts.
+
+Thin and catalog-free, so the dashboard layout (generate/dashboards.py) reads as which panel goes where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Json = dict[str, Any]
+
+# Every query goes to the data source the dashboard's `datasource` variable picks.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+# Who a series comes from: the scrape target, and the rank under torchrun (docs/scale.md).
+SOURCE_LABELS = ("job", "instance", "rank")
+SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
+# Legends name the instance, and the rank where the series has one: label_replace adds
+# " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
+RANK_TEXT = "rank_text"
+LEGEND = "{{instance}}{{" + RANK_TEXT + "}}"
+# Table cells coloured by their value: NaN reads red, levels show their colours.
+COLOR_TEXT = {"type": "color-text"}
+
+
+def named(expr: str) -> str:
+    """`expr` with the RANK_TEXT label the LEGEND needs."""
+    return f'label_replace({expr}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
+
+
+def target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> Json:
+    """A Prometheus range query in code mode; `extra` sets or overrides its fields."""
+    query: Json = {
+        "datasource": DATASOURCE,
+        "editorMode": "code",
+        "expr": expr,
+        "legendFormat": legend,
+        "range": True,
+        "refId": ref,
+    }
+    query.update(extra)
+    return query
+
+
+def instant(expr: str, ref: str, labels: Sequence[str]) -> Json:
+    """A table target: one row per series of `labels` (and its source), without `__name__`."""
+    by = ", ".join([*SOURCE_LABELS, *labels])
+    return target(f"max by ({by}) ({expr})", ref, "__auto", format="table", instant=True, range=False)
+
+
+def merged_table(renames: dict[str, str]) -> list[Json]:
+    """Merge instant queries into one table row per series, renamed and ordered as `renames`.
+
+    Every target is aggregated `by` the same labels, so no frame carries `__name__` and
+    `merge` finds equal label columns; `__name__` is dropped here too, for backends that keep it.
+    """
+    columns = {**SOURCE_COLUMNS, **renames}
+    return [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True, "__name__": True, "job": True},
+                "indexByName": {name: i for i, name in enumerate(columns)},
+                "renameByName": columns,
+            },
+        },
+    ]
+
+
+def override(name: str, **properties: Any) -> Json:
+    """A field override for the column called `name` (after the organize transformation)."""
+    return {
+        "matcher": {"id": "byName", "options": name},
+        "properties": [{"id": key, "value": value} for key, value in properties.items()],
+    }
+
+
+def fixed(ref: str, colour: str, **properties: Any) -> Json:
+    """A field override painting every field of the query `ref` in `colour`."""
+    props = {"color": {"mode": "fixed", "fixedColor": colour}, **properties}
+    return {
+        "matcher": {"id": "byFrameRefID", "options": ref},
+        "properties": [{"id": key, "value": value} for key, value in props.items()],
+    }
+
+
+def thresholds(steps: list[Json]) -> Json:
+    """Absolute threshold steps, as a field config's `thresholds`."""
+    return {"mode": "absolute", "steps": steps}
+
+
+def row(title: str) -> Json:
+    """An expanded row heading; the layout gives it its id and place."""
+    return {"collapsed": False, "panels": [], "title": title, "type": "row"}
+
+
+def stat(
+    title: str,
+    description: str,
+    targets: list[Json],
+    *,
+    decimals: int,
+    mappings: list[Json],
+    steps: list[Json],
+    unit: str,
+    graph: bool,
+    color_mode: str = "value",
+    overrides: list[Json] | None = None,
+) -> Json:
+    """A stat of each series' last value, coloured by `steps` (and `mappings`), with a sparkline if `graph`."""
+    return {
+        "type": "stat",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "thresholds"},
+                "decimals": decimals,
+                "mappings": mappings,
+                "thresholds": thresholds(steps),
+                "unit": unit,
+            },
+            "overrides": overrides or [],
+        },
+        "options": {
+            "colorMode": color_mode,
+            "graphMode": "area" if graph else "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "percentChangeColorMode": "standard",
+            "reduceOptions": {"calcs": ["last"], "fields": "", "values": False},
+            "showPercentChange": False,
+            "textMode": "auto",
+            "wideLayout": True,
+        },
+        "targets": targets,
+    }
+
+
+def timeseries(
+    title: str,
+    description: str,
+    targets: list[Json],
+    *,
+    decimals: int,
+    mappings: list[Json],
+    steps: list[Json],
+    unit: str,
+    minimum: float | None,
+    overrides: list[Json],
+) -> Json:
+    """Lines over threshold bands (`steps` drawn as line and area), with a table legend of last and max."""
+    return {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "palette-classic"},
+                "custom": {
+                    "drawStyle": "line",
+                    "lineWidth": 2,
+                    "fillOpacity": 0,
+                    "showPoints": "auto",
+                    "spanNulls": False,
+                    "thresholdsStyle": {"mode": "line+area"},
+                },
+                "decimals": decimals,
+                "mappings": mappings,
+                "min": minimum,
+                "thresholds": thresholds(steps),
+                "unit": unit,
+            },
+            "overrides": overrides,
+        },
+        "options": {
+            "legend": {
+                "calcs": ["last", "max"],
+                "displayMode": "table",
+                "placement": "bottom",
+                "showLegend": True,
+            },
+            "tooltip": {"mode": "multi", "sort": "none"},
+        },
+        "targets": targets,
+    }
+
+
+def table(
+    title: str,
+    description: str,
+    columns: dict[str, tuple[str, Json]],
+    *,
+    labels: Sequence[str],
+    defaults: Json,
+) -> Json:
+    """One row per series of `labels`: `columns` maps a header to (PromQL, its field overrides).
+
+    Label columns are text as they are (unit "string": Grafana would read env "0" as a number);
+    value columns colour their text (COLOR_TEXT). `defaults` is the field config of every column.
+    """
+    headers = {name: name.capitalize() for name in labels}
+    refs = {header: chr(ord("A") + i) for i, header in enumerate(columns)}
+    renames = {**headers, **{f"Value #{refs[h]}": h for h in columns}}
+    plain = {"unit": "string", "custom.cellOptions": {"type": "auto"}}
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "color": {"mode": "thresholds"},
+                "custom": {"align": "auto", "inspect": False, "cellOptions": COLOR_TEXT},
+                **defaults,
+            },
+            "overrides": [
+                *(override(name, **plain) for name in [*SOURCE_COLUMNS.values(), *headers.values()]),
+                *(override(header, **props) for header, (_, props) in columns.items() if props),
+            ],
+        },
+        "options": {
+            "cellHeight": "sm",
+            "frameIndex": 0,
+            "showHeader": True,
+            "sortBy": [{"desc": False, "displayName": next(iter(headers.values()), SOURCE_COLUMNS["instance"])}],
+        },
+        "targets": [instant(expr, refs[header], labels) for header, (expr, _) in columns.items()],
+        "transformations": merged_table(renames),
+    }
+
+
+def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
+    """Buckets already counted by Prometheus (no calculation) on an exponential orange scale."""
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
+                "unit": unit,
+            },
+            "overrides": [],
+        },
+        "options": {
+            "calculate": False,
+            "exemplars": {"color": "rgba(255,0,255,0.7)"},
+            "cellGap": 1,
+            "color": {
+                "exponent": 0.5,
+                "fill": "dark-orange",
+                "mode": "scheme",
+                "reverse": False,
+                "scale": "exponential",
+                "scheme": "Oranges",
+                "steps": 64,
+            },
+            "filterValues": {"le": 1e-9},
+            "legend": {"show": True},
+            "rowsFrame": {"layout": "auto"},
+            "showValue": "never",
+            "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
+            "yAxis": {"axisPlacement": "left", "reverse": False, "unit": unit},
+        },
+        "targets": [query],
+    }
+
+
+def alertlist(title: str, description: str, *, alert_name: str, max_items: int) -> Json:
+    """The alert rules whose name contains `alert_name` that are firing or failing now."""
+    return {
+        "type": "alertlist",
+        "title": title,
+        "description": description,
+        "fieldConfig": {"defaults": {"unit": "none"}, "overrides": []},
+        "options": {
+            "alertInstanceLabelFilter": "",
+            "alertName": alert_name,
+            "dashboardAlerts": False,
+            "groupBy": [],
+            "groupMode": "default",
+            "maxItems": max_items,
+            "sortOrder": 1,
+            "stateFilter": {
+                "error": True,
+                "firing": True,
+                "noData": False,
+                "normal": False,
+                "pending": False,
+            },
+            "viewMode": "list",
+        },
+    }
+
+
+def datasource_variable(uid: str) -> Json:
+    """The `datasource` variable every target reads (DATASOURCE), defaulting to the Prometheus `uid`."""
+    return {
+        "current": {"text": "Prometheus", "value": uid},
+        "label": "Data source",
+        "name": "datasource",
+        "options": [],
+        "query": "prometheus",
+        "refresh": 1,
+        "regex": "",
+        "type": "datasource",
+    }
+
+
+def query_variable(name: str, label: str, series: str) -> Json:
+    """A multi-value variable of `name`'s label values on `series`, with "All" (.*)."""
+    return {
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "datasource": DATASOURCE,
+        "includeAll": True,
+        "label": label,
+        "multi": True,
+        "name": name,
+        "options": [],
+        "query": {
+            "qryType": 1,
+            "query": f"label_values({series}, {name})",
+            "refId": "PrometheusVariableQueryEditor-VariableQuery",
+        },
+        "refresh": 2,
+        "regex": "",
+        "sort": 1,
+        "type": "query",
+    }
