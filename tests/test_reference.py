@@ -1,4 +1,4 @@
-"""Every published number against the TELE records' formulas written independently in float64 numpy, read from a real scrape.
+"""Every published number against the TELE formulas written independently in float64 numpy, read from a real scrape.
 
 A trainer-shaped scenario runs multi-step PPO updates with missing heads, NaN and
 Inf gradients, an early stop before the first step, clipped and unclipped steps,

@@ -87,7 +87,7 @@ def _holder(addr: str, port: int) -> str:
     return f"another tele-exporter ({named})" if named else "another tele-exporter"
 
 
-def job_labels(job: str | None) -> dict[str, str]:
+def job_target_labels(job: str | None) -> dict[str, str]:
     """The per-job label (the catalog's job_label) for a job name; {} for None."""
     if job is None:
         return {}
@@ -116,7 +116,7 @@ def file_sd_targets(
     if not (base_port > 0 and base_port + nproc - 1 <= MAX_PORT):
         raise ValueError(f"ports {base_port}..{base_port + nproc - 1} are outside 1..{MAX_PORT}")
     extra = dict(labels or {})
-    for key, value in job_labels(job).items():
+    for key, value in job_target_labels(job).items():
         if extra.setdefault(key, value) != value:
             raise ValueError(f"label {key}={extra[key]!r} contradicts job {value!r}")
     groups = []

@@ -326,7 +326,7 @@ def rank_rules(catalog: Catalog) -> list[dict[str, str]]:
                 rules.append(
                     {"record": f"{level}:{spec.name}:{op}", "expr": f"{op} without ({RANK_LABELS}) ({series})"}
                 )
-    job = job_labels(catalog)
+    job = job_label_names(catalog)
     # Targets up, from `up` itself: still a series (0) when every rank is down.
     rules.append(
         {"record": f"job:{catalog.namespace}_ranks:count", "expr": f"sum by ({job}) ({selector(catalog, 'up')})"}
@@ -346,7 +346,7 @@ def _worst(series: str, side: str) -> str:
     return f"max without ({RANK_LABELS}) ({series} != {series})\nor\n{side} without ({RANK_LABELS}) ({series})"
 
 
-def job_labels(catalog: Catalog) -> str:
+def job_label_names(catalog: Catalog) -> str:
     """The labels that identify one training job: the scrape job and the catalog's job_label."""
     return ", ".join(["job", catalog.job_label] if catalog.job_label else ["job"])
 
@@ -365,7 +365,7 @@ def _ranked(catalog: Catalog, name: str) -> str:
 
 def _rank_alert(catalog: Catalog, spec: MetricSpec, alert: MetricAlert) -> AlertRule:
     """An alert about the ranks of a training job, written to tele-ranks.yml."""
-    job = job_labels(catalog)
+    job = job_label_names(catalog)
     if alert.kind == "ranks_missing":
         expr = f"max by ({job}) ({selector(catalog, spec.name)})\n- sum by ({job}) ({selector(catalog, 'up')})\n> 0"
         summary = "Fewer ranks of a training job are up than it was launched with."
