@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 import torch
 
+import tele_exporter.measure.meter as meter_module
 from tele_exporter import Telemetry
+from tele_exporter.measure.dispatch_counter import DispatchCounter
 from tele_exporter.measure.heads import resolve_heads
 from tele_exporter.measure.meter import GradientMeter
 
@@ -91,3 +94,103 @@ def test_nan_in_one_slice_leaves_the_other_slice_finite(policy: TinyPolicy) -> N
     assert math.isfinite(snap.head("a").current) and math.isnan(snap.head("b").current)
     assert (snap.head("a").nonfinite_total, snap.head("b").nonfinite_total) == (0, 1)
     tele.close()
+
+
+# --- counted, not timed: the per-step contract of "as cheap as torch's clip" -----------------
+
+
+def _bench_policy(heads: int, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Telemetry, torch.Tensor]:
+    """A small factored policy (trunk, `heads` action heads, a value head) and its Telemetry."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh())
+    action = torch.nn.ModuleList(torch.nn.Linear(32, 4) for _ in range(heads))
+    value = torch.nn.Linear(32, 1)
+    policy = torch.nn.ModuleDict({"trunk": trunk, "heads": action, "value": value}).to(dtype)
+    tele = Telemetry(policy, heads={f"h{i}": m for i, m in enumerate(action)}, groups={"value": value})
+    return policy, tele, torch.randn(8, 16, dtype=dtype)
+
+
+def _backward(policy: torch.nn.Module, x: torch.Tensor) -> None:
+    policy.zero_grad(set_to_none=True)
+    z = policy["trunk"](x)  # type: ignore[index]
+    loss = sum(h(z).logsumexp(-1).mean() for h in policy["heads"]) + policy["value"](z).pow(2).mean()  # type: ignore[index]
+    loss.backward()  # type: ignore[union-attr]
+
+
+def _counted(fn: Any) -> DispatchCounter:
+    with DispatchCounter() as counter:
+        fn()
+    return counter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("heads", [8, 64])
+def test_a_steady_clip_launches_no_more_than_torchs_and_reads_nothing(heads: int, dtype: torch.dtype) -> None:
+    policy, tele, x = _bench_policy(heads, dtype)
+    twin = copy.deepcopy(policy)
+    with tele.update() as upd:
+        for step in range(3):  # the first step builds the plan; later ones are the steady state
+            _backward(policy, x)
+            _backward(twin, x)
+            ours = _counted(lambda: upd.clip_grad_norm_(0.5))
+            theirs = _counted(lambda: torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5))
+            if step:
+                assert ours.launches <= theirs.launches == 8, (ours.ops, theirs.ops)
+                assert ours.reads == 0
+    for p, q in zip(policy.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)  # type: ignore[arg-type]
+
+
+def test_observe_gradients_launches_at_most_one_more_than_get_total_norm() -> None:
+    policy, tele, x = _bench_policy(8)
+    with tele.update() as upd:
+        for _ in range(2):
+            _backward(policy, x)
+            ours = _counted(upd.observe_gradients)
+        grads = [p.grad for p in policy.parameters() if p.grad is not None]
+        theirs = _counted(lambda: torch.nn.utils.get_total_norm(grads))
+    assert ours.launches <= theirs.launches + 1 and ours.reads == 0
+
+
+def test_row_slice_heads_cost_no_extra_launch(policy: TinyPolicy) -> None:
+    tele = Telemetry(policy, heads={"a": (policy.op, slice(0, 2)), "b": (policy.op, slice(2, 4))})
+    with tele.update() as upd:
+        for _ in range(2):
+            backward(policy)
+            ours = _counted(lambda: upd.clip_grad_norm_(0.5))
+    assert ours.launches <= 8 and ours.reads == 0
+
+
+def test_the_per_tensor_norms_are_folded_every_fold_rows_steps_into_the_general_paths_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory is bounded (FOLD_ROWS held rows); the fast path's published values equal the general path's."""
+    monkeypatch.setattr(meter_module, "FOLD_ROWS", 8)
+    fast_policy, fast, x = _bench_policy(3)
+    slow_policy = copy.deepcopy(fast_policy)
+    slow = Telemetry(
+        slow_policy,
+        heads={f"h{i}": m for i, m in enumerate(slow_policy["heads"])},  # type: ignore[index, arg-type]
+        groups={"value": slow_policy["value"]},  # type: ignore[index]
+    )
+    with fast.update() as f, slow.update() as s:
+        for step in range(21):
+            _backward(fast_policy, x * (1 + step))
+            _backward(slow_policy, x * (1 + step))
+            if step % 4 == 3:  # observe_gradients steps too: their post-clip is their pre-clip
+                f.observe_gradients()
+                s._meter.measure(None, foreach=False)  # the general path: per-step float64 sums
+                s.measure_calls += 1
+            else:
+                f.clip_grad_norm_(0.5)
+                s.clip_grad_norm_(0.5, foreach=False)
+        rows = next(iter(fast._meter._norm_rows.values()))
+        assert rows.buffer.shape[0] <= 8 and len(fast._meter._folded) == 2
+    a, b = fast.snapshot(), slow.snapshot()
+    assert a.steps == b.steps == 21
+    assert a.grad_norm_pre == pytest.approx(b.grad_norm_pre, rel=1e-12)
+    assert a.grad_norm_post == pytest.approx(b.grad_norm_post, rel=1e-12)
+    assert a.gradient_cv == pytest.approx(b.gradient_cv, rel=1e-12)
+    for ha, hb in zip(a.heads, b.heads, strict=True):
+        assert ha.current == pytest.approx(hb.current, rel=1e-12) and ha.steps == hb.steps
+    assert a.histograms == b.histograms

@@ -286,14 +286,15 @@ def test_a_step_whose_measurement_fails_records_nothing(
     """The failed step is missing (no 0.0 for heads or the global norm); torch clips instead; errors count."""
     import tele_exporter.measure.meter as gradients
 
-    def boom(tensors: object) -> torch.Tensor:
+    def boom(*args: object) -> torch.Tensor:
         raise RuntimeError("injected, like sparse or DTensor gradients")
 
     twin = copy.deepcopy(policy)
     backward(policy, scale=10.0)
     backward(twin, scale=10.0)
     with monkeypatch.context() as m:
-        m.setattr(gradients, "tensor_norms", boom)
+        m.setattr(gradients, "tensor_norms", boom)  # the general path
+        m.setattr(gradients.NormRows, "next_row", boom)  # the fast path
         with tele.update() as upd:
             got = upd.clip_grad_norm_(0.5)
             assert math.isnan(upd.observe_gradients().item())
@@ -366,7 +367,8 @@ def test_the_returned_norm_is_the_callers_own(policy: TinyPolicy, tele: Telemetr
         pre = upd.clip_grad_norm_(0.5)
         value = pre.item()
         pre.zero_()
-    assert tele.snapshot().grad_norm_pre == pytest.approx(value, rel=1e-12) and value > 0
+    # The returned norm is torch's own (float32 sums); the published one sums in float64.
+    assert tele.snapshot().grad_norm_pre == pytest.approx(value, rel=1e-6) and value > 0
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 0.5, 1e6])
@@ -526,8 +528,8 @@ def test_a_host_block_on_two_devices_is_added_up_after_the_copy_and_the_parts_ar
     recorder.observe_entropy_value(7.0)
     recorded = Recorded(None, [torch.tensor(0.5)], [], recorder, gains, [block], False, 0)
     host = to_host(recorded)
-    assert host.kls.tolist() == [0.5] and host.gains[("0", "a")].tolist() == [0.5]
+    assert host.kls == [0.5] and host.gains[("0", "a")] == [0.5]
     (seeds_1, numels_1, sums_1), (seeds_2, numels_2, sums_2) = host.host_passes
-    assert (seeds_1, numels_1, sums_1.tolist()) == ((("0", "a"),), (10, 2), [11.0, 22.0])
-    assert (seeds_2, numels_2, sums_2.tolist()) == ((("0", "a"), ("0", "b")), (10, 2, 3), [33.0, 44.0, 55.0])
-    assert host.policy.flat.tolist()[-1:] == [7.0] and recorder.unpack(host.policy).entropies[0][1].tolist() == [7.0]
+    assert (seeds_1, numels_1, list(sums_1)) == ((("0", "a"),), (10, 2), [11.0, 22.0])
+    assert (seeds_2, numels_2, list(sums_2)) == ((("0", "a"), ("0", "b")), (10, 2, 3), [33.0, 44.0, 55.0])
+    assert host.policy.flat.tolist()[-1:] == [7.0] and recorder.unpack(host.policy).entropies[0][1] == [7.0]

@@ -94,8 +94,8 @@ def test_the_clip_returns_a_norm_outside_the_graph_after_create_graph(policy: Ti
         assert any(p.grad is not None and p.grad.requires_grad for p in policy.parameters())
         pre = upd.clip_grad_norm_(0.5)
         assert not pre.requires_grad and pre.grad_fn is None
-        rows = tele._meter._rows
-        assert rows is not None and not rows.requires_grad and rows.grad_fn is None
+        buffers = [rows.buffer for rows in tele._meter._norm_rows.values()]
+        assert buffers and all(not b.requires_grad and b.grad_fn is None for b in buffers)
         observed = upd.observe_gradients()
         assert not observed.requires_grad
     policy.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
     return host.to(device)
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Per-tensor norms in the gradient's own precision, but never below float32.
 
     Half-precision squares overflow at 256, so fp16/bf16 norms are taken in
@@ -34,7 +34,7 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     an upcast to float64 inside _foreach_norm costs ~2.7x on CPU; the sums across
     tensors and heads, where float32 would overflow, are float64 (see callers).
     """
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def tensor_norm(tensor: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ def tensor_norm(tensor: Tensor) -> Tensor:
     """
     if tensor.requires_grad:  # a gradient under create_graph=True
         tensor = tensor.detach()
-    norm: Tensor = torch.linalg.vector_norm(tensor, dtype=_norm_dtype(tensor.dtype))
+    norm: Tensor = torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor.dtype))
     return norm
 
 
@@ -75,10 +75,10 @@ def tensor_norm_list(tensors: Sequence[Tensor]) -> list[Tensor]:
     groups = _by_device_and_dtype(tensors)
     if len(groups) == 1:
         ((_, dtype),) = groups
-        return list(torch._foreach_norm(list(tensors), 2, dtype=_norm_dtype(dtype)))
+        return list(torch._foreach_norm(list(tensors), 2, dtype=norm_dtype(dtype)))
     out: list[Tensor] = list(tensors)
     for (_, dtype), idx in groups.items():
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=_norm_dtype(dtype))
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=norm_dtype(dtype))
         for i, norm in zip(idx, norms, strict=True):
             out[i] = norm
     return out
@@ -106,8 +106,8 @@ def use_foreach(tensors: Sequence[Tensor], device: torch.device, foreach: bool |
 def _group_norms(tensors: list[Tensor], dtype: torch.dtype, foreach: bool | None) -> list[Tensor]:
     """Per-tensor L2 norms of one device and dtype: one fused kernel, or one each where foreach is off."""
     if use_foreach(tensors, tensors[0].device, foreach):
-        return list(torch._foreach_norm(tensors, 2, dtype=_norm_dtype(dtype)))
-    return [torch.linalg.vector_norm(t, dtype=_norm_dtype(dtype)) for t in tensors]
+        return list(torch._foreach_norm(tensors, 2, dtype=norm_dtype(dtype)))
+    return [torch.linalg.vector_norm(t, dtype=norm_dtype(dtype)) for t in tensors]
 
 
 def tensor_norms(tensors: Sequence[Tensor], foreach: bool | None = None) -> Tensor:
@@ -217,6 +217,6 @@ def post_clip_norm(pre: Tensor, max_norm: float) -> Tensor:
     return pre * clip_coefficient(pre, max_norm)
 
 
-def clip_coefficient(pre: Tensor, max_norm: float) -> Tensor:
+def clip_coefficient(pre: Tensor, max_norm: float | Tensor) -> Tensor:
     """The factor clip_grad_norm_ multiplies gradients by: min(1, max_norm / (pre + 1e-6))."""
     return (max_norm / (pre + CLIP_EPS)).clamp(max=1.0)
