@@ -119,13 +119,13 @@ def test_a_scrape_during_publish(tele: Telemetry, policy: TinyPolicy, monkeypatc
 
     before = _publish_one(tele, policy)
     seen: list[bytes] = []
-    original = tele._fold.head_values
+    original = tele._fold._fold_rows
 
     def scrape_midway(*args: object) -> object:
         seen.append(generate_latest(tele.registry))
         return original(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(tele._fold, "head_values", scrape_midway)
+    monkeypatch.setattr(tele._fold, "_fold_rows", scrape_midway)
     _publish_one(tele, policy)
     assert f"tele_ppo_updates_total {float(before.updates)}".encode() in seen[0]
     assert repr(before.head("op").current).encode() in seen[0]
@@ -139,7 +139,7 @@ def test_a_failing_publish_keeps_the_last_snapshot(
     def boom(*args: object) -> object:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(tele._fold, "head_values", boom)
+    monkeypatch.setattr(tele._fold, "_fold_rows", boom)
     with tele.update() as upd:
         backward(policy)
         upd.clip_grad_norm_(1.0)

@@ -1,7 +1,9 @@
-"""`tele-exporter bench`: telemetry's step overhead, measured side by side in one run.
+"""`tele-exporter bench`: telemetry's step overhead, counted and then timed side by side in one run.
 
-Three variants train the same multi-head policy on the same data, interleaved
-round by round so machine noise hits them alike: a plain
+First the counts, which are the same on any machine: kernel-launching ops and host
+reads per step of each per-step call, against torch's own where there is one, and
+of one publish. Then three variants train the same multi-head policy on the same
+data, interleaved round by round so machine noise hits them alike: a plain
 torch.nn.utils.clip_grad_norm_ step, an Update.clip_grad_norm_ step, and the
 naive per-head `.item()` loop users write today. Printed as ratios to plain.
 """
@@ -9,6 +11,7 @@ naive per-head `.item()` loop users write today. Printed as ratios to plain.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .measure.dispatch_counter import DispatchCounter
 from .telemetry.telemetry import Telemetry, Update
 
 HEADS = ("op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_speed", "alpha_curve")
@@ -115,6 +119,65 @@ def run_bench(steps: int, rounds: int, hidden: int, batch: int, device: str, max
     return Result(variants, publish, steps)
 
 
+def _counted(fn: Callable[[], object]) -> DispatchCounter:
+    with DispatchCounter() as counter:
+        fn()
+    return counter
+
+
+def count_calls(hidden: int, batch: int, device: str) -> list[tuple[str, DispatchCounter, DispatchCounter | None]]:
+    """Launches and host reads of each per-step call in the steady state, and of one 32-step publish."""
+    torch.manual_seed(0)
+    policy = BenchPolicy(64, hidden).to(device)
+    twin = BenchPolicy(64, hidden).to(device)
+    data = torch.randn(batch, 64, device=device)
+    tele = Telemetry(policy, heads=dict(policy.heads.items()), groups={"value": policy.value})
+    log_ratio = {h: 0.01 * torch.randn(batch, device=device) for h in HEADS}
+    entropy = {h: torch.rand(batch, device=device) for h in HEADS}
+
+    def backward(p: BenchPolicy) -> None:
+        p.zero_grad(set_to_none=True)
+        p(data).backward()
+
+    out: list[tuple[str, DispatchCounter, DispatchCounter | None]] = []
+    upd = tele.update().__enter__()
+    for step in range(32):
+        backward(policy)
+        backward(twin)
+        clip = _counted(lambda: upd.clip_grad_norm_(0.5))
+        torch_clip = _counted(lambda: torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5))
+        if step == 31:
+            backward(policy)
+            grads: list[Tensor] = [p.grad for p in policy.parameters() if p.grad is not None]
+
+            def total_norm(grads: list[Tensor] = grads) -> Tensor:
+                return torch.nn.utils.get_total_norm(grads)
+
+            out.append(("upd.clip_grad_norm_", clip, torch_clip))
+            out.append(
+                (
+                    "upd.observe_gradients",
+                    _counted(upd.observe_gradients),
+                    _counted(total_norm),
+                )
+            )
+            out.append(("upd.observe_kl (8 heads)", _counted(lambda: upd.observe_kl(log_ratio)), None))
+            out.append(("upd.observe_entropy (8 heads)", _counted(lambda: upd.observe_entropy(entropy)), None))
+            out.append(("upd.observe_ratios (8 heads)", _counted(lambda: upd.observe_ratios(log_ratio)), None))
+    out.append(("publish (32 steps, once per update)", _counted(lambda: upd.__exit__(None, None, None)), None))
+    tele.close()
+    return out
+
+
+def count_report(counts: list[tuple[str, DispatchCounter, DispatchCounter | None]]) -> str:
+    """The counts as a table: ours, and torch's where telemetry replaces a torch call."""
+    lines = [f"{'call':<38}{'launches':>9}{'reads':>7}{'torch launches':>16}"]
+    for name, ours, theirs in counts:
+        torch_col = f"{theirs.launches:>16}" if theirs is not None else f"{'-':>16}"
+        lines.append(f"{name:<38}{ours.launches:>9}{ours.reads:>7}{torch_col}")
+    return "\n".join(lines)
+
+
 @dataclass
 class Result:
     """Timings of a bench run: the variants and the once-per-update publish."""
@@ -154,11 +217,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_bench(args.steps, args.rounds, args.hidden, args.batch, args.device)
     print(
         f"tele-exporter bench: {args.rounds} rounds x {args.steps} steps, hidden={args.hidden}, "
-        f"batch={args.batch}, device={args.device}, torch {torch.__version__}"
+        f"batch={args.batch}, device={args.device}, torch {torch.__version__}, load average "
+        + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
+    print("counted (kernel-launching aten ops and per-value host reads, steady state):")
+    print(count_report(count_calls(args.hidden, args.batch, args.device)))
+    result = run_bench(args.steps, args.rounds, args.hidden, args.batch, args.device)
     print("step = zero_grad + forward + backward + clip + optimizer.step; clip = the clipping call alone")
     print(report(result))
     return 0

@@ -68,6 +68,36 @@ def _valid(t: Tensor, mask: Tensor | None) -> Tensor:
     return (mask.detach() != 0).to(torch.float64)
 
 
+def stack_heads(tensors: Mapping[str, Tensor]) -> Tensor:
+    """The heads' per-step tensors as one float64 [heads, steps] matrix: one stack (and one cast) for all heads.
+
+    Batching the heads is what keeps a per-step observation at a fixed number of kernel
+    launches whatever the number of heads; heads of different dtypes are cast one by one.
+    """
+    flat = [t.detach().reshape(-1) for t in tensors.values()]
+    if len({t.dtype for t in flat}) > 1:
+        flat = [t.to(torch.float64) for t in flat]
+    return torch.stack(flat).to(torch.float64)
+
+
+def mask_matrix(names: Sequence[str], masks: Mapping[str, Tensor], steps: int, device: torch.device) -> Tensor | None:
+    """The heads' causal masks as one bool [heads, steps] matrix (nonzero is valid); None when no head has one."""
+    if not masks:
+        return None
+    ones: Tensor | None = None
+    rows = []
+    for name in names:
+        mask = masks.get(name)
+        if mask is None:
+            if ones is None:
+                ones = torch.ones(steps, dtype=torch.bool, device=device)
+            rows.append(ones)
+        else:
+            m = mask.detach().reshape(-1)
+            rows.append(m if m.dtype == torch.bool else m != 0)
+    return torch.stack(rows)
+
+
 def entropy_terms(entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
     """One observe_entropy call as [joint, sum_h..., n_h...] float64 on the device (TELE-120/170).
 
@@ -76,24 +106,20 @@ def entropy_terms(entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] |
     a head's entropy and its valid steps, from which the per-head mean is taken at publish.
     Masked-out entries never contribute, even when NaN.
     """
-    masks = masks or {}
-    sums, counts = [], []
-    steps = 0
-    for name, h in entropies.items():
-        h64 = h.detach().reshape(-1).to(torch.float64)
-        m = _valid(h64, None if masks.get(name) is None else masks[name].reshape(-1))
-        sums.append(torch.where(m > 0, h64, torch.zeros_like(h64)).sum())
-        counts.append(m.sum())
-        steps = h64.numel()
-    s = torch.stack(sums)
-    return torch.cat([(s.sum() / steps).reshape(1), s, torch.stack(counts)])
+    h = stack_heads(entropies)
+    valid = mask_matrix(list(entropies), masks or {}, h.shape[1], h.device)
+    if valid is None:
+        sums, counts = h.sum(1), torch.full((h.shape[0],), float(h.shape[1]), dtype=torch.float64, device=h.device)
+    else:
+        sums, counts = torch.where(valid, h, 0.0).sum(1), valid.sum(1).to(torch.float64)
+    return torch.cat([(sums.sum() / h.shape[1]).reshape(1), sums, counts])
 
 
-def head_entropy_normalized(total: Tensor, valid: Tensor, sizes: Sequence[int]) -> Tensor:
-    """TELE-170 per head: (total / valid) / log(n_actions); NaN (missing) with no valid step or one action."""
-    log_n = torch.tensor([math.log(n) if n > 1 else math.nan for n in sizes], dtype=torch.float64)
-    mean = torch.where(valid > 0, total / valid.clamp(min=1.0), torch.full_like(total, math.nan))
-    return mean / log_n
+def head_entropy_normalized(total: float, valid: float, size: int) -> float:
+    """TELE-170 for one head: (total / valid) / log(n_actions); NaN (missing) with no valid step or one action."""
+    if valid <= 0 or size <= 1:
+        return math.nan
+    return (total / valid) / math.log(size)
 
 
 def entropy_velocity(history: Sequence[float]) -> float | None:
@@ -145,25 +171,21 @@ def ratio_terms(
     cf_low = mean(r < 1 - eps); a NaN ratio makes them NaN. TELE-151: max_h is the head's largest
     exp(clamp(r_h, -20, 20)) over its valid steps, n_h their number.
     """
-    masks = masks or {}
-    joint: Tensor | None = None
-    maxima, counts = [], []
-    for name, lr in log_ratio.items():
-        r = lr.detach().reshape(-1).to(torch.float64).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-        m = _valid(r, None if masks.get(name) is None else masks[name].reshape(-1)) > 0
-        contribution = torch.where(m, r, torch.zeros_like(r))
-        joint = contribution if joint is None else joint + contribution
-        masked = torch.where(m, r, torch.full_like(r, -math.inf))
-        maxima.append(masked.max().exp())
-        counts.append(m.sum().to(torch.float64))
-    assert joint is not None
+    r = stack_heads(log_ratio).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    valid = mask_matrix(list(log_ratio), masks or {}, r.shape[1], r.device)
+    if valid is None:
+        joint, maxima = r.sum(0), r.amax(1).exp()
+        counts = torch.full((r.shape[0],), float(r.shape[1]), dtype=torch.float64, device=r.device)
+    else:
+        joint = torch.where(valid, r, 0.0).sum(0)
+        maxima = torch.where(valid, r, -math.inf).amax(1).exp()
+        counts = valid.sum(1).to(torch.float64)
     ratio = joint.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP).exp()
-    nan = torch.isnan(ratio).any()
-    high = (ratio > 1.0 + clip_eps).to(torch.float64).mean()
-    low = (ratio < 1.0 - clip_eps).to(torch.float64).mean()
+    high = (ratio > 1.0 + clip_eps).mean(dtype=torch.float64)
+    low = (ratio < 1.0 - clip_eps).mean(dtype=torch.float64)
     fractions = torch.stack([high + low, high, low])
-    fractions = torch.where(nan, torch.full_like(fractions, math.nan), fractions)
-    return torch.cat([fractions, torch.stack(maxima), torch.stack(counts)])
+    fractions = torch.where(ratio.isnan().any(), math.nan, fractions)  # a NaN ratio makes them NaN
+    return torch.cat([fractions, maxima, counts])
 
 
 def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -187,15 +209,28 @@ def approx_kl(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | Non
     if not log_ratio:
         raise ValueError("approx_kl needs at least one head's log_ratio")
     _check_kl_inputs(log_ratio, masks)
-    weighted: list[Tensor] = []
-    weights: list[Tensor] = []
-    for name, r in log_ratio.items():
-        kl, n_valid = head_kl(r, masks.get(name))
-        w = n_valid / max(r.numel(), 1)
-        weighted.append(w * kl)
-        weights.append(w)
-    total_w = torch.stack(weights).sum()
-    return torch.stack(weighted).sum() / total_w.clamp(min=KL_WEIGHT_FLOOR)
+    r = stack_heads(log_ratio).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # [heads, steps]
+    steps = r.shape[1]
+    kl_t = torch.expm1(r) - r
+    if not masks:  # every head valid at every step: equal weights
+        return kl_t.sum(1).div(max(steps, 1)).mean()
+    if all(mask.dtype == torch.bool for mask in masks.values()):
+        matrix = mask_matrix(list(log_ratio), masks, steps, r.device)
+        assert matrix is not None
+        m = matrix.to(torch.float64)
+    else:  # weights that are not 0/1 are used as they are
+        m = torch.stack([_weights(masks.get(name), r) for name in log_ratio])
+    n_valid = m.sum(1)
+    head = (kl_t * m).sum(1) / n_valid.clamp(min=1.0)
+    weight = n_valid / max(steps, 1)
+    return (weight * head).sum() / weight.sum().clamp(min=KL_WEIGHT_FLOOR)
+
+
+def _weights(mask: Tensor | None, r: Tensor) -> Tensor:
+    """A head's per-step KL weights: its mask's values as float64 (ones without a mask)."""
+    if mask is None:
+        return torch.ones(r.shape[1], dtype=torch.float64, device=r.device)
+    return mask.detach().reshape(-1).to(torch.float64)
 
 
 def _check_kl_inputs(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:

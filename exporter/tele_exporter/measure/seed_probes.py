@@ -193,8 +193,10 @@ class HostPasses:
     def size(self) -> int:
         return sum(1 + len(seeds) for seeds in self.seeds)
 
-    def per_pass(self, squares: Tensor) -> Iterator[tuple[tuple[SeedKey, ...], tuple[int, ...], Tensor]]:
-        """Each pass's seeds, parameter counts and sums, cut from `squares` (the devices' vectors added up)."""
+    def per_pass(
+        self, squares: Sequence[float]
+    ) -> Iterator[tuple[tuple[SeedKey, ...], tuple[int, ...], Sequence[float]]]:
+        """Each pass's seeds, parameter counts and sums, cut from `squares` (the devices' sums, on the host)."""
         start = 0
         for seeds, numels in zip(self.seeds, self.numels, strict=True):
             stop = start + 1 + len(seeds)

@@ -20,10 +20,10 @@ from torch import Tensor
 from ..catalog import Catalog
 from ..measure.heads import ACTION, Head
 from ..measure.meter import Drained
-from ..measure.norms import backward_gain, seed_rms_ratio, stack_float64, step_cvs
+from ..measure.norms import SEED_NORM_FLOOR, stack_float64, step_cvs
 from ..measure.seed_probes import BackwardPass, HostPasses, SeedKey
 from ..snapshot import HeadState, Snapshot, head_state
-from .histograms import LabelledHistogram
+from .histograms import LabelledHistogram, bucket_columns
 from .packer import Packer, Unpacked
 from .policy_record import PolicyHealth, PolicyRecorder
 from .seeds import NO_SEED_DATA, SeedValues, seed_state
@@ -48,7 +48,7 @@ _UNMEASURED_HINT = (
     "or call upd.observe_gradients() before optimizer.step()"
 )
 
-PassSums = tuple[tuple[SeedKey, ...], tuple[int, ...], Tensor]  # a pass's seeds, parameter counts and float64 sums
+PassSums = tuple[tuple[SeedKey, ...], tuple[int, ...], Sequence[float]]  # a pass's seeds, parameter counts, sums
 
 
 @dataclass(frozen=True)
@@ -67,22 +67,26 @@ class Recorded:
 
 @dataclass(frozen=True)
 class OnHost:
-    """What one update recorded, on the host after the one transfer."""
+    """What one update recorded, on the host after the one transfer; small values as Python floats."""
 
-    rows: Tensor
-    kls: Tensor
-    clip_fractions: Tensor
-    gains: dict[SeedKey, Tensor]
+    rows: Tensor  # [steps, heads + 2] float64: per-head norms, pre- and post-clip totals
+    kls: list[float]
+    clip_fractions: list[float]
+    gains: dict[SeedKey, list[float]]  # per seed: the backward gain of each pass with data
     host_passes: list[PassSums]  # each backward pass of a watched host, its sums on the host
     policy: Unpacked
 
 
 def to_host(recorded: Recorded) -> OnHost:
-    """Pack everything the update recorded and copy it to the host, one transfer per device."""
+    """Pack everything the update recorded and copy it to the host, one transfer per device.
+
+    The rows stay a tensor for the batched fold; everything else is read as Python
+    floats with one tolist().
+    """
     packer = Packer()
     drained = recorded.drained
     if drained is not None:
-        packer.add("rows", drained.rows)
+        packer.add("rows", drained.rows, values=False)
     for k in recorded.kls:
         packer.add("kl", k)
     for c in recorded.clip_fractions:
@@ -101,21 +105,34 @@ def to_host(recorded: Recorded) -> OnHost:
     host = packer.transfer()
 
     n_rows, width = tuple(drained.rows.shape) if drained is not None else (0, 0)
-    gains: dict[SeedKey, Tensor] = {}
+    gains: dict[SeedKey, list[float]] = {}
     for key, sides in gain_sides:
-        squares = host.cat(("gain", key)).square()
-        n_passes = (max(sides) + 2) // 2 if sides else 0
-        index = torch.tensor(sides, dtype=torch.long)
-        sums = torch.zeros(2 * n_passes, dtype=torch.float64).index_add_(0, index, squares)
-        g_in, g_out = sums[0::2].sqrt(), sums[1::2].sqrt()
-        gains[key] = backward_gain(g_in, g_out)[g_out != 0]  # no output gradient: no data; a gain of 0 is data
+        norms = [v for piece in host.values(("gain", key)) for v in piece]
+        by_side = [0.0] * (2 * ((max(sides) + 2) // 2) if sides else 0)
+        for side, norm in zip(sides, norms, strict=True):
+            by_side[side] += norm * norm
+        # no output gradient: no data; a gain of 0 is data
+        gains[key] = [_gain(by_side[i], by_side[i + 1]) for i in range(0, len(by_side), 2) if by_side[i + 1] != 0]
     passes: list[PassSums] = []
     for b, block in enumerate(recorded.host_blocks):
-        per_device = host.pieces(("host", b))
-        passes.extend(block.per_pass(per_device[0] if len(per_device) == 1 else torch.stack(per_device).sum(0)))
+        per_device = host.values(("host", b))
+        added = (
+            [math.fsum(column) for column in zip(*per_device, strict=True)] if len(per_device) > 1 else per_device[0]
+        )
+        passes.extend(block.per_pass(added))
     return OnHost(
-        host.cat("rows").reshape(n_rows, width), host.cat("kl"), host.cat("clip_fraction"), gains, passes, host
+        host.cat("rows").reshape(n_rows, width),
+        [v for piece in host.values("kl") for v in piece],
+        [v for piece in host.values("clip_fraction") for v in piece],
+        gains,
+        passes,
+        host,
     )
+
+
+def _gain(input_square: float, output_square: float) -> float:
+    """A seed's backward gain |dL/d in| / |dL/d out| from the squared norms of one pass (NaN and Inf are data)."""
+    return math.sqrt(input_square) / math.sqrt(output_square)
 
 
 class Fold:
@@ -153,45 +170,36 @@ class Fold:
     ) -> Callable[[Snapshot, Sequence[SeedKey], int], Snapshot]:
         """Read the update on the host; returns the swap, which the caller runs under its snapshot lock.
 
-        The swap takes the latest snapshot, the seeds live at that moment and the refused
-        count, and returns the next snapshot. `saw_gradients` tells whether any policy
-        parameter holds a gradient (asked only when no step was measured, for a one-time hint).
+        One copy per device, then a fixed number of batched ops over the per-step rows
+        (whatever the number of heads or steps) and two reads: the small values and the
+        rows' results, each with one tolist(). The swap takes the latest snapshot, the
+        seeds live at that moment and the refused count, and returns the next snapshot.
+        `saw_gradients` tells whether any policy parameter holds a gradient (asked only
+        when no step was measured, for a one-time hint).
         """
         host = to_host(recorded)
         policy_host = recorded.policy.unpack(host.policy)
         policy = self._policy.publish(policy_host)
-        if policy_host.entropies:
-            joint = torch.stack([t[0] for _, t in policy_host.entropies])
-            self.histograms["step_policy_entropy"].observe_many((), joint)
-        present = _present(recorded.drained, len(self._heads))
-        heads, steps = self.head_values(present, host.rows)
+        self.histograms["step_policy_entropy"].observe_values((), [t[0] for _, t in policy_host.entropies])
+        rows = self._fold_rows(recorded.drained, host.rows)
+        heads, steps = rows.heads, rows.steps
         if not recorded.measure_calls and not self._hinted_unmeasured and saw_gradients():
             self._hinted_unmeasured = True
             log.warning(_UNMEASURED_HINT)
-        pre = post = cv = None
-        if steps:
-            pre, post = float(host.rows[:, -2].mean()), float(host.rows[:, -1].mean())
-            self.histograms["step_policy_grad_norm"].observe_many(("pre",), host.rows[:, -2])
-            self.histograms["step_policy_grad_norm"].observe_many(("post",), host.rows[:, -1])
-            actions = self._actions  # TELE-330 compares action heads only
-            cv = float(step_cvs(host.rows[:, :actions], present[:, :actions]).mean())
         kls = self._checked_kls(host.kls)
-        kl = float(kls.mean()) if kls.numel() else None
-        clip_fraction = float(host.clip_fractions.mean()) if host.clip_fractions.numel() else None
-        self.histograms["step_kl_divergence"].observe_many((), kls)
-        self.histograms["step_clip_fraction"].observe_many((), host.clip_fractions)
+        kl = _mean(kls)
+        clip_fraction = _mean(host.clip_fractions)
+        self.histograms["step_kl_divergence"].observe_values((), kls)
+        self.histograms["step_clip_fraction"].observe_values((), host.clip_fractions)
         seed_values: dict[SeedKey, SeedValues] = {}
         all_ratios = seed_ratios(host.host_passes)
         for key in seeds:
-            ratios = all_ratios.get(key, torch.zeros(0, dtype=torch.float64))
-            with_data = ratios[ratios != 0]
-            self.histograms["step_seed_grad_ratio"].observe_many((), with_data)
-            gain = host.gains.get(key, torch.zeros(0, dtype=torch.float64))
-            seed_values[key] = SeedValues(
-                float(with_data.mean()) if with_data.numel() else 0.0,
-                int(with_data.numel()),
-                float(gain.mean()) if gain.numel() else None,
-            )
+            with_data = [r for r in all_ratios.get(key, []) if r != 0]
+            self.histograms["step_seed_grad_ratio"].observe_values((), with_data)
+            gain = host.gains.get(key, [])
+            ratio = math.fsum(with_data) / len(with_data) if with_data else 0.0
+            seed_values[key] = SeedValues(ratio, len(with_data), _mean(gain))
+        pre, post, cv = rows.pre, rows.post, rows.cv
 
         def swap(old: Snapshot, live: Sequence[SeedKey], refused: int) -> Snapshot:
             if post is not None:
@@ -219,25 +227,67 @@ class Fold:
 
         return swap
 
-    def _checked_kls(self, kls: Tensor) -> Tensor:
+    def _fold_rows(self, drained: Drained | None, rows: Tensor) -> FoldedRows:
+        """Per-head means and counts, non-finite counts, totals, the CV and the histograms: one batch, one read.
+
+        rows[s] = (head norms..., pre-clip, post-clip) of step s; a head counts at a step
+        only where it had a gradient. A head with no step is (NaN, 0), never 0.0.
+        """
+        h, n = len(self._heads), rows.shape[0]
+        if not n or drained is None:
+            return FoldedRows({head.name: (math.nan, 0) for head in self._heads}, 0, None, None, None)
+        present = torch.tensor(drained.present, dtype=torch.bool).reshape(n, h)
+        values = rows[:, :h]
+        counts = present.sum(0)
+        means = torch.where(present, values, 0.0).sum(0) / counts  # 0 / 0: NaN for a head without a step
+        nonfinite = (present & ~values.isfinite()).sum(0)
+        totals = rows[:, h:].mean(0)
+        actions = self._actions  # TELE-330 compares action heads only
+        cv = step_cvs(values[:, :actions], present[:, :actions]).mean().reshape(1)
+        head_counts, head_sums = bucket_columns(values, present, self.histograms["step_head_grad_norm"].edges_tensor)
+        clip = self.histograms["step_policy_grad_norm"]
+        clip_counts, clip_sums = bucket_columns(rows[:, h:], torch.ones(n, 2, dtype=torch.bool), clip.edges_tensor)
+        parts = [means, counts, nonfinite, totals, cv, head_counts.reshape(-1), head_sums]
+        flat = torch.cat([*(p.to(torch.float64) for p in parts), clip_counts.reshape(-1), clip_sums]).tolist()
+        out = iter(flat)
+        mean_l, count_l, nonfinite_l = ([next(out) for _ in range(h)] for _ in range(3))
+        pre, post, cv_value = next(out), next(out), next(out)
+        width = len(self.histograms["step_head_grad_norm"].edges) + 1
+        head_buckets = [[int(next(out)) for _ in range(width)] for _ in range(h)]
+        head_totals = [next(out) for _ in range(h)]
+        clip_width = len(clip.edges) + 1
+        clip_buckets = [[int(next(out)) for _ in range(clip_width)] for _ in range(2)]
+        clip_totals = [next(out), next(out)]
+        values_by_head: dict[str, tuple[float, int]] = {}
+        for i, head in enumerate(self._heads):
+            steps = int(count_l[i])
+            values_by_head[head.name] = (mean_l[i], steps) if steps else (math.nan, 0)
+            if steps:
+                self._nonfinite[head.name] += int(nonfinite_l[i])
+                self.histograms["step_head_grad_norm"].add((head.name, head.kind), head_buckets[i], head_totals[i])
+        for i, side in enumerate(("pre", "post")):
+            clip.add((side,), clip_buckets[i], clip_totals[i])
+        return FoldedRows(values_by_head, n, pre, post, cv_value)
+
+    def _checked_kls(self, kls: list[float]) -> list[float]:
         """The update's KL values on the host; rounding negatives become 0.0, a real negative refuses them all.
 
         A value below -KL_ROUNDOFF cannot come from the expected non-negative
         estimator: the update's KL is missing, counted at site `negative_kl`, logged once.
         """
-        negative = kls < -KL_ROUNDOFF
-        if bool(negative.any()):
+        negative = [k for k in kls if k < -KL_ROUNDOFF]
+        if negative:
             self._record_error(
                 "negative_kl",
                 ValueError(
-                    f"{int(negative.sum())} of this update's {kls.numel()} KL values are negative "
-                    f"(min {float(kls.min()):.3g}); observe_kl_value expects the non-negative estimator "
+                    f"{len(negative)} of this update's {len(kls)} KL values are negative "
+                    f"(min {min(negative):.3g}); observe_kl_value expects the non-negative estimator "
                     "mean(exp(r) - 1 - r) with r = new_logp - old_logp (CleanRL's and SB3's approx_kl), "
                     "not a signed one such as mean(old_logp - new_logp); this update's KL is missing"
                 ),
             )
-            return kls[:0]
-        return kls.clamp(min=0.0)
+            return []
+        return [k if k != k else max(k, 0.0) for k in kls]  # NaN stays NaN (max would drop it)
 
     def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
         """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
@@ -247,48 +297,41 @@ class Fold:
             self._last_measured[old.name] = current
         return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps, old.kind)
 
-    def head_values(self, present: Tensor, rows: Tensor) -> tuple[dict[str, tuple[float, int]], int]:
-        """Per head: (mean over the steps where it had a gradient, how many); (NaN, 0) where it never did."""
-        values = {head.name: (math.nan, 0) for head in self._heads}
-        if not present.shape[0]:
-            return values, 0
-        hist = self.histograms["step_head_grad_norm"]
-        for h, head in enumerate(self._heads):
-            vals = rows[present[:, h], h]
-            if vals.numel():
-                values[head.name] = (float(vals.mean()), int(vals.numel()))
-                self._nonfinite[head.name] += int((~torch.isfinite(vals)).sum())
-                hist.observe_many((head.name, head.kind), vals)
-        return values, int(present.shape[0])
 
-
-def _present(drained: Drained | None, heads: int) -> Tensor:
-    """[steps, heads] bool: which head had a gradient at which recorded step."""
-    if drained is None:
-        return torch.zeros(0, heads, dtype=torch.bool)
-    return torch.tensor(drained.present, dtype=torch.bool).reshape(len(drained.present), heads)
-
-
-def seed_ratios(passes: list[PassSums]) -> dict[SeedKey, Tensor]:
+def seed_ratios(passes: list[PassSums]) -> dict[SeedKey, list[float]]:
     """TELE-557 ratio of every seed at each recorded backward pass that covered it (0.0: no data)."""
-    columns: dict[SeedKey, tuple[list[float], list[float], list[int], list[int]]] = {}
+    out: dict[SeedKey, list[float]] = {}
     for seeds, numels, squares in passes:
-        values = squares.tolist()
         for col, key in enumerate(seeds, start=1):
-            seed_sq, host_sq, seed_n, host_n = columns.setdefault(key, ([], [], [], []))
-            seed_sq.append(values[col])
-            host_sq.append(values[0])
-            seed_n.append(numels[col])
-            host_n.append(numels[0])
-    return {
-        key: seed_rms_ratio(
-            torch.tensor(seed_sq, dtype=torch.float64).sqrt(),
-            torch.tensor(seed_n, dtype=torch.float64),
-            torch.tensor(host_sq, dtype=torch.float64).sqrt(),
-            torch.tensor(host_n, dtype=torch.float64),
-        )
-        for key, (seed_sq, host_sq, seed_n, host_n) in columns.items()
-    }
+            out.setdefault(key, []).append(rms_ratio(squares[col], numels[col], squares[0], numels[0]))
+    return out
+
+
+def rms_ratio(seed_square: float, seed_numel: int, host_square: float, host_numel: int) -> float:
+    """TELE-557 on host floats: (|g_s|/sqrt(n_s)) / (|g_h|/sqrt(n_h) + 1e-8); 0.0 (no data) below 1e-8.
+
+    The same formula as stats.seed_rms_ratio, for one pass; NaN and Inf norms propagate.
+    """
+    s_norm, h_norm = math.sqrt(seed_square), math.sqrt(host_square)
+    if s_norm < SEED_NORM_FLOOR or h_norm < SEED_NORM_FLOOR:
+        return 0.0
+    return (s_norm / math.sqrt(max(seed_numel, 1))) / (h_norm / math.sqrt(max(host_numel, 1)) + SEED_NORM_FLOOR)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    """The mean of host floats (NaN and Inf propagate); None for none."""
+    return math.fsum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class FoldedRows:
+    """The per-step rows of an update, folded: per head (mean, steps), steps, and the totals' means."""
+
+    heads: dict[str, tuple[float, int]]
+    steps: int
+    pre: float | None
+    post: float | None
+    cv: float | None
 
 
 def _sides(record: BackwardPass) -> tuple[list[Tensor], list[Tensor]]:

@@ -14,31 +14,56 @@ from torch import Tensor
 
 
 class Packer:
-    """Pieces of an update, in order, each under a key (a key may hold several pieces)."""
+    """Pieces of an update, in order, each under a key (a key may hold several pieces).
+
+    Pieces added with `values=True` (small ones: KL, policy health, seed sums) must come
+    after the others; the host reads all of them back as Python floats with one `tolist()`.
+    """
 
     def __init__(self) -> None:
         self._parts: list[Tensor] = []
         self._spans: dict[Hashable, list[tuple[int, int]]] = {}
         self._size = 0
+        self._values_from: int | None = None
 
-    def add(self, key: Hashable, tensor: Tensor) -> None:
-        """Append `tensor` (any shape, flattened, converted to float64 in the transfer) under `key`."""
+    def add(self, key: Hashable, tensor: Tensor, *, values: bool = True) -> None:
+        """Append `tensor` (any shape, flattened, converted to float64 in the transfer) under `key`.
+
+        values=False: a large piece read on the host as a tensor only (the gradient rows).
+        """
         flat = tensor.reshape(-1)
+        if values and self._values_from is None:
+            self._values_from = self._size
+        elif not values and self._values_from is not None:
+            raise ValueError(f"piece {key!r}: pieces read as tensors only must come before the others")
         self._spans.setdefault(key, []).append((self._size, self._size + flat.numel()))
         self._parts.append(flat)
         self._size += flat.numel()
 
     def transfer(self) -> Unpacked:
         """Copy every piece to the host, one copy per device, and hand back their slices."""
-        return Unpacked(gather(self._parts), self._spans)
+        return Unpacked(
+            gather(self._parts), self._spans, self._size if self._values_from is None else self._values_from
+        )
 
 
 class Unpacked:
-    """The host copy of a Packer's pieces, read back by key."""
+    """The host copy of a Packer's pieces, read back by key: as tensors, or as Python floats."""
 
-    def __init__(self, flat: Tensor, spans: dict[Hashable, list[tuple[int, int]]]) -> None:
+    def __init__(self, flat: Tensor, spans: dict[Hashable, list[tuple[int, int]]], values_from: int = 0) -> None:
         self.flat = flat
         self._spans = spans
+        self._values_from = values_from
+        self._values: list[float] | None = None
+
+    def values(self, key: Hashable) -> list[list[float]]:
+        """Each piece under `key` as Python floats; the first call reads every such piece with one tolist()."""
+        if self._values is None:
+            self._values = self.flat[self._values_from :].tolist()
+        start, spans = self._values_from, self._spans.get(key, [])
+        if any(a < start for a, _ in spans):
+            raise ValueError(f"piece {key!r} was added with values=False; read it with cat() or pieces()")
+        return [self._values[a - start : b - start] for a, b in spans]
 
     def pieces(self, key: Hashable) -> list[Tensor]:
         """Each piece added under `key`, in order (an empty list for a key never added)."""

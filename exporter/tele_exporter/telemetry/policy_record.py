@@ -112,12 +112,12 @@ class PolicyRecorder:
                 packer.add(key, t)
 
     def unpack(self, host: Unpacked) -> PolicyHost:
-        """The recorded tensors back from the transfer's host copy."""
+        """The recorded values back from the transfer, as Python floats (the publish's one read of them)."""
         return PolicyHost(
-            [(heads, t) for (heads, _), t in zip(self.entropies, host.pieces(_ENTROPY), strict=True)],
-            host.pieces(_EXPLAINED),
-            host.pieces(_ADVANTAGES),
-            [(heads, t) for (heads, _), t in zip(self.ratios, host.pieces(_RATIOS), strict=True)],
+            [(heads, t) for (heads, _), t in zip(self.entropies, host.values(_ENTROPY), strict=True)],
+            host.values(_EXPLAINED),
+            host.values(_ADVANTAGES),
+            [(heads, t) for (heads, _), t in zip(self.ratios, host.values(_RATIOS), strict=True)],
         )
 
 
@@ -125,10 +125,10 @@ class PolicyRecorder:
 class PolicyHost:
     """What a PolicyRecorder recorded, on the host."""
 
-    entropies: list[tuple[tuple[str, ...], Tensor]]
-    explained: list[Tensor]
-    advantages: list[Tensor]
-    ratios: list[tuple[tuple[str, ...], Tensor]]
+    entropies: list[tuple[tuple[str, ...], list[float]]]
+    explained: list[list[float]]
+    advantages: list[list[float]]
+    ratios: list[tuple[tuple[str, ...], list[float]]]
 
 
 class PolicyHealth:
@@ -144,16 +144,16 @@ class PolicyHealth:
         entropy = None
         head_entropy: dict[str, float] = {}
         if host.entropies:
-            entropy = float(torch.stack([t[0] for _, t in host.entropies]).mean())
+            entropy = math.fsum(t[0] for _, t in host.entropies) / len(host.entropies)
             self._history.append(entropy)
             head_entropy = self._head_entropy(host.entropies)
-        ev = [float(t[0]) for t in host.explained if float(t[1]) != 0.0]
-        adv = [float(t[0]) for t in host.advantages if float(t[1]) >= 2]
+        ev = [t[0] for t in host.explained if t[1] != 0.0]
+        adv = [t[0] for t in host.advantages if t[1] >= 2]
         cf_high = cf_low = None
         ratio_max: dict[str, float] = {}
         if host.ratios:
-            cf_high = float(torch.stack([t[1] for _, t in host.ratios]).mean())
-            cf_low = float(torch.stack([t[2] for _, t in host.ratios]).mean())
+            cf_high = math.fsum(t[1] for _, t in host.ratios) / len(host.ratios)
+            cf_low = math.fsum(t[2] for _, t in host.ratios) / len(host.ratios)
             ratio_max = _ratio_max(host.ratios)
         history = tuple(self._history)
         return PolicyState(
@@ -168,7 +168,7 @@ class PolicyHealth:
             clip_fraction_low=cf_low,
         )
 
-    def _head_entropy(self, calls: list[tuple[tuple[str, ...], Tensor]]) -> dict[str, float]:
+    def _head_entropy(self, calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, float]:
         """TELE-170 per head over all calls: masked entropy sum over valid steps, over log(n_actions)."""
         totals = dict.fromkeys(self.heads, 0.0)
         valid = dict.fromkeys(self.heads, 0.0)
@@ -176,29 +176,25 @@ class PolicyHealth:
         for heads, t in calls:
             k = len(heads)
             for i, name in enumerate(heads):
-                totals[name] += float(t[1 + i])
-                valid[name] += float(t[1 + k + i])
+                totals[name] += t[1 + i]
+                valid[name] += t[1 + k + i]
                 seen.add(name)
-        names = [h for h in self.heads if h in seen and h in self.action_sizes]
-        normalized = head_entropy_normalized(
-            torch.tensor([totals[h] for h in names], dtype=torch.float64),
-            torch.tensor([valid[h] for h in names], dtype=torch.float64),
-            [self.action_sizes[h] for h in names],
-        )
         return {
-            h: float(v) for h, v in zip(names, normalized, strict=True) if valid[h] > 0 and self.action_sizes[h] > 1
+            h: head_entropy_normalized(totals[h], valid[h], self.action_sizes[h])
+            for h in self.heads
+            if h in seen and h in self.action_sizes and valid[h] > 0 and self.action_sizes[h] > 1
         }
 
 
-def _ratio_max(calls: list[tuple[tuple[str, ...], Tensor]]) -> dict[str, float]:
+def _ratio_max(calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, float]:
     """TELE-151 per head: the largest ratio over the calls in which the head had a valid step; NaN wins."""
     out: dict[str, float] = {}
     for heads, t in calls:
         k = len(heads)
         for i, name in enumerate(heads):
-            if float(t[3 + k + i]) == 0:
+            if t[3 + k + i] == 0:
                 continue
-            value = float(t[3 + i])
+            value = t[3 + i]
             old = out.get(name)
             out[name] = value if old is None or math.isnan(value) else (old if math.isnan(old) else max(old, value))
     return out
