@@ -1,8 +1,16 @@
-"""TelemetryCallback against a real Stable-Baselines3 PPO run on CartPole."""
+"""TelemetryCallback against real Stable-Baselines3 runs: PPO on CartPole, Pendulum and MultiDiscrete, A2C on CartPole.
+
+Every exported policy value is compared for equality with what SB3 itself logged
+for the same update (`model.logger.name_to_value`), never with a value re-derived here.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+import socket
+import threading
+import time
 import urllib.request
 from typing import Any
 
@@ -14,11 +22,14 @@ pytest.importorskip("gymnasium")
 import gymnasium as gym
 import numpy as np
 import torch
-from stable_baselines3 import PPO
+from stable_baselines3 import A2C, DQN, PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from tele_exporter.catalog import default_catalog
 from tele_exporter.integrations.sb3 import TelemetryCallback, policy_groups, policy_heads
+from tele_exporter.server.http import PortInUseError
+from tests.support.reference import norm64
+from tests.support.scraper import scrape
 
 
 class _Recorder(BaseCallback):  # type: ignore[misc]
@@ -36,16 +47,11 @@ class _Recorder(BaseCallback):  # type: ignore[misc]
         snap = tele.snapshot()
         if snap.updates > len(self.pairs):
             logged = self.model.logger.name_to_value
-            self.pairs.append(
-                {
-                    "snap": snap,
-                    "approx_kl": float(logged["train/approx_kl"]),
-                    "clip_fraction": float(logged["train/clip_fraction"]),
-                    "entropy_loss": float(logged["train/entropy_loss"]),
-                    "explained_variance": float(logged["train/explained_variance"]),
-                    "n_updates": int(self.model._n_updates),
-                }
-            )
+            pair: dict[str, Any] = {"snap": snap, "n_updates": int(self.model._n_updates)}
+            for key in ("approx_kl", "clip_fraction", "entropy_loss", "explained_variance", "std"):
+                if f"train/{key}" in logged:
+                    pair[key] = float(logged[f"train/{key}"])
+            self.pairs.append(pair)
 
     def _on_rollout_start(self) -> None:
         self._record()
@@ -96,7 +102,8 @@ def test_exported_kl_clip_fraction_entropy_and_ev_equal_what_sb3_logs() -> None:
         assert f"tele_explained_variance {last['explained_variance']!r}" in body
         assert 'tele_head_grad_norm{head="action_net",kind="action"}' in body
         assert 'tele_head_grad_norm{head="value_net",kind="other"}' in body
-        assert cb.server.linger == 10  # the final update was just scraped: close() returns at once
+        assert cb.server.linger == 10
+        assert cb.close() is True  # the final update was just scraped: close() returns at once
     finally:
         cb.close()
 
@@ -225,3 +232,140 @@ def test_a_telemetry_over_another_module_is_refused() -> None:
     cb = TelemetryCallback(Telemetry(other, heads={"x": other}))
     with pytest.raises(ValueError, match=r"model\.policy"):
         model.learn(total_timesteps=64, callback=cb)
+
+
+def _a2c() -> A2C:
+    torch.manual_seed(0)
+    return A2C("MlpPolicy", "CartPole-v1", n_steps=16, seed=0, device="cpu")
+
+
+@pytest.mark.slow
+def test_a2c_one_optimizer_step_per_update_and_sb3s_own_entropy_and_ev() -> None:
+    model = _a2c()
+    cb = TelemetryCallback(port=0, linger=5)
+    rec = _Recorder(cb)
+    try:
+        model.learn(total_timesteps=16 * 5, callback=CallbackList([cb, rec]))
+        assert cb.tele is not None and len(rec.pairs) == 5
+        for pair in rec.pairs:
+            snap = pair["snap"]
+            assert snap.steps == 1 and snap.early_stops == 0  # A2C: one optimizer step per train()
+            assert snap.policy.entropy == -pair["entropy_loss"]
+            assert snap.policy.explained_variance == pair["explained_variance"]
+            assert snap.kl is None and snap.clip_fraction is None  # A2C logs neither
+            assert snap.grad_norm_post <= model.max_grad_norm + 1e-6
+        assert model.max_grad_norm == 0.5
+        assert cb.tele.errors() == {}
+    finally:
+        cb.close()
+
+
+def test_an_algorithm_that_is_not_ppo_or_a2c_is_refused_when_learn_starts() -> None:
+    model = DQN("MlpPolicy", "CartPole-v1", learning_starts=0, seed=0, device="cpu")
+    cb = TelemetryCallback()
+    with pytest.raises(TypeError, match=r"supports PPO and A2C .*got DQN"):
+        model.learn(total_timesteps=8, callback=cb)
+    cb.close()
+
+
+def test_the_port_is_bound_at_construction_so_the_url_prints_before_learn() -> None:
+    cb = TelemetryCallback(port=0, const_labels={"run": "early"})
+    try:
+        assert cb.url is not None and cb.server is not None and cb.server.port > 0
+        assert cb.url == f"http://127.0.0.1:{cb.server.port}/metrics"
+        assert scrape(cb.url) == {}  # serving before the model is known: nothing measured yet
+        with urllib.request.urlopen(cb.server.base_url + "/api/snapshot", timeout=5) as resp:
+            assert resp.status == 200
+        model = _model()
+        model.learn(total_timesteps=64, callback=cb)
+        got = scrape(cb.url)
+        assert got[("tele_ppo_updates_total", (("run", "early"),))] == 1
+        assert ("tele_head_grad_norm", (("head", "action_net"), ("kind", "action"), ("run", "early"))) in got
+    finally:
+        cb.close(linger=0)
+
+
+def test_a_taken_fixed_port_raises_at_construction_naming_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError, match=rf"127\.0\.0\.1:{port}.*in use"):
+            TelemetryCallback(port=port)
+
+
+@pytest.mark.slow
+def test_learn_returns_at_once_and_close_lingers_by_default_until_the_final_update_is_scraped() -> None:
+    model = _model()
+    cb = TelemetryCallback(port=0)
+    model.learn(total_timesteps=64 * 2, callback=cb)
+    assert cb.server is not None and cb.server.running  # learn() returned; still serving
+    url = cb.url
+    assert url is not None
+    seen: list[float] = []
+
+    def prometheus() -> None:
+        time.sleep(1.0)  # a scrape that comes after learn() returned and close() began to wait
+        seen.append(scrape(url)[("tele_ppo_updates_total", ())])
+
+    scraper = threading.Thread(target=prometheus)
+    scraper.start()
+    started = time.monotonic()
+    assert cb.close() is True
+    waited = time.monotonic() - started
+    scraper.join()
+    assert seen == [2.0]
+    assert 0.9 < waited < 30.0
+
+
+def test_a_linger_that_times_out_returns_false_and_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    model = _model()
+    cb = TelemetryCallback(port=0, linger=0.2)
+    model.learn(total_timesteps=64, callback=cb)
+    url = cb.url
+    with caplog.at_level(logging.WARNING, logger="tele_exporter"):
+        assert cb.close() is False
+    lines = [r.getMessage() for r in caplog.records if r.name == "tele_exporter"]
+    assert len(lines) == 1 and "final update" in lines[0] and f"{url}" in lines[0] and "0.2 s" in lines[0]
+
+
+class _LogStdNorms:
+    """Float64 norms of a policy's log_std gradient at every optimizer step, before anything clips."""
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.log_std: list[float] = []
+        policy.optimizer.register_step_pre_hook(self.before_step)  # registered first: runs before the callback's
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.log_std.append(norm64([self.policy.log_std]))
+
+
+@pytest.mark.slow
+def test_a_gaussian_policys_log_std_is_a_group_and_its_values_equal_what_sb3_logs() -> None:
+    torch.manual_seed(0)
+    model = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_epochs=2, seed=0, device="cpu")
+    norms = _LogStdNorms(model.policy)
+    cb = TelemetryCallback()
+    rec = _Recorder(cb)
+    try:
+        model.learn(total_timesteps=64 * 3, callback=CallbackList([cb, rec]))
+        assert cb.tele is not None
+        assert [(h.name, h.kind) for h in cb.tele.snapshot().heads] == [
+            ("action_net", "action"),
+            ("value_net", "other"),
+            ("log_std", "other"),
+        ]
+        assert len(rec.pairs) == 3 and len(norms.log_std) == 3 * 2 * 2
+        for i, pair in enumerate(rec.pairs):
+            snap = pair["snap"]
+            assert "std" in pair  # SB3 logs train/std for this policy
+            assert snap.kl == pair["approx_kl"]
+            assert snap.clip_fraction == pair["clip_fraction"]
+            assert snap.policy.entropy == -pair["entropy_loss"]
+            assert snap.policy.explained_variance == pair["explained_variance"]
+            steps = norms.log_std[i * 4 : (i + 1) * 4]
+            assert snap.head("log_std").current == pytest.approx(float(np.mean(steps)), rel=1e-6)
+        assert cb.tele.errors() == {}
+    finally:
+        cb.close()

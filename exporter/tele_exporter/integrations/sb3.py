@@ -1,8 +1,17 @@
-"""Stable-Baselines3: publish PPO's own KL, clip fraction, entropy and EV and the policy's gradient norms.
+"""Stable-Baselines3: publish PPO's and A2C's own KL, clip fraction, entropy and EV and the policy's gradient norms.
 
-`TelemetryCallback` opens one `Telemetry.update()` per `PPO.train()` call: SB3
-calls `on_rollout_end` right before `train()` and `on_rollout_start` (or
-`on_training_end`) right after it, which is where the update is published.
+`TelemetryCallback` opens one `Telemetry.update()` per `train()` call of a PPO or
+A2C model: SB3 calls `on_rollout_end` right before `train()` and
+`on_rollout_start` (or `on_training_end`) right after it, which is where the
+update is published. PPO's `train()` makes n_epochs x minibatches optimizer
+steps, A2C's exactly one; any other algorithm is refused when `learn()` starts,
+naming it, because its `train()` is not one PPO-style update.
+
+The server (with `port` set) is bound when the callback is constructed, so
+`callback.url` can be printed before `learn()`, and a taken fixed port raises
+`PortInUseError` there, as `serve` does. `learn()` returns as soon as training
+ends; the server keeps serving until `callback.close()`, which waits (up to
+`linger` seconds, 30 by default) until Prometheus has scraped the final update.
 
 Gradients: SB3 clips with `clip_grad_norm_` and then calls `optimizer.step()`,
 so an optimizer hook only ever sees post-clip gradients and the pre-clip norm is
@@ -15,23 +24,29 @@ true pre-clip norm and `{clip="post"}` what the optimizer saw. `max_grad_norm`
 is restored after every `train()`, so checkpoints never save the lifted value.
 
 KL, clip fraction, entropy and explained variance are SB3's own: `train/approx_kl`
-(mean over the minibatches of the last epoch run), `train/clip_fraction` (mean over
-every minibatch), `train/entropy_loss` (minus the mean entropy over every minibatch)
-and `train/explained_variance` (of the rollout's values, before the update), read
-from the model's logger after `train()` and published as `tele_kl_divergence`,
-`tele_ppo_clip_fraction`, `tele_policy_entropy` (= -entropy_loss) and
-`tele_explained_variance`. SB3 logs NaN for an explained variance with Var(returns)
-= 0; TELE-200 calls that missing, so the callback leaves it out then.
+(PPO: mean over the minibatches of the last epoch run), `train/clip_fraction` (PPO:
+mean over every minibatch), `train/entropy_loss` (minus the mean entropy: over every
+minibatch for PPO, of the one batch for A2C) and `train/explained_variance` (of the
+rollout's values, before the update), read from the model's logger after `train()`
+and published as `tele_kl_divergence`, `tele_ppo_clip_fraction`,
+`tele_policy_entropy` (= -entropy_loss) and `tele_explained_variance`, each equal to
+the logged value. SB3 logs NaN for an explained variance with Var(returns) = 0;
+TELE-200 calls that missing, so the callback leaves it out then. A2C logs no KL
+and no clip fraction, so an A2C run has neither series.
 
 Heads: the action head is the policy's `action_net`; for a MultiDiscrete action
 space, whose sub-actions' logits are consecutive output rows of that one
 `nn.Linear`, there is one head per sub-action, `action_net.0`, `action_net.1`, ...,
 each a row slice sized by `action_space.nvec`. `value_net` is measured as another
-group (kind="other"): shown and alerted on, left out of the gradient CV.
+group (kind="other"): shown and alerted on, left out of the gradient CV. A Gaussian
+policy (Box actions) keeps its log standard deviations in `log_std`, a parameter in
+no submodule, which SB3 logs as `train/std` (the mean of exp(log_std)); it is
+measured as a group of its own, `log_std`, so its gradient norm is shown too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -39,14 +54,23 @@ from typing import Any
 import torch
 from gymnasium import spaces
 from prometheus_client import CollectorRegistry
+from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..catalog import Catalog, default_catalog
 from ..distributed import rank_port
 from ..measure.heads import HeadSpec
 from ..server.http import DEFAULT_ADDR, Server, serve
+from ..snapshot import Snapshot, empty_snapshot
+from ..telemetry import settings
 from ..telemetry.telemetry import Telemetry, Update
+
+log = logging.getLogger("tele_exporter")
+
+SUPPORTED_ALGORITHMS = (PPO, A2C)
+DEFAULT_LINGER = 30.0  # seconds close() waits for Prometheus to scrape the final update
 
 _LIFTED_MAX_NORM = float(torch.finfo(torch.float32).max)
 
@@ -69,20 +93,74 @@ def policy_heads(policy: nn.Module) -> dict[str, HeadSpec]:
 
 
 def policy_groups(policy: nn.Module) -> dict[str, HeadSpec]:
-    """The other measured groups of an SB3 actor-critic policy: its `value_net`, outside the gradient CV."""
+    """The other measured groups of an SB3 actor-critic policy, outside the gradient CV.
+
+    `value_net`, and for a Gaussian policy its `log_std`: a bare parameter in no
+    submodule, so it is held by a ParameterList of its own (the same Parameter, not a copy).
+    """
+    groups: dict[str, HeadSpec] = {}
     value_net = getattr(policy, "value_net", None)
     if isinstance(value_net, nn.Module) and any(True for _ in value_net.parameters()):
-        return {"value_net": value_net}
-    return {}
+        groups["value_net"] = value_net
+    log_std = getattr(policy, "log_std", None)
+    if isinstance(log_std, nn.Parameter) and log_std.requires_grad:
+        groups["log_std"] = nn.ParameterList([log_std])
+    return groups
+
+
+class _CallbackSource:
+    """What the callback's server reads: the Telemetry once `learn()` has built it, an empty run before.
+
+    It lets the port be bound at construction, before the model's policy (and so the
+    Telemetry's heads) is known; the Telemetry is then built on this registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None, const_labels: Mapping[str, str] | None) -> None:
+        self.tele: Telemetry | None = None
+        self._registry = registry if registry is not None else CollectorRegistry()
+        self._owns_registry = registry is None
+        self._catalog = default_catalog()
+        self._const_labels = settings.const_labels(const_labels, self._catalog)
+        self._enabled = settings.enabled(None)
+        self._empty = empty_snapshot(())
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.tele.catalog if self.tele is not None else self._catalog
+
+    @property
+    def const_labels(self) -> Mapping[str, str]:
+        return self.tele.const_labels if self.tele is not None else self._const_labels
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self._registry
+
+    @property
+    def owns_registry(self) -> bool:
+        return self._owns_registry
+
+    @property
+    def enabled(self) -> bool:
+        return self.tele.enabled if self.tele is not None else self._enabled
+
+    def snapshot(self) -> Snapshot:
+        return self.tele.snapshot() if self.tele is not None else self._empty
+
+    def errors(self) -> dict[str, int]:
+        return self.tele.errors() if self.tele is not None else {}
 
 
 class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
-    """An SB3 callback that publishes one Telemetry update per PPO `train()` call.
+    """An SB3 callback that publishes one Telemetry update per PPO or A2C `train()` call.
 
     Pass a Telemetry built over `model.policy`, or None to have one built with
-    `policy_heads(model.policy)` and `policy_groups(model.policy)` when training starts. With `port` set, the
-    callback serves /metrics on `port + LOCAL_RANK` (see `tele_exporter.distributed`);
-    `close()` then waits up to `linger` seconds for Prometheus to scrape the final update.
+    `policy_heads(model.policy)` and `policy_groups(model.policy)` when training
+    starts. With `port` set, the callback serves /metrics on `port + LOCAL_RANK`
+    (see `tele_exporter.distributed`; port 0: any free port) from the moment it is
+    constructed, so `callback.url` is known before `learn()`; a taken port raises
+    `PortInUseError` naming it. `close()` then waits up to `linger` seconds for
+    Prometheus to scrape the final update.
     """
 
     def __init__(
@@ -93,36 +171,54 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         addr: str = DEFAULT_ADDR,
         registry: CollectorRegistry | None = None,
         const_labels: Mapping[str, str] | None = None,
-        linger: float = 0.0,
+        linger: float = DEFAULT_LINGER,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
         self.tele = tele
-        self.server: Server | None = None
-        self._port, self._addr, self._linger = port, addr, linger
         self._registry, self._const_labels = registry, const_labels
+        self._source: _CallbackSource | None = None
         self._hook: RemovableHandle | None = None
         self._upd: Update | None = None
         self._max_norm: float | None = None
         self._steps = 0
         self._epochs_before = 0
+        self.server: Server | None = None
+        if port is not None:
+            if tele is not None:
+                self.server = serve(tele, rank_port(port), addr, linger=linger)
+            else:
+                self._source = _CallbackSource(registry, const_labels)
+                self.server = serve(self._source, rank_port(port), addr, linger=linger)
+
+    @property
+    def url(self) -> str | None:
+        """The /metrics URL, known from construction; None without `port` (port 0 in it: telemetry disabled)."""
+        return self.server.url if self.server is not None else None
 
     # -- SB3 callback events -----------------------------------------------------------
 
     def _init_callback(self) -> None:
+        if not isinstance(self.model, SUPPORTED_ALGORITHMS):
+            names = " and ".join(a.__name__ for a in SUPPORTED_ALGORITHMS)
+            raise TypeError(
+                f"TelemetryCallback supports {names} (one Telemetry update per train() call); "
+                f"got {type(self.model).__name__}"
+            )
         if self.tele is None:
             policy = self.model.policy
+            source = self._source
             self.tele = Telemetry(
                 policy,
                 heads=policy_heads(policy),
                 groups=policy_groups(policy),
-                registry=self._registry,
+                registry=source.registry if source is not None else self._registry,
                 const_labels=self._const_labels,
             )
+            if source is not None:
+                source.tele = self.tele
         if {id(p) for p in self.tele.params} != {id(p) for p in self.model.policy.parameters()}:
             raise ValueError("the Telemetry must be built over model.policy: it clips the policy's gradients")
-        if self._port is not None and self.server is None:
-            self.server = serve(self.tele, rank_port(self._port), self._addr, linger=self._linger)
 
     def _on_training_start(self) -> None:
         self._finish()
@@ -155,14 +251,28 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
 
     # -- public --------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Publish an update still open, stop the server and unregister the telemetry."""
+    def close(self, linger: float | None = None) -> bool:
+        """Publish an update still open, stop the server and unregister the telemetry.
+
+        With a server, first wait until Prometheus has scraped the final update, up
+        to `linger` seconds (default: the callback's); returns False, with one
+        warning, when that wait timed out, True otherwise.
+        """
         self._on_training_end()
+        scraped = True
         if self.server is not None:
-            self.server.close()
+            wait = self.server.linger if linger is None else linger
+            scraped = self.server.close(linger)
+            if not scraped:
+                log.warning(
+                    "tele-exporter: no scrape of the final update within %g s; closing %s without it",
+                    wait,
+                    self.server.url,
+                )
             self.server = None
         if self.tele is not None:
             self.tele.close()
+        return scraped
 
     # -- internals -----------------------------------------------------------------
 
@@ -208,7 +318,9 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
             upd.__exit__(None, None, None)
 
     def _planned_steps(self) -> int:
-        """Optimizer steps `train()` makes without a KL early stop: epochs x minibatches."""
+        """Optimizer steps `train()` makes without a KL early stop: PPO's epochs x minibatches, A2C's one."""
         model: Any = self.model
+        if isinstance(model, A2C):
+            return 1
         samples = int(model.n_steps) * int(model.n_envs)
         return int(model.n_epochs) * math.ceil(samples / int(model.batch_size))
