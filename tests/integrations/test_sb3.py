@@ -6,6 +6,7 @@ for the same update (`model.logger.name_to_value`), never with a value re-derive
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -369,3 +370,36 @@ def test_a_gaussian_policys_log_std_is_a_group_and_its_values_equal_what_sb3_log
         assert cb.tele.errors() == {}
     finally:
         cb.close()
+
+
+@pytest.mark.slow
+def test_the_scale_docs_snippet_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "scale.md").read_text()
+    section = doc[doc.index("## Stable-Baselines3") :]
+    snippet = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    assert "model.learn(100_000, callback=callback)" in snippet
+    snippet = snippet.replace("model.learn(100_000,", "model.learn(256,")  # a short run; nothing else changes
+    ns: dict[str, Any] = {}
+    seen: list[float] = []
+    done = threading.Event()
+
+    def prometheus() -> None:
+        while not done.wait(0.05):
+            callback = ns.get("callback")
+            if callback is not None and callback.url is not None and callback.server is not None:
+                with contextlib.suppress(OSError):
+                    seen.append(scrape(callback.url).get(("tele_ppo_updates_total", ()), 0.0))
+
+    scraper = threading.Thread(target=prometheus, daemon=True)
+    scraper.start()
+    try:
+        exec(compile(snippet, "docs/scale.md", "exec"), ns)
+    finally:
+        done.set()
+        scraper.join()
+    printed = capsys.readouterr().out
+    assert printed.startswith("tele-exporter: http://127.0.0.1:")
+    assert ns["model"].num_timesteps >= 256
+    assert seen and seen[-1] == ns["model"]._n_updates / ns["model"].n_epochs  # close() waited for the last update

@@ -1,4 +1,13 @@
-"""TorchRL: publish a `ClipPPOLoss`'s clip fraction and TELE-111's k3 KL from its own outputs.
+"""TorchRL: publish what a `ClipPPOLoss` computes (clip fraction, entropy, explained variance) and TELE-111's k3 KL.
+
+Every value comes from the loss's own outputs, with no extra forward pass:
+`clip_fraction`, `entropy` (present when the loss has an entropy bonus, the
+default) and `explained_variance` (present with `log_explained_variance=True`,
+the default) are recorded as they are, once per minibatch, so the update
+publishes their means over its minibatches, as TorchRL's PPO examples average
+their logged loss outputs. TorchRL's explained variance is of each minibatch's
+current critic against its value targets, not of the rollout before the
+update (TELE-200's), so it rises through an update's epochs.
 
 `ClipPPOLoss.forward` returns scalars only: it works on a shallow clone of the
 input tensordict and writes nothing back, so the per-sample log-ratio
@@ -27,6 +36,7 @@ from torchrl.objectives import ClipPPOLoss
 from ..telemetry.telemetry import Update
 
 _NEEDED = ("mean_ratio", "kl_approx", "clip_fraction")
+_OPTIONAL = ("entropy", "explained_variance")
 
 
 def loss_heads(loss: ClipPPOLoss) -> dict[str, nn.Module]:
@@ -61,26 +71,33 @@ def k3_kl(out: Any) -> Tensor:
 
 
 def observe_loss(upd: Update, loss: ClipPPOLoss, out: Any) -> Tensor:
-    """Record one ClipPPOLoss minibatch in `upd`: its k3 KL and its clip fraction; returns the KL.
+    """Record one ClipPPOLoss minibatch in `upd`: k3 KL, clip fraction, entropy, explained variance; returns the KL.
 
     Call it once per minibatch: the update publishes the mean of each over its
     minibatches, which is what TorchRL's PPO examples log for their loss outputs.
+    `entropy` and `explained_variance` are recorded when the loss returned them.
+    All of it stays on the loss's device: no host sync.
     """
     _check_loss(loss)
     values = _outputs(out)
     upd.observe_clip_fraction(values["clip_fraction"])
+    if "entropy" in values:
+        upd.observe_entropy_value(values["entropy"])
+    if "explained_variance" in values:
+        upd.observe_explained_variance_value(values["explained_variance"])
     return upd.observe_kl_value(values["mean_ratio"] - 1.0 + values["kl_approx"])
 
 
 def _outputs(out: Any) -> dict[str, Tensor]:
-    """The scalar outputs k3 and the clip fraction come from, detached, in float64."""
+    """The scalar outputs recorded (those k3 and the clip fraction need, and any optional ones), in float64."""
     present = set(out.keys())  # a TensorDict refuses `key in td`
     missing = [key for key in _NEEDED if key not in present]
     if missing:
         raise KeyError(
             f"the ClipPPOLoss output has no {missing}: pass the tensordict the loss returned, with its default out_keys"
         )
-    return {key: torch.as_tensor(out[key]).detach().to(torch.float64).reshape(()) for key in _NEEDED}
+    keys = [*_NEEDED, *(key for key in _OPTIONAL if key in present)]
+    return {key: torch.as_tensor(out[key]).detach().to(torch.float64).reshape(()) for key in keys}
 
 
 def _check_loss(loss: ClipPPOLoss) -> None:
