@@ -9,6 +9,7 @@ exported and alerted on like heads, with kind="other", but left out of the CV.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -87,10 +88,10 @@ def _rows(what: str, name: str, rows: slice, n: int, module: str) -> tuple[int, 
     for value, default in ((rows.start, 0), (rows.stop, n)):
         if value is None:
             bounds.append(default)
-        elif not isinstance(value, int) or isinstance(value, bool):
+        elif not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy ints are Integral
             raise TypeError(f"{what} {name!r}: row slice {rows} has a bound that is not an int")
         else:
-            bounds.append(value + n if value < 0 else value)
+            bounds.append(int(value) + n if value < 0 else int(value))
     start, stop = bounds
     if not 0 <= start < stop <= n:
         raise ValueError(f"{what} {name!r}: row slice {rows} is empty or out of range for {module}'s {n} output rows")

@@ -9,6 +9,7 @@ keeps the entropy history of TELE-121 across updates.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -206,7 +207,8 @@ def check_action_sizes(sizes: Mapping[str, int] | None, heads: Sequence[str]) ->
     for name, n in (sizes or {}).items():
         if name not in heads:
             raise ValueError(f"action_sizes names head {name!r}, which is not one of the heads {list(heads)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        # Any integer type, numpy's too (gymnasium's Discrete(n).n is a numpy int64); bool is no count.
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"action_sizes[{name!r}] must be an int >= 1 (the head's number of actions), got {n!r}")
-        out[name] = n
+        out[name] = int(n)
     return out
