@@ -125,6 +125,7 @@ class Update:
         over its valid steps. The update publishes the mean of all its observe_* calls.
         """
         self._check_open()
+        _check_head_mappings("observe_kl", "log-ratio", log_ratio, masks, self._heads)
         unknown = [h for h in (*log_ratio, *(masks or {})) if h not in self._heads]
         if unknown:
             raise ValueError(f"unknown head {unknown[0]!r} in observe_kl; action heads are {list(self._heads)}")
@@ -161,6 +162,7 @@ class Update:
         averages over the steps; the update publishes the mean of its calls.
         """
         self._check_open()
+        _check_head_mappings("observe_entropy", "entropy", entropies, masks, self._heads)
         return self.policy.observe_entropy(entropies, masks)
 
     def observe_explained_variance(self, values: Tensor, returns: Tensor) -> Tensor:
@@ -194,6 +196,7 @@ class Update:
         The clip fraction joins any observe_clip_fraction values in the update's mean.
         """
         self._check_open()
+        _check_head_mappings("observe_ratios", "log-ratio", log_ratio, masks, self._heads)
         fraction = self.policy.observe_ratios(log_ratio, masks, clip_eps)
         self._keep(self.clip_fractions, fraction)
         return fraction
@@ -209,6 +212,17 @@ class Update:
     def _check_open(self) -> None:
         if not self._open:
             raise RuntimeError("use the Update inside `with tele.update() as upd:`")
+
+
+def _check_head_mappings(what: str, per_step: str, tensors: object, masks: object, heads: Sequence[str]) -> None:
+    """A bare tensor where a dict of heads is expected raises saying so (iterating it would name its elements)."""
+    example = heads[0] if heads else "actor"
+    for name, value, kind in (("", tensors, per_step), ("masks as ", masks, "mask")):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{what} expects {name}a dict of heads, action head -> per-step {kind} tensor "
+                f"(e.g. {{{example!r}: tensor}}), got a {type(value).__name__}; action heads are {list(heads)}"
+            )
 
 
 def _check_clip_args(max_norm: float, norm_type: float) -> float:
