@@ -27,6 +27,7 @@ class PolicyState:
     entropy_history: tuple[float, ...] = ()  # oldest first, the last 10 updates with an entropy
     entropy_velocity: float | None = None  # TELE-121: slope of entropy_history, nats per update
     head_entropy: Mapping[str, float] = field(default_factory=dict)  # TELE-170, normalised to [0, 1]
+    entropy_normalized: float | None = None  # the joint entropy over the action space's maximum, in [0, 1]
     explained_variance: float | None = None  # TELE-200; missing when Var(returns) == 0
     advantage_std: float | None = None  # TELE-140
     head_ratio_max: Mapping[str, float] = field(default_factory=dict)  # TELE-151
@@ -103,6 +104,8 @@ class Snapshot:
     seeds: tuple[SeedState, ...] = ()
     histograms: Mapping[str, Mapping[tuple[str, ...], HistogramState]] = field(default_factory=dict)
     seeds_refused: int = 0
+    alert_scale: str = "run"  # how this run's scale-dependent signals page: "run" (own baseline) or "records"
+    finished: bool = False  # the trainer said it ended cleanly (Telemetry.finish)
 
     def head(self, name: str) -> HeadState:
         for head in self.heads:
@@ -166,6 +169,7 @@ def _policy_dict(p: PolicyState, catalog: Catalog) -> dict[str, Any]:
             "trend": _maybe(history_trend(entropy_spec, p.entropy_history)),
             "collapsed": p.entropy_collapsed,
             "velocity": shown("entropy_velocity", p.entropy_velocity),
+            "normalized": shown("entropy_normalized", p.entropy_normalized),
         },
         "head_entropy": {h: shown("head_entropy", v) for h, v in p.head_entropy.items()},
         "explained_variance": shown("explained_variance", p.explained_variance),

@@ -26,7 +26,11 @@ COLOUR_KEYS = (*STATUSES, "neutral")
 # A level may also be neutral: shown dim, never alerted on (TELE-121's "slow decline").
 LEVEL_STATUSES = COLOUR_KEYS
 SEVERITIES = ("warning", "critical")
-ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag")
+ALERT_KINDS = ("stale", "increase", "errors", "ranks_missing", "rank_lag", "spike", "drop", "fall", "trend")
+# Alerts against the run's own recent past: spike (above factor x its median), drop (below median / factor),
+# fall (below median - by), and trend (predict_linear crossing the metric's `toward` level within `horizon`).
+RELATIVE_KINDS = ("spike", "drop", "fall", "trend")
+SCALES = ("records", "run")
 # Aggregations of a metric across the ranks of a job (prometheus/rules/tele-ranks.yml):
 # "worst" is min and/or max as the levels go bad; the *_rate ones are of a counter's rate.
 RANK_OPS = ("worst", "max", "min", "avg", "sum_rate", "min_rate")
@@ -132,6 +136,13 @@ class MetricAlert:
     window: str | None = None
     # rank_lag: how many update intervals a rank may trail the freshest rank of its job.
     intervals: float | None = None
+    # spike/drop: the factor against the baseline; fall: the amount below it; trend: how far ahead to look.
+    factor: float | None = None
+    by: float | None = None
+    horizon: str | None = None
+    toward: str | None = None  # trend: the level whose start the prediction must reach
+    # Which runs the alert pages: "run" (runs that page against their own baseline), or None (every run).
+    scale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,9 @@ class MetricSpec:
     of: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     ranks: tuple[str, ...] = ()
+    # "records": the level alerts page only on runs that keep the TELE records' scale (or say nothing of it);
+    # a run that pages against its own baseline (tele_alert_scale_info{scale="run"}) uses `alerts` instead.
+    scale: str | None = None
 
     @property
     def family_name(self) -> str:
@@ -315,6 +329,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 _METRIC_KEYS = (
+    "scale",
     "name",
     "type",
     "labels",
@@ -405,17 +420,48 @@ def _read_trend(r: _Reader) -> Trend | None:
     return Trend(tr.interval("stable"), dict(arrows), tr.choice("stable_colour", COLOUR_KEYS), tuple(contexts))
 
 
+_ALERT_KEYS = ("name", "kind", "severity", "for", "after", "window", "intervals", "factor", "by", "horizon")
+_ALERT_KEYS += ("toward", "scale")
+
+
 def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
     alerts = []
     for i, raw in enumerate(r.get("alerts", list, [])):
         ar = r.child(f"alerts[{i}]", raw)
-        ar.check_keys(("name", "kind", "severity", "for", "after", "window", "intervals"))
+        ar.check_keys(
+            (
+                "name",
+                "kind",
+                "severity",
+                "for",
+                "after",
+                "window",
+                "intervals",
+                "factor",
+                "by",
+                "horizon",
+                "toward",
+                "scale",
+            )
+        )
         kind = ar.choice("kind", ALERT_KINDS)
         intervals = None
         if kind == "rank_lag":
             intervals = float(ar.get("intervals", (int, float)))
             if not 0 < intervals < math.inf:
                 raise ar.fail("intervals", f"must be a positive number of update intervals, got {intervals}")
+        factor = by = None
+        if kind in ("spike", "drop") or (kind == "trend" and "factor" in ar.data):
+            factor = float(ar.get("factor", (int, float)))
+            if not 1 < factor < math.inf:
+                raise ar.fail("factor", f"must be a finite number > 1, got {factor}")
+        if kind == "fall":
+            by = float(ar.get("by", (int, float)))
+            if not 0 < by < math.inf:
+                raise ar.fail("by", f"must be a positive amount, got {by}")
+        toward = ar.get("toward", str, None) if kind == "trend" else None
+        if kind == "trend" and (toward is None) == (factor is None):
+            raise ar.fail("toward", "a trend alert needs either `toward` (a level) or `factor` (against the baseline)")
         alerts.append(
             MetricAlert(
                 name=ar.get("name", str),
@@ -423,8 +469,13 @@ def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
                 severity=ar.choice("severity", SEVERITIES),
                 for_=ar.duration("for"),
                 after=ar.duration("after") if kind == "stale" else None,
-                window=ar.duration("window") if kind in ("increase", "errors") else None,
+                window=ar.duration("window") if kind in ("increase", "errors", *RELATIVE_KINDS) else None,
                 intervals=intervals,
+                factor=factor,
+                by=by,
+                horizon=ar.duration("horizon") if kind == "trend" else None,
+                toward=toward,
+                scale=ar.choice("scale", SCALES) if "scale" in ar.data else None,
             )
         )
     return tuple(alerts)
@@ -524,6 +575,7 @@ def _read_metric(path: Path, metric_id: str, raw: Any, namespace: str) -> Metric
         of=tuple(str(o) for o in r.get("of", list, [])),
         buckets=buckets,
         ranks=_read_ranks(r, mtype, levels),
+        scale=r.choice("scale", ("records",)) if "scale" in r.data else None,
     )
 
 
@@ -537,6 +589,9 @@ def _check_cross_references(path: Path, metrics: Mapping[str, MetricSpec]) -> No
             missing = [t for t in metrics[ref].thresholds() if t > 0 and t not in spec.buckets]
             if missing:
                 raise CatalogError(f"{where}.buckets: thresholds {missing} of {ref} must be bucket edges")
+        for alert in spec.alerts:
+            if alert.toward is not None and alert.toward not in {lv.name for lv in spec.levels}:
+                raise CatalogError(f"{where}.alerts: {alert.name} trends toward {alert.toward!r}, not a level")
         for level in spec.levels:
             if level.flag is not None and level.flag not in metrics:
                 raise CatalogError(f"{where}.levels: flag {level.flag!r} is not a metric id")

@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         results = trainer.run(on_update=lambda r: print(progress_line(r, config.updates), flush=True), stop=stop)
+        trainer.tele.finish()  # a clean end (all updates, or Ctrl-C between updates): no absence alert
     finally:
         restore()
         server.close()

@@ -126,6 +126,7 @@ class Trainer:
             registry=registry,
             const_labels=const_labels,
             action_sizes=head_sizes(cfg.env.slots),
+            scale="records",  # the demo keeps the TELE records' scale: it pages on their absolute levels
         )
         for env in self.vec.envs:
             env.tele = self.tele

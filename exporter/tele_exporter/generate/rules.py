@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..catalog.model import Catalog, MetricAlert, MetricSpec, duration_seconds
+from ..catalog.model import RELATIVE_KINDS, Catalog, MetricAlert, MetricSpec, duration_seconds
 from ..catalog.thresholds import THRESHOLD_METRIC
 from . import promql
 from .promql import high_op, interval_filter, low_op, number
@@ -35,6 +35,11 @@ WINDOW = "5m"
 VALUE = '{{ $value | printf "%.4g" }}'
 # Quantile recorded for every histogram.
 QUANTILE = 0.9
+# A relative alert's baseline: the run's own median over the alert's window, once it holds this many samples.
+BASELINE_SAMPLES = 10
+DEFAULT_BASELINE = "30m"
+# How far back a run's last samples still tell a finished run (and its labels) from a dead one.
+LOOKBACK = "1d"
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ def alert_rules(catalog: Catalog) -> list[AlertRule]:
                 AlertRule(
                     name=level.alert.name,
                     severity=level.alert.severity,
-                    expr=level_expr(catalog, spec, i),
+                    expr=_records_only(catalog, spec, level_expr(catalog, spec, i)),
                     for_=level.alert.for_,
                     summary=f"{spec.name}{on} is in its run's {level.name} level (catalog: {level.when}).",
                     description=(
@@ -117,6 +122,8 @@ def alert_rules(catalog: Catalog) -> list[AlertRule]:
                 rules.append(_errors_rule(catalog, spec, alert.name, alert.severity, alert.for_, alert.window))
             elif alert.kind == "increase":
                 rules.append(_increase_rule(catalog, spec, alert.name, alert.severity, alert.for_, alert.window))
+            elif alert.kind in RELATIVE_KINDS:
+                rules.append(_relative_rule(catalog, spec, alert))
             else:
                 rules.append(_rank_alert(catalog, spec, alert))
     return rules
@@ -157,23 +164,113 @@ def level_expr(catalog: Catalog, spec: MetricSpec, index: int) -> str:
 def _stale_rule(
     catalog: Catalog, spec: MetricSpec, name: str, severity: str, for_: str, after: str | None
 ) -> AlertRule:
-    """No fresh data: the update timestamp is older than `after`, or the target is down or gone."""
+    """No fresh data from a run that did not finish: its latest update is older than `after`, or its target is down.
+
+    last_over_time() keeps a run's labels for LOOKBACK after its target went away, so the
+    alert names the run; a run whose last scrape said tele_run_finished 1 (Telemetry.finish)
+    ended cleanly and never pages, whether its target stays (up 0) or goes.
+    """
     up = selector(catalog, "up")
-    expr = f"time() - {selector(catalog, spec.name)} > {_seconds(after)}\nor {up} == 0\nor absent({up})"
+    finished = catalog.metrics.get("run_finished")
+    latest = f"last_over_time({selector(catalog, spec.name)}[{LOOKBACK}])"
+    unless = ""
+    if finished is not None:
+        unless = f"\nunless on (job, instance) (last_over_time({selector(catalog, finished.name)}[{LOOKBACK}]) == 1)"
+    expr = f"(time() - {latest} > {_seconds(after)}{unless})\nor ({up} == 0{unless})"
     return AlertRule(
         name=name,
         severity=severity,
         expr=expr,
         for_=for_,
-        summary="A trainer stopped publishing TELE telemetry.",
+        summary="A trainer stopped publishing TELE telemetry without finishing.",
         description=(
-            "{{ $labels.job }}/{{ $labels.instance }} has published no fresh telemetry for "
-            f"{for_}: its target is down or missing from Prometheus, or its latest PPO update "
-            f"is more than {after} old (value {VALUE}: seconds since the "
-            "update, or 0 for a down or absent target)."
+            "{{ $labels.job }}/{{ $labels.instance }}{{ with $labels.run }} run={{ . }}{{ end }} has published no "
+            f"fresh telemetry for {for_}: its target is down, or its latest PPO update is more than {after} old "
+            f"(value {VALUE}: seconds since the update, or 0 for a down target), and it never said it finished "
+            "(tele_run_finished). A crashed, killed or hung trainer."
         ),
         metric=spec,
     )
+
+
+def _records_only(catalog: Catalog, spec: MetricSpec, expr: str) -> str:
+    """A level alert of a scale-dependent metric: only for runs that keep the records' scale or say nothing."""
+    scale = catalog.metrics.get("alert_scale")
+    if spec.scale != "records" or scale is None:
+        return expr
+    ignoring = ", ".join([*spec.labels, *scale.labels])
+    run_scale = selector(catalog, scale.name, {"scale": "run"})
+    return f"(\n{expr}\n)\nunless ignoring ({ignoring})\n{run_scale}"
+
+
+def _relative_rule(catalog: Catalog, spec: MetricSpec, alert: MetricAlert) -> AlertRule:
+    """An alert against the run's own recent past: a spike, a drop, a fall, or a trend toward a bad level.
+
+    The baseline is the series' median over the alert's window, once it holds BASELINE_SAMPLES
+    samples, so nothing pages before the run has a past; the comparison keeps the series'
+    own labels, so the alert names the run and the head.
+    """
+    series = selector(catalog, spec.name, dict(spec.alert_on))
+    window = alert.window or DEFAULT_BASELINE
+    baseline = f"quantile_over_time(0.5, {series}[{window}])"
+    enough = f"count_over_time({series}[{window}]) >= {BASELINE_SAMPLES}"
+    line = "\n  "
+    if alert.kind == "spike":
+        assert alert.factor is not None
+        expr = f"{series}\n> {number(alert.factor)} * ({line}{baseline} > 0{line}and {enough}\n)"
+        what = f"above {number(alert.factor)}x its median of the last {window}"
+    elif alert.kind == "drop":
+        assert alert.factor is not None
+        expr = f"{series}\n< ({line}{baseline} > 0{line}and {enough}\n) / {number(alert.factor)}"
+        what = f"below 1/{number(alert.factor)} of its median of the last {window}"
+    elif alert.kind == "fall":
+        assert alert.by is not None
+        expr = f"{series}\n< ({line}{baseline}{line}and {enough}\n) - {number(alert.by)}"
+        what = f"more than {number(alert.by)} below its median of the last {window}"
+    else:
+        expr, what = _trend_expr(spec, alert, series, baseline, enough, window)
+    scale = catalog.metrics.get("alert_scale")
+    if alert.scale == "run" and scale is not None:
+        ignoring = ", ".join([*spec.labels, *scale.labels])
+        expr = f"(\n{expr}\n)\nand ignoring ({ignoring})\n{selector(catalog, scale.name, {'scale': 'run'})}"
+    on = "".join(f' ({key}="{value}")' for key, value in spec.alert_on.items())
+    return AlertRule(
+        name=alert.name,
+        severity=alert.severity,
+        expr=expr,
+        for_=alert.for_,
+        summary=f"{spec.name}{on} is {what}.",
+        description=(
+            f"{spec.name}{on} of {_where(spec)} is {VALUE}, {what}, for more than {alert.for_}. {spec.question}"
+        ),
+        metric=spec,
+    )
+
+
+def _trend_expr(
+    spec: MetricSpec, alert: MetricAlert, series: str, baseline: str, enough: str, window: str
+) -> tuple[str, str]:
+    """predict_linear over the window reaching a bad level (or factor x baseline) within the horizon, not there yet."""
+    horizon = _seconds(alert.horizon)
+    predicted = f"predict_linear({series}[{window}], {horizon})"
+    line = "\n  "
+    if alert.factor is not None:  # against the spike alerts' baseline: the median of the last DEFAULT_BASELINE
+        baseline = f"quantile_over_time(0.5, {series}[{DEFAULT_BASELINE}])"
+        enough = f"count_over_time({series}[{DEFAULT_BASELINE}]) >= {BASELINE_SAMPLES}"
+        limit = f"{number(alert.factor)} * ({line}{baseline} > 0{line}and {enough}\n)"
+        expr = f"({predicted} > {limit})\nand ({series} <= {limit})"
+        what = f"on a trend to pass {number(alert.factor)}x its median of the last {DEFAULT_BASELINE}"
+        return expr, f"{what} within {alert.horizon}"
+    assert alert.toward is not None
+    level = spec.level(alert.toward)
+    iv = level.when
+    low_side = spec.levels.index(level) == 0  # the target level lies below the others: falling toward it
+    if low_side:
+        op, bound, back = ("<=" if iv.high_closed else "<"), iv.high, (">" if iv.high_closed else ">=")
+    else:
+        op, bound, back = (">=" if iv.low_closed else ">"), iv.low, ("<" if iv.low_closed else "<=")
+    expr = f"({predicted} {op} {number(bound)}{line}and {enough})\nand ({series} {back} {number(bound)})"
+    return expr, f"on a trend to reach its {alert.toward} level ({iv}) within {alert.horizon}"
 
 
 def _increase_rule(

@@ -92,6 +92,16 @@ def policy_heads(policy: nn.Module) -> dict[str, HeadSpec]:
     return heads
 
 
+def policy_action_sizes(policy: nn.Module) -> dict[str, int]:
+    """Each discrete action head's number of actions (its entropy's maximum); none for a Gaussian policy."""
+    space = getattr(policy, "action_space", None)
+    if isinstance(space, spaces.Discrete):
+        return {"action_net": int(space.n)}
+    if isinstance(space, spaces.MultiDiscrete):
+        return {f"action_net.{i}": int(n) for i, n in enumerate(space.nvec.flatten())}
+    return {}
+
+
 def policy_groups(policy: nn.Module) -> dict[str, HeadSpec]:
     """The other measured groups of an SB3 actor-critic policy, outside the gradient CV.
 
@@ -212,6 +222,7 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
                 policy,
                 heads=policy_heads(policy),
                 groups=policy_groups(policy),
+                action_sizes=policy_action_sizes(policy),
                 registry=source.registry if source is not None else self._registry,
                 const_labels=self._const_labels,
             )
@@ -244,6 +255,13 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         return True
 
     def _on_training_end(self) -> None:
+        """SB3 calls this only when learn() returns normally: a later absence is a clean end, not a crash."""
+        self._release()
+        if self.tele is not None:
+            self.tele.finish()
+
+    def _release(self) -> None:
+        """Publish an update still open and remove the optimizer hook."""
         self._finish()
         if self._hook is not None:
             self._hook.remove()
@@ -258,7 +276,7 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         to `linger` seconds (default: the callback's); returns False, with one
         warning, when that wait timed out, True otherwise.
         """
-        self._on_training_end()
+        self._release()
         scraped = True
         if self.server is not None:
             wait = self.server.linger if linger is None else linger

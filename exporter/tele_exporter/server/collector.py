@@ -110,6 +110,9 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "last_update_timestamp": _scalar("timestamp"),
     "nonfinite_gradients": lambda s: [((h.name, h.kind), float(h.nonfinite_total)) for h in s.heads],
     "seeds_refused": _scalar("seeds_refused"),
+    "entropy_normalized": _policy("entropy_normalized"),
+    "alert_scale": lambda s: [((s.alert_scale,), 1.0)],
+    "run_finished": lambda s: [((), 1.0 if s.finished else 0.0)],
 }
 
 

@@ -223,6 +223,8 @@ class Fold:
                 seeds=tuple(seed_state(self.catalog, key, seed_values.get(key, NO_SEED_DATA)) for key in live),
                 histograms={hid: h.states() for hid, h in self.histograms.items()},
                 seeds_refused=refused,
+                alert_scale=old.alert_scale,
+                finished=False,  # a published update: the run is alive (again)
             )
 
         return swap
@@ -242,7 +244,7 @@ class Fold:
         means = torch.where(present, values, 0.0).sum(0) / counts  # 0 / 0: NaN for a head without a step
         nonfinite = (present & ~values.isfinite()).sum(0)
         totals = rows[:, h:].mean(0)
-        actions = self._actions  # TELE-330 compares action heads only
+        actions = self._actions  # TELE-330 compares action heads only; fewer than two: no CV at all
         cv = step_cvs(values[:, :actions], present[:, :actions]).mean().reshape(1)
         head_counts, head_sums = bucket_columns(values, present, self.histograms["step_head_grad_norm"].edges_tensor)
         clip = self.histograms["step_policy_grad_norm"]
@@ -267,7 +269,7 @@ class Fold:
                 self.histograms["step_head_grad_norm"].add((head.name, head.kind), head_buckets[i], head_totals[i])
         for i, side in enumerate(("pre", "post")):
             clip.add((side,), clip_buckets[i], clip_totals[i])
-        return FoldedRows(values_by_head, n, pre, post, cv_value)
+        return FoldedRows(values_by_head, n, pre, post, cv_value if actions >= 2 else None)
 
     def _checked_kls(self, kls: list[float]) -> list[float]:
         """The update's KL values on the host; rounding negatives become 0.0, a real negative refuses them all.

@@ -138,6 +138,11 @@ class PolicyHealth:
     def __init__(self, heads: Sequence[str], action_sizes: Mapping[str, int] | None, history: int) -> None:
         self.heads = tuple(heads)
         self.action_sizes = check_action_sizes(action_sizes, self.heads)
+        # The joint entropy's maximum: every action head uniform over its actions; None unless all sizes are known.
+        known = [self.action_sizes.get(h) for h in self.heads]
+        self.max_entropy = math.fsum(math.log(n) for n in known if n) if all(known) and self.heads else None
+        if self.max_entropy == 0.0:  # only one-action heads: nothing to normalise by
+            self.max_entropy = None
         self._history: deque[float] = deque(maxlen=history)
 
     def publish(self, host: PolicyHost) -> PolicyState:
@@ -162,6 +167,7 @@ class PolicyHealth:
             entropy_history=history,
             entropy_velocity=entropy_velocity(history),
             head_entropy=head_entropy,
+            entropy_normalized=None if entropy is None or self.max_entropy is None else entropy / self.max_entropy,
             explained_variance=math.fsum(ev) / len(ev) if ev else None,
             advantage_std=math.fsum(adv) / len(adv) if adv else None,
             head_ratio_max=ratio_max,

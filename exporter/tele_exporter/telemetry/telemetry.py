@@ -31,6 +31,7 @@ from .seeds import NO_SEED_DATA, SeedRegistry, SeedWatch, seed_state
 from .update import Update
 
 DEFAULT_MAX_SEEDS = 1024
+SCALES = ("run", "records")
 DISABLED_ENV = settings.DISABLED_ENV
 
 __all__ = ["DEFAULT_MAX_SEEDS", "DISABLED_ENV", "SeedWatch", "Telemetry", "Update"]
@@ -50,6 +51,10 @@ class Telemetry:
     environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
     `thresholds` (signal -> level -> start) and `thresholds_file` (or $TELE_EXPORTER_THRESHOLDS)
     move this run's level boundaries; the alert rules, the page and /api/snapshot follow them.
+    `scale` says how the scale-dependent signals (gradient norms, CV, advantage std, entropy in
+    nats) page: "run" (the default) against this run's own baseline, "records" on the TELE
+    records' absolute levels, for trainers on the records' scale (the demo); exported as
+    tele_alert_scale_info. Call `finish()` once training ended cleanly.
     """
 
     def __init__(
@@ -66,9 +71,12 @@ class Telemetry:
         thresholds: Thresholds | None = None,
         thresholds_file: str | Path | None = None,
         action_sizes: Mapping[str, int] | None = None,
+        scale: str = "run",
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
         self.catalog = resolve(catalog if catalog is not None else default_catalog(), thresholds, thresholds_file)
         self.params, resolved = settings.policy_heads(policy, heads, groups)
         self.heads: dict[str, HeadSpec] = dict(heads)
@@ -82,7 +90,7 @@ class Telemetry:
         self._meter = GradientMeter(self.params, resolved)
         policy_health = PolicyHealth(tuple(self.heads), action_sizes, self.catalog["policy_entropy"].history)
         self._fold = Fold(self.catalog, resolved, policy_health, self._errors.record)
-        self._snapshot = empty_snapshot(tuple((h.name, h.kind) for h in resolved))
+        self._snapshot = replace(empty_snapshot(tuple((h.name, h.kind) for h in resolved)), alert_scale=scale)
         self._update: Update | None = None
         self.enabled = settings.enabled(enabled)
 
@@ -127,6 +135,15 @@ class Telemetry:
         if not self.enabled:
             return SeedWatch(key, None, None)
         return self._seeds.watch(module, host, key, backward_gain)
+
+    def finish(self) -> None:
+        """Say that training ended cleanly: tele_run_finished becomes 1, so no absence alert pages for this run.
+
+        Call it after the last update and before the server's close(), whose linger lets
+        Prometheus scrape it; a run that crashes never calls it and still pages.
+        """
+        with self._lock:
+            self._snapshot = replace(self._snapshot, finished=True)
 
     def snapshot(self) -> Snapshot:
         """The latest published snapshot (immutable)."""
