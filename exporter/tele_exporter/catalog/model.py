@@ -420,8 +420,8 @@ def _read_trend(r: _Reader) -> Trend | None:
     return Trend(tr.interval("stable"), dict(arrows), tr.choice("stable_colour", COLOUR_KEYS), tuple(contexts))
 
 
-_ALERT_KEYS = ("name", "kind", "severity", "for", "after", "window", "intervals", "factor", "by", "horizon")
-_ALERT_KEYS += ("toward", "scale")
+_ALERT_KEYS: tuple[str, ...] = ("name", "kind", "severity", "for", "after", "window", "intervals", "factor", "by")
+_ALERT_KEYS += ("horizon", "toward", "scale")
 
 
 def _read_alerts(r: _Reader) -> tuple[MetricAlert, ...]:
