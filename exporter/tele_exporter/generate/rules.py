@@ -258,7 +258,7 @@ def _trend_expr(
         baseline = f"quantile_over_time(0.5, {series}[{DEFAULT_BASELINE}])"
         enough = f"count_over_time({series}[{DEFAULT_BASELINE}]) >= {BASELINE_SAMPLES}"
         limit = f"{number(alert.factor)} * ({line}{baseline} > 0{line}and {enough}\n)"
-        expr = f"({predicted} > {limit})\nand ({series} <= {limit})"
+        expr = f"({series} <= {limit})\nand ({predicted} > {limit})"  # the value: the series' own, now
         what = f"on a trend to pass {number(alert.factor)}x its median of the last {DEFAULT_BASELINE}"
         return expr, f"{what} within {alert.horizon}"
     assert alert.toward is not None
@@ -269,7 +269,7 @@ def _trend_expr(
         op, bound, back = ("<=" if iv.high_closed else "<"), iv.high, (">" if iv.high_closed else ">=")
     else:
         op, bound, back = (">=" if iv.low_closed else ">"), iv.low, ("<" if iv.low_closed else "<=")
-    expr = f"({predicted} {op} {number(bound)}{line}and {enough})\nand ({series} {back} {number(bound)})"
+    expr = f"({series} {back} {number(bound)})\nand ({predicted} {op} {number(bound)}{line}and {enough})"
     return expr, f"on a trend to reach its {alert.toward} level ({iv}) within {alert.horizon}"
 
 
