@@ -58,6 +58,7 @@ class Recording:
         self.name, self.library, self.fault, self.fault_update = name, library, fault, fault_update
         self.scrapes: list[Samples] = []
         self.started = time.monotonic()
+        self.crashed = ""  # the exception that ended the run, if it died
 
     def add(self, samples: Samples) -> None:
         self.scrapes.append(samples)
@@ -71,6 +72,7 @@ class Recording:
             "fault_update": self.fault_update,
             "seconds": round(time.monotonic() - self.started, 1),
             "updates": len(self.scrapes),
+            "crashed": self.crashed or None,
             "series": {k: [_json(s.get(k)) for s in self.scrapes] for k in names},
         }
         out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +169,19 @@ def sb3_run(name: str, env_id: str, updates: int, fault: str | None, fault_updat
             if telemetry.tele is not None:
                 rec.add(scrape(telemetry.tele.registry))
 
-    model.learn(total_timesteps=updates * model.n_steps * model.n_envs, callback=CallbackList([telemetry, Recorder()]))
+    try:
+        model.learn(
+            total_timesteps=updates * model.n_steps * model.n_envs, callback=CallbackList([telemetry, Recorder()])
+        )
+    except Exception as exc:  # the fault killed the trainer, as it would kill a user's: what was published stays
+        rec.crashed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        # As docs/sb3.md's `finally: callback.close()` does: the update train() was in is published
+        # (close lingers for its scrape), and the run is not finished, so its absence pages too.
+        telemetry._release()
+        assert telemetry.tele is not None
+        rec.add(scrape(telemetry.tele.registry))
+        telemetry.close(linger=0)
+        return rec
     telemetry.close(linger=0)
     return rec
 

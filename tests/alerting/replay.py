@@ -41,11 +41,20 @@ class Run:
     fault_update: int | None
     series: dict[str, list[Any]]
     updates: int
+    crashed: str | None = None  # the exception that killed the trainer: it never finished
 
     @classmethod
     def load(cls, path: Path) -> Run:
         data = json.loads(path.read_text())
-        return cls(data["run"], data["library"], data["fault"], data["fault_update"], data["series"], data["updates"])
+        return cls(
+            data["run"],
+            data["library"],
+            data["fault"],
+            data["fault_update"],
+            data["series"],
+            data["updates"],
+            data.get("crashed"),
+        )
 
     @property
     def fault_time(self) -> int | None:
@@ -76,9 +85,15 @@ def _value(v: Any) -> str:
 
 
 def input_series(run: Run, crash: bool = False) -> list[dict[str, str]]:
-    """promtool input_series on a 15 s grid: each update's scrape twice, then the end (clean or a crash)."""
+    """promtool input_series on a 15 s grid: each update's scrape twice, then the end (clean or a crash).
+
+    A run that died (`run.crashed`) ends as a crash at its last scrape; a healthy run replayed
+    as a crash loses its final, finished scrape.
+    """
     out = []
-    end = run.updates - 1 if crash else run.updates  # a crash never publishes the final (finished) scrape
+    died = bool(run.crashed)
+    crash = crash or died
+    end = run.updates if died else (run.updates - 1 if crash else run.updates)
     for key, values in run.series.items():
         name, labels = _series_name(key)
         if name == "tele_last_update_timestamp_seconds":  # the replay's clock, not the recording's
@@ -152,6 +167,8 @@ def matrix() -> str:
             f"{name} {sev} {(t - start) / 60:+.1f}" for (name, sev), t in sorted(fired.items(), key=lambda kv: kv[1])
         )
         fault = f"{run.fault} ({run.fault_update})" if run.fault else "healthy"
+        if run.crashed:
+            fault += f"; the trainer died: {run.crashed[:60]}"
         lines.append(f"| {run.name} ({run.library}, {run.updates} updates) | {fault} | {cells or 'none'} |")
         if run.fault is None:
             crashed = first_firings(run, crash=True)

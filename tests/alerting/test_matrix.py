@@ -23,7 +23,7 @@ EXPECTED = {
     "explode": {"TeleGradNormSpike", "TeleHeadGradNormSpike", "TeleGradNormTrend"},
     "nan": {"TeleNonFiniteGradients"},
     "entropy": {"TeleEntropyNormalizedLow", "TelePolicyEntropyFall"},
-    "kl": {"TeleKLDivergenceHigh", "TeleKLDivergenceTrend"},
+    "kl": {"TeleKLDivergenceSpike", "TeleKLDivergenceHigh", "TeleKLDivergenceTrend"},
     "value": {"TeleHeadGradNormSpike", "TeleGradNormSpike", "TeleGradNormTrend"},
 }
 WITHIN_UPDATES = {"nan": 3}
@@ -67,3 +67,5 @@ def test_a_fault_pages_its_alert_soon_and_nothing_pages_before_it(run: Run) -> N
     deadline = run.fault_time + UPDATE_S * WITHIN_UPDATES.get(run.fault, 10)
     answered = {key: t for key, t in fired.items() if key[0] in EXPECTED[run.fault] and t <= deadline}
     assert answered, f"no {sorted(EXPECTED[run.fault])} by {deadline}s; fired: {fired}"
+    if run.crashed:  # the fault killed the trainer: that pages too, within 10 minutes
+        assert fired.get(("TeleTelemetryAbsent", "critical"), float("inf")) <= run.end + 600, fired

@@ -141,7 +141,8 @@ class MetricAlert:
     by: float | None = None
     horizon: str | None = None
     toward: str | None = None  # trend: the level whose start the prediction must reach
-    # Which runs the alert pages: "run" (runs that page against their own baseline), or None (every run).
+    # Which runs the alert pages: "run" (runs that page against their own baseline), "records" (runs on
+    # the records' scale, or that say nothing of it), or None (every run).
     scale: str | None = None
 
 

@@ -230,9 +230,10 @@ def _relative_rule(catalog: Catalog, spec: MetricSpec, alert: MetricAlert) -> Al
     else:
         expr, what = _trend_expr(spec, alert, series, baseline, enough, window)
     scale = catalog.metrics.get("alert_scale")
-    if alert.scale == "run" and scale is not None:
+    if alert.scale is not None and scale is not None:
         ignoring = ", ".join([*spec.labels, *scale.labels])
-        expr = f"(\n{expr}\n)\nand ignoring ({ignoring})\n{selector(catalog, scale.name, {'scale': 'run'})}"
+        op = "and" if alert.scale == "run" else "unless"  # records: every run that is not on its own scale
+        expr = f"(\n{expr}\n)\n{op} ignoring ({ignoring})\n{selector(catalog, scale.name, {'scale': 'run'})}"
     on = "".join(f' ({key}="{value}")' for key, value in spec.alert_on.items())
     return AlertRule(
         name=alert.name,

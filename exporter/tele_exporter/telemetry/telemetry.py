@@ -51,8 +51,8 @@ class Telemetry:
     environment sets TELE_EXPORTER_DISABLED=1, every call is a cheap no-op (see README).
     `thresholds` (signal -> level -> start) and `thresholds_file` (or $TELE_EXPORTER_THRESHOLDS)
     move this run's level boundaries; the alert rules, the page and /api/snapshot follow them.
-    `scale` says how the scale-dependent signals (gradient norms, CV, advantage std, entropy in
-    nats) page: "run" (the default) against this run's own baseline, "records" on the TELE
+    `scale` says how the scale-dependent signals (gradient norms, CV, KL, advantage std, entropy
+    in nats, ratio maxima) page: "run" (the default) against this run's own baseline, "records" on the TELE
     records' absolute levels, for trainers on the records' scale (the demo); exported as
     tele_alert_scale_info. Call `finish()` once training ended cleanly.
     """
