@@ -175,7 +175,7 @@ def sb3_run(name: str, env_id: str, updates: int, fault: str | None, fault_updat
         )
     except Exception as exc:  # the fault killed the trainer, as it would kill a user's: what was published stays
         rec.crashed = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        # As docs/sb3.md's `finally: callback.close()` does: the update train() was in is published
+        # As a user's `finally: callback.close()` does: the update train() was in is published
         # (close lingers for its scrape), and the run is not finished, so its absence pages too.
         telemetry._release()
         assert telemetry.tele is not None
