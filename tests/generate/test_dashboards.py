@@ -240,7 +240,8 @@ def test_per_run_stats_paint_each_level_in_its_colour(catalog: Catalog, board: d
             for lv in spec.levels
         }, p["title"]
         for i, (target, level) in enumerate(zip(p["targets"][1:], spec.levels, strict=True)):
-            assert target["expr"].endswith(f') == {i}, "rank_text", " rank $1", "rank", "(.+)")'), level.name
+            assert f') == {i}, "run_text", "$1", "instance", "(.*)")' in target["expr"], level.name
+            assert target["expr"].endswith(', "rank_text", " rank $1", "rank", "(.+)")'), level.name
             assert "@ end()" in target["expr"]
 
 
@@ -279,7 +280,7 @@ def test_cv_status_labels(catalog: Catalog, board: dict[str, Any]) -> None:
         shown = grafana_mapping(mappings, float(code))
         assert shown == {"text": level.label, "color": catalog.colour(level.status), "index": code}
     expr = status["targets"][0]["expr"]
-    assert 'tele_gradient_cv{job=~"$job", instance=~"$instance"} >= bool 0.5' in expr  # the catalog's fallback
+    assert 'tele_gradient_cv{job=~"$job", run=~"$run", instance=~"$instance"} >= bool 0.5' in expr  # the fallback
     assert 'metric="tele_gradient_cv", level="critical"}' in expr
 
 
@@ -396,7 +397,7 @@ def _series(name: str, labels: dict[str, str], value: float) -> dict[str, str]:
 
 
 def _substitute(expr: str) -> str:
-    for var in ("$job", "$instance", "$env"):
+    for var in ("$job", "$run", "$instance", "$env"):
         expr = expr.replace(var, ".*")
     return expr
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from tele_exporter.generate import panels
 
 
-def test_named_adds_the_rank_text_the_legend_reads() -> None:
-    assert panels.named("up") == 'label_replace(up, "rank_text", " rank $1", "rank", "(.+)")'
-    assert panels.LEGEND == "{{instance}}{{rank_text}}"
+def test_named_adds_the_run_and_rank_text_the_legend_reads() -> None:
+    """The legend names the run (its `run` label, else its instance, never only a port) and the rank where set."""
+    source = 'label_replace(up, "run_text", "$1", "instance", "(.*)")'
+    run = f'label_replace({source}, "run_text", "$1", "run", "(.+)")'
+    assert panels.named("up") == f'label_replace({run}, "rank_text", " rank $1", "rank", "(.+)")'
+    assert panels.LEGEND == "{{run_text}}{{rank_text}}"
 
 
 def test_target_is_a_code_mode_range_query_on_the_chosen_data_source() -> None:
@@ -24,7 +27,7 @@ def test_target_is_a_code_mode_range_query_on_the_chosen_data_source() -> None:
 
 def test_instant_target_is_one_row_per_source_and_label() -> None:
     target = panels.instant("tele_x", "C", ["env", "slot"])
-    assert target["expr"] == "max by (job, instance, rank, env, slot) (tele_x)"
+    assert target["expr"] == "max by (job, run, instance, rank, env, slot) (tele_x)"
     assert (target["format"], target["instant"], target["range"], target["refId"]) == ("table", True, False, "C")
 
 
@@ -37,21 +40,30 @@ def test_table_merges_its_columns_under_their_headers() -> None:
         defaults={"unit": "none"},
     )
     assert [(t["refId"], t["expr"]) for t in table["targets"]] == [
-        ("A", "max by (job, instance, rank, env) (tele_ratio)"),
-        ("B", "max by (job, instance, rank, env) (tele_gain)"),
+        ("A", "max by (job, run, instance, rank, env) (tele_ratio)"),
+        ("B", "max by (job, run, instance, rank, env) (tele_gain)"),
     ]
     merge, organize = table["transformations"]
     assert merge == {"id": "merge", "options": {}}
     assert organize["options"]["renameByName"] == {
+        "run": "Run",
         "instance": "Instance",
         "rank": "Rank",
         "env": "Env",
         "Value #A": "Ratio",
         "Value #B": "Gain",
     }
-    assert organize["options"]["indexByName"] == {"instance": 0, "rank": 1, "env": 2, "Value #A": 3, "Value #B": 4}
+    assert organize["options"]["indexByName"] == {
+        "run": 0,
+        "instance": 1,
+        "rank": 2,
+        "env": 3,
+        "Value #A": 4,
+        "Value #B": 5,
+    }
     text = [{"id": "unit", "value": "string"}, {"id": "custom.cellOptions", "value": {"type": "auto"}}]
     assert table["fieldConfig"]["overrides"] == [
+        {"matcher": {"id": "byName", "options": "Run"}, "properties": text},
         {"matcher": {"id": "byName", "options": "Instance"}, "properties": text},
         {"matcher": {"id": "byName", "options": "Rank"}, "properties": text},
         {"matcher": {"id": "byName", "options": "Env"}, "properties": text},

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.catalog.display import head_trend, show
@@ -38,7 +39,7 @@ pytestmark = [pytest.mark.servers]
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = default_catalog()
-ALL = {"job": "tele", "instance": ".*", "env": ".*"}
+ALL = {"job": "tele", "run": ".*", "instance": ".*", "env": ".*"}
 KL, CV, HEADS, SEEDS, STALE = (
     "KL divergence",
     "Gradient CV status",
@@ -601,12 +602,27 @@ MIN_UPDATES = 5
 
 @dataclass(frozen=True)
 class Live:
-    """Prometheus that scraped one demo run per fault; `instances` maps fault -> instance."""
+    """Prometheus that scraped one demo run per fault, side by side; `runs` maps fault -> its `run` label."""
 
     prom: Running
     at: float
     start: float
     instances: dict[str, str]
+    runs: dict[str, str]
+
+
+def run_name(fault: str) -> str:
+    """The `run` label of the demo run with `fault`: what its legends and table rows must name."""
+    return f"demo-{fault}"
+
+
+def labelled_config(targets: dict[str, str]) -> str:
+    """A prometheus.yml (tests.support's) whose targets each carry a `run` label, as file_sd targets can."""
+    config = yaml.safe_load(prometheus_config(list(targets.values())))
+    config["scrape_configs"][0]["static_configs"] = [
+        {"targets": [address], "labels": {"run": run}} for run, address in targets.items()
+    ]
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 @pytest.fixture(scope="module")
@@ -619,9 +635,8 @@ def live() -> Iterator[Live]:
         }
         rules = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
         start = time.time()
-        prom = stack.enter_context(
-            start_prometheus(prometheus_config([d.address for d in demos.values()]), rule_files=rules)
-        )
+        targets = {run_name(fault): d.address for fault, d in demos.items()}
+        prom = stack.enter_context(start_prometheus(labelled_config(targets), rule_files=rules))
         updates = CATALOG["ppo_updates"].name
         poll(
             lambda: len(prom.query(f"{updates} >= {MIN_UPDATES}")) == len(FAULTS),
@@ -647,7 +662,7 @@ def live() -> Iterator[Live]:
             return at if len(body["data"]["result"]) == len(FAULTS) else None
 
         at = poll(settled, timeout=120, interval=0.5, what="a time at which every demo was up")
-        yield Live(prom, at, start, {fault: d.address for fault, d in demos.items()})
+        yield Live(prom, at, start, {f: d.address for f, d in demos.items()}, {f: run_name(f) for f in demos})
 
 
 def raw(run: Live, expr: str) -> dict[tuple[str, ...], float]:
@@ -664,20 +679,23 @@ def single(run: Live, expr: str) -> float:
     return value
 
 
-def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name: bool = False) -> list[str]:
-    """Every difference between what Grafana shows for one demo instance and the records."""
-    values = {"job": "tele", "instance": grafana_escape(instance), "env": ".*"}
+def live_problems(run: Live, dashboard: dict[str, Any], name: str, keep_name: bool = False) -> list[str]:
+    """Every difference between what Grafana shows for one demo run, picked by the `run` variable, and the records.
+
+    Legends and stats must name the run (`name`), never the random port its instance has.
+    """
+    values = {"job": "tele", "run": grafana_escape(name), "instance": ".*", "env": ".*"}
     window = max(int(run.at - run.start), 10)
     shown = grafana_display(dashboard, panel_responses(run.prom, dashboard, run.at, values, window), keep_name)
-    at = f'{{instance="{instance}"}}'
+    at = f'{{run="{name}"}}'
     c = CATALOG
     kl, cv, ratio = c["kl_divergence"], c["gradient_cv"], c["seed_grad_ratio"]
     problems = []
     for title, want in (
-        (KL, {instance: levelled(kl, single(run, kl.name + at))}),
-        ("Gradient CV", {instance: levelled(cv, single(run, cv.name + at))}),
-        (CV, {instance: labelled(cv, single(run, cv.name + at))}),
-        (STALE, {instance: colour("ok")}),
+        (KL, {name: levelled(kl, single(run, kl.name + at))}),
+        ("Gradient CV", {name: levelled(cv, single(run, cv.name + at))}),
+        (CV, {name: labelled(cv, single(run, cv.name + at))}),
+        (STALE, {name: colour("ok")}),
     ):
         got = {v["name"]: (v["text"], v["color"]) for v in by_title(dashboard, shown, title)["values"]}
         if title == STALE:
@@ -686,12 +704,13 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
     for clip in ("pre", "post"):
         title = f"Policy gradient norm, {clip}-clip"
         names = [v["name"] for v in by_title(dashboard, shown, title)["values"]]
-        if names != [f"{instance} {clip}-clip"]:
+        if names != [f"{name} {clip}-clip"]:
             problems.append(f"{title}: legend {names}")
 
     cur, prev = raw(run, c["head_grad_norm"].name + at), raw(run, c["head_grad_norm_prev"].name + at)
     entropy = raw(run, HEAD_ENTROPY.name + at)
-    shape, heads = table_rows(by_title(dashboard, shown, HEADS), HEAD_COLUMNS, lambda cells: cells["Head"][0])
+    shape, heads = table_rows(by_title(dashboard, shown, HEADS), ["Run", *HEAD_COLUMNS], lambda cells: cells["Head"][0])
+    problems += [f"{HEADS}: row of run {r['Run'][0]!r}" for r in heads.values() if r["Run"][0] != name]
     problems += shape
     want_heads = {}
     for key, v in cur.items():
@@ -712,13 +731,14 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
     vanishing = raw(run, c["seed_gradient_vanishing"].name + at)
     gains = raw(run, GAIN.name + at)
     shape, seeds = table_rows(
-        by_title(dashboard, shown, SEEDS), SEED_COLUMNS, lambda cells: (cells["Env"][0], cells["Slot"][0])
+        by_title(dashboard, shown, SEEDS), ["Run", *SEED_COLUMNS], lambda cells: (cells["Env"][0], cells["Slot"][0])
     )
     problems += shape
+    problems += [f"{SEEDS}: row of run {r['Run'][0]!r}" for r in seeds.values() if r["Run"][0] != name]
     want_seeds = {}
     for key, value in ratios.items():
         e, v = exploding[key] == 1, vanishing[key] == 1
-        env, slot = key[0], key[3]
+        env, slot = key[0], key[4]
         want_seeds[(env, slot)] = {
             "Gradient": seed_display(value, e, v),
             "Ratio": neutral(value, ratio.precision),
@@ -736,13 +756,35 @@ def live_problems(run: Live, dashboard: dict[str, Any], instance: str, keep_name
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", FAULTS)
 def test_demo_runs_show_as_the_records_say(live: Live, fault: str) -> None:
-    assert live_problems(live, board(), live.instances[fault]) == []
-    assert live_problems(live, board(), live.instances[fault], keep_name=True) == []
+    assert live_problems(live, board(), live.runs[fault]) == []
+    assert live_problems(live, board(), live.runs[fault], keep_name=True) == []
 
 
 @pytest.mark.slow
 def test_old_tables_split_on_real_runs(live: Live) -> None:
     broken = copy.deepcopy(board())
     _old_tables(broken)
-    problems = live_problems(live, broken, live.instances["none"])
+    problems = live_problems(live, broken, live.runs["none"])
     assert any("more than one row" in line for line in problems), problems
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_are_named_by_their_run_whatever_their_port(live: Live) -> None:
+    """All runs at once ("All" in every variable): each legend, stat and table row names its own run."""
+    dashboard = board()
+    window = max(int(live.at - live.start), 10)
+    shown = grafana_display(dashboard, panel_responses(live.prom, dashboard, live.at, ALL, window))
+    runs = set(live.runs.values())
+    assert len(runs) == len(FAULTS) >= 2
+    for title in (KL, "Gradient CV", CV, STALE):
+        assert sorted(v["name"] for v in by_title(dashboard, shown, title)["values"]) == sorted(runs), title
+    for clip in ("pre", "post"):
+        names = [v["name"] for v in by_title(dashboard, shown, f"Policy gradient norm, {clip}-clip")["values"]]
+        assert sorted(names) == sorted(f"{r} {clip}-clip" for r in runs)
+    levels = by_title(dashboard, shown, dashboards.LEVELS_TITLE)["table"]
+    assert levels["columns"][:2] == ["Run", "Instance"]
+    rows = {(row[0]["text"], row[1]["text"]) for row in levels["rows"]}
+    assert rows == {(live.runs[f], live.instances[f]) for f in FAULTS}  # one row per run, its instance beside it
+    for title in (HEADS, SEEDS):
+        table = by_title(dashboard, shown, title)["table"]
+        assert {row[0]["text"] for row in table["rows"]} <= runs and table["columns"][0] == "Run", title

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tele_exporter.catalog import default_catalog
 from tele_exporter.catalog.display import head_trend
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / dashboards.PATH
 MIN_UPDATES = 4
 MIN_SCRAPES = 15
-ALL = {"job": ".*", "instance": ".*", "env": ".*"}
+ALL = {"job": ".*", "run": ".*", "instance": ".*", "env": ".*"}
+RUN = "demo"  # the `run` label the demo's scrape target carries
 GAIN = default_catalog()["seed_backward_gain"].name
 RATIO = default_catalog()["seed_grad_ratio"].name
 LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
@@ -62,7 +64,9 @@ def scraped(demo: str) -> Iterator[Scraped]:
     catalog = default_catalog()
     rules = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
     start = time.time()
-    config = prometheus_config([demo], interval=f"{SCRAPE_S}s")
+    config = yaml.safe_load(prometheus_config([demo], interval=f"{SCRAPE_S}s"))
+    config["scrape_configs"][0]["static_configs"][0]["labels"] = {"run": RUN}  # as a file_sd target may carry it
+    config = yaml.safe_dump(config, sort_keys=False)
     with start_prometheus(config, rule_files=rules) as prom:
         updates, seeds = catalog["ppo_updates"].name, catalog["seed_grad_ratio"].name
 
@@ -142,6 +146,7 @@ def execute(run: Scraped, target: dict[str, Any], expr: str, end: float | None =
 def test_variables_offer_the_demo_run(scraped: Scraped) -> None:
     options = variable_values(scraped, ALL, instant=False)
     assert options["job"] == ["tele"]
+    assert options["run"] == [RUN]
     assert len(options["instance"]) == 1
     assert options["env"]
 

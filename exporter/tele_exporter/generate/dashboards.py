@@ -38,8 +38,9 @@ TAGS = ["tele", "pytorch", "rl"]
 SCHEMA_VERSION = 42
 PROMETHEUS_UID = "tele-prometheus"
 WIDTH = 24
-# The series the dashboard's job and instance variables select.
-VARIABLES = (matcher("job", "$job", "=~"), matcher("instance", "$instance", "=~"))
+# The series the dashboard's job, run and instance variables select ("All" is .*, which also
+# matches a series without the label, so runs that set no `run` label stay in view).
+VARIABLES = (matcher("job", "$job", "=~"), matcher("run", "$run", "=~"), matcher("instance", "$instance", "=~"))
 # Per-run stats read each run's level at the end of the range: a series is in one query only.
 AT_END = " @ end()"
 # The query of a per-run stat that holds the series in no level at the end (NaN, or gone before it).
@@ -278,7 +279,7 @@ def _policy_row(g: _Grid) -> None:
     g.add(_own_levels_stat(kl, "KL divergence", _sel(kl), catalog=c, note=_boundary_note(kl)), 6, 8)
     g.add(_timeseries(kl, "KL divergence over time", _line(_sel(kl)), catalog=c, note=_boundary_note(kl)), 12, 8)
     for spec, title in ((updates, "PPO updates in range"), (early, "Early stops in range")):
-        total = f"sum by (instance, rank) (increase({_sel(spec)}[$__range]))"
+        total = f"sum by (run, instance, rank) (increase({_sel(spec)}[$__range]))"
         g.add(_stat(spec, title, total, catalog=c, graph=False, steps=neutral_steps(c)), 3, 4)
 
 
@@ -470,7 +471,7 @@ def _alerts_row(g: _Grid) -> None:
     stale = next(a for a in last.alerts if a.kind == "stale")
     # Whole seconds, rounded up: ceil(x) > limit exactly when x > limit, so the colour turns
     # with the alert and the text ("00:10:00" / "00:10:01") differs across it.
-    seconds = f"ceil(time() - max by (instance, rank) ({_sel(last)}))"
+    seconds = f"ceil(time() - max by (run, instance, rank) ({_sel(last)}))"
     g.add(
         _stat(
             last,
@@ -506,7 +507,8 @@ def dashboard(catalog: Catalog) -> Json:
     variables = [
         panels.datasource_variable(PROMETHEUS_UID),
         panels.query_variable("job", "Job", updates),
-        panels.query_variable("instance", "Instance", selector(updates, matchers=VARIABLES[:1])),
+        panels.query_variable("run", "Run", selector(updates, matchers=VARIABLES[:1])),
+        panels.query_variable("instance", "Instance", selector(updates, matchers=VARIABLES[:2])),
         panels.query_variable("env", "Env", selector(ratio, matchers=VARIABLES)),
     ]
     return {

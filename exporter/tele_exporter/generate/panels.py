@@ -13,20 +13,26 @@ Json = dict[str, Any]
 # Every query goes to the data source the dashboard's `datasource` variable picks.
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
-# Who a series comes from: the scrape target, and the rank under torchrun (docs/scale.md).
-SOURCE_LABELS = ("job", "instance", "rank")
-SOURCE_COLUMNS = {"instance": "Instance", "rank": "Rank"}
-# Legends name the instance, and the rank where the series has one: label_replace adds
-# " rank N" in a query-time label only when `rank` is set, so no stray word is shown without it.
+# Who a series comes from: the run (the `run` const label the README gives every run), the scrape
+# target, and the rank under torchrun (docs/scale.md). Tables keep each as a column.
+RUN_LABEL = "run"
+SOURCE_LABELS = ("job", RUN_LABEL, "instance", "rank")
+SOURCE_COLUMNS = {RUN_LABEL: "Run", "instance": "Instance", "rank": "Rank"}
+# Legends name the run, and the rank where the series has one, whatever port the run was given:
+# query-time labels, RUN_TEXT the `run` label (the instance for a series without one) and
+# RANK_TEXT " rank N" only when `rank` is set, so no stray word is shown without it.
+RUN_TEXT = "run_text"
 RANK_TEXT = "rank_text"
-LEGEND = "{{instance}}{{" + RANK_TEXT + "}}"
+LEGEND = "{{" + RUN_TEXT + "}}{{" + RANK_TEXT + "}}"
 # Table cells coloured by their value: NaN reads red, levels show their colours.
 COLOR_TEXT = {"type": "color-text"}
 
 
 def named(expr: str) -> str:
-    """`expr` with the RANK_TEXT label the LEGEND needs."""
-    return f'label_replace({expr}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
+    """`expr` with the RUN_TEXT and RANK_TEXT labels the LEGEND needs."""
+    source = f'label_replace({expr}, "{RUN_TEXT}", "$1", "instance", "(.*)")'
+    run = f'label_replace({source}, "{RUN_TEXT}", "$1", "{RUN_LABEL}", "(.+)")'
+    return f'label_replace({run}, "{RANK_TEXT}", " rank $1", "rank", "(.+)")'
 
 
 def target(expr: str, ref: str = "A", legend: str = "__auto", **extra: Any) -> Json:
