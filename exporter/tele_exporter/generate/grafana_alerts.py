@@ -22,8 +22,8 @@ try:
     from grafana_foundation_sdk.models.dashboard import DataSourceRef
 except ModuleNotFoundError as error:
     raise ModuleNotFoundError(
-        "tele-exporter generate writes grafana/provisioning/alerting with grafana-foundation-sdk: "
-        "pip install 'tele-exporter[grafana]'"
+        "tele-exporter generate writes grafana/provisioning/alerting with grafana-foundation-sdk, the "
+        "`grafana` extra: in a checkout, run `make generate`, or `pip install -e '.[grafana]'` (Python 3.11)"
     ) from error
 
 from ..catalog.model import SEVERITIES, Catalog
