@@ -121,14 +121,22 @@ class Snapshot:
 
     def to_dict(self, catalog: Catalog) -> dict[str, Any]:
         """A JSON-ready dict with display fields; missing values are null, NaN and Inf become strings."""
-        grad_spec, kl_spec = catalog["policy_grad_norm"], catalog["kl_divergence"]
+        grad_spec, kl_spec, head_spec = catalog["policy_grad_norm"], catalog["kl_divergence"], catalog["head_grad_norm"]
         out: dict[str, Any] = _jsonable(
             {
                 "updates": self.updates,
                 "early_stops": self.early_stops,
                 "timestamp": self.timestamp,
                 "steps": self.steps,
-                "heads": [{**asdict(h), "current": h.current if h.steps else None} for h in self.heads],
+                "heads": [
+                    {
+                        **asdict(h),
+                        "current": h.current if h.steps else None,
+                        # TELE-320's level of the current norm (neutral while the catalog gives the metric none)
+                        "shown": asdict(show(head_spec, h.current if h.steps else None)),
+                    }
+                    for h in self.heads
+                ],
                 "grad_norm": {
                     "pre": self.grad_norm_pre,
                     "post": self.grad_norm_post,
@@ -147,7 +155,7 @@ class Snapshot:
                     "shown": asdict(show(catalog["gradient_cv"], self.gradient_cv)),
                 },
                 "clip_fraction": self.clip_fraction,
-                "policy": _policy_dict(self.policy, catalog),
+                "policy": _policy_dict(self.policy, catalog, self.clip_fraction),
                 "seeds": [asdict(s) for s in self.seeds],
                 "seeds_refused": self.seeds_refused,
             }
@@ -155,8 +163,11 @@ class Snapshot:
         return out
 
 
-def _policy_dict(p: PolicyState, catalog: Catalog) -> dict[str, Any]:
-    """TELE-120/121/124/130/140/151/170/200 with their display; a head without a value is left out."""
+def _policy_dict(p: PolicyState, catalog: Catalog, clip_fraction: float | None) -> dict[str, Any]:
+    """TELE-120/121/124/130/140/151/170/200 with their display; a head without a value is left out.
+
+    `clip_fraction` (TELE-130) is the snapshot's own, repeated here with its level beside the others.
+    """
 
     def shown(metric_id: str, value: float | None) -> dict[str, Any]:
         return {"value": value, "shown": asdict(show(catalog[metric_id], value))}
@@ -175,6 +186,7 @@ def _policy_dict(p: PolicyState, catalog: Catalog) -> dict[str, Any]:
         "explained_variance": shown("explained_variance", p.explained_variance),
         "advantage_std": shown("advantage_std", p.advantage_std),
         "head_ratio_max": {h: shown("head_ratio_max", v) for h, v in p.head_ratio_max.items()},
+        "clip_fraction": shown("clip_fraction", clip_fraction),
         "clip_fraction_side": {"high": p.clip_fraction_high, "low": p.clip_fraction_low},
     }
 

@@ -32,8 +32,10 @@ _STATE_JS = """(() => {
     updates: Number(document.body.dataset.updates),
     panels: {
       kl: panel("kl"), grad: panel("grad"), cv: panel("cv"), heads: panel("heads"), seeds: panel("seeds"),
-      entropy: panel("entropy"),
+      entropy: panel("entropy"), health: panel("health"),
     },
+    hidden: { health: document.getElementById("panel-health").hidden },
+    header: [...document.querySelectorAll("header .fact")].map((el) => el.textContent),
     text: {
       kl: document.getElementById("kl-label").textContent,
       grad: document.getElementById("grad-label").textContent,
@@ -50,6 +52,14 @@ _STATE_JS = """(() => {
       grad: document.getElementById("grad-range").textContent,
       entropy: document.getElementById("entropy-range").textContent,
     },
+    flat: {
+      kl: document.getElementById("kl-spark").dataset.flat, grad: document.getElementById("grad-spark").dataset.flat,
+      entropy: document.getElementById("entropy-spark").dataset.flat,
+    },
+    health: [...document.querySelectorAll("#panel-health tbody tr")].map((tr) => ({
+      signal: tr.dataset.signal, head: tr.dataset.head || null, status: tr.dataset.status,
+      value: tr.children[1].textContent, label: tr.children[2].textContent, detail: tr.children[3].textContent,
+    })),
     spark: {
       kl: Number(document.getElementById("kl-spark").dataset.points),
       grad: Number(document.getElementById("grad-spark").dataset.points),
@@ -57,6 +67,7 @@ _STATE_JS = """(() => {
     },
     heads: [...document.querySelectorAll("#heads tr")].map((tr) => ({
       name: tr.dataset.head, kind: tr.dataset.kind, trend: tr.dataset.trendStatus, arrow: tr.children[3].textContent,
+      status: tr.dataset.status, currentColour: tr.children[1].className,
       current: tr.children[1].textContent, label: tr.children[0].textContent,
       entropy: tr.children[5].textContent, entropyStatus: tr.dataset.entropyStatus,
     })),

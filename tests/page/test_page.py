@@ -11,6 +11,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -382,3 +383,150 @@ def test_the_page_shows_each_run_in_its_own_levels(browser: Chromium, policy: Ti
         finally:
             srv.close()
             tele.close()
+
+
+# --- what the page must tell truthfully (#26) ------------------------------------------------------
+
+# TELE-320's levels for a head's gradient norm: red < 0.01, yellow < 0.1, green <= 2.0, yellow <= 5.0, red > 5.0.
+# Given to a catalog here as the catalog would give them, so the page takes them from the document.
+TELE_320_LEVELS = """
+    levels:
+      - {name: vanishing, when: "[0, 0.01)", status: critical, label: vanishing}
+      - {name: low, when: "[0.01, 0.1)", status: warning, label: low}
+      - {name: healthy, when: "[0.1, 2.0]", status: ok, label: healthy}
+      - {name: high, when: "(2.0, 5.0]", status: warning, label: high}
+      - {name: exploding, when: "(5.0, +inf]", status: critical, label: exploding}
+"""
+# Gradient norms per head that fall in each of those levels, and where they must be drawn.
+HEAD_NORMS = {
+    "a": (0.005, "critical"),
+    "b": (0.05, "warning"),
+    "c": (1.0, "ok"),
+    "d": (3.0, "warning"),
+    "e": (3e3, "critical"),
+}
+
+
+def _catalog_with_head_levels(tmp: Path) -> Catalog:
+    from tele_exporter.catalog.model import DEFAULT_PATH, load_catalog
+
+    text = DEFAULT_PATH.read_text()
+    anchor = "    question: Which action head carries how much of the gradient signal?\n"
+    assert text.count(anchor) == 1
+    path = tmp / "catalog.yaml"
+    path.write_text(text.replace(anchor, anchor + TELE_320_LEVELS.lstrip("\n")))
+    return load_catalog(path)
+
+
+class _FiveHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        for name in HEAD_NORMS:
+            setattr(self, name, nn.Linear(2, 1, bias=False))
+
+
+def test_the_header_says_what_each_number_counts(server: Server) -> None:
+    html = _get(server, "/")[2].decode()
+    for words in ("PPO updates published", "optimizer steps in the latest update", "updates stopped early"):
+        assert words in html
+
+
+def test_the_document_gives_each_head_its_level_and_the_clip_fraction_its_level(tmp_path: Path) -> None:
+    policy = _FiveHeads()
+    tele = Telemetry(
+        policy, heads={n: getattr(policy, n) for n in HEAD_NORMS}, catalog=_catalog_with_head_levels(tmp_path)
+    )
+    server = serve(tele, port=0)
+    try:
+        with tele.update() as upd:
+            for name, (norm, _) in HEAD_NORMS.items():
+                getattr(policy, name).weight.grad = torch.tensor([[norm, 0.0]])
+            upd.observe_gradients()
+            upd.observe_clip_fraction(0.27)
+        snap = snapshot_document(server)["snapshot"]
+    finally:
+        server.close()
+        tele.close()
+    assert {h["name"]: h["shown"]["status"] for h in snap["heads"]} == {n: s for n, (_, s) in HEAD_NORMS.items()}
+    assert snap["policy"]["clip_fraction"] == {
+        "value": 0.27,
+        "shown": asdict(show(default_catalog()["clip_fraction"], 0.27)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_data(
+    browser: Chromium, tmp_path: Path
+) -> None:
+    policy = _FiveHeads()
+    tele = Telemetry(
+        policy,
+        heads={n: getattr(policy, n) for n in HEAD_NORMS},
+        catalog=_catalog_with_head_levels(tmp_path),
+        action_sizes=dict.fromkeys(HEAD_NORMS, 2),
+    )
+    seed = Gain(1.0)
+    tele.watch_seed(seed.lin, host=seed, env=0, slot="r0c0")  # never in a backward pass: no data
+    server = serve(tele, port=0)
+    try:
+        for update in range(4):
+            with tele.update() as upd:
+                for name, (norm, _) in HEAD_NORMS.items():
+                    getattr(policy, name).weight.grad = torch.tensor([[norm, 0.0]])
+                upd.clip_grad_norm_(0.5)  # every update clipped to exactly 0.5: a flat post-clip history
+                heads = {n: torch.full((8,), 0.1 * (update + 1)) for n in HEAD_NORMS}
+                upd.observe_ratios(heads)
+                upd.observe_explained_variance(torch.arange(8.0), torch.arange(8.0) * 2)
+                upd.observe_advantages(torch.linspace(-1, 1, 8))
+                upd.observe_entropy({n: torch.full((8,), 0.6) for n in HEAD_NORMS})
+                upd.observe_kl_value(0.01)  # capture screenshots the KL panel, hidden without a KL
+        shot = capture(browser, server)
+    finally:
+        server.close()
+        tele.close()
+    doc = shot.document["snapshot"]
+    state = shot.state
+    assert shot.errors == []
+
+    # Per-head norms in TELE-320's colours, from the document's levels.
+    assert {h["name"]: h["status"] for h in state["heads"]} == {n: s for n, (_, s) in HEAD_NORMS.items()}
+    colours = shot.document["colours"]
+    for head in state["heads"]:
+        assert f"c-{colours[HEAD_NORMS[head['name']][1]]}" in head["currentColour"].split(), head
+
+    # A post-clip history pinned at max_norm (float rounding apart) is drawn flat.
+    assert len(doc["grad_norm"]["history"]) == 4 and state["flat"]["grad"] == "true"
+
+    # A watched seed that had no backward pass says "no data", not a green "OK".
+    (row,) = state["seeds"]
+    assert (row["label"], row["status"]) == ("no data", "neutral") and doc["seeds"][0]["passes"] == 0
+
+    # Every levelled signal with an alert has a row, in its level's words and colour.
+    assert state["hidden"]["health"] is False
+    rows = {(r["signal"], r["head"]): r for r in state["health"]}
+    policy_doc = doc["policy"]
+    expected = {
+        ("clip_fraction", None): policy_doc["clip_fraction"],
+        ("explained_variance", None): policy_doc["explained_variance"],
+        ("advantage_std", None): policy_doc["advantage_std"],
+        ("entropy_normalized", None): policy_doc["entropy"]["normalized"],
+        **{("head_ratio_max", h): v for h, v in policy_doc["head_ratio_max"].items()},
+    }
+    assert set(rows) == set(expected) and len(policy_doc["head_ratio_max"]) == len(HEAD_NORMS)
+    for key, value in expected.items():
+        assert value["value"] is not None, key
+        assert (rows[key]["label"], rows[key]["status"]) == (value["shown"]["label"], value["shown"]["status"]), key
+    assert rows[("clip_fraction", None)]["detail"].startswith("high ")
+    assert state["panels"]["health"] in {"critical", "warning", "ok"}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_explode_faults_page_shows_the_explosion(faulted: Shot) -> None:
+    """--fault explode: the pre-clip number is critical, its post-clip line is flat at max_norm, heads are red-ready."""
+    snap, state = faulted.document["snapshot"], faulted.state
+    assert state["panels"]["grad"] == "critical" and faulted.hues["grad"] == "red"
+    assert float(snap["grad_norm"]["pre"]) > 10
+    assert all(h["status"] == h_doc["shown"]["status"] for h, h_doc in zip(state["heads"], snap["heads"], strict=True))
+    assert state["header"][1].startswith("optimizer steps in the latest update")
