@@ -96,7 +96,7 @@ def test_level_alerts_match_catalog_levels() -> None:
             for key, value in spec.alert_on.items():
                 assert f'{key}="{value}"' in rule.expr
             count += 1
-    assert count == 26
+    assert count == 24  # the importance ratio's four only colour now; the normalised entropy's two page
 
 
 def test_seed_ratio_zero_is_never_vanishing() -> None:
@@ -118,12 +118,22 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleExplainedVarianceLow",
         "TeleAdvantageStdLow",
         "TeleAdvantageStdHigh",
-        "TeleImportanceRatioLow",
-        "TeleImportanceRatioHigh",
+        "TeleEntropyNormalizedLow",
     ):
         assert names[policy_health] == {"warning", "critical"}, policy_health
     assert names["TeleEntropyCollapsed"] == {"critical"}
     assert set(names) == {
+        "TeleGradNormSpike",
+        "TeleGradNormDrop",
+        "TeleGradNormTrend",
+        "TeleHeadGradNormSpike",
+        "TeleGradientCVSpike",
+        "TeleKLDivergenceSpike",
+        "TeleKLDivergenceTrend",
+        "TelePolicyEntropyFall",
+        "TeleAdvantageStdSpike",
+        "TeleAdvantageStdDrop",
+        "TeleImportanceRatioSpike",
         "TeleClipFractionHigh",
         "TelePolicyEntropyLow",
         "TeleEntropyCollapsed",
@@ -131,8 +141,7 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleExplainedVarianceLow",
         "TeleAdvantageStdLow",
         "TeleAdvantageStdHigh",
-        "TeleImportanceRatioLow",
-        "TeleImportanceRatioHigh",
+        "TeleEntropyNormalizedLow",
         "TeleGradNormHigh",
         "TeleGradNormVanishing",
         "TeleKLDivergenceHigh",
@@ -178,7 +187,7 @@ def test_selector_is_configurable(tmp_path: Path) -> None:
     for text in produced.values():
         assert 'job="tele"' not in text
     assert 'tele_kl_divergence{job="ppo", team="rl"} >= 0.015 < 0.03' in produced[rules.ALERTS_PATH]
-    assert 'absent(up{job="ppo", team="rl"})' in produced[rules.ALERTS_PATH]
+    assert 'up{job="ppo", team="rl"} == 0' in produced[rules.ALERTS_PATH]
 
 
 def test_bad_selector_is_refused(tmp_path: Path) -> None:

@@ -76,16 +76,61 @@ ADVICE: dict[str, str] = {
         "normalisation is off, computed over the wrong steps (padding included), or a few "
         "extreme returns dominate. Check advantage normalisation and reward clipping."
     ),
-    "TeleImportanceRatioLow": (
-        "Even the largest importance ratio of a head (`head` label) is well below 1: the new "
-        "policy gives every sampled action much less probability than the policy that collected "
-        "the data. Check that old log-probabilities come from the same action masks and "
-        "distribution, and lower the learning rate or the epochs per update."
+    "TeleImportanceRatioSpike": (
+        "A head's largest importance ratio (`head` label) left its run's own range: the update moves "
+        "that head's policy far beyond where healthy updates of this run went. Lower the learning "
+        "rate or the epochs, check the head's log-probabilities for mismatched masks, and compare "
+        "with the KL and the clip fraction."
     ),
-    "TeleImportanceRatioHigh": (
-        "A head's largest importance ratio (`head` label) is far above 1: the update moves that "
-        "head's policy beyond the trust region. Lower the learning rate or epochs, check the "
-        "head's log-probabilities for mismatched masks, and compare with TeleClipFractionHigh."
+    "TeleGradNormSpike": (
+        "The pre-clip gradient norm jumped to 10x (warning) or 100x (critical) its own median of the "
+        "last 30 minutes: exploding gradients, unnormalised rewards or returns, a learning-rate "
+        "schedule gone wrong, or a bad batch. `tele_head_grad_norm` shows which head or group "
+        "carries it; a NaN often follows (TeleNonFiniteGradients)."
+    ),
+    "TeleGradNormDrop": (
+        "The pre-clip gradient norm fell below 1/100 of its own recent median: learning stalled "
+        "(entropy collapse, saturated activations, a detached loss, a learning rate decayed to nothing)."
+    ),
+    "TeleGradNormTrend": (
+        "Early warning: the pre-clip norm's trend over the last 5 minutes reaches 10x its median "
+        "within 10 minutes. Look at the same causes as TeleGradNormSpike before it fires."
+    ),
+    "TeleHeadGradNormSpike": (
+        "One head or group (`head` label) left its own range, whatever the total does: an actor "
+        "head can explode 100x behind a critic-dominated total. For an action head, check its "
+        "logits and log-probabilities; for the value head (kind other), returns and value targets."
+    ),
+    "TeleGradientCVSpike": (
+        "The action heads' gradients became much more uneven than this run's usual (3x its CV median): "
+        "one head is taking over the update. Find it in the heads table."
+    ),
+    "TeleKLDivergenceSpike": (
+        "The policy changed 10x (warning) or 100x (critical) more per update than this run's usual: "
+        "a learning rate or epoch count far too high for it, or a bad batch. Lower them, or set a "
+        "target KL for early stopping."
+    ),
+    "TeleKLDivergenceTrend": (
+        "Early warning: the KL's trend over the last 10 minutes reaches the critical level within 10 "
+        "minutes. Lower the learning rate or epochs before TeleKLDivergenceHigh pages."
+    ),
+    "TeleEntropyNormalizedLow": (
+        "The policy's entropy is a small fraction of its maximum over the action space: it has gone "
+        "(nearly) deterministic. A healthy policy converging late in training can get here; if it came "
+        "fast, check the entropy coefficient's sign and size and the learning rate."
+    ),
+    "TelePolicyEntropyFall": (
+        "The entropy fell more than ln 10 nats below its recent median: for a Gaussian policy, its "
+        "standard deviation shrank about 10x. Check the entropy coefficient, log_std's gradient "
+        '(`tele_head_grad_norm{head="log_std"}` in SB3) and the learning rate.'
+    ),
+    "TeleAdvantageStdSpike": (
+        "The advantages' spread jumped to 10x this run's usual: rewards or value targets changed "
+        "scale. Check reward normalisation and the value function."
+    ),
+    "TeleAdvantageStdDrop": (
+        "The advantages' spread fell below a tenth of this run's usual: rewards stopped varying, or "
+        "the value function matches returns trivially. Check the environment's rewards."
     ),
     "TeleSeedGradientVanishing": (
         "The seed's parameters receive far less gradient per element than its host's: it "
@@ -119,10 +164,9 @@ ADVICE: dict[str, str] = {
         "returns something unexpected. `tele_telemetry_errors_total` counts them."
     ),
     "TeleTelemetryAbsent": (
-        "Prometheus cannot see a live trainer: the process died or hangs, the target is down or "
-        "missing from the scrape config, or the trainer is alive but publishes no PPO updates. "
-        "Check the trainer's logs and `up`, then the scrape config's job against the rules' "
-        "selector (docs/alerting.md)."
+        "A run that never said it finished (`tele.finish()`, tele_run_finished 1) went quiet: the "
+        "process died, was killed or hangs, or its target is down. Check the trainer's logs and `up`. "
+        "A run that ends cleanly calls finish() before its server's close(), so its absence pages nobody."
     ),
     "TeleRanksMissing": (
         "Some ranks of a distributed job are down or not scraped while others still report. Check "
