@@ -180,3 +180,62 @@ def test_seed_ratios_make_no_host_sync_on_fresh_and_accumulating_passes(monkeypa
         assert tele.errors() == {}
     finally:
         tele.close()
+
+
+def test_a_demo_updates_optimisation_makes_no_host_sync_and_its_publish_one_transfer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`tele-exporter demo --device cuda`: the PPO epochs of an update (clip, KL, entropy, ratios, seeds) never
+    sync; the publish copies to the host once. The rollout (the demo's own environments) is left out."""
+    import tele_exporter.telemetry.packer as packer_module
+    from tele_exporter.demo.ppo import DemoConfig, Trainer
+
+    transfers: list[int] = []
+    real = packer_module.gather
+
+    def gather(parts: list[torch.Tensor]) -> torch.Tensor:
+        transfers.append(len(parts))
+        torch.cuda.set_sync_debug_mode("default")  # the update's one transfer is allowed to wait
+        try:
+            return real(parts)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(packer_module, "gather", gather)
+    trainer = Trainer(DemoConfig(updates=2, envs=2, seed=0, device="cuda"))
+    try:
+        trainer.update()  # the first update builds the meter's plans
+        upd = trainer.tele.update().__enter__()
+        rollout = trainer.rollout(False)
+        torch.cuda.synchronize()
+        transfers.clear()
+        with _no_sync():
+            trainer._optimise(upd, rollout, False)
+            upd.__exit__(None, None, None)  # the publish
+        assert len(transfers) == 1
+        assert trainer.tele.errors() == {}
+    finally:
+        trainer.close()
+
+
+def test_a_steady_clip_on_cuda_launches_what_torchs_does() -> None:
+    """The counted contract of tests/measure/test_meter.py, on the device where launches cost."""
+    from tele_exporter.measure.dispatch_counter import DispatchCounter
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, groups={"value": policy.value})
+    x = torch.randn(256, 6, device=device)
+    try:
+        with tele.update() as upd:
+            for _ in range(3):
+                _loss(policy, x).backward()
+                with DispatchCounter() as ours:
+                    upd.clip_grad_norm_(0.5)
+            _loss(policy, x).backward()
+            with DispatchCounter() as theirs:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+        assert ours.launches <= theirs.launches and ours.reads == 0
+    finally:
+        tele.close()
