@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import Head
-from .norms import CLIP_EPS, clip_coefficient, index_tensor, norm_dtype, tensor_norms, use_foreach
+from .norms import CLIP_EPS, clip_coefficient, host_tensor, index_tensor, norm_dtype, tensor_norms, use_foreach
 from .sharding import (
     LOCAL,
     REPLICA,
@@ -208,7 +208,7 @@ class GradientMeter:
         sums.index_add_(1, plan.sum_index, squares.index_select(1, plan.tensor_index))
         norms = sums.sqrt()
         pre = norms[:, h]
-        max_norms = torch.tensor(rows.max_norms, dtype=torch.float64).to(device)
+        max_norms = host_tensor(rows.max_norms, torch.float64, device)
         post = torch.where(max_norms.isnan(), pre, pre * clip_coefficient(pre, max_norms))
         return torch.cat([norms, post.unsqueeze(1)], dim=1)
 

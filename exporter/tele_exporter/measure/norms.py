@@ -20,7 +20,12 @@ SEED_NORM_FLOOR = 1e-8
 
 def index_tensor(values: Sequence[int], device: torch.device) -> Tensor:
     """A long tensor on `device` without a blocking host-to-device copy (pinned, non_blocking on CUDA)."""
-    host = torch.tensor(values, dtype=torch.long)
+    return host_tensor(values, torch.long, device)
+
+
+def host_tensor(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values as a tensor on `device` without a blocking copy: pinned and non_blocking on CUDA."""
+    host = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
