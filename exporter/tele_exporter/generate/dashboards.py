@@ -325,6 +325,13 @@ def _policy_health_row(g: _Grid) -> None:
     collapsed_note = _boundary_note(collapsed, steps=False) + OWN_LABEL
     g.add(_label_stat(collapsed, "Entropy collapsed", catalog=c, note=collapsed_note), 4, 8)
     g.add(_timeseries(ent, "Policy entropy over time", _line(_sel(ent)), catalog=c, note=_boundary_note(ent)), 10, 8)
+    entn = c["entropy_normalized"]
+    g.add(_own_levels_stat(entn, "Policy entropy, normalised", _sel(entn), catalog=c, note=_boundary_note(entn)), 6, 8)
+    g.add(
+        _timeseries(entn, "Normalised entropy over time", _line(_sel(entn)), catalog=c, note=_boundary_note(entn)),
+        18,
+        8,
+    )
     g.add(_own_levels_stat(cf, "PPO clip fraction", _sel(cf), catalog=c, note=_boundary_note(cf)), 6, 8)
     sides = _line(_sel(side), LEGEND + " {{side}}")
     g.add(_timeseries(side, "PPO clip fraction by side", sides, catalog=c, steps=neutral_steps(c)), 6, 8)
@@ -385,6 +392,16 @@ def _heads_row(g: _Grid) -> None:
     defaults = {"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)}
     title = "Action heads: gradient norm, trend and entropy"
     g.add(_table(cur, title, columns, catalog=c, defaults=defaults, description=_description(prev, note)), 24, 9)
+    per_head = _line(_sel(cur), LEGEND + " {{head}}")
+    spike = (
+        "Each head and group on its own: TeleHeadGradNormSpike pages when one leaves 10x (warning) or 100x"
+        " (critical) its own median of the last 30m, so an actor is not hidden behind a critic-dominated total."
+    )
+    g.add(
+        _timeseries(cur, "Gradient norm per head over time", per_head, catalog=c, steps=neutral_steps(c), note=spike),
+        24,
+        8,
+    )
 
 
 def _cv_row(g: _Grid) -> None:
