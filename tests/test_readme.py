@@ -121,11 +121,6 @@ def _catalog_alerts() -> set[tuple[str, str, str]]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the alert table predates the run-relative alerts and omits for: on six rows; the alerting owner "
-    "regenerates it from the catalog: drop this mark then (strict: it fails once the table is right)",
-)
 def test_alert_table_names_every_alert_with_its_for_and_severity() -> None:
     """Every alert of the catalog has a row, and each of its `for:` durations stands beside its severity."""
     rows = _alert_rows()
