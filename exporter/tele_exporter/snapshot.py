@@ -95,7 +95,7 @@ class Snapshot:
     heads: tuple[HeadState, ...]
     grad_norm_pre: float | None  # None (missing): no step was measured
     grad_norm_post: float | None
-    grad_norm_history: tuple[float, ...]  # post-clip, oldest first (TELE-311)
+    grad_norm_history: tuple[float, ...]  # pre-clip, oldest first (TELE-311; a post-clip one is flat at max_norm)
     kl: float | None  # None (missing): no KL observed in the latest update
     kl_history: tuple[float, ...]  # oldest first (TELE-111)
     gradient_cv: float | None  # mean of the per-step CVs; None (missing): no step was measured

@@ -71,19 +71,20 @@ def test_prev_is_the_previous_update_and_zero_before_the_second(policy: TinyPoli
     assert tele.snapshot().head("op").trend.arrow == "↗"  # type: ignore[union-attr]
 
 
-def test_histories_keep_the_last_ten_post_clip_values(policy: TinyPolicy, tele: Telemetry) -> None:
-    posts, kls = [], []
+def test_histories_keep_the_last_ten_pre_clip_values(policy: TinyPolicy, tele: Telemetry) -> None:
+    """TELE-311's history is pre-clip: a post-clip one is a flat max_norm line that never shows an explosion."""
+    pres, kls = [], []
     for u in range(12):
         with tele.update() as upd:
             backward(policy, scale=0.001 * (u + 1), seed=u)
             upd.clip_grad_norm_(0.5)
             upd.observe_kl({"op": torch.full((4,), 0.01 * u)})
-        posts.append(tele.snapshot().grad_norm_post)
+        pres.append(tele.snapshot().grad_norm_pre)
         kls.append(tele.snapshot().kl)
     snap = tele.snapshot()
-    assert snap.grad_norm_history == tuple(posts[-10:])
+    assert snap.grad_norm_history == tuple(pres[-10:])
     assert snap.kl_history == tuple(kls[-10:])
-    assert snap.grad_norm_history[-1] == snap.grad_norm_post
+    assert snap.grad_norm_history[-1] == snap.grad_norm_pre
 
 
 def test_head_without_gradient_is_missing_and_left_out_of_cv(policy: TinyPolicy, tele: Telemetry) -> None:

@@ -202,8 +202,8 @@ class Fold:
         pre, post, cv = rows.pre, rows.post, rows.cv
 
         def swap(old: Snapshot, live: Sequence[SeedKey], refused: int) -> Snapshot:
-            if post is not None:
-                self._grad_history.append(post)
+            if pre is not None:  # TELE-311's history is pre-clip, as the records' system plots it since 8d0db0df
+                self._grad_history.append(pre)
             if kl is not None:
                 self._kl_history.append(kl)
             return Snapshot(
