@@ -4,7 +4,8 @@ A training loop (the `tele-exporter bench` 8-head policy, Update.clip_grad_norm_
 per step, one published update every --steps steps, --seeds watched seeds) runs
 in alternating phases of --seconds each: without scraping, then while a separate
 process GETs /metrics on 127.0.0.1 at --rate per second. Printed as the ratio of
-optimizer steps per second, scraped / not scraped, from one run.
+optimizer steps per second, scraped / not scraped, from one run, with the 1-minute load
+average beside it (marked NOISY above 1.5: the machine was not quiet).
 
     python benchmarks/scrape_under_load.py [--rounds 3] [--seconds 4] [--rate 100]
 """
@@ -12,6 +13,7 @@ optimizer steps per second, scraped / not scraped, from one run.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -106,14 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     r = run(args.rounds, args.seconds, args.rate, args.steps, args.seeds)
+    load = max(load_before, os.getloadavg()[0])
     print(
         f"scrape under load: {args.rounds} rounds x 2 phases of {args.seconds:g} s, {args.rate:g} scrapes/s, "
         f"{args.seeds} seeds, torch {torch.__version__}, {args.threads} thread(s)"
     )
     print(f"steps/s unscraped {r['quiet_steps_per_s']:.1f}  scraped {r['scraped_steps_per_s']:.1f} (medians)")
     print(f"scrapes/s achieved (lowest phase): {r['scrape_rate']:.1f}")
-    print(f"ratio scraped/unscraped: {r['ratio']:.4f}")
+    noisy = " NOISY: the machine was not quiet" if load > 1.5 else ""
+    print(f"ratio scraped/unscraped: {r['ratio']:.4f}  load average {load:.2f}{noisy}")
     return 0
 
 

@@ -15,7 +15,10 @@ CASES = {
     "scrape_render.py": (["--seeds", "4,16", "--repeat", "2"], "ratio"),
     "seed_overhead.py": (["--updates", "1", "--steps", "2", "--width", "32", "--batch", "8"], "seed watch ratio"),
     "disabled_overhead.py": (["--rounds", "1", "--minibatches", "2", "--epochs", "1"], "ratio disabled/plain"),
-    "flood.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--workers", "1"], "ratio held/quiet"),
+    "flood.py": (
+        ["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--workers", "1", "--slow", "20"],
+        "ratio held/quiet",
+    ),
     "scrape_under_load.py": (["--rounds", "1", "--seconds", "0.5", "--rate", "20", "--seeds", "2"], "ratio scraped"),
     "torchrl_kl.py": (["--rounds", "1", "--minibatches", "2", "--epochs", "1"], "extra_pass/plain"),
 }

@@ -181,6 +181,21 @@ def test_half_open_slow_and_malformed_clients_do_not_stall_scrapes(server: Serve
             s.close()
 
 
+def test_a_request_sent_a_few_bytes_at_a_time_is_answered_and_an_oversized_head_is_431(server: Server) -> None:
+    request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for i in range(0, len(request), 7):
+            s.sendall(request[i : i + 7])
+            time.sleep(0.01)
+        reply = b"".join(iter(lambda: s.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and b"tele_ppo_updates_total" in reply
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n")
+        reply = b"".join(iter(lambda: s.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert _get(server.url)[0] == 200
+
+
 def _fetch(url: str, headers: dict[str, str]) -> tuple[dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
@@ -329,10 +344,11 @@ def _threads_and_fds() -> tuple[int, int]:
     return threading.active_count(), len(os.listdir("/proc/self/fd"))
 
 
-def test_held_connections_beyond_the_cap_cost_no_thread_or_fd_and_a_scrape_still_answers(tele: Telemetry) -> None:
+def test_held_connections_beyond_the_cap_cost_the_trainer_nothing_and_a_scrape_still_answers(tele: Telemetry) -> None:
     threads0, fds0 = _threads_and_fds()
     cap = 8
     with serve(tele, port=0, max_connections=cap) as srv:
+        assert srv.pid is not None and srv.pid != os.getpid()
         held: list[socket.socket] = []
         try:
             for _ in range(100):
@@ -343,14 +359,15 @@ def test_held_connections_beyond_the_cap_cost_no_thread_or_fd_and_a_scrape_still
             status, body = _get(srv.url)
             assert status == 200 and b"tele_ppo_updates_total" in body
             assert time.monotonic() - started < 5.0
-            threads, fds = _threads_and_fds()
-            # the accept thread and `cap` connection threads; our 100 client sockets and the scrape's,
-            # the listener and epoll, and at most 3 * cap accepted sockets (served, waiting, silent)
-            assert threads <= threads0 + 1 + cap
-            assert fds <= fds0 + len(held) + 1 + 2 + 3 * cap
+            # the trainer: one thread and one socket to the serving process, whatever the clients do
+            assert _threads_and_fds() == (threads0 + 1, fds0 + len(held) + 1)
+            # the serving process: stdio, the listener, the trainer's socket, epoll, and at most `cap` clients
+            fds = len(os.listdir(f"/proc/{srv.pid}/fd"))
+            assert fds <= 6 + cap
         finally:
             for s in held:
                 s.close()
+    assert _threads_and_fds() == (threads0, fds0)
 
 
 def test_max_connections_must_be_positive(tele: Telemetry) -> None:

@@ -26,6 +26,7 @@ import sys
 import tele_exporter.server
 import tele_exporter.server.api, tele_exporter.server.build_info, tele_exporter.server.collector
 import tele_exporter.server.connections, tele_exporter.server.routes, tele_exporter.server.source
+import tele_exporter.server.child, tele_exporter.server.handover, tele_exporter.server.process
 tele_exporter.server.build_info.build_info()
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "tele_exporter.telemetry"))))
 """

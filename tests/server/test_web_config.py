@@ -171,6 +171,25 @@ def test_the_auth_cache_is_bounded(tmp_path: Path, checks: list[bytes]) -> None:
     assert config.check_authorization(_header("alice", PASSWORD))
 
 
+def test_a_flood_of_wrong_passwords_cannot_evict_a_cached_success(tmp_path: Path, checks: list[bytes]) -> None:
+    """Failures are evicted among themselves: the scraper's right password is checked by bcrypt once, not again."""
+    config = _users_config(tmp_path)
+    assert config.check_authorization(_header("alice", PASSWORD))
+    for n in range(5 * AUTH_CACHE_SIZE):
+        assert not config.check_authorization(_header("alice", f"guess {n}"))
+    checked = len(checks)
+    assert config.cached_authorization(_header("alice", PASSWORD)) is True
+    assert config.check_authorization(_header("alice", PASSWORD)) and len(checks) == checked
+
+
+def test_cached_authorization_needs_no_bcrypt(tmp_path: Path, checks: list[bytes]) -> None:
+    config = _users_config(tmp_path)
+    assert config.cached_authorization(None) is False and config.cached_authorization("Bearer x") is False
+    assert config.cached_authorization("Basic !!!") is False
+    assert config.cached_authorization(_header("alice", PASSWORD)) is None and checks == []
+    assert WebConfig().cached_authorization(None) is True
+
+
 def test_unknown_users_are_checked_against_a_dummy_hash(tmp_path: Path, checks: list[bytes]) -> None:
     """Same bcrypt work for an unknown user as for a known one: timing does not tell who exists."""
     config = _users_config(tmp_path)

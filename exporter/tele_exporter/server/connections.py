@@ -1,179 +1,367 @@
-"""Connection handling: a WSGI server that serves at most `max_connections` requests at once, each on its own thread.
+"""Connections: one event loop that holds many clients, slow ones included, without a thread each.
 
-Bounded so that a flood of clients costs the trainer neither threads nor file descriptors
-beyond the cap, and niced so that training gets the CPU first when it is short.
+It runs in the serving process (child.py). A client costs one of `max_connections` places and
+nothing else; when a new client needs a place, the oldest connection that has not finished its
+request gives it up, and every place has a deadline, so held connections cannot queue a scrape.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import re
 import selectors
 import socket
 import ssl
-import sys
-import threading
 import time
-from collections import deque
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from urllib.parse import unquote
 
 CLIENT_TIMEOUT_SECONDS = 10.0
-DEFAULT_MAX_CONNECTIONS = 16
-# A thread whose client has not finished its request this long is cut off while other requests wait.
-IDLE_GRACE_SECONDS = 0.5
-SERVE_NICE = 10
+DEFAULT_MAX_CONNECTIONS = 128
+MAX_REQUEST_BYTES = 16384
+SERVE_NICE = 10  # the serving process runs at this nice (or lower priority): training wins the CPU
+MAX_REPORTS = 10  # tracebacks printed at most, so a client that keeps reaching a bug cannot flood stderr
+# Connections accepted per wakeup: bounded, so a connection flood cannot starve clients already accepted.
+ACCEPTS_PER_WAKEUP = 32
+_CHUNK = 16384  # at most one TLS record per send, so a retried send repeats the same bytes
+
+_REQUEST_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^\s]+) HTTP/1\.\d")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(r"\r?\n")
 
 
-def _lower_priority() -> None:
-    """Run the calling thread at nice SERVE_NICE (Linux: nice is per thread), so training wins the CPU."""
-    if sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, max(SERVE_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
+@dataclass(frozen=True)
+class Request:
+    """A parsed HTTP/1.x request head: method, unquoted path, raw query string, lower-case header names."""
+
+    method: str
+    path: str
+    query: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str:
+        """The first value of header `name` (any case), or ""."""
+        return self.headers.get(name.lower(), "")
 
 
-class QuietHandler(WSGIRequestHandler):
-    """No access log on stderr; a bounded wait for slow or half-open clients; TLS handshake here.
+def parse_request(head: bytes) -> Request | None:
+    """The request in `head` (the bytes before the blank line), or None when it is not HTTP/1.x: a 400."""
+    lines = _LINE_END.split(head.decode("latin-1"))
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            return None  # no colon, an empty or padded name, or an obsolete folded line
+        headers.setdefault(name.lower(), value.strip())
+    path, _, query = match.group(2).partition("?")
+    return Request(match.group(1), unquote(path, "latin-1"), query, headers)
 
-    The handshake runs in the connection's own thread, so a client that stalls it
-    never blocks the accept loop or other scrapes.
+
+def http_message(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """One whole HTTP/1.1 response that closes its connection, `body` as given (empty for HEAD)."""
+    lines = [f"HTTP/1.1 {status}", f"Date: {formatdate(usegmt=True)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Connection:
+    """One client: its socket, what it has sent so far, and what is left to write to it."""
+
+    __slots__ = ("buf", "closed", "events", "on_sent", "out", "since", "sock", "state")
+
+    def __init__(self, sock: socket.socket, since: float, state: str) -> None:
+        self.sock = sock
+        self.since = since  # accepted, or started writing: the deadline counts from here
+        self.state = state  # handshake, reading, waiting (a complete request being answered), writing
+        self.buf = bytearray()
+        self.out = memoryview(b"")
+        self.events = 0
+        self.on_sent: Callable[[], None] | None = None
+        self.closed = False
+
+
+class ConnectionLoop:
+    """Accepts, reads requests, writes answers; `handler(conn, request)` answers with respond(), now or later.
+
+    At most `max_connections` are open. A connection that has not finished its request
+    (nor, over TLS, its handshake) within CLIENT_TIMEOUT_SECONDS of being accepted is closed,
+    as is one that has not taken its answer that long after it was written. When a new client
+    needs a place, the oldest connection without a finished request is closed; with none,
+    accepting pauses until a place frees and new clients wait in the kernel's listen backlog.
     """
 
-    timeout = CLIENT_TIMEOUT_SECONDS
-    server: BoundedServer
+    def __init__(
+        self,
+        listener: socket.socket,
+        handler: Callable[[Connection, Request], None],
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = CLIENT_TIMEOUT_SECONDS,
+    ) -> None:
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self._listener = listener
+        self._handler = handler
+        self._ssl = ssl_context
+        self._selector = selectors.DefaultSelector()
+        self._open: set[Connection] = set()
+        self._unanswered: OrderedDict[Connection, None] = OrderedDict()  # by accept time: who gives up a place
+        self._writing: OrderedDict[Connection, None] = OrderedDict()
+        self._accepting = False
+        self._running = False
+        self.evicted = 0
+        self.errors = 0
+        listener.setblocking(False)
+        self._listen(True)
 
-    def setup(self) -> None:
-        self.request.settimeout(self.timeout)
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()
-        super().setup()
+    def watch(self, fileobj: socket.socket, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever `fileobj` is readable (the trainer's channel, a wakeup socket)."""
+        self._selector.register(fileobj, selectors.EVENT_READ, callback)
 
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.server.request_read(self.request)
-        return ok
+    @property
+    def open_connections(self) -> int:
+        """Connections open now."""
+        return len(self._open)
 
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (OSError, ssl.SSLError):
-            self.close_connection = True
+    @property
+    def writing(self) -> int:
+        """Connections whose answer is not all written yet."""
+        return len(self._writing)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
-
-
-class BoundedServer(WSGIServer):
-    """At most `max_connections` requests served at once, one thread each; as many waiting, as many silent.
-
-    The accept loop holds up to `max_connections` connections that have not sent
-    a byte, without a thread; the oldest of them is closed when a new client
-    needs its place, so held connections cannot lock scrapes out. When every thread is busy and
-    requests wait, threads whose client has not finished its request within
-    IDLE_GRACE_SECONDS are cut off to make room. Beyond that, clients wait in the
-    kernel's listen backlog. TLS is wrapped here, handshaken on the connection's thread.
-    """
-
-    allow_reuse_address = True
-    request_queue_size = 128
-    ssl_context: ssl.SSLContext | None = None
-    max_connections = DEFAULT_MAX_CONNECTIONS
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
-        self._stop = threading.Event()
-        self._stopped = threading.Event()
-        self._reading: dict[socket.socket, float] = {}
-        self._reading_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        _lower_priority()
-        self._stopped.clear()
-        silent: dict[socket.socket, tuple[Any, float]] = {}  # accepted, nothing sent yet: no thread
-        ready: deque[tuple[socket.socket, Any]] = deque()  # sent something, waiting for a thread
-        listening = True
-        try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(self, selectors.EVENT_READ)
-                while not self._stop.is_set():
-                    for key, _ in sel.select(IDLE_GRACE_SECONDS / 5):
-                        if key.fileobj is self:
-                            self._accept(sel, silent)
-                        elif key.fileobj in silent:  # not closed to make room earlier in this batch
-                            sock = key.fileobj
-                            assert isinstance(sock, socket.socket)
-                            sel.unregister(sock)
-                            ready.append((sock, silent.pop(sock)[0]))
-                    while ready and self._slots.acquire(blocking=False):
-                        threading.Thread(target=self._serve, args=ready.popleft(), daemon=True).start()
-                    if ready:
-                        self._close_idle()
-                    self._expire(sel, silent)
-                    # With as many requests waiting as are served, new clients wait in the backlog.
-                    full = len(ready) >= self.max_connections
-                    if full == listening:
-                        listening = not full
-                        (sel.unregister(self) if full else sel.register(self, selectors.EVENT_READ))
-        finally:
-            for sock in [*silent, *(sock for sock, _ in ready)]:
-                self.shutdown_request(sock)
-            self._stopped.set()
-
-    def _accept(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
-        if len(silent) >= self.max_connections:
-            oldest = min(silent, key=lambda s: silent[s][1])
-            sel.unregister(oldest)
-            del silent[oldest]
-            self.shutdown_request(oldest)
-        try:
-            sock, addr = self.get_request()
-        except OSError:
+    def respond(self, conn: Connection, data: bytes, on_sent: Callable[[], None] | None = None) -> None:
+        """Write `data` to `conn` and close it; `on_sent` runs once all of it is written. A closed `conn` is skipped."""
+        if conn.closed:
             return
-        silent[sock] = (addr, time.monotonic())
-        sel.register(sock, selectors.EVENT_READ)
+        self._unanswered.pop(conn, None)
+        conn.state, conn.since, conn.on_sent = "writing", time.monotonic(), on_sent
+        conn.out = memoryview(data)
+        self._writing[conn] = None
+        self._write(conn)
 
-    def _expire(self, sel: selectors.BaseSelector, silent: dict[socket.socket, tuple[Any, float]]) -> None:
-        cutoff = time.monotonic() - CLIENT_TIMEOUT_SECONDS
-        for sock in [s for s, (_, since) in silent.items() if since < cutoff]:
-            sel.unregister(sock)
-            del silent[sock]
-            self.shutdown_request(sock)
+    def requeue(self, conn: Connection) -> None:
+        """`conn` waits for a slow check (bcrypt): it may give up its place again, like an unfinished request."""
+        if not conn.closed:
+            conn.since = time.monotonic()
+            self._unanswered[conn] = None
 
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._stopped.wait()
+    def claim(self, conn: Connection) -> None:
+        """`conn` is being answered: it keeps its place until respond() is done with it."""
+        self._unanswered.pop(conn, None)
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
+    def stop_accepting(self) -> None:
+        """Close the listening socket: the port is free once the open connections are done."""
+        self._listen(False)
+        self._listener.close()
+        for conn in list(self._unanswered):
+            self.close(conn)
 
-    def request_read(self, sock: socket.socket) -> None:
-        """The client sent its request: it is no longer idle."""
-        with self._reading_lock:
-            self._reading.pop(sock, None)
+    def run(self, tick: Callable[[float], float]) -> None:
+        """Serve until stop(). `tick(now)` runs every wakeup and returns the seconds until it wants to run again."""
+        self._running = True
+        while self._running:
+            now = time.monotonic()
+            wait = tick(now)
+            for queue in (self._unanswered, self._writing):
+                if queue:
+                    wait = min(wait, next(iter(queue)).since + self.timeout - now)
+            if not self._running:
+                break
+            for key, _ in self._selector.select(max(wait, 0.0)):
+                data = key.data
+                try:
+                    if data is None:
+                        self._accept()
+                    elif isinstance(data, Connection):
+                        self._ready(data)
+                    else:
+                        data()
+                except Exception:  # a bug that one client's request reaches must not end serving for all
+                    self._report()
+                    if isinstance(data, Connection):
+                        self.close(data)
+            self._expire(time.monotonic())
+        self._selector.close()
 
-    def _serve(self, sock: socket.socket, addr: Any) -> None:
-        _lower_priority()
-        with self._reading_lock:
-            self._reading[sock] = time.monotonic()
-        try:
-            self.finish_request(sock, addr)
-        except OSError:
-            pass  # a broken client connection is that client's problem, not a traceback on stderr
-        finally:
-            self.request_read(sock)
-            self.shutdown_request(sock)
-            self._slots.release()
+    def stop(self) -> None:
+        """Leave run() after this wakeup, closing every connection."""
+        self._running = False
+        for conn in list(self._open):
+            self.close(conn)
 
-    def _close_idle(self) -> None:
-        cutoff = time.monotonic() - IDLE_GRACE_SECONDS
-        with self._reading_lock:
-            idle = [sock for sock, since in self._reading.items() if since < cutoff]
-        for sock in idle:
+    def close(self, conn: Connection) -> None:
+        """Close `conn` and free its place; safe to call twice."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._open.discard(conn)
+        self._unanswered.pop(conn, None)
+        self._writing.pop(conn, None)
+        self._interest(conn, 0)
+        if not isinstance(conn.sock, ssl.SSLSocket):
             with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # wakes its thread; the TLS layer is bypassed
+                conn.sock.recv(65536)  # unread bytes would turn the close into a reset that loses the answer
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        if not self._accepting and len(self._open) < self.max_connections:
+            self._listen(True)
+
+    # -- the events ---------------------------------------------------------------------
+
+    def _listen(self, on: bool) -> None:
+        if on == self._accepting or self._listener.fileno() < 0:
+            return
+        self._accepting = on
+        if on:
+            self._selector.register(self._listener, selectors.EVENT_READ, None)
+        else:
+            self._selector.unregister(self._listener)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if len(self._open) >= self.max_connections and not self._evict():
+                self._listen(False)  # every place is being answered: new clients wait in the backlog
+                return
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors, or the client left before we took it
+                self._evict()
+                return
+            sock.setblocking(False)
+            state = "reading"
+            if self._ssl is not None:
+                try:
+                    sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except OSError:  # the client reset before we took it
+                    sock.close()
+                    continue
+                state = "handshake"
+            conn = Connection(sock, time.monotonic(), state)
+            self._open.add(conn)
+            self._unanswered[conn] = None
+            self._interest(conn, selectors.EVENT_READ)
+
+    def _evict(self) -> bool:
+        """Close the oldest connection that has not finished its request; False if there is none."""
+        if not self._unanswered:
+            return False
+        self.close(next(iter(self._unanswered)))
+        self.evicted += 1
+        return True
+
+    def _expire(self, now: float) -> None:
+        for queue in (self._unanswered, self._writing):
+            while queue:
+                conn = next(iter(queue))
+                if conn.since + self.timeout > now:
+                    break
+                self.close(conn)
+
+    def _report(self) -> None:
+        """Print the traceback of an unexpected error, the first MAX_REPORTS times only."""
+        self.errors += 1
+        if self.errors <= MAX_REPORTS:
+            traceback.print_exc()
+
+    def _ready(self, conn: Connection) -> None:
+        if conn.state == "handshake":
+            self._handshake(conn)
+        elif conn.state == "reading":
+            self._read(conn)
+        elif conn.state == "writing":
+            self._write(conn)
+
+    def _handshake(self, conn: Connection) -> None:
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._interest(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._interest(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError):  # a failed handshake, a plain-HTTP client, a reset
+            self.close(conn)
+            return
+        conn.state = "reading"
+        self._interest(conn, selectors.EVENT_READ)
+        self._read(conn)  # the request may have come with the handshake's last flight
+
+    def _read(self, conn: Connection) -> None:
+        while True:
+            try:
+                data = conn.sock.recv(65536)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                self._interest(conn, selectors.EVENT_WRITE)
+                return
+            except OSError:
+                self.close(conn)
+                return
+            if not data:
+                self.close(conn)
+                return
+            conn.buf += data
+            if len(conn.buf) > MAX_REQUEST_BYTES or not isinstance(conn.sock, ssl.SSLSocket) or not conn.sock.pending():
+                break
+        self._interest(conn, selectors.EVENT_READ)
+        end = _HEAD_END.search(conn.buf)
+        if end is None or end.start() > MAX_REQUEST_BYTES:
+            if len(conn.buf) > MAX_REQUEST_BYTES:
+                self._fail(conn, "431 Request Header Fields Too Large")
+            return
+        request = parse_request(bytes(conn.buf[: end.start()]))
+        conn.buf = bytearray()
+        conn.state = "waiting"
+        self._unanswered.pop(conn, None)
+        self._interest(conn, 0)
+        if request is None:
+            self._fail(conn, "400 Bad Request")
+        else:
+            self._handler(conn, request)
+
+    def _fail(self, conn: Connection, status: str) -> None:
+        body = f"{status.split(' ', 1)[1].lower()}\n".encode()
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
+        self.respond(conn, http_message(status, headers, body))
+
+    def _write(self, conn: Connection) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out[:_CHUNK])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                self._interest(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._interest(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                self.close(conn)
+                return
+            conn.out = conn.out[sent:]
+        on_sent = conn.on_sent
+        self.close(conn)
+        if on_sent is not None:
+            on_sent()
+
+    def _interest(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self._selector.register(conn.sock, events, conn)
+        elif events == 0:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events

@@ -1,7 +1,7 @@
-"""serve() and Server: start the exporter on a port from a daemon thread, and stop it.
+"""serve() and Server: bind the port, start the serving process on it, and stop it.
 
-Ties the pieces together: the bounded connections (connections.py), the WSGI app
-(routes.py) and the web config (web_config.py), for one SnapshotSource (a Telemetry).
+Ties the pieces together: the serving process (process.py, running child.py's event loop
+over connections.py and routes.py), fed from one SnapshotSource (a Telemetry), with the web config.
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import errno
 import math
 import socket
-import threading
 from pathlib import Path
-from typing import Any
-from wsgiref.simple_server import WSGIServer, make_server
 
 from .api import snapshot_document
-from .connections import DEFAULT_MAX_CONNECTIONS, BoundedServer, QuietHandler
-from .routes import Scrapes, make_app
+from .connections import DEFAULT_MAX_CONNECTIONS
+from .process import ServingChild
+from .routes import Scrapes
 from .source import SnapshotSource
 from .web_config import WebConfig, load_web_config
 
@@ -33,6 +31,7 @@ __all__ = [
 
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
+LISTEN_BACKLOG = 1024
 
 
 class PortInUseError(OSError):
@@ -48,23 +47,21 @@ class Server:
 
     def __init__(
         self,
-        httpd: WSGIServer | None,
-        thread: threading.Thread | None,
+        child: ServingChild | None,
         scheme: str = "http",
         *,
+        addr: str = DEFAULT_ADDR,
+        port: int = 0,
         tele: SnapshotSource | None = None,
         scrapes: Scrapes | None = None,
         linger: float = 0.0,
-        addr: str = DEFAULT_ADDR,
     ) -> None:
-        self._httpd = httpd
-        self._thread = thread
+        self._child = child
         self._tele = tele
         self._scrapes = scrapes
         self.linger = _check_linger(linger)
-        host, port = httpd.server_address[:2] if httpd is not None else (addr, 0)
-        self.addr: str = str(host)
-        self.port: int = int(port)
+        self.addr: str = addr
+        self.port: int = port if child is not None else 0
         shown = f"[{self.addr}]" if ":" in self.addr else self.addr
         self.base_url = f"{scheme}://{shown}:{self.port}"
         self.url = f"{self.base_url}/metrics"
@@ -72,7 +69,12 @@ class Server:
     @property
     def running(self) -> bool:
         """True while the server listens; always False for a disabled Telemetry's."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._child is not None and self._child.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The serving process's id while it runs, else None."""
+        return self._child.pid if self._child is not None and self._child.alive else None
 
     def close(self, linger: float | None = None) -> bool:
         """Stop serving and release the port; safe to call twice.
@@ -86,11 +88,8 @@ class Server:
         if wait > 0 and self.running and self._tele is not None and self._scrapes is not None:
             latest = self._tele.snapshot().updates
             scraped = latest == 0 or self._scrapes.wait_for(latest, wait)
-        if self._httpd is not None:
-            if self._thread is not None and self._thread.is_alive():
-                self._httpd.shutdown()
-                self._thread.join()
-            self._httpd.server_close()
+        if self._child is not None:
+            self._child.stop()
         return scraped
 
     def __enter__(self) -> Server:
@@ -108,11 +107,12 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     linger: float = 0.0,
 ) -> Server:
-    """Serve `tele` on http://addr:port/metrics from a daemon thread (port 0: any free port).
+    """Serve `tele` on http://addr:port/metrics from a separate serving process (port 0: any free port).
 
     `web_config` is an exporter-toolkit web config (a path or a loaded WebConfig)
     that adds TLS, basic auth, headers and a rate limit; the default binds loopback
-    only, in plain HTTP. At most `max_connections` are open at once; more wait.
+    only, in plain HTTP. At most `max_connections` are open at once; beyond that the
+    oldest connection that has not finished its request gives up its place.
     `linger` is how long close() waits for Prometheus to scrape the final update.
     A disabled Telemetry is not served: the Server returned binds nothing.
     """
@@ -122,30 +122,35 @@ def serve(
     config = load_web_config(web_config) if isinstance(web_config, (str, Path)) else web_config
     scheme = "https" if config is not None and config.tls is not None else "http"
     if not tele.enabled:
-        return Server(None, None, scheme, linger=linger, addr=addr)
-    attrs: dict[str, Any] = {"address_family": _family(addr), "max_connections": max_connections}
+        return Server(None, scheme, linger=linger, addr=addr)
     if config is not None and config.tls is not None:
-        attrs["ssl_context"] = config.tls.context()
-    server_class = type("_Server", (BoundedServer,), attrs)
+        config.tls.context()  # a certificate that does not load fails here, in the caller, before any process starts
+    listener = _listen(addr, port)
     scrapes = Scrapes()
     try:
-        httpd: WSGIServer = make_server(
-            addr, port, make_app(tele, config, scrapes), server_class=server_class, handler_class=QuietHandler
-        )
+        host, bound = listener.getsockname()[:2]
+        child = ServingChild(listener, tele, scrapes, config, max_connections)
+    finally:
+        listener.close()  # the serving process holds its own copy
+    return Server(child, scheme, addr=str(host), port=int(bound), tele=tele, scrapes=scrapes, linger=linger)
+
+
+def _listen(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
+        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise PortInUseError(exc.errno, f"cannot listen on {addr}:{port}: address already in use") from None
         raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {exc.strerror}") from None
-    thread = threading.Thread(target=httpd.serve_forever, name=f"tele-exporter:{port}", daemon=True)
-    thread.start()
-    return Server(httpd, thread, scheme, tele=tele, scrapes=scrapes, linger=linger)
+    return sock
 
 
 def _check_linger(linger: float) -> float:
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not linger >= 0 or math.isinf(linger):
         raise ValueError(f"linger must be a finite number of seconds >= 0, got {linger!r}")
     return float(linger)
-
-
-def _family(addr: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in addr else socket.AF_INET

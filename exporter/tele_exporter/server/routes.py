@@ -1,24 +1,26 @@
-"""The WSGI application: routing, auth and rate limit, /metrics format negotiation, and the per-snapshot caches.
+"""What each request gets: routing, /metrics format negotiation, and the renders cached per handed-over version.
 
-What is served is rendered once per published snapshot and format, never per request,
-so scrapes cost the trainer little however often they come.
+The serving process answers from an Exposition, the latest families and document the
+trainer handed over; make_app wraps the same routes as a WSGI app for in-process use.
+Each format (and name[] filter) is rendered once per version, never per request.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.resources
-import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from . import api
+from .connections import Request
+from .handover import Feeder, FrozenRegistry, Shipment
 from .source import SnapshotSource
 from .web_config import WebConfig
 
@@ -27,11 +29,12 @@ FILTERED_CACHE_SIZE = 16
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 Response = tuple[str, list[tuple[str, str]], bytes]
-Route = Callable[[dict[str, Any]], Response]
 
-_LANDING = importlib.resources.files("tele_exporter.server").joinpath("page.html").read_text(encoding="utf-8")
+_PAGE = importlib.resources.files("tele_exporter.server").joinpath("page.html").read_text(encoding="utf-8").encode()
 _ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
 _METHODS = "GET, HEAD, OPTIONS"
+# The paths whose answer needs the trainer's state; "/" is a fixed page.
+STATE_PATHS = ("/metrics", "/api/snapshot")
 
 
 def negotiate(accept: str) -> str:
@@ -86,123 +89,154 @@ class Scrapes:
             return self._changed.wait_for(lambda: self._served >= updates, timeout)
 
 
+def static_response(request: Request) -> Response | None:
+    """The answer that needs nothing from the trainer (404, 405, OPTIONS, the page); None for STATE_PATHS' GET/HEAD."""
+    path = request.path or "/"
+    if path != "/" and path not in STATE_PATHS:
+        return _plain("404 Not Found", "not found\n")
+    if request.method == "OPTIONS":
+        return "200 OK", [("Allow", _METHODS), ("Content-Length", "0")], b""
+    if request.method not in ("GET", "HEAD"):
+        return _plain("405 Method Not Allowed", "method not allowed\n", [("Allow", _METHODS)])
+    if path == "/":
+        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(_PAGE)))], _PAGE
+    return None
+
+
+def rate_limited(config: WebConfig | None) -> Response | None:
+    """429 when the web config's token bucket is empty, checked before any password."""
+    if config is not None and config.rate_limit is not None and not config.rate_limit.allow():
+        return _plain("429 Too Many Requests", "too many requests\n")
+    return None
+
+
+def unauthorized() -> Response:
+    """401 with the Basic challenge."""
+    return _plain("401 Unauthorized", "unauthorized\n", [("WWW-Authenticate", 'Basic realm="tele-exporter"')])
+
+
+def finish(request: Request, response: Response, extra: list[tuple[str, str]]) -> Response:
+    """The response as sent: the web config's extra headers added, and no body for HEAD."""
+    status, headers, body = response
+    return status, headers + extra, b"" if request.method == "HEAD" else body
+
+
+class Exposition:
+    """The latest version the trainer handed over, and its renders: one per format, a few name[] filters.
+
+    `metrics_time` and `api_time` are when the trainer read the state this holds (time.monotonic);
+    a request that arrived after them needs a fresher ask before it can be answered.
+    """
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.updates = 0
+        self.metrics_time = -math.inf
+        self.api_time = -math.inf
+        self.api_version = 0
+        self._families: FrozenRegistry | None = None
+        self._error: str | None = None
+        self._api: bytes | None = None
+        self._api_error: str | None = None
+        self._full: dict[str, tuple[bytes, list[bytes]]] = {}
+        self._filtered: OrderedDict[tuple[str, tuple[str, ...]], tuple[bytes, list[bytes]]] = OrderedDict()
+
+    def apply(self, shipment: Shipment) -> None:
+        """Take what the trainer shipped; a version the asker already had ships nothing and keeps the renders."""
+        if shipment.version != self.version:
+            self.version, self.updates = shipment.version, shipment.updates
+            families = shipment.families
+            self._families = FrozenRegistry(families) if families is not None else None
+            self._error = shipment.error
+            self._full.clear()
+            self._filtered.clear()
+        self.metrics_time = shipment.time
+        if shipment.api_checked:
+            if shipment.api_version != self.api_version:
+                self.api_version, self._api, self._api_error = shipment.api_version, shipment.api, shipment.api_error
+            self.api_time = shipment.time
+
+    def current(self, request: Request, arrived: float) -> bool:
+        """True when this holds state read after `arrived`, so `request` may be answered from it."""
+        return (self.api_time if request.path == "/api/snapshot" else self.metrics_time) >= arrived
+
+    def answer(self, request: Request) -> Response:
+        """GET or HEAD of /metrics or /api/snapshot, from what this holds (503 before the trainer's first answer)."""
+        if request.path == "/api/snapshot":
+            if self._api is None:
+                return _unavailable(self._api_error)
+            headers = [
+                ("Content-Type", "application/json; charset=utf-8"),
+                ("Content-Length", str(len(self._api))),
+                ("Cache-Control", "no-store"),
+            ]
+            return "200 OK", headers, self._api
+        if self._families is None:
+            return _unavailable(self._error)
+        accept = negotiate(request.header("accept"))
+        encoder, content_type = choose_encoder(accept)
+        names = tuple(sorted(set(parse_qs(request.query).get("name[]", []))))
+        hit = self._filtered.get((accept, names)) if names else self._full.get(accept)
+        if hit is None:
+            registry = self._families.restricted_registry(names) if names else self._families
+            hit = (encoder(cast(CollectorRegistry, registry)), [])
+            if names:
+                self._filtered[(accept, names)] = hit
+                while len(self._filtered) > FILTERED_CACHE_SIZE:
+                    self._filtered.popitem(last=False)
+            else:
+                self._full[accept] = hit
+        elif names:
+            self._filtered.move_to_end((accept, names))
+        body, zipped = hit
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(request.header("accept-encoding")):
+            if not zipped:
+                zipped.append(gzip.compress(body, compresslevel=6))
+            body = zipped[0]
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        return "200 OK", headers, body
+
+
+def _unavailable(error: str | None) -> Response:
+    if error is not None:
+        return _plain("500 Internal Server Error", "the trainer could not render this; see its log\n")
+    return _plain("503 Service Unavailable", "the trainer has not answered yet\n")
+
+
 def make_app(source: SnapshotSource, web_config: WebConfig | None = None, scrapes: Scrapes | None = None) -> WSGIApp:
-    """The WSGI application: /metrics, the page at /, /api/snapshot; 401, 404, 405 and 429 otherwise."""
-    routes: dict[str, Route] = {
-        "/metrics": _metrics(source, scrapes or Scrapes()),
-        "/": _static(_LANDING, "text/html; charset=utf-8"),
-        "/api/snapshot": _snapshot_api(source),
-    }
+    """The same routes as a WSGI application, served from `source` in this process: /metrics, /, /api/snapshot.
+
+    For tests and for mounting in a server of one's own; serve() answers from a separate process instead.
+    """
+    feeder = Feeder(source)
+    exposition = Exposition()
+    lock = threading.Lock()
+    scrapes = scrapes or Scrapes()
     extra = list(web_config.headers.items()) if web_config is not None else []
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        status, headers, body = _route(routes, web_config, method, environ)
-        start_response(status, headers + extra)
-        return [b""] if method == "HEAD" else [body]
+        headers = {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO") or "/"
+        request = Request(method, path, environ.get("QUERY_STRING", ""), headers)
+        response = rate_limited(web_config)
+        if response is None and web_config is not None:
+            response = None if web_config.check_authorization(request.header("authorization")) else unauthorized()
+        response = response or static_response(request)
+        if response is None:
+            with lock:
+                shipment = feeder.ship(exposition.version, path == "/api/snapshot", exposition.api_version)
+                exposition.apply(shipment)
+                response = exposition.answer(request)
+                updates = exposition.updates
+            if request.method == "GET" and request.path == "/metrics" and response[0] == "200 OK":
+                scrapes.served(updates)
+        status, out, body = finish(request, response, extra)
+        start_response(status, out)
+        return [body]
 
     return app
-
-
-def _route(routes: dict[str, Route], config: WebConfig | None, method: str, environ: dict[str, Any]) -> Response:
-    if config is not None and config.rate_limit is not None and not config.rate_limit.allow():
-        return _plain("429 Too Many Requests", "too many requests\n")
-    if config is not None and not config.check_authorization(environ.get("HTTP_AUTHORIZATION")):
-        return _plain("401 Unauthorized", "unauthorized\n", [("WWW-Authenticate", 'Basic realm="tele-exporter"')])
-    route = routes.get(environ.get("PATH_INFO") or "/")
-    if route is None:
-        return _plain("404 Not Found", "not found\n")
-    if method == "OPTIONS":
-        return "200 OK", [("Allow", _METHODS), ("Content-Length", "0")], b""
-    if method not in ("GET", "HEAD"):
-        return _plain("405 Method Not Allowed", "method not allowed\n", [("Allow", _METHODS)])
-    return route(environ)
-
-
-def _metrics(source: SnapshotSource, scrapes: Scrapes) -> Route:
-    """/metrics rendered once per published snapshot and negotiated format, then served as bytes.
-
-    Only for a registry the source owns: nothing else can change between two
-    snapshots but the error counters, which are part of the cache key. Filtered
-    queries (name[]=...) get a small LRU of their own; other parameters are ignored.
-    """
-    full: dict[str, tuple[object, object, bytes, bytes]] = {}
-    filtered: OrderedDict[tuple[str, tuple[str, ...]], tuple[object, object, bytes, bytes]] = OrderedDict()
-    lock = threading.Lock()
-
-    def route(environ: dict[str, Any]) -> Response:
-        accept = negotiate(environ.get("HTTP_ACCEPT", ""))
-        encoder, content_type = choose_encoder(accept)
-        names = tuple(sorted(set(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", []))))
-        registry: CollectorRegistry = source.registry.restricted_registry(names) if names else source.registry  # type: ignore[assignment]
-        scraped = environ.get("REQUEST_METHOD", "GET") == "GET"
-        if not source.owns_registry:
-            updates = source.snapshot().updates
-            body = encoder(registry)
-            if scraped:
-                scrapes.served(updates)
-            return _metrics_response(environ, content_type, body, gzip.compress(body, compresslevel=6))
-        cache: dict[Any, tuple[object, object, bytes, bytes]] = filtered if names else full
-        key: Any = (accept, names) if names else accept
-        snapshot, errors = source.snapshot(), source.errors()
-        with lock:
-            hit = cache.get(key)
-        if hit is None or hit[0] is not snapshot or hit[1] != errors:
-            body = encoder(registry)
-            hit = (snapshot, errors, body, gzip.compress(body, compresslevel=6))
-            with lock:
-                cache[key] = hit
-                if names:
-                    filtered.move_to_end(key)
-                    while len(filtered) > FILTERED_CACHE_SIZE:
-                        filtered.popitem(last=False)
-        if scraped:
-            scrapes.served(snapshot.updates)
-        return _metrics_response(environ, content_type, hit[2], hit[3])
-
-    return route
-
-
-def _metrics_response(environ: dict[str, Any], content_type: str, body: bytes, zipped: bytes) -> Response:
-    headers = [("Content-Type", content_type)]
-    if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
-        body = zipped
-        headers.append(("Content-Encoding", "gzip"))
-    headers.append(("Content-Length", str(len(body))))
-    return "200 OK", headers, body
-
-
-def _snapshot_api(source: SnapshotSource) -> Route:
-    """/api/snapshot, rendered once per published snapshot like /metrics."""
-    cached: list[tuple[object, bytes]] = []
-    lock = threading.Lock()
-
-    def route(environ: dict[str, Any]) -> Response:
-        snapshot = source.snapshot()
-        with lock:
-            hit = cached[0] if cached else None
-        if hit is None or hit[0] is not snapshot:
-            data = json.dumps(api.snapshot_document(source), ensure_ascii=False, allow_nan=False).encode()
-            hit = (snapshot, data)
-            with lock:
-                cached[:] = [hit]
-        headers = [
-            ("Content-Type", "application/json; charset=utf-8"),
-            ("Content-Length", str(len(hit[1]))),
-            ("Cache-Control", "no-store"),
-        ]
-        return "200 OK", headers, hit[1]
-
-    return route
-
-
-def _static(body: str, content_type: str) -> Route:
-    data = body.encode()
-
-    def route(environ: dict[str, Any]) -> Response:
-        return "200 OK", [("Content-Type", content_type), ("Content-Length", str(len(data)))], data
-
-    return route
 
 
 def _plain(status: str, body: str, extra: list[tuple[str, str]] | None = None) -> Response:

@@ -110,22 +110,28 @@ class RateLimiter:
 
 
 class _AuthCache:
-    """Results of bcrypt checks, successes and failures, at most AUTH_CACHE_SIZE (random eviction)."""
+    """Results of bcrypt checks, at most AUTH_CACHE_SIZE failures (random eviction) and as many successes.
+
+    Successes are kept apart, so a flood of wrong passwords cannot evict the scraper's own
+    cached success and make it pay for bcrypt again; only right passwords can fill that half.
+    """
 
     def __init__(self) -> None:
-        self._results: dict[bytes, bool] = {}
+        self._results: dict[bytes, bool] = {}  # failures
+        self._good: dict[bytes, bool] = {}
         self._lock = threading.Lock()
 
     def get(self, key: bytes) -> bool | None:
         with self._lock:
-            return self._results.get(key)
+            return True if key in self._good else self._results.get(key)
 
     def put(self, key: bytes, ok: bool) -> None:
         with self._lock:
-            if len(self._results) >= AUTH_CACHE_SIZE:
-                for old in random.sample(list(self._results), max(len(self._results) // 10, 1)):
-                    del self._results[old]
-            self._results[key] = ok
+            results = self._good if ok else self._results
+            if len(results) >= AUTH_CACHE_SIZE:
+                for old in random.sample(list(results), max(len(results) // 10, 1)):
+                    del results[old]
+            results[key] = ok
 
 
 @dataclass
@@ -146,22 +152,54 @@ class WebConfig:
         Like exporter-toolkit: unknown users are checked against a dummy hash, and
         results (failures too) are cached, keyed by a digest of user, hash and password.
         """
+        ok = self.cached_authorization(header)
+        credentials = self._credentials(header) if ok is None else None
+        if credentials is None:
+            return bool(ok)
+        user, password, hashed, key = credentials
+        ok = self._bcrypt(password, hashed) and user in self.users
+        self._cache.put(key, ok)
+        return ok
+
+    def cached_authorization(self, header: str | None) -> bool | None:
+        """check_authorization's answer when it needs no bcrypt check; None when it does.
+
+        The serving loop answers from this at once and hands only the None cases to
+        its bcrypt thread, so a slow check never holds up other clients.
+        """
         if not self.users:
             return True
+        credentials = self._credentials(header)
+        return False if credentials is None else self._cache.get(credentials[3])
+
+    def _credentials(self, header: str | None) -> tuple[str, bytes, bytes, bytes] | None:
+        """(user, password, hash to check, cache key), or None for a header that is not Basic credentials."""
         if not header or not header.startswith("Basic "):
-            return False
+            return None
         try:
             user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            return False
-        known = user in self.users
-        hashed = self.users[user] if known else _DUMMY_HASH
+            return None
+        hashed = self.users.get(user, _DUMMY_HASH)
         key = hashlib.sha256(b"\0".join((user.encode(), hashed, password.encode()))).digest()
-        ok = self._cache.get(key)
-        if ok is None:
-            ok = self._bcrypt(password.encode(), hashed) and known
-            self._cache.put(key, ok)
-        return ok
+        return user, password.encode(), hashed, key
+
+    def portable(self) -> dict[str, Any]:
+        """The settings as plain data, for the serving process to rebuild with from_portable."""
+        limit = self.rate_limit
+        return {
+            "tls": self.tls,
+            "users": dict(self.users),
+            "headers": dict(self.headers),
+            "rate_limit": None if limit is None else (limit.interval, limit.burst),
+        }
+
+    @classmethod
+    def from_portable(cls, data: dict[str, Any]) -> WebConfig:
+        """The WebConfig that portable() describes, with its own auth cache and rate limiter."""
+        limit = data["rate_limit"]
+        limiter = None if limit is None else RateLimiter(*limit)
+        return cls(tls=data["tls"], users=data["users"], headers=data["headers"], rate_limit=limiter)
 
     def _bcrypt(self, password: bytes, hashed: bytes) -> bool:
         import bcrypt
