@@ -228,9 +228,9 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
 @pytest.mark.slow
 @pytest.mark.browser
 def test_each_sparkline_says_what_it_draws(healthy: Shot) -> None:
-    """The gradient panel's big number is pre-clip; its sparkline is the post-clip history (TELE-311)."""
+    """The gradient panel's big number and its sparkline are both pre-clip (TELE-310, TELE-311), and say so."""
     captions = healthy.state["captions"]
-    assert captions["grad"].startswith(f"post-clip, last {HEALTHY_UPDATES}: min "), captions
+    assert captions["grad"].startswith(f"pre-clip, last {HEALTHY_UPDATES}: min "), captions
     assert captions["kl"].startswith(f"KL, last {HEALTHY_UPDATES}: min "), captions
 
 
@@ -474,7 +474,7 @@ def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_d
             with tele.update() as upd:
                 for name, (norm, _) in HEAD_NORMS.items():
                     getattr(policy, name).weight.grad = torch.tensor([[norm, 0.0]])
-                upd.clip_grad_norm_(0.5)  # every update clipped to exactly 0.5: a flat post-clip history
+                upd.clip_grad_norm_(0.5)  # the same gradients every update: a flat pre-clip history
                 heads = {n: torch.full((8,), 0.1 * (update + 1)) for n in HEAD_NORMS}
                 upd.observe_ratios(heads)
                 upd.observe_explained_variance(torch.arange(8.0), torch.arange(8.0) * 2)
@@ -495,7 +495,7 @@ def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_d
     for head in state["heads"]:
         assert f"c-{colours[HEAD_NORMS[head['name']][1]]}" in head["currentColour"].split(), head
 
-    # A post-clip history pinned at max_norm (float rounding apart) is drawn flat.
+    # A history of the same norm (float rounding apart) is drawn flat.
     assert len(doc["grad_norm"]["history"]) == 4 and state["flat"]["grad"] == "true"
 
     # A watched seed that had no backward pass says "no data", not a green "OK".
@@ -524,9 +524,12 @@ def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_d
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_explode_faults_page_shows_the_explosion(faulted: Shot) -> None:
-    """--fault explode: the pre-clip number is critical, its post-clip line is flat at max_norm, heads are red-ready."""
+    """--fault explode: the pre-clip number is critical and its sparkline, pre-clip, shows the jump."""
     snap, state = faulted.document["snapshot"], faulted.state
     assert state["panels"]["grad"] == "critical" and faulted.hues["grad"] == "red"
     assert float(snap["grad_norm"]["pre"]) > 10
+    history = [float(v) for v in snap["grad_norm"]["history"]]
+    assert len(history) == HEALTHY_UPDATES and history[0] < 10 < history[-1]  # healthy update 1, then the fault
+    assert state["flat"]["grad"] == "false" and state["captions"]["grad"].startswith("pre-clip, ")
     assert all(h["status"] == h_doc["shown"]["status"] for h, h_doc in zip(state["heads"], snap["heads"], strict=True))
     assert state["header"][1].startswith("optimizer steps in the latest update")
