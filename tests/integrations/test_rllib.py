@@ -308,15 +308,20 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
 def test_two_learner_actors_train_the_same_weights_as_a_plain_run(ray_cluster: None) -> None:
     """DDP over gloo between two learner actors, RLlib's global-norm clip: bit for bit what a plain run trains."""
     weights = []
+    base = free_port()
+    while not all(_bindable(p) for p in (base, base + 1)):
+        base = free_port()
     for instrumented in (False, True):
         config = _config(num_learners=2, learner=None)
-        algo = (instrument(config, base_port=0) if instrumented else config).build_algo()
+        algo = (instrument(config, base_port=base, port_by="local_rank") if instrumented else config).build_algo()
         try:
             for _ in range(2):
                 algo.train()
-            if instrumented:  # it did measure: both learners published both iterations
-                updates = _on_learners(algo, lambda learner: learner.tele["default_policy"].snapshot().updates)
-                assert updates == [2, 2]
+            if instrumented:  # it did measure; one node: the learners' ranks on it are 0 and 1, as torchrun's would be
+                served = _on_learners(
+                    algo, lambda learner: (learner.tele_server.port, learner.tele["default_policy"].snapshot().updates)
+                )
+                assert served == [(base, 2), (base + 1, 2)]
             weights.append(_weights(algo))
         finally:
             algo.stop()

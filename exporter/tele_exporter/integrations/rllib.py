@@ -3,8 +3,8 @@
 `instrument(config, base_port=9842)` swaps the config's learner class for a subclass of it
 (a user's own `PPOTorchLearner` subclass is kept: the telemetry sits above it in the MRO).
 Every learner serves on `base_port + learner index` (the single local learner of
-`num_learners=0` on `base_port`, in the driver) and, given `file_sd=DIR`, writes a file_sd
-target there. Under `num_learners > 1` RLlib's LearnerGroup has initialised
+`num_learners=0` on `base_port`, in the driver; `port_by="local_rank"`: + its rank on its node)
+and, given `file_sd=DIR`, writes a file_sd target there. Under `num_learners > 1` RLlib's LearnerGroup has initialised
 `torch.distributed`, so the series carry the `rank` label and `tele_world_size` is the number
 of learners: the generated rank rules treat learners as torchrun ranks.
 
@@ -39,7 +39,7 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,6 +66,9 @@ log = logging.getLogger("tele_exporter")
 MODULE_LABEL = "module"
 """The label that tells a learner's RLModules apart on every series."""
 
+PORT_BY = ("learner_index", "local_rank")
+"""What a learner adds to base_port: its index in the LearnerGroup, or its rank on its node (LOCAL_RANK)."""
+
 _NOT_TELEMETRY_KWARGS = ("policy", "heads", "groups", "registry")
 
 
@@ -77,6 +80,7 @@ class _Settings:
     addr: str
     file_sd: str | None
     linger: float
+    port_by: str
     telemetry_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -87,13 +91,17 @@ def instrument(
     addr: str = DEFAULT_ADDR,
     file_sd: str | os.PathLike[str] | None = None,
     linger: float = 0.0,
+    port_by: str = "learner_index",
     **telemetry_kwargs: Any,
 ) -> Any:
     """Instrument a PPO `AlgorithmConfig` (torch) in place and return it.
 
     Each learner serves /metrics on `base_port + learner index` (base_port 0: any free port) on
     `addr`, writes a file_sd target into the directory `file_sd` when given, and waits up to
-    `linger` seconds at shutdown for a scrape of its last update. `telemetry_kwargs` go to every
+    `linger` seconds at shutdown for a scrape of its last update. `port_by="local_rank"` serves on
+    `base_port + the learner's rank among the learners on its node` instead, as torchrun ranks do
+    (base + LOCAL_RANK): every node's first learner on base_port, as one pod per learner on
+    Kubernetes wants. `telemetry_kwargs` go to every
     module's `Telemetry` (const_labels, thresholds, enabled, ...); heads and groups come from
     the module (`module_heads`, `module_groups`) and each module adds its `module` label.
     """
@@ -104,6 +112,8 @@ def instrument(
         )
     if issubclass(base, TelemetryLearner):
         raise ValueError(f"this config's learner class {base.__name__} is already instrumented")
+    if port_by not in PORT_BY:
+        raise ValueError(f"port_by must be one of {PORT_BY}, got {port_by!r}")
     if not 0 <= base_port <= 65535:
         raise ValueError(f"base_port must be in 0..65535, got {base_port}")
     taken = [k for k in _NOT_TELEMETRY_KWARGS if k in telemetry_kwargs]
@@ -118,6 +128,7 @@ def instrument(
         addr,
         None if file_sd is None else str(Path(file_sd).resolve()),
         float(linger),
+        port_by,
         dict(telemetry_kwargs),
     )
     bases = (TelemetryLearner,) if base is PPOTorchLearner else (TelemetryLearner, base)
@@ -297,18 +308,20 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
         )
 
     def _tele_serve(self) -> None:
-        """Serve every module of this learner on base_port + learner index; write its file_sd target."""
+        """Serve every module of this learner on base_port + learner index (or LOCAL_RANK); write its target."""
         settings = self._tele_settings
         index = int(getattr(self, "_learner_index", 0) or 0)
-        port = settings.base_port + index if settings.base_port else 0
+        by_rank = settings.port_by == "local_rank"
+        offset = _node_local_rank() if by_rank else index
+        port = settings.base_port + offset if settings.base_port else 0
         try:
             self.tele_server = serve(_LearnerSource(self.tele), port, settings.addr, linger=settings.linger)
         except PortInUseError as exc:
             raise PortInUseError(
                 exc.errno,
                 f"learner {index}: cannot serve on {settings.addr}:{port} (base port {settings.base_port} + "
-                f"learner index {index}): the port is taken; give each RLlib run a base port range of "
-                "num_learners (at least 1) free ports",
+                f"{'LOCAL_RANK' if by_rank else 'learner index'} {offset}): the port is taken; give each RLlib "
+                "run on a host its own range of base ports, as many as its learners there (at least 1)",
             ) from None
         if settings.file_sd is not None and self.tele_server.running:
             self._tele_target = _write_target(Path(settings.file_sd), self.tele_server, self.tele)
@@ -433,6 +446,23 @@ def _reported(stat: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _node_local_rank() -> int:
+    """This learner's rank among the learners on its node (torchrun's LOCAL_RANK), 0 without torch.distributed.
+
+    RLlib never starts a Ray Train session, so LOCAL_RANK is not set in its learners: the learners
+    exchange their node addresses once, with one all_gather_object at build (every learner builds at once).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0
+    import ray.util
+
+    node = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return sum(1 for other in nodes[: dist.get_rank()] if other == node)
+
+
 def _sub_action_sizes(space: Any) -> list[int] | None:
     """The sub-action sizes of a MultiDiscrete space; None for any other space."""
     if isinstance(space, gym.spaces.MultiDiscrete):
@@ -479,16 +509,11 @@ def _write_target(directory: Path, server: Server, teles: Mapping[str, Telemetry
     return path
 
 
-def learner_ports(base_port: int, num_learners: int) -> Sequence[int]:
-    """The ports an instrumented run's learners serve on: base_port alone for num_learners=0."""
-    return [base_port + i for i in range(max(1, num_learners))]
-
-
 __all__ = [
     "MODULE_LABEL",
+    "PORT_BY",
     "TelemetryLearner",
     "instrument",
-    "learner_ports",
     "log_ratios",
     "module_groups",
     "module_heads",
