@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import statistics
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -449,3 +452,39 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+# -- docs/rllib.md ---------------------------------------------------------------------------
+
+
+def _doc_files() -> dict[str, str]:
+    text = (ROOT / "docs" / "rllib.md").read_text()
+    return dict(re.findall(r"<!-- file: (\S+) -->\n```yaml\n(.*?)```", text, re.S))
+
+
+def test_the_kuberay_example_is_a_rayjob_and_a_podmonitor_scraping_the_learners_port() -> None:
+    """Not run on Kubernetes (none here): well-formed documents of the right kinds, ports that agree."""
+    files = _doc_files()
+    job = yaml.safe_load(files["rayjob.yaml"])
+    monitor = yaml.safe_load(files["podmonitor.yaml"])
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"tele": 9842}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= workers["template"]["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["tele"]
+
+
+@pytest.mark.servers
+def test_the_doc_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
+    files = _doc_files()
+    (tmp_path / "rules").mkdir()
+    for rules in RULE_FILES:
+        shutil.copy(rules, tmp_path / "rules" / rules.name)
+    for name in ("prometheus-file-sd.yml", "prometheus-ray.yml"):
+        (tmp_path / name).write_text(files[name])
+        result = subprocess.run(
+            ["promtool", "check", "config", name], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, f"promtool check config {name}: {result.stdout}{result.stderr}"
