@@ -229,6 +229,25 @@ def test_multidiscrete_heads_are_row_slices_and_their_log_ratios_add_up_to_rllib
     assert torch.allclose(joint, new_logp - old_logp, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("make", "kwargs", "error", "match"),
+    [
+        (lambda: _config().training(grad_clip=1.0, grad_clip_by="value"), {}, ValueError, "clips gradients by 'value'"),
+        (_config, {"heads": {}}, TypeError, "sets 'heads' itself"),
+        (_config, {"const_labels": {"module": "x"}}, ValueError, "const label 'module'"),
+        (_config, {"port_by": "node"}, ValueError, "port_by must be one of"),
+        (lambda: instrument(_config(), base_port=0), {}, ValueError, "already instrumented"),
+        (lambda: _config().learners(learner_class=object), {}, TypeError, "PPOTorchLearner"),
+    ],
+    ids=["value clip", "heads", "module label", "port_by", "twice", "not a PPO learner"],
+)
+def test_instrument_refuses_at_once_what_it_cannot_measure(
+    make: Callable[[], Any], kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        instrument(make(), base_port=9842, **kwargs)
+
+
 def test_one_local_learner_publishes_what_rllib_computes_and_trains_the_same_weights(
     ray_cluster: None, tmp_path: Path
 ) -> None:

@@ -98,12 +98,12 @@ def instrument(
 
     Each learner serves /metrics on `base_port + learner index` (base_port 0: any free port) on
     `addr`, writes a file_sd target into the directory `file_sd` when given, and waits up to
-    `linger` seconds at shutdown for a scrape of its last update. `port_by="local_rank"` serves on
-    `base_port + the learner's rank among the learners on its node` instead, as torchrun ranks do
-    (base + LOCAL_RANK): every node's first learner on base_port, as one pod per learner on
-    Kubernetes wants. `telemetry_kwargs` go to every
-    module's `Telemetry` (const_labels, thresholds, enabled, ...); heads and groups come from
-    the module (`module_heads`, `module_groups`) and each module adds its `module` label.
+    `linger` seconds at shutdown for a scrape of its last update. `port_by="local_rank"` adds
+    the learner's rank among the learners on its node instead, as torchrun ranks add LOCAL_RANK:
+    every node's first learner serves on base_port, as one learner per Kubernetes pod wants.
+    `telemetry_kwargs` go to every module's `Telemetry` (const_labels, thresholds, enabled, ...);
+    heads and groups come from the module (`module_heads`, `module_groups`), and each module
+    adds its `module` label.
     """
     base = _learner_class(config)
     if not (isinstance(base, type) and issubclass(base, PPOTorchLearner)):
