@@ -327,15 +327,18 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
     assert all(torch.isfinite(w).all() for ws in weights.values() for w in ws.values())  # RLlib zeroed the NaN
 
 
-def test_two_learner_actors_train_the_same_weights_as_a_plain_run(ray_cluster: None) -> None:
+def test_two_learner_actors_train_the_same_weights_as_a_plain_run(ray_cluster: None, tmp_path: Path) -> None:
     """DDP over gloo between two learner actors, RLlib's global-norm clip: bit for bit what a plain run trains."""
     weights = []
     base = free_port()
     while not all(_bindable(p) for p in (base, base + 1)):
         base = free_port()
+    targets = tmp_path / "targets"
     for instrumented in (False, True):
         config = _config(num_learners=2, learner=None)
-        algo = (instrument(config, base_port=base, port_by="local_rank") if instrumented else config).build_algo()
+        if instrumented:
+            instrument(config, base_port=base, port_by="local_rank", file_sd=targets)
+        algo = config.build_algo()
         try:
             for _ in range(2):
                 algo.train()
@@ -344,12 +347,17 @@ def test_two_learner_actors_train_the_same_weights_as_a_plain_run(ray_cluster: N
                     algo, lambda learner: (learner.tele_server.port, learner.tele["default_policy"].snapshot().updates)
                 )
                 assert served == [(base, 2), (base + 1, 2)]
+                assert sorted(re.sub("-[0-9a-f]{12}-", "-RUN-", p.name) for p in targets.glob("*.json")) == [
+                    "rllib-RUN-0.json",
+                    "rllib-RUN-1.json",
+                ]
             weights.append(_weights(algo))
         finally:
             algo.stop()
     plain, got = weights
     diffs = [(got[m][k] - w).abs().max().item() for m, ws in plain.items() for k, w in ws.items()]
     assert max(diffs) <= 1e-6, max(diffs)
+    assert not list(targets.glob("*.json"))  # algo.stop() removed the run's targets, in the driver
 
 
 # -- two learner actors under a real Prometheus ---------------------------------------------------
@@ -400,9 +408,8 @@ def test_two_learner_actors_under_a_real_prometheus_are_ranks(ray_cluster: None,
         try:
             pids = _on_learners(algo, lambda learner: (learner._learner_index, os.getpid()))
             assert [i for i, _ in pids] == [0, 1]
-            assert sorted(p.name for p in targets.glob("*.json")) == sorted(
-                f"rllib-127.0.0.1-{base + i}.json" for i in (0, 1)
-            )
+            files = {json.loads(p.read_text())[0]["targets"][0] for p in targets.glob("rllib-*.json")}
+            assert files == {f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"}
             for _ in range(3):
                 result = algo.train()["learners"]["default_policy"]
                 recorded = _on_learners(algo, lambda learner: learner.take())  # the last iteration's, per learner
@@ -452,7 +459,7 @@ def test_two_learner_actors_under_a_real_prometheus_are_ranks(ray_cluster: None,
             if stopped is not None:
                 os.kill(stopped, signal.SIGCONT)
             algo.stop()
-    poll(lambda: not list(targets.glob("*.json")), 30, what="the learners' targets removed at exit")
+    assert not list(targets.glob("*.json"))
 
 
 def _pause(learner: Any, pause: bool) -> None:

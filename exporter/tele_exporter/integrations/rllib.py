@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import platform
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class _Settings:
     file_sd: str | None
     linger: float
     port_by: str
+    run: str  # names this run's target files, so the driver can remove them all at algo.stop()
     telemetry_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -129,11 +131,14 @@ def instrument(
         None if file_sd is None else str(Path(file_sd).resolve()),
         float(linger),
         port_by,
+        uuid.uuid4().hex[:12],
         dict(telemetry_kwargs),
     )
     bases = (TelemetryLearner,) if base is PPOTorchLearner else (TelemetryLearner, base)
     cls = type(f"Tele{base.__name__}", bases, {"_tele_settings": settings, "__module__": __name__})
     config.learners(learner_class=cls)
+    if settings.file_sd is not None:
+        _remove_targets_at_stop(config, settings)
     return config
 
 
@@ -324,7 +329,7 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
                 "run on a host its own range of base ports, as many as its learners there (at least 1)",
             ) from None
         if settings.file_sd is not None and self.tele_server.running:
-            self._tele_target = _write_target(Path(settings.file_sd), self.tele_server, self.tele)
+            self._tele_target = _write_target(settings, index, self.tele_server, self.tele)
         atexit.register(self.tele_close)
 
     def _tele_update(self, module_id: str) -> Update | None:
@@ -488,8 +493,42 @@ def _learner_class(config: Any) -> Any:
     return cls
 
 
-def _write_target(directory: Path, server: Server, teles: Mapping[str, Telemetry]) -> Path:
-    """Write this learner's file_sd target atomically; returns its path (one file per host and port)."""
+def _remove_targets_at_stop(config: Any, settings: _Settings) -> None:
+    """Make `algo.stop()` remove every target file of this run, in the driver.
+
+    Ray Train ends learner actors without `Learner.shutdown`, and kills those that do not exit
+    within a few seconds, before their own removal at exit runs: the algorithm class is
+    subclassed (a user's own is kept) so that its `cleanup` removes them.
+    """
+    algo: Any = config.algo_class
+    if isinstance(algo, str):
+        from ray.tune.registry import get_trainable_cls
+
+        algo = get_trainable_cls(algo)  # type: ignore[no-untyped-call]
+    if not isinstance(algo, type):
+        return
+    base: Any = algo
+
+    def cleanup(self: Any) -> None:
+        try:
+            base.cleanup(self)
+        finally:
+            for path in _run_targets(settings):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    config.algo_class = type(f"Tele{algo.__name__}", (algo,), {"cleanup": cleanup, "__module__": __name__})
+
+
+def _run_targets(settings: _Settings) -> list[Path]:
+    """This run's target files (and any half-written one)."""
+    assert settings.file_sd is not None
+    return sorted(Path(settings.file_sd).glob(f"rllib-{settings.run}-*.json*"))
+
+
+def _write_target(settings: _Settings, index: int, server: Server, teles: Mapping[str, Telemetry]) -> Path:
+    """Write this learner's file_sd target atomically, as rllib-RUN-INDEX.json; returns its path."""
+    assert settings.file_sd is not None
     host = server.addr
     if host in ("", "0.0.0.0", "::"):
         import ray.util
@@ -501,8 +540,9 @@ def _write_target(directory: Path, server: Server, teles: Mapping[str, Telemetry
     job_label = first.catalog.job_label
     if job_label and job_label in first.const_labels:
         labels[job_label] = first.const_labels[job_label]
+    directory = Path(settings.file_sd)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"rllib-{host.replace(':', '_')}-{server.port}.json"
+    path = directory / f"rllib-{settings.run}-{index}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps([{"targets": [f"{shown}:{server.port}"], "labels": labels}]))
     os.replace(tmp, path)
