@@ -3,10 +3,11 @@
 `instrument(config, base_port=9842)` swaps the config's learner class for a subclass of it
 (a user's own `PPOTorchLearner` subclass is kept: the telemetry sits above it in the MRO).
 Every learner serves on `base_port + learner index` (the single local learner of
-`num_learners=0` on `base_port`, in the driver; `port_by="local_rank"`: + its rank on its node)
-and, given `file_sd=DIR`, writes a file_sd target there. Under `num_learners > 1` RLlib's LearnerGroup has initialised
-`torch.distributed`, so the series carry the `rank` label and `tele_world_size` is the number
-of learners: the generated rank rules treat learners as torchrun ranks.
+`num_learners=0` on `base_port`, in the driver; `port_by="local_rank"`: + its rank on its
+node) and, given `file_sd=DIR`, writes a file_sd target there. Under `num_learners > 1`
+RLlib's LearnerGroup has initialised `torch.distributed`, so the series carry the `rank`
+label and `tele_world_size` is the number of learners: the generated rank rules treat
+learners as torchrun ranks.
 
 Per RLModule, one `Telemetry` and one update per training iteration (`Learner.update`):
 
@@ -209,6 +210,7 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
     # -- RLlib's hooks -----------------------------------------------------------------
 
     def build(self) -> None:
+        """RLlib's build, then one Telemetry per RLModule and this learner's server (and file_sd target)."""
         super().build()
         self.tele: dict[str, Telemetry] = {}
         self._tele_open: dict[str, Update] | None = None
@@ -231,6 +233,7 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
                 upd.__exit__(None, None, None)
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: Any, fwd_out: Any) -> Any:
+        """RLlib's PPO loss, then k3 KL and clip fraction from its own tensors (no forward pass, no host sync)."""
         loss = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
         upd = self._tele_update(module_id)
         if upd is not None:
@@ -248,6 +251,7 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
     def postprocess_gradients_for_module(
         self, *, module_id: str, config: Any = None, module_gradients_dict: dict[Any, Any]
     ) -> Any:
+        """Measure the gradients RLlib is about to clip (and the norm its clip leaves), then let it clip."""
         upd = self._tele_update(module_id)
         if upd is not None:
             cfg = config if config is not None else self.config.get_config_for_module(module_id)
@@ -259,18 +263,21 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
         )
 
     def add_module(self, *, module_id: str, **kwargs: Any) -> Any:
+        """RLlib's add_module; the new module is measured and served from its first update."""
         spec = super().add_module(module_id=module_id, **kwargs)
         if getattr(self, "tele_server", None) is not None:
             self._tele_add(module_id)
         return spec
 
     def remove_module(self, module_id: str, **kwargs: Any) -> Any:
+        """Stop measuring the module, then RLlib's remove_module."""
         tele = getattr(self, "tele", {}).pop(module_id, None)
         if tele is not None:
             tele.close()
         return super().remove_module(module_id, **kwargs)
 
     def shutdown(self) -> None:
+        """Close the telemetry first (the local learner's path; Ray Train ends learner actors without it)."""
         self.tele_close()
         super().shutdown()
 
