@@ -323,7 +323,7 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
     assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="pi") == 1.0
     assert _value(got, "tele_nonfinite_gradients_total", module="p0", head="pi") == 0.0
     assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="vf") == 0.0
-    assert math.isnan(_value(got, "tele_policy_grad_norm", module="p1", clip="pre"))  # RLlib's own norm says 0
+    assert math.isnan(_value(got, "tele_policy_grad_norm", module="p1", clip="pre"))  # RLlib counts that norm as 0
     assert all(torch.isfinite(w).all() for ws in weights.values() for w in ws.values())  # RLlib zeroed the NaN
 
 
