@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import time
@@ -44,7 +46,7 @@ from ray.rllib.examples.envs.classes.multi_agent import MultiAgentCartPole
 from ray.rllib.utils.torch_utils import compute_global_norm
 
 from tele_exporter.integrations.rllib import instrument, log_ratios, module_groups, module_heads
-from tests.support.servers import Running, free_port, poll, start_prometheus
+from tests.support.servers import Running, poll, start_prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -259,7 +261,7 @@ def test_one_local_learner_publishes_what_rllib_computes_and_trains_the_same_wei
     finally:
         plain.stop()
 
-    base = free_port()
+    base = _free_ports(1)
     targets = tmp_path / "targets"
     algo = instrument(_config(), base_port=base, file_sd=targets, const_labels={"run": "local"}).build_algo()
     try:
@@ -304,7 +306,7 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
         policies={"p0", "p1"}, policy_mapping_fn=lambda agent_id, *args, **kwargs: f"p{agent_id}"
     )
     config.environment(env_config={"num_agents": 2})
-    base = free_port()
+    base = _free_ports(1)
     algo = instrument(config, base_port=base).build_algo()
     try:
         result = algo.train()["learners"]
@@ -330,13 +332,12 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
 def test_two_learner_actors_train_the_same_weights_as_a_plain_run(ray_cluster: None, tmp_path: Path) -> None:
     """DDP over gloo between two learner actors, RLlib's global-norm clip: bit for bit what a plain run trains."""
     weights = []
-    base = free_port()
-    while not all(_bindable(p) for p in (base, base + 1)):
-        base = free_port()
+    base = 0
     targets = tmp_path / "targets"
     for instrumented in (False, True):
         config = _config(num_learners=2, learner=None)
         if instrumented:
+            base = _free_ports(2)
             instrument(config, base_port=base, port_by="local_rank", file_sd=targets)
         algo = config.build_algo()
         try:
@@ -396,9 +397,7 @@ def test_two_learner_actors_under_a_real_prometheus_are_ranks(ray_cluster: None,
     """Each learner actor serves on base + its index with its torch.distributed rank; Prometheus finds both
     through file_sd, and the generated rank rules count, compare and miss learners as they do torchrun ranks.
     """
-    base = free_port()
-    while not all(_bindable(p) for p in (base, base + 1)):
-        base = free_port()
+    base = _free_ports(2)
     targets = tmp_path / "targets"
     targets.mkdir()  # before Prometheus starts: it watches the directory
     config = instrument(_config(num_learners=2), base_port=base, file_sd=targets, const_labels={"training_job": "rl"})
@@ -469,9 +468,18 @@ def _pause(learner: Any, pause: bool) -> None:
             tele.enabled = False
 
 
-def _bindable(port: int) -> bool:
-    import socket
+def _free_ports(count: int) -> int:
+    """A base port whose `count` ports are free, between Ray's worker ports (10002-19999) and the
+    ephemeral range (32768-) that Ray, gloo and the kernel pick from while the learners build."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - count)
+        if all(_bindable(p) for p in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} adjacent free ports in 20000-32000")
 
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
