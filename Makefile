@@ -38,8 +38,8 @@ $(VENV)/bin/python:
 install: venv  ## the package alone, enough for the demo; torch pinned in the same command
 	$(PIP_INSTALL) -e .
 
-install-test: venv  ## the package with its test extras (pytest, SB3, TorchRL)
-	$(PIP_INSTALL) -e ".[test,sb3,torchrl]"
+install-test: venv  ## the package with its test extras (pytest, SB3, TorchRL, RLlib)
+	$(PIP_INSTALL) -e ".[test,sb3,torchrl,rllib]"
 
 install-grafana: venv  ## the package with Grafana's SDK, which `tele-exporter generate` writes the alerting files with
 	$(PIP_INSTALL) -e ".[grafana]"

@@ -189,6 +189,20 @@ def test_an_all_masked_head_has_no_valid_ratio_and_nan_is_data() -> None:
     assert all(math.isnan(float(t)) for t in nan[:4])
 
 
+def test_a_step_no_head_acts_in_is_padding_left_out_of_the_clip_fraction() -> None:
+    """RLlib's loss mask pads episodes with steps nobody acts in: the fraction is over the acting steps."""
+    rng = np.random.default_rng(3)
+    log_ratio = rng.normal(scale=0.3, size=200)
+    acting = rng.random(200) < 0.8
+    terms = ratio_terms({"op": torch.tensor(log_ratio)}, {"op": torch.tensor(acting)}, 0.2)
+    ratio = np.exp(log_ratio[acting])
+    assert float(terms[0]) == pytest.approx(float(np.mean(np.abs(ratio - 1) > 0.2)), rel=1e-12)
+    assert float(terms[1]) == pytest.approx(float(np.mean(ratio > 1.2)), rel=1e-12)
+    assert float(terms[2]) == pytest.approx(float(np.mean(ratio < 0.8)), rel=1e-12)
+    nobody = ratio_terms({"op": torch.tensor([0.5, 0.5])}, {"op": torch.zeros(2, dtype=torch.bool)}, 0.2)
+    assert [float(t) for t in nobody[:3]] == [0.0, 0.0, 0.0]  # no acting step: nothing clipped
+
+
 def test_bad_input_names_the_head() -> None:
     good = torch.zeros(4)
     with pytest.raises(ValueError, match="'value'"):

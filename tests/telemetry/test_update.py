@@ -26,6 +26,7 @@ def _calls() -> list[tuple[str, Callable[[Update], Any]]]:
         ("clip norm_type 1", lambda u: u.clip_grad_norm_(0.5, norm_type=1.0)),
         ("clip foreach=False", lambda u: u.clip_grad_norm_(0.5, foreach=False)),
         ("observe_gradients", lambda u: u.observe_gradients()),
+        ("observe_gradients max_norm", lambda u: u.observe_gradients(0.1)),
         ("kl", lambda u: u.observe_kl({"op": lr}, {"op": mask})),
         ("kl unknown head", lambda u: u.observe_kl({"critic": lr})),
         ("kl unknown mask head", lambda u: u.observe_kl({"op": lr}, {"critic": mask})),
@@ -130,3 +131,44 @@ def test_foreach_on_a_device_without_foreach_kernels_falls_back_or_raises_as_tor
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0, foreach=True)
     assert str(ours.value) == str(theirs.value)
     tele.close()  # (the publish cannot copy meta tensors to the host; that is the stand-in's limit, not ours)
+
+
+class _TwoDtypes(torch.nn.Module):
+    """Two heads, one in float64: the meter's general path (more than one dtype), or float32 alone."""
+
+    def __init__(self, mixed: bool) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 4)
+        self.b = torch.nn.Linear(6, 3).to(torch.float64 if mixed else torch.float32)
+
+    def backward(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(8, 6, generator=gen)
+        self.zero_grad(set_to_none=True)
+        loss = self.a(x).pow(2).mean() + self.b(x.to(self.b.weight.dtype)).pow(2).mean().float()
+        (50.0 * loss).backward()
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one dtype", "float32 and float64"])
+def test_observe_gradients_with_max_norm_touches_nothing_and_publishes_what_that_clip_leaves(mixed: bool) -> None:
+    """For a library that clips by global norm itself: pre is the norm before, post what torch's clip leaves."""
+    torch.manual_seed(0)
+    policy = _TwoDtypes(mixed)
+    twin = copy.deepcopy(policy)
+    tele = Telemetry(policy, heads={"a": policy.a, "b": policy.b})
+    pres, posts = [], []
+    with tele.update() as upd:
+        for seed in (1, 2):
+            policy.backward(seed)
+            twin.backward(seed)
+            before = [p.grad.clone() for p in policy.parameters()]  # type: ignore[union-attr]
+            upd.observe_gradients(0.1)
+            assert all(torch.equal(p.grad, b) for p, b in zip(policy.parameters(), before, strict=True))
+            pres.append(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1).item())
+            posts.append(torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]).item())
+    snap = tele.snapshot()
+    assert min(pres) > 0.1  # the clip did scale
+    assert snap.grad_norm_pre == pytest.approx(sum(pres) / 2, rel=1e-6)
+    assert snap.grad_norm_post == pytest.approx(sum(posts) / 2, rel=1e-5)
+    assert tele.errors() == {}
+    tele.close()

@@ -117,9 +117,17 @@ class GradientMeter:
 
     @torch.no_grad()
     def measure(
-        self, max_norm: float | None, *, error_if_nonfinite: bool = False, foreach: bool | None = None
+        self,
+        max_norm: float | None,
+        *,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+        scale: bool = True,
     ) -> Tensor:
         """Record this step's norms; clip in place when max_norm is given. Returns the pre-clip norm.
+
+        With scale=False no gradient is touched, but the post-clip norm recorded is still
+        what a clip at max_norm leaves: for a library that clips by global norm itself.
 
         Nothing is recorded, and no gradient touched, unless every part succeeds: a
         step whose measurement raises is missing, never 0.0. With error_if_nonfinite
@@ -138,7 +146,7 @@ class GradientMeter:
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
         if plan.fast and foreach is not False and use_foreach(present_grads, present_grads[0].device, foreach):
-            return self._measure_fast(key, plan, present_grads, max_norm, error_if_nonfinite)
+            return self._measure_fast(key, plan, present_grads, max_norm, error_if_nonfinite, scale)
         parts = local_parts(present_grads, plan.sharding)
         inputs = norm_parts(present_grads, parts, plan.sharding)
         if plan.views:
@@ -152,7 +160,8 @@ class GradientMeter:
             post = pre
         else:
             coef = clip_coefficient(pre, max_norm)
-            _scale_(parts, coef, foreach)
+            if scale:
+                _scale_(parts, coef, foreach)
             post = pre * coef
         row = self._next_row(pre.device)
         row[: h + 1].copy_(norms)
@@ -167,6 +176,7 @@ class GradientMeter:
         grads: list[Tensor],
         max_norm: float | None,
         error_if_nonfinite: bool,
+        scale: bool = True,
     ) -> Tensor:
         """torch's clip, op for op, with its per-tensor norms kept: 8 kernel launches, or 3 without clipping.
 
@@ -188,7 +198,7 @@ class GradientMeter:
         total: Tensor = torch.linalg.vector_norm(row[: plan.grads] if plan.views else row)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise NonFiniteNormError(_nonfinite_message(total))
-        if max_norm is not None:
+        if max_norm is not None and scale:
             coef = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
             torch._foreach_mul_(grads, coef)
         rows.count += 1

@@ -168,21 +168,30 @@ def ratio_terms(
 
     TELE-130: r = exp(sum of the heads' masked log-ratios), the joint ratio (an inactive head's
     ratio is 1), each clamped to [-20, 20]; cf = mean(|r - 1| > eps), cf_high = mean(r > 1 + eps),
-    cf_low = mean(r < 1 - eps); a NaN ratio makes them NaN. TELE-151: max_h is the head's largest
-    exp(clamp(r_h, -20, 20)) over its valid steps, n_h their number.
+    cf_low = mean(r < 1 - eps); a NaN ratio makes them NaN. The means are over the steps where at
+    least one head acts: a step that every mask leaves out (padding, such as RLlib's loss mask) has
+    no action and no ratio. TELE-151: max_h is the head's largest exp(clamp(r_h, -20, 20)) over
+    its valid steps, n_h their number.
     """
     r = stack_heads(log_ratio).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     valid = mask_matrix(list(log_ratio), masks or {}, r.shape[1], r.device)
     if valid is None:
         joint, maxima = r.sum(0), r.amax(1).exp()
         counts = torch.full((r.shape[0],), float(r.shape[1]), dtype=torch.float64, device=r.device)
+        acting = None
     else:
         joint = torch.where(valid, r, 0.0).sum(0)
         maxima = torch.where(valid, r, -math.inf).amax(1).exp()
         counts = valid.sum(1).to(torch.float64)
+        acting = valid.any(0)
     ratio = joint.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP).exp()
-    high = (ratio > 1.0 + clip_eps).mean(dtype=torch.float64)
-    low = (ratio < 1.0 - clip_eps).mean(dtype=torch.float64)
+    if acting is None:
+        high = (ratio > 1.0 + clip_eps).mean(dtype=torch.float64)
+        low = (ratio < 1.0 - clip_eps).mean(dtype=torch.float64)
+    else:  # the same float64 sum / count as mean() when every step acts
+        steps = acting.sum(dtype=torch.float64).clamp(min=1.0)
+        high = ((ratio > 1.0 + clip_eps) & acting).sum(dtype=torch.float64) / steps
+        low = ((ratio < 1.0 - clip_eps) & acting).sum(dtype=torch.float64) / steps
     fractions = torch.stack([high + low, high, low])
     fractions = torch.where(ratio.isnan().any(), math.nan, fractions)  # a NaN ratio makes them NaN
     return torch.cat([fractions, maxima, counts])

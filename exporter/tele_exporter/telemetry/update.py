@@ -102,9 +102,15 @@ class Update:
                 self._params, max_norm, error_if_nonfinite=error_if_nonfinite, foreach=foreach
             )
 
-    def observe_gradients(self) -> Tensor:
-        """Measure this step's gradients without clipping; returns the total norm (NaN if it cannot be measured)."""
+    def observe_gradients(self, max_norm: float | None = None) -> Tensor:
+        """Measure this step's gradients without touching them; returns the total norm (NaN if it cannot be measured).
+
+        For a library that clips by global norm itself after this call (RLlib's grad_clip), pass its
+        max_norm: the post-clip norm published is then what that clip leaves, pre * min(1, max_norm / (pre + 1e-6)).
+        """
         self._check_open()
+        if max_norm is not None:
+            max_norm = float(max_norm)
         if not self.recording:
             grads = [p.grad for p in self._params if p.grad is not None]
             if not grads:
@@ -113,7 +119,7 @@ class Update:
                 return torch.nn.utils.get_total_norm(grads).to(torch.float64)
         self.measure_calls += 1
         try:
-            return self._meter.measure(None)
+            return self._meter.measure(max_norm, scale=False)
         except Exception as exc:
             self._record_error("observe_gradients", exc)
             return torch.tensor(math.nan, dtype=torch.float64)
