@@ -107,6 +107,11 @@ class Snapshot:
     alert_scale: str = "run"  # how this run's scale-dependent signals page: "run" (own baseline) or "records"
     finished: bool = False  # the trainer said it ended cleanly (Telemetry.finish)
 
+    @property
+    def publications(self) -> int:
+        """Published updates, plus one once the run said it finished: what a lingering close() waits to see scraped."""
+        return self.updates + int(self.finished)
+
     def head(self, name: str) -> HeadState:
         for head in self.heads:
             if head.name == name:

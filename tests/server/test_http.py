@@ -395,6 +395,26 @@ def test_close_with_linger_waits_until_the_final_update_is_scraped(tele: Telemet
         _get(srv.url)
 
 
+def test_close_lingers_until_the_finished_flag_is_scraped_after_the_last_update(
+    tele: Telemetry, policy: TinyPolicy
+) -> None:
+    """tele.finish() after a scraped last update is news: close() waits for a scrape that says tele_run_finished 1."""
+    srv = serve(tele, port=0, linger=30)
+    _train(tele, policy, 2)
+    _get(srv.url)  # the last update is scraped
+    tele.finish()
+    scraped: list[bool] = []
+    closer = threading.Thread(target=lambda: scraped.append(srv.close()))
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive()  # the finished flag is not scraped yet
+    status, body = _get(srv.url)
+    closer.join(10)
+    assert status == 200 and not closer.is_alive() and scraped == [True]
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["tele_run_finished"].samples[0].value == 1.0
+
+
 def test_close_with_linger_gives_up_after_the_timeout(tele: Telemetry, policy: TinyPolicy) -> None:
     srv = serve(tele, port=0)
     _train(tele, policy, 1)

@@ -196,7 +196,7 @@ class Feeder:
             return Shipment(
                 time=now,
                 version=self._version,
-                updates=snapshot.updates,
+                updates=snapshot.publications,  # finish() counts: close() lingers until it is scraped
                 families=self._families if stale else None,
                 error=self._error if stale else None,
                 api_checked=document is not None,

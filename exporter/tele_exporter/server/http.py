@@ -86,7 +86,7 @@ class Server:
         wait = self.linger if linger is None else _check_linger(linger)
         scraped = True
         if wait > 0 and self.running and self._tele is not None and self._scrapes is not None:
-            latest = self._tele.snapshot().updates
+            latest = self._tele.snapshot().publications
             scraped = latest == 0 or self._scrapes.wait_for(latest, wait)
         if self._child is not None:
             self._child.stop()
