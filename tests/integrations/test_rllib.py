@@ -292,8 +292,11 @@ def test_one_local_learner_publishes_what_rllib_computes_and_trains_the_same_wei
             assert _value(got, "tele_nonfinite_gradients_total", head="pi") == 0.0
         assert _on_learners(algo, lambda learner: learner.tele["default_policy"].errors()) == [{}]
         got_weights = _weights(algo)
+        tele = algo.learner_group._learner.tele["default_policy"]
+        assert not tele.snapshot().finished
     finally:
         algo.stop()
+    assert tele.snapshot().finished  # algo.stop() is a clean end: tele_run_finished 1, no absence alert
     assert not list(targets.glob("*.json"))  # the learner's target left with it
     diffs = [(got_weights[m][k] - w).abs().max().item() for m, ws in expected_weights.items() for k, w in ws.items()]
     assert max(diffs) <= 1e-6, max(diffs)
@@ -403,10 +406,10 @@ def test_two_learner_actors_under_a_real_prometheus_are_ranks(ray_cluster: None,
     config = instrument(_config(num_learners=2), base_port=base, file_sd=targets, const_labels={"training_job": "rl"})
     with start_prometheus(_prometheus_config(targets), RULE_FILES) as prom:
         algo = config.build_algo()
-        stopped: int | None = None
+        stopped: list[int] = []
         try:
-            pids = _on_learners(algo, lambda learner: (learner._learner_index, os.getpid()))
-            assert [i for i, _ in pids] == [0, 1]
+            pids = _on_learners(algo, lambda learner: (learner._learner_index, os.getpid(), learner.tele_server.pid))
+            assert [i for i, _, _ in pids] == [0, 1]
             files = {json.loads(p.read_text())[0]["targets"][0] for p in targets.glob("rllib-*.json")}
             assert files == {f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"}
             for _ in range(3):
@@ -445,18 +448,21 @@ def test_two_learner_actors_under_a_real_prometheus_are_ranks(ray_cluster: None,
             (lagging,) = _active(prom, "TeleRankLagging")
             assert lagging["labels"]["instance"] == f"127.0.0.1:{base + 1}" and float(lagging["value"]) > 3
 
-            # Learner 1 stopped outright: its scrapes time out and the job has fewer learners up than its world size.
-            stopped = dict(pids)[1]
-            os.kill(stopped, signal.SIGSTOP)
+            # Learner 1 stopped outright, with its serving process (as when its node is lost): its scrapes
+            # time out and the job has fewer learners up than its world size.
+            stopped = [pid for pid in pids[1][1:] if pid is not None]
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
             poll(lambda: bool(_active(prom, "TeleRanksMissing", training_job="rl")), 60, what="TeleRanksMissing")
             poll(counted("job:tele_ranks:count", 1.0), 30, what="1 learner up")
-            os.kill(stopped, signal.SIGCONT)
-            stopped = None
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            stopped = []
             algo.train()  # both learners train on
             poll(counted("job:tele_ranks:count", 2.0), 30, what="2 learners up again")
         finally:
-            if stopped is not None:
-                os.kill(stopped, signal.SIGCONT)
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
             algo.stop()
     assert not list(targets.glob("*.json"))
 

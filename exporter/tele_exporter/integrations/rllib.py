@@ -138,8 +138,7 @@ def instrument(
     bases = (TelemetryLearner,) if base is PPOTorchLearner else (TelemetryLearner, base)
     cls = type(f"Tele{base.__name__}", bases, {"_tele_settings": settings, "__module__": __name__})
     config.learners(learner_class=cls)
-    if settings.file_sd is not None:
-        _remove_targets_at_stop(config, settings)
+    _close_learners_at_stop(config, settings)
     return config
 
 
@@ -216,6 +215,7 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
         self._tele_open: dict[str, Update] | None = None
         self.tele_server: Server | None = None
         self._tele_target: Path | None = None
+        self._tele_closed = False
         for module_id in list(self.module.keys()):
             self._tele_add(module_id)
         self._tele_serve()
@@ -277,15 +277,26 @@ class TelemetryLearner(PPOTorchLearner):  # type: ignore[misc,unused-ignore]
         return super().remove_module(module_id, **kwargs)
 
     def shutdown(self) -> None:
-        """Close the telemetry first (the local learner's path; Ray Train ends learner actors without it)."""
-        self.tele_close()
+        """Close the telemetry first, as a clean end (the local learner's path; Ray Train ends actors without it)."""
+        self.tele_close(finished=True)
         super().shutdown()
 
     # -- public --------------------------------------------------------------------
 
-    def tele_close(self) -> None:
-        """Stop serving (after up to `linger` s for a scrape of the last update), drop the target, close telemetry."""
+    def tele_close(self, finished: bool = False) -> None:
+        """Stop serving (after up to `linger` s for a scrape of the last update), drop the target, close telemetry.
+
+        `finished=True` (algo.stop()) first marks every module's run finished, so that no absence
+        alert pages for a run that ended cleanly; at a process exit without it, the run counts as
+        gone. A second call does nothing.
+        """
         atexit.unregister(self.tele_close)
+        if getattr(self, "_tele_closed", True):
+            return
+        self._tele_closed = True
+        if finished:
+            for tele in self.tele.values():
+                tele.finish()
         server, self.tele_server = getattr(self, "tele_server", None), None
         if server is not None:
             server.close()
@@ -500,12 +511,13 @@ def _learner_class(config: Any) -> Any:
     return cls
 
 
-def _remove_targets_at_stop(config: Any, settings: _Settings) -> None:
-    """Make `algo.stop()` remove every target file of this run, in the driver.
+def _close_learners_at_stop(config: Any, settings: _Settings) -> None:
+    """Make `algo.stop()` close every learner's telemetry as a clean end, then remove the run's targets.
 
     Ray Train ends learner actors without `Learner.shutdown`, and kills those that do not exit
-    within a few seconds, before their own removal at exit runs: the algorithm class is
-    subclassed (a user's own is kept) so that its `cleanup` removes them.
+    within a few seconds: the algorithm class is subclassed (a user's own is kept) so that its
+    `cleanup` first has each learner, still alive, mark its run finished, wait its linger for
+    a scrape and close, and at the end removes whatever target file of this run is left.
     """
     algo: Any = config.algo_class
     if isinstance(algo, str):
@@ -518,11 +530,20 @@ def _remove_targets_at_stop(config: Any, settings: _Settings) -> None:
 
     def cleanup(self: Any) -> None:
         try:
+            group = getattr(self, "learner_group", None)
+            if group is not None:
+                group.foreach_learner(
+                    lambda learner: learner.tele_close(finished=True), timeout_seconds=settings.linger + 30.0
+                )
+        except Exception as exc:  # a learner already gone: its telemetry went with it
+            log.warning("closing the learners' telemetry at stop: %s", exc)
+        try:
             base.cleanup(self)
         finally:
-            for path in _run_targets(settings):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            if settings.file_sd is not None:
+                for path in _run_targets(settings):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     config.algo_class = type(f"Tele{algo.__name__}", (algo,), {"cleanup": cleanup, "__module__": __name__})
 
