@@ -534,3 +534,17 @@ def test_a_host_block_on_two_devices_is_added_up_after_the_copy_and_the_parts_ar
     assert (seeds_1, numels_1, list(sums_1)) == ((("0", "a"),), (10, 2), [11.0, 22.0])
     assert (seeds_2, numels_2, list(sums_2)) == ((("0", "a"), ("0", "b")), (10, 2, 3), [33.0, 44.0, 55.0])
     assert host.policy.flat.tolist()[-1:] == [7.0] and recorder.unpack(host.policy).entropies[0][1] == [7.0]
+
+
+def test_a_run_that_moves_its_levels_pages_on_them_unless_it_says_otherwise(policy: TinyPolicy) -> None:
+    """scale defaults to 'run', or to 'records' when the run sets its own thresholds: levels it set must page."""
+    heads = {"op": policy.op}
+    assert Telemetry(policy, heads).snapshot().alert_scale == "run"
+    moved = Telemetry(policy, heads, thresholds={"kl_divergence": {"warning": 0.02}})
+    assert moved.snapshot().alert_scale == "records"
+    assert (
+        Telemetry(policy, heads, thresholds={"kl_divergence": {"warning": 0.02}}, scale="run").snapshot().alert_scale
+        == "run"
+    )
+    with pytest.raises(ValueError, match="scale must be one of"):
+        Telemetry(policy, heads, scale="own")

@@ -8,6 +8,7 @@ update and never blocks the training thread for more than that swap.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from ..catalog import Catalog, default_catalog
-from ..catalog.thresholds import Thresholds, resolve
+from ..catalog.thresholds import THRESHOLDS_ENV, Thresholds, resolve
 from ..measure.heads import Head, HeadSpec
 from ..measure.meter import GradientMeter
 from ..server.collector import TeleCollector
@@ -53,8 +54,9 @@ class Telemetry:
     move this run's level boundaries; the alert rules, the page and /api/snapshot follow them.
     `scale` says how the scale-dependent signals (gradient norms, CV, KL, advantage std, entropy
     in nats, ratio maxima) page: "run" (the default) against this run's own baseline, "records" on the TELE
-    records' absolute levels, for trainers on the records' scale (the demo); exported as
-    tele_alert_scale_info. Call `finish()` once training ended cleanly.
+    records' absolute levels, for trainers on the records' scale (the demo), and the default
+    for a run that moves its levels (`thresholds`, a thresholds file): those levels page;
+    exported as tele_alert_scale_info. Call `finish()` once training ended cleanly.
     """
 
     def __init__(
@@ -71,10 +73,13 @@ class Telemetry:
         thresholds: Thresholds | None = None,
         thresholds_file: str | Path | None = None,
         action_sizes: Mapping[str, int] | None = None,
-        scale: str = "run",
+        scale: str | None = None,
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
+        if scale is None:  # a run that sets its own levels wants them to page: the records' way, at its levels
+            moved = thresholds is not None or thresholds_file is not None or bool(os.environ.get(THRESHOLDS_ENV))
+            scale = "records" if moved else "run"
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
         self.catalog = resolve(catalog if catalog is not None else default_catalog(), thresholds, thresholds_file)
