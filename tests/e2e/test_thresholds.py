@@ -58,6 +58,7 @@ def _runs(thresholds_file: Path) -> Iterator[list[str]]:
                 heads={"all": policy},
                 const_labels={"run": run},
                 thresholds_file=thresholds_file if own else None,
+                scale="records",  # the KL levels page runs on the records' scale (a run's own scale pages spikes)
             )
             stack.callback(tele.close)
             server = serve(tele, port=0, addr="127.0.0.1")
