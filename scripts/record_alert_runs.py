@@ -1,7 +1,8 @@
 """Record what real trainers export, healthy and faulted, as fixtures for the alert precision/recall test.
 
 Each scenario trains a real outside trainer (Stable-Baselines3 PPO on a Discrete, a
-MultiDiscrete and a Box task; a CleanRL-style `ppo.py` loop; TorchRL's ClipPPOLoss)
+MultiDiscrete and a Box task; a CleanRL-style `ppo.py` loop; TorchRL's ClipPPOLoss; RLlib's
+PPO with two learner actors, scraped over HTTP)
 instrumented only with its integration's documented lines, and keeps the exposition
 after every PPO update: the gauge and counter samples (histograms are left out; no
 alert reads them). A faulted scenario injects one real fault from a given update on.
@@ -39,9 +40,15 @@ _CONSTANT_FAMILIES = {"tele_threshold", "tele_build_info", "tele_world_size"}
 
 def scrape(registry: Any) -> Samples:
     """The registry's gauge and counter samples as {series: value}; histograms and _created are left out."""
+    return parse(generate_latest(registry).decode())
+
+
+def parse(exposition: str, keep: frozenset[str] = frozenset()) -> Samples:
+    """An exposition's gauge and counter samples as {series: value}, less histograms, _created and the
+    constant families (those named in `keep` stay)."""
     out: Samples = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        if family.type in ("histogram", "summary") or family.name in _CONSTANT_FAMILIES:
+    for family in text_string_to_metric_families(exposition):
+        if family.type in ("histogram", "summary") or family.name in _CONSTANT_FAMILIES - keep:
             continue
         for s in family.samples:
             if s.name.endswith("_created"):
@@ -372,6 +379,94 @@ def torchrl_run(name: str, iterations: int) -> Recording:
     return rec
 
 
+# --- RLlib's PPO (new API stack), two learner actors, as docs/rllib.md instruments it -------------
+
+
+def rllib_run(name: str, iterations: int, learners: int = 2) -> Recording:
+    """RLlib PPO on CartPole with `learners` learner actors under integrations.rllib.instrument
+    (docs/rllib.md). Each learner serves its own /metrics; every learner is scraped over HTTP after
+    each algo.train(), and again during algo.stop()'s linger until each says its run finished.
+    tele_world_size is kept: the rank rules read it."""
+    import socket
+    import threading
+    import urllib.request
+
+    import ray
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from tele_exporter.integrations.rllib import instrument
+
+    def free_base(n: int) -> int:
+        while True:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                base = int(probe.getsockname()[1])
+            if base + n < 65536 and all(_port_free(base + i) for i in range(n)):
+                return base
+
+    def scrape_all(base: int) -> Samples:
+        out: Samples = {}
+        for i in range(learners):
+            with urllib.request.urlopen(f"http://127.0.0.1:{base + i}/metrics", timeout=30) as reply:
+                out.update(parse(reply.read().decode(), keep=frozenset({"tele_world_size"})))
+        return out
+
+    rec = Recording(name, f"ray[rllib] {ray.__version__}", None, None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        config = (
+            PPOConfig()
+            .environment("CartPole-v1")
+            .env_runners(num_env_runners=0)
+            .learners(num_learners=learners)
+            .training(
+                train_batch_size_per_learner=1000,
+                minibatch_size=64,
+                num_epochs=10,
+                lr=3e-4,
+                grad_clip=0.5,
+                grad_clip_by="global_norm",
+            )
+            .debugging(seed=0)
+        )
+        base = free_base(learners)
+        instrument(config, base_port=base, linger=60.0, const_labels={"run": name})
+        algo = config.build_algo()
+        for _ in range(iterations):
+            algo.train()
+            rec.add(scrape_all(base))
+        stopping = threading.Thread(target=algo.stop)
+        stopping.start()
+        finished: Samples = {}
+        while stopping.is_alive():  # the linger: each learner waits for a scrape of its finished update
+            try:
+                got = scrape_all(base)
+            except OSError:
+                break
+            if sum(v for k, v in got.items() if k.startswith("tele_run_finished{")) >= learners:
+                finished = got
+                break
+            time.sleep(0.2)
+        stopping.join()
+        if not finished:
+            raise RuntimeError(f"{name}: no scrape saw every learner's run finished during algo.stop()")
+        rec.add(finished)
+    finally:
+        ray.shutdown()
+    return rec
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 # --- the scenarios -------------------------------------------------------------------------------
 
 FAULT_AT = 12
@@ -387,6 +482,7 @@ SCENARIOS: dict[str, Callable[[], Recording]] = {
     "cleanrl-cartpole": lambda: cleanrl_run("cleanrl-cartpole", 60, None, None),
     "cleanrl-cartpole-explode": lambda: cleanrl_run("cleanrl-cartpole-explode", 30, "explode", FAULT_AT),
     "torchrl-cartpole": lambda: torchrl_run("torchrl-cartpole", 40),
+    "rllib-cartpole": lambda: rllib_run("rllib-cartpole", 40),
 }
 
 

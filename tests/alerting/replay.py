@@ -1,7 +1,9 @@
 """Replay a recorded run (scripts/record_alert_runs.py) through the generated rules with promtool.
 
 The timeline is a realistic one: Prometheus scrapes every 15 s and the trainer publishes one
-PPO update every 30 s, so each recorded scrape is seen twice. A clean end lingers for two
+PPO update every 30 s, so each recorded scrape is seen twice. Every rule file Prometheus loads
+is loaded (alerts, recording and rank rules), and a run of several ranks (RLlib's learner
+actors) has one target per rank, as file_sd gives them. A clean end lingers for two
 scrapes that carry tele_run_finished 1, then the target goes away; a crash stops at the last
 update and leaves the target down (up 0). Which alerts fired, and when, is read back from
 promtool's ALERTS series.
@@ -23,10 +25,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).with_name("fixtures")
-RULES = ROOT / "prometheus" / "rules" / "tele-alerts.yml"
+RULES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 SCRAPE_S, UPDATE_S = 15, 30
 AFTER_END_S = 40 * 60  # how long the replay goes on after the run ends
-TARGET = {"job": "tele", "instance": "trainer:9842"}
+JOB, PORT = "tele", 9842  # a series with rank="i" is scraped from instance trainer:9842+i
 # Firing ALERTS: the first time each alert (name, severity) fired, at any time up to the evaluation.
 FIRST_FIRING = 'min by (alertname, severity) (min_over_time(timestamp(ALERTS{{alertstate="firing"}})[{h}s:{s}s]))'
 
@@ -75,8 +77,13 @@ def _series_name(key: str) -> tuple[str, dict[str, str]]:
     return name, labels
 
 
+def _target(labels: dict[str, str]) -> dict[str, str]:
+    """The job and instance Prometheus adds: one target per rank."""
+    return {"job": JOB, "instance": f"trainer:{PORT + int(labels.get('rank') or 0)}"}
+
+
 def _selector(name: str, labels: dict[str, str]) -> str:
-    inner = ", ".join(f'{k}="{v}"' for k, v in sorted({**labels, **TARGET}.items()))
+    inner = ", ".join(f'{k}="{v}"' for k, v in sorted({**labels, **_target(labels)}.items()))
     return f"{name}{{{inner}}}"
 
 
@@ -91,11 +98,13 @@ def input_series(run: Run, crash: bool = False) -> list[dict[str, str]]:
     as a crash loses its final, finished scrape.
     """
     out = []
+    instances: set[str] = set()
     died = bool(run.crashed)
     crash = crash or died
     end = run.updates if died else (run.updates - 1 if crash else run.updates)
     for key, values in run.series.items():
         name, labels = _series_name(key)
+        instances.add(_target(labels)["instance"])
         if name == "tele_last_update_timestamp_seconds":  # the replay's clock, not the recording's
             values = [None if v is None else run.published(i) for i, v in enumerate(values)]
         grid = ["_", "_"]  # before the first update
@@ -107,14 +116,15 @@ def input_series(run: Run, crash: bool = False) -> list[dict[str, str]]:
         out.append({"series": _selector(name, labels), "values": " ".join(grid)})
     n = 2 + (UPDATE_S // SCRAPE_S) * end + (0 if crash else 2)
     up = ["1"] * n + (["0"] * (AFTER_END_S // SCRAPE_S) if crash else ["stale"])
-    out.append({"series": _selector("up", {}), "values": " ".join(up)})
+    for instance in sorted(instances):  # one target per rank
+        out.append({"series": f'up{{instance="{instance}", job="{JOB}"}}', "values": " ".join(up)})
     return out
 
 
 def promtool_test(run: Run, checks: list[tuple[str, int, list[dict[str, Any]]]], crash: bool = False) -> str:
     """A promtool test file: the run's series and `checks` as (expr, eval seconds, expected samples)."""
     test = {
-        "rule_files": [str(RULES)],
+        "rule_files": [str(path) for path in RULES],
         "evaluation_interval": f"{SCRAPE_S}s",
         "tests": [
             {

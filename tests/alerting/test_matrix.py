@@ -1,11 +1,11 @@
 """Precision and recall of the generated alerts on recorded runs of real trainers, replayed with promtool.
 
 Fixtures: tests/alerting/fixtures, recorded by scripts/record_alert_runs.py from real
-Stable-Baselines3 (Discrete, MultiDiscrete, Box), CleanRL-style and TorchRL runs, healthy
-and with real faults. The expectations are the promises the alerts make, written here:
-a healthy run pages nothing while it lives and nothing after it ends cleanly; a crashed
-one pages TeleTelemetryAbsent within 10 minutes; a fault pages its alert within 10 PPO
-updates (NaN within 3) and nothing pages before the fault.
+Stable-Baselines3 (Discrete, MultiDiscrete, Box), CleanRL-style, TorchRL and RLlib (two
+learner actors, two ranks) runs, healthy and with real faults. The expectations are the
+promises the alerts make, written here: a healthy run pages nothing while it lives and
+nothing after it ends cleanly; a crashed one pages TeleTelemetryAbsent within 10 minutes; a
+fault pages its alert within 10 PPO updates (NaN within 3) and nothing pages before the fault.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _alerts(expr_filter: str, horizon: int) -> str:
 
 def test_the_fixtures_cover_every_trainer_and_fault() -> None:
     names = {r.name for r in RUNS}
-    assert {"sb3-cartpole", "sb3-multidiscrete", "sb3-pendulum", "cleanrl-cartpole", "torchrl-cartpole"} <= names
+    trainers = {"sb3-cartpole", "sb3-multidiscrete", "sb3-pendulum", "cleanrl-cartpole", "torchrl-cartpole"}
+    assert trainers | {"rllib-cartpole"} <= names, "a trainer without a healthy recording"
     assert {r.fault for r in FAULTED} == set(EXPECTED)
 
 
