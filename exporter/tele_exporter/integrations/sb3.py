@@ -46,8 +46,8 @@ measured as a group of its own, `log_std`, so its gradient norm is shown too.
 
 from __future__ import annotations
 
-import logging
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,8 +66,6 @@ from ..server.http import DEFAULT_ADDR, Server, serve
 from ..snapshot import Snapshot, empty_snapshot
 from ..telemetry import settings
 from ..telemetry.telemetry import Telemetry, Update
-
-log = logging.getLogger("tele_exporter")
 
 SUPPORTED_ALGORITHMS = (PPO, A2C)
 DEFAULT_LINGER = 30.0  # seconds close() waits for Prometheus to scrape the final update
@@ -244,7 +242,7 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         model: Any = self.model
         self._epochs_before = int(model._n_updates)
         max_norm = getattr(model, "max_grad_norm", None)
-        if isinstance(max_norm, (int, float)) and math.isfinite(max_norm):
+        if isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool) and math.isfinite(max_norm):
             self._max_norm = float(max_norm)
             model.max_grad_norm = _LIFTED_MAX_NORM
 
@@ -274,19 +272,12 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
 
         With a server, first wait until Prometheus has scraped the final update, up
         to `linger` seconds (default: the callback's); returns False, with one
-        warning, when that wait timed out, True otherwise.
+        warning (Server.close's), when that wait timed out, True otherwise.
         """
         self._release()
         scraped = True
         if self.server is not None:
-            wait = self.server.linger if linger is None else linger
-            scraped = self.server.close(linger)
-            if not scraped:
-                log.warning(
-                    "tele-exporter: no scrape of the final update within %g s; closing %s without it",
-                    wait,
-                    self.server.url,
-                )
+            scraped = self.server.close(linger)  # a timed-out wait logs its one warning there
             self.server = None
         if self.tele is not None:
             self.tele.close()
