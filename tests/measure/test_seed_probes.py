@@ -429,6 +429,16 @@ def test_seed_cap_refuses_and_counts(setup: tuple[TinyPolicy, Telemetry, Host]) 
     assert [s.slot for s in tele.snapshot().seeds] == ["a"]
 
 
+def test_max_seeds_takes_numpy_integers_and_refuses_bools_and_fractions() -> None:
+    policy = TinyPolicy()
+    tele = Telemetry(policy, heads={"op": policy.op}, max_seeds=np.int64(2))
+    assert tele.max_seeds == 2 and type(tele.max_seeds) is int
+    tele.close()
+    for bad in (True, 2.5, np.float64(2.0), -1):
+        with pytest.raises(ValueError, match="max_seeds must be a whole number >= 0"):
+            Telemetry(policy, heads={"op": policy.op}, max_seeds=bad)  # type: ignore[arg-type]
+
+
 def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(
     setup: tuple[TinyPolicy, Telemetry, Host], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
