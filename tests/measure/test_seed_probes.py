@@ -368,7 +368,7 @@ def test_seed_whose_input_does_not_require_grad_reports_no_data(setup: tuple[Tin
     with tele.update():
         seed(torch.randn(3, 4)).sum().backward()  # raw data: no gradient reaches the input
     state = tele.snapshot().seed("0", "first")
-    assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "OK"
+    assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "no data"
     assert not state.vanishing  # 0.0 is "no data", never vanishing
 
 
