@@ -1,4 +1,4 @@
-"""Stable-Baselines3: publish PPO's and A2C's own KL, clip fraction, entropy and EV and the policy's gradient norms.
+"""Stable-Baselines3: publish PPO's and A2C's own KL, clip fraction, entropy, EV and std, and the gradient norms.
 
 `TelemetryCallback` opens one `Telemetry.update()` per `train()` call of a PPO or
 A2C model: SB3 calls `on_rollout_end` right before `train()` and
@@ -40,8 +40,10 @@ space, whose sub-actions' logits are consecutive output rows of that one
 each a row slice sized by `action_space.nvec`. `value_net` is measured as another
 group (kind="other"): shown and alerted on, left out of the gradient CV. A Gaussian
 policy (Box actions) keeps its log standard deviations in `log_std`, a parameter in
-no submodule, which SB3 logs as `train/std` (the mean of exp(log_std)); it is
-measured as a group of its own, `log_std`, so its gradient norm is shown too.
+no submodule, which SB3 logs as `train/std` (the mean of exp(log_std), after the
+update); it is measured as a group of its own, `log_std`, so its gradient norm is
+shown too, and SB3's logged `train/std` is published as `tele_policy_std`, equal
+to it. A categorical policy logs no std and has no such series.
 """
 
 from __future__ import annotations
@@ -320,6 +322,8 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
                 upd.observe_clip_fraction(float(logged["train/clip_fraction"]))
             if "train/entropy_loss" in logged:
                 upd.observe_entropy_value(-float(logged["train/entropy_loss"]))
+            if "train/std" in logged:  # a Gaussian policy's mean exp(log_std)
+                upd.observe_action_std_value(float(logged["train/std"]))
             ev = logged.get("train/explained_variance")
             if ev is not None and not (math.isnan(float(ev)) and float(model.rollout_buffer.returns.var()) == 0.0):
                 upd.observe_explained_variance_value(float(ev))
