@@ -56,7 +56,7 @@ demo: install  ## train the demo PPO agent with live telemetry on http://127.0.0
 test: system-deps install-test  ## the whole test suite, real servers and Chromium included
 	$(RUN_IN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
-test-fast: system-deps-fast install-test  ## everything but the real-server and browser suites (< 3 min)
+test-fast: system-deps-fast install-test  ## everything but the real-server and browser suites (about 4 min on 2 cores)
 	$(RUN_IN_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 bench: install  ## telemetry overhead against a plain clip_grad_norm_ step

@@ -106,11 +106,14 @@ def test_policy_health_observations_make_no_host_sync() -> None:
                     fraction = upd.observe_ratios(log_ratio, masks)
                 ev = upd.observe_explained_variance(values, returns)
                 std = upd.observe_advantages(returns, masks["slot"])
-            assert {t.device.type for t in (joint, fraction, ev, std)} == {"cuda"}
+                upd.observe_ratio_max_value({"op": log_ratio["op"].float().exp().max()})  # a library's own, float32
+                action_std = upd.observe_action_std_value(values[:2].float().exp().mean())
+            assert {t.device.type for t in (joint, fraction, ev, std, action_std)} == {"cuda"}
         policy_state = tele.snapshot().policy
         assert policy_state.entropy is not None and math.isfinite(policy_state.entropy)
         assert set(policy_state.head_entropy) == {"op", "slot"} and set(policy_state.head_ratio_max) == {"op", "slot"}
         assert policy_state.explained_variance is not None and policy_state.advantage_std is not None
+        assert policy_state.action_std is not None and math.isfinite(policy_state.action_std)
     finally:
         tele.close()
 

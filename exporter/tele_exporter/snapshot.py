@@ -31,6 +31,7 @@ class PolicyState:
     explained_variance: float | None = None  # TELE-200; missing when Var(returns) == 0
     advantage_std: float | None = None  # TELE-140
     head_ratio_max: Mapping[str, float] = field(default_factory=dict)  # TELE-151
+    action_std: float | None = None  # a Gaussian policy's mean exp(log_std), as the library computed it
     clip_fraction_high: float | None = None  # TELE-130's parts: r > 1 + eps
     clip_fraction_low: float | None = None  # r < 1 - eps
 
@@ -191,6 +192,7 @@ def _policy_dict(p: PolicyState, catalog: Catalog, clip_fraction: float | None) 
         "explained_variance": shown("explained_variance", p.explained_variance),
         "advantage_std": shown("advantage_std", p.advantage_std),
         "head_ratio_max": {h: shown("head_ratio_max", v) for h, v in p.head_ratio_max.items()},
+        "action_std": shown("policy_std", p.action_std),
         "clip_fraction": shown("clip_fraction", clip_fraction),
         "clip_fraction_side": {"high": p.clip_fraction_high, "low": p.clip_fraction_low},
     }

@@ -42,7 +42,8 @@ def test_show_uses_catalog_labels() -> None:
     c = default_catalog()
     assert show(c["gradient_cv"], 0.49).label == "stable"
     assert show(c["gradient_cv"], 2.0).label == "BAD"
-    assert show(c["seed_grad_ratio"], 0.0).label == "OK"
+    no_data = show(c["seed_grad_ratio"], 0.0)  # TELE-557's "no gradient data", uncoloured: not a green "OK"
+    assert (no_data.label, no_data.status) == ("no data", "neutral")
     assert show(c["seed_grad_ratio"], 0.854).label == "ratio=0.85"
     assert show(c["seed_grad_ratio"], 0.2).label == "▼ VANISHING"
     assert show(c["seed_grad_ratio"], math.inf).label == "▲ EXPLODING"

@@ -227,7 +227,10 @@ def _broken(tmp_path: Path, edit: object) -> Path:
             r"kl_divergence\.ranks: 'max' is what 'worst' gives for these levels",
         ),
         (
-            lambda c: c["metrics"]["seed_grad_ratio"].update(ranks=["worst"]),
+            lambda c: (  # no data as a second ok level, below vanishing
+                c["metrics"]["seed_grad_ratio"]["levels"][0].update(status="ok"),
+                c["metrics"]["seed_grad_ratio"].update(ranks=["worst"]),
+            ),
             r"seed_grad_ratio\.ranks: 'worst' needs .*level 'vanishing' lies between ok levels",
         ),
         (

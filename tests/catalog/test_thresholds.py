@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -55,6 +56,16 @@ def test_bad_thresholds_raise_naming_the_culprit(policy: TinyPolicy, thresholds:
     with pytest.raises(ThresholdsError) as info:
         _telemetry(policy, thresholds=thresholds)
     assert culprit in str(info.value)
+
+
+def test_numpy_numbers_are_thresholds_as_python_numbers_are(policy: TinyPolicy) -> None:
+    """A level start computed with numpy (np.int64, np.float64) moves the level as the Python number does."""
+    tele = _telemetry(policy, thresholds={"policy_grad_norm": {"warning": np.int64(60), "critical": np.float64(120.0)}})
+    grad = tele.catalog["policy_grad_norm"]
+    assert (grad.level("warning").when.low, grad.level("critical").when.low) == (60.0, 120.0)
+    tele.close()
+    with pytest.raises(ThresholdsError, match=r"policy_grad_norm\.warning: np\.True_ is not a number"):
+        _telemetry(policy, thresholds={"policy_grad_norm": {"warning": np.bool_(True)}})
 
 
 def test_moved_starts_keep_the_catalogs_open_and_closed_ends() -> None:

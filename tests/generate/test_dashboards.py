@@ -323,7 +323,10 @@ def test_seed_mappings_follow_tele_557(catalog: Catalog, board: dict[str, Any]) 
         result = grafana_mapping(mappings, level_codes[k])
         assert result is not None
         assert (result["text"], result["color"]) == (level.label, catalog.colour(level.status))
-    assert ratio.level_of(0.0) == ratio.levels[0] and ratio.levels[0].label == "OK"
+    assert ratio.level_of(0.0) == ratio.levels[0] and (ratio.levels[0].label, ratio.levels[0].status) == (
+        "no data",
+        "neutral",
+    )
     healthy = ratio.level("healthy")
     steps = override(seed_table(board), "Gradient", "thresholds")["steps"]
     for value in (healthy.when.low, 1.0, healthy.when.high):

@@ -499,6 +499,16 @@ def test_nan_mapping_beats_a_fixed_colour(boundary: Boundary) -> None:
     assert stats[GONE_RANK] == (number(GONE_KL, CATALOG["kl_divergence"].precision), ok)  # the colour applies
 
 
+def test_a_seed_without_gradient_data_reads_no_data_uncoloured_not_a_green_ok(boundary: Boundary) -> None:
+    """TELE-557's ratio of 0 is no gradient data: Grafana says "no data" in the text colour, not a healthy "OK"."""
+    dashboard = board()
+    shown = grafana_display(dashboard, panel_responses(boundary.prom, dashboard, boundary.at, ALL, 60))
+    _, seeds = table_rows(by_title(dashboard, shown, SEEDS), ranked_columns(SEED_COLUMNS), lambda c: c["Env"][0])
+    empty = [str(i) for i, (value, _, _) in enumerate(boundary.cases.seeds) if value == 0.0]
+    assert empty and {seeds[key]["Gradient"] for key in empty} == {("no data", colour("neutral"))}
+    assert all(seeds[key]["Gradient"][1] != colour("ok") for key in empty)
+
+
 def _old_tables(dashboard: dict[str, Any]) -> None:
     """The tables as they were: plain selectors merged with `__name__` still on them."""
     for panel in dashboard["panels"]:

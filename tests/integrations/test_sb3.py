@@ -103,6 +103,7 @@ def test_exported_kl_clip_fraction_entropy_and_ev_equal_what_sb3_logs() -> None:
         assert f"tele_explained_variance {last['explained_variance']!r}" in body
         assert 'tele_head_grad_norm{head="action_net",kind="action"}' in body
         assert 'tele_head_grad_norm{head="value_net",kind="other"}' in body
+        assert "\ntele_policy_std " not in body and "std" not in last  # a categorical policy: no std, no sample
         assert cb.server.linger == 10
         assert cb.close() is True  # the final update was just scraped: close() returns at once
     finally:
@@ -326,7 +327,7 @@ def test_a_linger_that_times_out_returns_false_and_logs_one_line(caplog: pytest.
     url = cb.url
     with caplog.at_level(logging.WARNING, logger="tele_exporter"):
         assert cb.close() is False
-    lines = [r.getMessage() for r in caplog.records if r.name == "tele_exporter"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("tele_exporter")]
     assert len(lines) == 1 and "final update" in lines[0] and f"{url}" in lines[0] and "0.2 s" in lines[0]
 
 
@@ -347,11 +348,15 @@ def test_a_gaussian_policys_log_std_is_a_group_and_its_values_equal_what_sb3_log
     torch.manual_seed(0)
     model = PPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_epochs=2, seed=0, device="cpu")
     norms = _LogStdNorms(model.policy)
-    cb = TelemetryCallback()
+    cb = TelemetryCallback(port=0)
     rec = _Recorder(cb)
     try:
         model.learn(total_timesteps=64 * 3, callback=CallbackList([cb, rec]))
-        assert cb.tele is not None
+        assert cb.tele is not None and cb.url is not None
+        got = scrape(cb.url)
+        stds = np.exp(model.policy.log_std.detach().double().numpy())  # float64 reference, after the last update
+        assert got[("tele_policy_std", ())] == rec.pairs[-1]["std"]  # SB3's own train/std, through /metrics
+        assert got[("tele_policy_std", ())] == pytest.approx(float(stds.mean()), rel=1e-6)
         assert [(h.name, h.kind) for h in cb.tele.snapshot().heads] == [
             ("action_net", "action"),
             ("value_net", "other"),
@@ -365,6 +370,7 @@ def test_a_gaussian_policys_log_std_is_a_group_and_its_values_equal_what_sb3_log
             assert snap.clip_fraction == pair["clip_fraction"]
             assert snap.policy.entropy == -pair["entropy_loss"]
             assert snap.policy.explained_variance == pair["explained_variance"]
+            assert snap.policy.action_std == pair["std"]
             steps = norms.log_std[i * 4 : (i + 1) * 4]
             assert snap.head("log_std").current == pytest.approx(float(np.mean(steps)), rel=1e-6)
         assert cb.tele.errors() == {}

@@ -97,7 +97,7 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
     scraped: list[Samples] = []
 
     for data in collector:
-        keys = ("clip_fraction", "kl_approx", "k3", "k3_exported", "entropy", "ev")
+        keys = ("clip_fraction", "kl_approx", "k3", "k3_exported", "entropy", "ev", "max_ratio")
         keys += ("torch", "pre", "post", "actor", "critic")
         own: dict[str, list[float]] = {k: [] for k in keys}
         with tele.update() as upd:
@@ -114,7 +114,9 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
                     own["kl_approx"].append(float(out["kl_approx"]))
                     own["entropy"].append(float(out["entropy"]))  # TorchRL's own, as its examples log them
                     own["ev"].append(float(out["explained_variance"]))
+                    own["max_ratio"].append(float(out["max_ratio"]))
                     assert float(out["kl_approx"]) == pytest.approx(float(-r.mean()), abs=1e-7)
+                    assert float(out["max_ratio"]) == pytest.approx(float(r.exp().max()), rel=1e-6)
                     assert float(out["mean_ratio"]) == pytest.approx(float(r.exp().mean()), rel=1e-6)
 
                     total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
@@ -144,6 +146,8 @@ def test_clip_ppo_loop_exports_what_torchrl_computes() -> None:
         assert got[("tele_ppo_clip_fraction", (run,))] == pytest.approx(_mean(own["clip_fraction"]), rel=1e-12)
         assert got[("tele_policy_entropy", (run,))] == pytest.approx(_mean(own["entropy"]), rel=1e-12)
         assert got[("tele_explained_variance", (run,))] == pytest.approx(_mean(own["ev"]), rel=1e-12, abs=1e-15)
+        # TELE-151's max over the update: the largest of TorchRL's own per-minibatch max_ratio, exactly.
+        assert got[("tele_head_ratio_max", (("head", "actor"), run))] == max(own["max_ratio"])
         for exported, reference in zip(own["k3_exported"], own["k3"], strict=True):
             assert exported == pytest.approx(reference, abs=K3_ROUNDING)
         assert got[("tele_kl_divergence", (run,))] == pytest.approx(_mean(own["k3"]), abs=K3_ROUNDING)
@@ -252,7 +256,7 @@ class _Logged:
     def batches(self, collector: Collector) -> Any:
         for data in collector:
             self.graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-            self.updates.append({"entropy": [], "ev": [], "clip_fraction": [], "kl": [], "pre": []})
+            self.updates.append({"entropy": [], "ev": [], "clip_fraction": [], "kl": [], "max_ratio": [], "pre": []})
             yield data
 
     def observe_loss(self, upd: Any, loss: ClipPPOLoss, out: Any) -> torch.Tensor:
@@ -260,6 +264,7 @@ class _Logged:
         own["entropy"].append(float(out["entropy"]))
         own["ev"].append(float(out["explained_variance"]))
         own["clip_fraction"].append(float(out["clip_fraction"]))
+        own["max_ratio"].append(float(out["max_ratio"]))
         own["kl"].append(float(out["mean_ratio"]) - 1.0 + float(out["kl_approx"]))
         return observe_loss(upd, loss, out)
 
@@ -275,6 +280,7 @@ def _check_last_update(tele: Telemetry, logged: _Logged, steps: int) -> None:
     assert snap.policy.explained_variance == pytest.approx(_mean(own["ev"]), rel=1e-12, abs=1e-15)
     assert snap.clip_fraction == pytest.approx(_mean(own["clip_fraction"]), rel=1e-12, abs=1e-15)
     assert snap.kl == pytest.approx(_mean(own["kl"]), abs=K3_ROUNDING)
+    assert snap.policy.head_ratio_max == {"actor": max(own["max_ratio"])}
     assert snap.grad_norm_pre == pytest.approx(_mean(own["pre"]), rel=1e-6)
     assert tele.errors() == {}
 
@@ -363,5 +369,6 @@ def test_the_docs_compiled_update_clips_eagerly_inside_torch_compile() -> None:
     assert snap.grad_norm_pre is not None and snap.grad_norm_pre >= snap.grad_norm_post
     assert snap.policy.entropy == pytest.approx(_mean(own["entropy"]), rel=1e-12)
     assert snap.clip_fraction == pytest.approx(_mean(own["clip_fraction"]), rel=1e-12, abs=1e-15)
+    assert snap.policy.head_ratio_max == {"actor": max(own["max_ratio"])}
     assert tele.errors() == {}
     tele.close()

@@ -368,7 +368,7 @@ def test_seed_whose_input_does_not_require_grad_reports_no_data(setup: tuple[Tin
     with tele.update():
         seed(torch.randn(3, 4)).sum().backward()  # raw data: no gradient reaches the input
     state = tele.snapshot().seed("0", "first")
-    assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "OK"
+    assert state.backward_gain is None and state.ratio == 0.0 and state.shown.label == "no data"
     assert not state.vanishing  # 0.0 is "no data", never vanishing
 
 
@@ -427,6 +427,16 @@ def test_seed_cap_refuses_and_counts(setup: tuple[TinyPolicy, Telemetry, Host]) 
     refused.remove()
     assert tele.snapshot().seeds_refused == 1
     assert [s.slot for s in tele.snapshot().seeds] == ["a"]
+
+
+def test_max_seeds_takes_numpy_integers_and_refuses_bools_and_fractions() -> None:
+    policy = TinyPolicy()
+    tele = Telemetry(policy, heads={"op": policy.op}, max_seeds=np.int64(2))
+    assert tele.max_seeds == 2 and type(tele.max_seeds) is int
+    tele.close()
+    for bad in (True, 2.5, np.float64(2.0), -1):
+        with pytest.raises(ValueError, match="max_seeds must be a whole number >= 0"):
+            Telemetry(policy, heads={"op": policy.op}, max_seeds=bad)  # type: ignore[arg-type]
 
 
 def test_an_exception_inside_a_seed_hook_is_counted_and_backward_goes_on(

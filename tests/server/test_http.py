@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -375,6 +377,20 @@ def test_max_connections_must_be_positive(tele: Telemetry) -> None:
         serve(tele, port=0, max_connections=0)
 
 
+def test_numpy_numbers_are_taken_where_ints_and_floats_are_and_bools_are_not(tele: Telemetry) -> None:
+    """A count or a wait computed with numpy (np.int64, np.float64) works as the Python number would."""
+    with serve(tele, port=np.int64(0), max_connections=np.int64(8), linger=np.int64(1)) as srv:
+        assert srv.running and srv.linger == 1.0
+        status, _ = _get(srv.url)
+        assert status == 200
+        assert srv.close(linger=np.float64(0.5)) is True
+    for bad in (True, np.bool_(True), 2.0, np.float64(2.0), "8"):
+        with pytest.raises(ValueError, match="max_connections must be a whole number >= 1"):
+            serve(tele, port=0, max_connections=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_connections must be a whole number >= 1"):
+        serve(tele, port=0, max_connections=np.int64(0))
+
+
 def test_close_with_linger_waits_until_the_final_update_is_scraped(tele: Telemetry, policy: TinyPolicy) -> None:
     srv = serve(tele, port=0, linger=30)
     _train(tele, policy, 2)
@@ -421,6 +437,32 @@ def test_close_with_linger_gives_up_after_the_timeout(tele: Telemetry, policy: T
     start = time.monotonic()
     assert srv.close(linger=0.3) is False
     assert 0.3 <= time.monotonic() - start < 5
+
+
+def test_a_linger_that_times_out_logs_one_line_naming_the_wait_and_the_publication(
+    tele: Telemetry, policy: TinyPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = serve(tele, port=0)
+    _train(tele, policy, 2)
+    url = srv.url
+    with caplog.at_level(logging.DEBUG, logger="tele_exporter"):
+        assert srv.close(linger=0.3) is False
+    lines = [r for r in caplog.records if r.name.startswith("tele_exporter")]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert lines[0].name == "tele_exporter.server.http"
+    message = lines[0].getMessage()
+    assert "waited 0.3 s" in message and "publication 2" in message and url in message, message
+
+
+def test_a_linger_that_is_met_logs_nothing(
+    tele: Telemetry, policy: TinyPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = serve(tele, port=0, linger=30)
+    _train(tele, policy, 1)
+    _get(srv.url)
+    with caplog.at_level(logging.DEBUG, logger="tele_exporter"):
+        assert srv.close() is True
+    assert not [r for r in caplog.records if r.name.startswith("tele_exporter")]
 
 
 def test_close_does_not_linger_without_updates_or_when_already_scraped(tele: Telemetry, policy: TinyPolicy) -> None:

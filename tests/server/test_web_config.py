@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
+import numpy as np
 import pytest
 
 from tele_exporter import Telemetry, serve
 from tele_exporter.server.http import Server
-from tele_exporter.server.web_config import AUTH_CACHE_SIZE, WebConfig, WebConfigError, load_web_config
+from tele_exporter.server.web_config import AUTH_CACHE_SIZE, WebConfig, WebConfigError, _rate_limit, load_web_config
 
 PASSWORD = "correct horse"
 
@@ -253,6 +254,13 @@ def test_rate_limit_answers_429_beyond_the_burst(tele: Telemetry, tmp_path: Path
     config = _write_config(tmp_path, "rate_limit:\n  interval: 1h\n  burst: 3\n")
     with serve(tele, port=0, web_config=config) as srv:
         assert [_get(srv.url, None) for _ in range(5)] == [200, 200, 200, 429, 429]
+
+
+def test_a_rate_limit_burst_may_be_a_numpy_integer_but_not_a_bool() -> None:
+    limiter = _rate_limit(Path("web.yml"), {"interval": "1s", "burst": np.int64(3)})
+    assert limiter is not None and limiter.burst == 3 and type(limiter.burst) is int
+    with pytest.raises(WebConfigError, match="burst: expected a whole number >= 0, got True"):
+        _rate_limit(Path("web.yml"), {"interval": "1s", "burst": True})
 
 
 def test_a_zero_interval_disables_the_rate_limit(tmp_path: Path) -> None:

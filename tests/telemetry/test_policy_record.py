@@ -144,6 +144,56 @@ def test_nan_is_data(tele: Telemetry) -> None:
     assert payload["policy"]["entropy"]["value"] == "NaN"
 
 
+def test_a_librarys_own_ratio_maxima_join_the_heads_max_through_the_one_transfer(
+    tele: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TELE-151 over observe_ratios and observe_ratio_max_value alike: the largest wins, clamped to exp(+-20)."""
+    gathers: list[int] = []
+    real_gather = packer_module.gather
+    monkeypatch.setattr(packer_module, "gather", lambda parts: gathers.append(len(parts)) or real_gather(parts))
+    lr = np.array([0.1, -0.3, 0.25, 0.0])
+    with tele.update() as upd:
+        upd.observe_ratios({"op": t64(lr)})
+        upd.observe_ratio_max_value({"op": torch.tensor(1.125, dtype=torch.float32)})  # below exp(0.25)
+        upd.observe_ratio_max_value({"slot": 1.5})
+        upd.observe_ratio_max_value({"slot": torch.tensor(1.75)})
+    assert len(gathers) == 1
+    got = scrape(tele)
+    assert got[("tele_head_ratio_max", (("head", "op"),))] == pytest.approx(math.exp(0.25), rel=1e-15)
+    assert got[("tele_head_ratio_max", (("head", "slot"),))] == 1.75
+    assert ("tele_ppo_clip_fraction", ()) in got and got[("tele_step_ppo_clip_fraction_count", ())] == 1.0
+    with tele.update() as upd:
+        upd.observe_ratio_max_value({"op": math.inf, "slot": 0.0})
+    got = scrape(tele)
+    assert got[("tele_head_ratio_max", (("head", "op"),))] == math.exp(20.0)  # as observe_ratios clamps r
+    assert got[("tele_head_ratio_max", (("head", "slot"),))] == math.exp(-20.0)
+    assert ("tele_ppo_clip_fraction", ()) not in got  # a maximum says nothing about the clip fraction
+    with tele.update() as upd:
+        upd.observe_ratio_max_value({"op": 2.0})
+        upd.observe_ratio_max_value({"op": math.nan})
+        upd.observe_ratio_max_value({"op": 3.0})
+    got = scrape(tele)
+    assert math.isnan(got[("tele_head_ratio_max", (("head", "op"),))])  # NaN is data, and wins
+    assert ("tele_head_ratio_max", (("head", "slot"),)) not in got  # not observed this update: absent
+
+
+def test_action_std_is_the_mean_of_the_updates_calls_and_absent_without_one(tele: Telemetry) -> None:
+    with tele.update() as upd:
+        upd.observe_entropy({"op": torch.ones(2)})
+    assert not [k for k in scrape(tele) if k[0] == "tele_policy_std"]  # a categorical policy: no series, never 0
+    assert tele.snapshot().to_dict(tele.catalog)["policy"]["action_std"]["value"] is None
+    log_std = torch.tensor([-0.5, 0.25], dtype=torch.float32)
+    with tele.update() as upd:
+        returned = upd.observe_action_std_value(torch.exp(log_std).mean())
+        upd.observe_action_std_value(0.5)
+    expected = (float(np.exp(np.float32(-0.5))) + float(np.exp(np.float32(0.25)))) / 2  # float32 exp, float64 mean
+    own = float(torch.exp(log_std).mean())
+    assert returned.dtype == torch.float64 and float(returned) == own
+    assert own == pytest.approx(expected, rel=1e-7)
+    assert scrape(tele)[("tele_policy_std", ())] == (own + 0.5) / 2
+    assert tele.snapshot().to_dict(tele.catalog)["policy"]["action_std"]["value"] == (own + 0.5) / 2
+
+
 def test_snapshot_json_carries_history_velocity_and_heads(tele: Telemetry) -> None:
     for level in (1.0, 0.9, 0.8):
         with tele.update() as upd:

@@ -45,6 +45,12 @@ def _calls() -> list[tuple[str, Callable[[Update], Any]]]:
         ("ratios", lambda u: u.observe_ratios({"op": lr})),
         ("ratios clip_eps", lambda u: u.observe_ratios({"op": lr}, clip_eps=1.5)),
         ("ratios unknown head", lambda u: u.observe_ratios({"critic": lr})),
+        ("ratio max value", lambda u: u.observe_ratio_max_value({"op": T([1.25])})),
+        ("ratio max value unknown head", lambda u: u.observe_ratio_max_value({"critic": 1.25})),
+        ("ratio max value bare", lambda u: u.observe_ratio_max_value(T([1.25]))),  # type: ignore[arg-type]
+        ("ratio max value vector", lambda u: u.observe_ratio_max_value({"op": T([1.25, 1.5])})),
+        ("action std value", lambda u: u.observe_action_std_value(T([0.6]))),
+        ("action std value vector", lambda u: u.observe_action_std_value(T([0.6, 0.7]))),
     ]
 
 

@@ -10,6 +10,7 @@ which the snapshot, the live page and the exported `tele_threshold` series use.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import replace
@@ -114,7 +115,7 @@ def _as_mapping(source: str, raw: Any) -> dict[str, dict[str, float]]:
         for level, value in levels.items():
             if not isinstance(level, str):
                 raise ThresholdsError(f"{source}: {signal}: level {level!r} is not a string")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
                 raise ThresholdsError(f"{source}: {signal}.{level}: {value!r} is not a number")
             out[signal][level] = float(value)
     return out

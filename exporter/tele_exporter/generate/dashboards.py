@@ -305,7 +305,7 @@ def _levels_row(g: _Grid) -> None:
 
 
 def _policy_health_row(g: _Grid) -> None:
-    """TELE-120/121/124/130/140/151/200: entropy, its velocity and collapse, clipping, value and advantages."""
+    """TELE-120/121/124/130/140/151/200 and the action std: entropy, velocity, collapse, clipping, value, advantages."""
     c = g.catalog
     ent, vel, collapsed = c["policy_entropy"], c["entropy_velocity"], c["entropy_collapsed"]
     cf, side, ev, adv, ratio = (
@@ -339,6 +339,12 @@ def _policy_health_row(g: _Grid) -> None:
     g.add(_own_levels_stat(adv, "Advantage std", _sel(adv), catalog=c, note=_boundary_note(adv)), 6, 8)
     heads = _line(_sel(ratio), LEGEND + " {{head}}")
     g.add(_timeseries(ratio, "Importance ratio max per head", heads, catalog=c, note=_boundary_note(ratio)), 24, 8)
+    std = c["policy_std"]
+    std_note = "No levels: a Gaussian policy's own scale. Empty for a categorical policy."
+    std_panel = _timeseries(
+        std, "Action std (Gaussian policy)", _line(_sel(std)), catalog=c, steps=neutral_steps(c), note=std_note
+    )
+    g.add(std_panel, 24, 8)
 
 
 def _gradients_row(g: _Grid) -> None:

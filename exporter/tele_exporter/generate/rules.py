@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..catalog.model import RELATIVE_KINDS, Catalog, MetricAlert, MetricSpec, duration_seconds
+from ..catalog.model import RELATIVE_KINDS, SEVERITIES, Catalog, MetricAlert, MetricSpec, duration_seconds
 from ..catalog.thresholds import THRESHOLD_METRIC
 from . import promql
 from .promql import high_op, interval_filter, low_op, number
@@ -519,7 +519,7 @@ def _histogram_rules(catalog: Catalog, spec: MetricSpec, of: list[MetricSpec]) -
     ]
     for source in of:
         for lvl in source.levels:
-            if lvl.status == "ok":
+            if lvl.status not in SEVERITIES:  # the bad levels' shares only: not ok, nor neutral (no data)
                 continue
             upper = rate(bucket, {"le": promql.bucket_bound(lvl.when.high)})
             lower = f" - {rate(bucket, {'le': promql.bucket_bound(lvl.when.low)})}" if lvl.when.low > 0 else ""

@@ -1,4 +1,4 @@
-"""Stable-Baselines3: publish PPO's and A2C's own KL, clip fraction, entropy and EV and the policy's gradient norms.
+"""Stable-Baselines3: publish PPO's and A2C's own KL, clip fraction, entropy, EV and std, and the gradient norms.
 
 `TelemetryCallback` opens one `Telemetry.update()` per `train()` call of a PPO or
 A2C model: SB3 calls `on_rollout_end` right before `train()` and
@@ -40,14 +40,16 @@ space, whose sub-actions' logits are consecutive output rows of that one
 each a row slice sized by `action_space.nvec`. `value_net` is measured as another
 group (kind="other"): shown and alerted on, left out of the gradient CV. A Gaussian
 policy (Box actions) keeps its log standard deviations in `log_std`, a parameter in
-no submodule, which SB3 logs as `train/std` (the mean of exp(log_std)); it is
-measured as a group of its own, `log_std`, so its gradient norm is shown too.
+no submodule, which SB3 logs as `train/std` (the mean of exp(log_std), after the
+update); it is measured as a group of its own, `log_std`, so its gradient norm is
+shown too, and SB3's logged `train/std` is published as `tele_policy_std`, equal
+to it. A categorical policy logs no std and has no such series.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,8 +68,6 @@ from ..server.http import DEFAULT_ADDR, Server, serve
 from ..snapshot import Snapshot, empty_snapshot
 from ..telemetry import settings
 from ..telemetry.telemetry import Telemetry, Update
-
-log = logging.getLogger("tele_exporter")
 
 SUPPORTED_ALGORITHMS = (PPO, A2C)
 DEFAULT_LINGER = 30.0  # seconds close() waits for Prometheus to scrape the final update
@@ -244,7 +244,7 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
         model: Any = self.model
         self._epochs_before = int(model._n_updates)
         max_norm = getattr(model, "max_grad_norm", None)
-        if isinstance(max_norm, (int, float)) and math.isfinite(max_norm):
+        if isinstance(max_norm, numbers.Real) and not isinstance(max_norm, bool) and math.isfinite(max_norm):
             self._max_norm = float(max_norm)
             model.max_grad_norm = _LIFTED_MAX_NORM
 
@@ -274,19 +274,12 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
 
         With a server, first wait until Prometheus has scraped the final update, up
         to `linger` seconds (default: the callback's); returns False, with one
-        warning, when that wait timed out, True otherwise.
+        warning (Server.close's), when that wait timed out, True otherwise.
         """
         self._release()
         scraped = True
         if self.server is not None:
-            wait = self.server.linger if linger is None else linger
-            scraped = self.server.close(linger)
-            if not scraped:
-                log.warning(
-                    "tele-exporter: no scrape of the final update within %g s; closing %s without it",
-                    wait,
-                    self.server.url,
-                )
+            scraped = self.server.close(linger)  # a timed-out wait logs its one warning there
             self.server = None
         if self.tele is not None:
             self.tele.close()
@@ -329,6 +322,8 @@ class TelemetryCallback(BaseCallback):  # type: ignore[misc,unused-ignore]
                 upd.observe_clip_fraction(float(logged["train/clip_fraction"]))
             if "train/entropy_loss" in logged:
                 upd.observe_entropy_value(-float(logged["train/entropy_loss"]))
+            if "train/std" in logged:  # a Gaussian policy's mean exp(log_std)
+                upd.observe_action_std_value(float(logged["train/std"]))
             ev = logged.get("train/explained_variance")
             if ev is not None and not (math.isnan(float(ev)) and float(model.rollout_buffer.returns.var()) == 0.0):
                 upd.observe_explained_variance_value(float(ev))

@@ -1,4 +1,4 @@
-"""TorchRL: publish what a `ClipPPOLoss` computes (clip fraction, entropy, explained variance) and TELE-111's k3 KL.
+"""TorchRL: publish what a `ClipPPOLoss` computes (clip fraction, entropy, explained variance, max ratio) and k3 KL.
 
 Every value comes from the loss's own outputs, with no extra forward pass:
 `clip_fraction`, `entropy` (present when the loss has an entropy bonus, the
@@ -8,6 +8,14 @@ publishes their means over its minibatches, as TorchRL's PPO examples average
 their logged loss outputs. TorchRL's explained variance is of each minibatch's
 current critic against its value targets, not of the rollout before the
 update (TELE-200's), so it rises through an update's epochs.
+
+`max_ratio`, the minibatch's largest ratio pi_new / pi_old, is TELE-151's ratio
+max of the one action head (`actor` with `loss_heads`; a Telemetry with several
+action heads gets none, since the joint ratio is no one head's): the update
+publishes the largest of its minibatches' values as
+`tele_head_ratio_max{head="actor"}` (a maximum, where the others are means), each
+exactly TorchRL's own float32 value. TorchRL does not clamp the ratio; it is
+clamped to [exp(-20), exp(20)] as `observe_ratios` clamps.
 
 `ClipPPOLoss.forward` returns scalars only: it works on a shallow clone of the
 input tensordict and writes nothing back, so the per-sample log-ratio
@@ -36,7 +44,7 @@ from torchrl.objectives import ClipPPOLoss
 from ..telemetry.telemetry import Update
 
 _NEEDED = ("mean_ratio", "kl_approx", "clip_fraction")
-_OPTIONAL = ("entropy", "explained_variance")
+_OPTIONAL = ("entropy", "explained_variance", "max_ratio")
 
 
 def loss_heads(loss: ClipPPOLoss) -> dict[str, nn.Module]:
@@ -71,12 +79,13 @@ def k3_kl(out: Any) -> Tensor:
 
 
 def observe_loss(upd: Update, loss: ClipPPOLoss, out: Any) -> Tensor:
-    """Record one ClipPPOLoss minibatch in `upd`: k3 KL, clip fraction, entropy, explained variance; returns the KL.
+    """Record one ClipPPOLoss minibatch in `upd`: k3 KL, clip fraction, entropy, EV and max ratio; returns the KL.
 
     Call it once per minibatch: the update publishes the mean of each over its
-    minibatches, which is what TorchRL's PPO examples log for their loss outputs.
-    `entropy` and `explained_variance` are recorded when the loss returned them.
-    All of it stays on the loss's device: no host sync.
+    minibatches, which is what TorchRL's PPO examples log for their loss outputs,
+    and the largest `max_ratio` of them. `entropy`, `explained_variance` and
+    `max_ratio` are recorded when the loss returned them. All of it stays on the
+    loss's device: no host sync.
     """
     _check_loss(loss)
     values = _outputs(out)
@@ -85,6 +94,9 @@ def observe_loss(upd: Update, loss: ClipPPOLoss, out: Any) -> Tensor:
         upd.observe_entropy_value(values["entropy"])
     if "explained_variance" in values:
         upd.observe_explained_variance_value(values["explained_variance"])
+    heads = upd.policy.heads
+    if "max_ratio" in values and len(heads) == 1:  # the joint ratio is a head's only when there is one head
+        upd.observe_ratio_max_value({heads[0]: values["max_ratio"]})
     return upd.observe_kl_value(values["mean_ratio"] - 1.0 + values["kl_approx"])
 
 

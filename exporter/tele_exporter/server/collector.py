@@ -101,6 +101,7 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "explained_variance": _policy("explained_variance"),
     "advantage_std": _policy("advantage_std"),
     "head_ratio_max": _policy_heads("head_ratio_max"),
+    "policy_std": _policy("action_std"),
     "seed_grad_ratio": _seed("ratio"),
     "seed_backward_gain": _seed("backward_gain"),
     "seed_gradient_vanishing": _seed("vanishing"),

@@ -7,7 +7,9 @@ over connections.py and routes.py), fed from one SnapshotSource (a Telemetry), w
 from __future__ import annotations
 
 import errno
+import logging
 import math
+import numbers
 import socket
 from pathlib import Path
 
@@ -28,6 +30,8 @@ __all__ = [
     "serve",
     "snapshot_document",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9842
 DEFAULT_ADDR = "127.0.0.1"
@@ -81,13 +85,22 @@ class Server:
 
         With `linger` seconds (default: serve's `linger`), first wait until a
         GET /metrics has been answered with the latest published update, so the
-        final update reaches Prometheus. Returns False if the wait timed out.
+        final update reaches Prometheus. Returns False if the wait timed out, after
+        logging one warning that names the wait and the publication left unscraped.
         """
         wait = self.linger if linger is None else _check_linger(linger)
         scraped = True
         if wait > 0 and self.running and self._tele is not None and self._scrapes is not None:
             latest = self._tele.snapshot().publications
             scraped = latest == 0 or self._scrapes.wait_for(latest, wait)
+            if not scraped:
+                log.warning(
+                    "tele-exporter: waited %g s and no scrape of %s carried publication %d (the final update); "
+                    "closing without it",
+                    wait,
+                    self.url,
+                    latest,
+                )
         if self._child is not None:
             self._child.stop()
         return scraped
@@ -116,8 +129,10 @@ def serve(
     `linger` is how long close() waits for Prometheus to scrape the final update.
     A disabled Telemetry is not served: the Server returned binds nothing.
     """
-    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+    # Any integer type, numpy's too; a bool is no count.
+    if isinstance(max_connections, bool) or not isinstance(max_connections, numbers.Integral) or max_connections < 1:
         raise ValueError(f"max_connections must be a whole number >= 1, got {max_connections!r}")
+    max_connections = int(max_connections)
     _check_linger(linger)
     config = load_web_config(web_config) if isinstance(web_config, (str, Path)) else web_config
     scheme = "https" if config is not None and config.tls is not None else "http"
@@ -151,6 +166,7 @@ def _listen(addr: str, port: int) -> socket.socket:
 
 
 def _check_linger(linger: float) -> float:
-    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not linger >= 0 or math.isinf(linger):
+    # Any real number type (numpy's too) but bool.
+    if isinstance(linger, bool) or not isinstance(linger, numbers.Real) or not linger >= 0 or math.isinf(linger):
         raise ValueError(f"linger must be a finite number of seconds >= 0, got {linger!r}")
     return float(linger)

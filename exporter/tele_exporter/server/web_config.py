@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import numbers
 import random
 import re
 import ssl
@@ -320,8 +321,10 @@ def _rate_limit(file: Path, raw: Any) -> RateLimiter | None:
         raise WebConfigError(f"{where}.{unknown[0]}: unknown field")
     interval = _go_duration(f"{where}.interval", raw.get("interval", "0s"))
     burst = raw.get("burst", 0)
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+    # Any integer type (numpy's too, from a mapping built in Python) but bool.
+    if isinstance(burst, bool) or not isinstance(burst, numbers.Integral) or burst < 0:
         raise WebConfigError(f"{where}.burst: expected a whole number >= 0, got {burst!r}")
+    burst = int(burst)
     if interval == 0:
         return None
     if burst == 0:

@@ -1,7 +1,8 @@
 """The PPO policy-health signals of one update: what the trainer observed, and what is published.
 
 PolicyRecorder keeps an update's observe_entropy / observe_explained_variance /
-observe_advantages / observe_ratios results as device tensors; PolicyHealth turns
+observe_advantages / observe_ratios results (and the values a library computed
+itself: entropy, explained variance, ratio maxima, action std) as device tensors; PolicyHealth turns
 them (after the update's single host transfer) into an immutable PolicyState and
 keeps the entropy history of TELE-121 across updates.
 """
@@ -12,12 +13,13 @@ import math
 import numbers
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ..measure.policy_math import (
+    KL_LOG_RATIO_CLAMP,
     advantage_std,
     check_head_tensors,
     check_tensor,
@@ -32,6 +34,9 @@ from .packer import Packer, Unpacked
 
 # The packer keys of the recorder's pieces.
 _ENTROPY, _EXPLAINED, _ADVANTAGES, _RATIOS = "policy.entropy", "policy.explained", "policy.advantages", "policy.ratios"
+_RATIO_MAXIMA, _ACTION_STD = "policy.ratio_maxima", "policy.action_std"
+# A library's own ratio maximum is clamped as observe_ratios clamps log-ratios: to exp(-20) .. exp(20).
+_RATIO_LOW, _RATIO_HIGH = math.exp(-KL_LOG_RATIO_CLAMP), math.exp(KL_LOG_RATIO_CLAMP)
 
 
 class PolicyRecorder:
@@ -44,6 +49,8 @@ class PolicyRecorder:
         self.explained: list[Tensor] = []
         self.advantages: list[Tensor] = []
         self.ratios: list[tuple[tuple[str, ...], Tensor]] = []
+        self.ratio_maxima: list[tuple[str, Tensor]] = []
+        self.action_stds: list[Tensor] = []
 
     def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> Tensor:
         check_head_tensors("observe_entropy", entropies, masks, self.heads)
@@ -101,6 +108,43 @@ class PolicyRecorder:
             self.ratios.append((tuple(log_ratio), terms))
         return terms[0]
 
+    def observe_ratio_max_value(self, maxima: Mapping[str, float | Tensor]) -> None:
+        """Per-head importance-ratio maxima a library computed itself (TorchRL's max_ratio), one value per head."""
+        if not isinstance(maxima, Mapping):
+            raise TypeError(
+                "observe_ratio_max_value expects a dict of heads, action head -> that head's largest ratio "
+                f"(e.g. {{{(self.heads or ('actor',))[0]!r}: max_ratio}}), got a {type(maxima).__name__}; "
+                f"action heads are {list(self.heads)}"
+            )
+        kept: list[tuple[str, Tensor]] = []
+        for head, value in maxima.items():
+            if head not in self.heads:
+                raise ValueError(
+                    f"unknown head {head!r} in observe_ratio_max_value; action heads are {list(self.heads)}"
+                )
+            t = torch.as_tensor(value, dtype=torch.float64).detach()
+            if t.numel() != 1:
+                raise ValueError(
+                    f"observe_ratio_max_value: head {head!r} has {t.numel()} values (shape {tuple(t.shape)}); "
+                    "expected the one largest ratio"
+                )
+            kept.append((str(head), t.reshape(()).clamp(_RATIO_LOW, _RATIO_HIGH)))  # clamp keeps a NaN
+        if self.recording:
+            self.ratio_maxima.extend(kept)
+
+    def observe_action_std_value(self, value: float | Tensor) -> Tensor:
+        """A Gaussian policy's action standard deviation the library computed itself (SB3's train/std)."""
+        std = torch.as_tensor(value, dtype=torch.float64).detach()
+        if std.numel() != 1:
+            raise ValueError(
+                f"observe_action_std_value: expected one value (e.g. exp(log_std).mean()), "
+                f"got {std.numel()} (shape {tuple(std.shape)})"
+            )
+        std = std.reshape(())
+        if self.recording:
+            self.action_stds.append(std)
+        return std
+
     def pack(self, packer: Packer) -> None:
         """Add every recorded tensor to the update's one host transfer."""
         for key, calls in (
@@ -108,6 +152,8 @@ class PolicyRecorder:
             (_EXPLAINED, self.explained),
             (_ADVANTAGES, self.advantages),
             (_RATIOS, [t for _, t in self.ratios]),
+            (_RATIO_MAXIMA, [t for _, t in self.ratio_maxima]),
+            (_ACTION_STD, self.action_stds),
         ):
             for t in calls:
                 packer.add(key, t)
@@ -119,6 +165,8 @@ class PolicyRecorder:
             host.values(_EXPLAINED),
             host.values(_ADVANTAGES),
             [(heads, t) for (heads, _), t in zip(self.ratios, host.values(_RATIOS), strict=True)],
+            [(head, t[0]) for (head, _), t in zip(self.ratio_maxima, host.values(_RATIO_MAXIMA), strict=True)],
+            [t[0] for t in host.values(_ACTION_STD)],
         )
 
 
@@ -130,6 +178,8 @@ class PolicyHost:
     explained: list[list[float]]
     advantages: list[list[float]]
     ratios: list[tuple[tuple[str, ...], list[float]]]
+    ratio_maxima: list[tuple[str, float]] = field(default_factory=list)
+    action_stds: list[float] = field(default_factory=list)
 
 
 class PolicyHealth:
@@ -161,6 +211,9 @@ class PolicyHealth:
             cf_high = math.fsum(t[1] for _, t in host.ratios) / len(host.ratios)
             cf_low = math.fsum(t[2] for _, t in host.ratios) / len(host.ratios)
             ratio_max = _ratio_max(host.ratios)
+        for head, value in host.ratio_maxima:
+            ratio_max[head] = _larger(ratio_max.get(head), value)
+        stds = host.action_stds
         history = tuple(self._history)
         return PolicyState(
             entropy=entropy,
@@ -171,6 +224,7 @@ class PolicyHealth:
             explained_variance=math.fsum(ev) / len(ev) if ev else None,
             advantage_std=math.fsum(adv) / len(adv) if adv else None,
             head_ratio_max=ratio_max,
+            action_std=math.fsum(stds) / len(stds) if stds else None,
             clip_fraction_high=cf_high,
             clip_fraction_low=cf_low,
         )
@@ -201,10 +255,13 @@ def _ratio_max(calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, fl
         for i, name in enumerate(heads):
             if t[3 + k + i] == 0:
                 continue
-            value = t[3 + i]
-            old = out.get(name)
-            out[name] = value if old is None or math.isnan(value) else (old if math.isnan(old) else max(old, value))
+            out[name] = _larger(out.get(name), t[3 + i])
     return out
+
+
+def _larger(old: float | None, value: float) -> float:
+    """The larger of a head's ratio max so far (None: none yet) and a new one; a NaN wins."""
+    return value if old is None or math.isnan(value) else (old if math.isnan(old) else max(old, value))
 
 
 def check_action_sizes(sizes: Mapping[str, int] | None, heads: Sequence[str]) -> dict[str, int]:

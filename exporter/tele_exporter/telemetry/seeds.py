@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,9 +79,11 @@ class SeedRegistry:
         record_error: Callable[[str, BaseException], None],
         on_change: Callable[[], None],
     ) -> None:
-        if max_seeds < 0:
-            raise ValueError(f"max_seeds must be >= 0, got {max_seeds}")
-        self.max_seeds = max_seeds
+        # Any integer type (numpy's too) but bool: a count of seeds.
+        count: object = max_seeds
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"max_seeds must be a whole number >= 0, got {max_seeds!r}")
+        self.max_seeds = int(count)
         self._record_error = record_error
         self._on_change = on_change
         self._lock = threading.Lock()

@@ -91,7 +91,7 @@ class Telemetry:
         self._errors = ErrorCounter()
         self._lock = threading.Lock()
         self._seeds = SeedRegistry(max_seeds, self._errors.record, self._republish_seeds)
-        self.max_seeds = max_seeds
+        self.max_seeds = self._seeds.max_seeds
         self._meter = GradientMeter(self.params, resolved)
         policy_health = PolicyHealth(tuple(self.heads), action_sizes, self.catalog["policy_entropy"].history)
         self._fold = Fold(self.catalog, resolved, policy_health, self._errors.record)

@@ -191,6 +191,25 @@ class Update:
         self._check_open()
         return self.policy.observe_explained_variance_value(value)
 
+    def observe_ratio_max_value(self, maxima: Mapping[str, float | Tensor]) -> None:
+        """Record per-head importance-ratio maxima a PPO library computed itself (TorchRL's max_ratio); no sync.
+
+        maxima[head] is that head's largest ratio pi_new / pi_old over a minibatch. Each joins
+        TELE-151's per-head max of the update (with any observe_ratios calls'; a NaN wins),
+        clamped to [exp(-20), exp(20)] as observe_ratios clamps. No clip fraction comes from it.
+        """
+        self._check_open()
+        self.policy.observe_ratio_max_value(maxima)
+
+    def observe_action_std_value(self, value: float | Tensor) -> Tensor:
+        """Record a Gaussian policy's action std a library computed itself (SB3's train/std); no host sync.
+
+        Expected: the mean over the action dimensions of exp(log_std). The update publishes the
+        mean of its calls as tele_policy_std; a policy that never calls it has no series.
+        """
+        self._check_open()
+        return self.policy.observe_action_std_value(value)
+
     def observe_ratios(
         self,
         log_ratio: Mapping[str, Tensor],
