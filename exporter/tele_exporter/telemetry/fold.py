@@ -268,19 +268,13 @@ class Fold:
         means = torch.where(present, values, 0.0).sum(0) / counts  # 0 / 0: NaN for a head without a step
         nonfinite = (present & ~values.isfinite()).sum(0)
         totals = rows[:, g:].mean(0)
-        # Layers as heads (the mean over the steps with a gradient), and TELE-331's dead flag: a gradient at
-        # some step, and below DEAD_LAYER_NORM at every step that had one (NaN is data: never dead).
-        layer_counts = layer_present.sum(0)
-        layer_means = torch.where(layer_present, layer_values, 0.0).sum(0) / layer_counts
-        below = (layer_values < DEAD_LAYER_NORM) | ~layer_present
-        layer_dead = below.all(0) & (layer_counts > 0)
+        layer_parts = _layer_parts(layer_values, layer_present) if self._layers else []
         actions = self._actions  # TELE-330 compares action heads only; fewer than two: no CV at all
         cv = step_cvs(values[:, :actions], present[:, :actions]).mean().reshape(1)
         head_counts, head_sums = bucket_columns(values, present, self.histograms["step_head_grad_norm"].edges_tensor)
         clip = self.histograms["step_policy_grad_norm"]
         clip_counts, clip_sums = bucket_columns(rows[:, g:], torch.ones(n, 2, dtype=torch.bool), clip.edges_tensor)
         parts = [means, counts, nonfinite, totals, cv, head_counts.reshape(-1), head_sums]
-        layer_parts = [layer_means, layer_counts, layer_dead]
         flat = torch.cat(
             [
                 *(p.to(torch.float64) for p in parts),
@@ -361,6 +355,17 @@ class Fold:
             self._last_measured[old.name] = current
         nonfinite = self._nonfinite[old.name]
         return head_state(self.catalog, old.name, current, prev, nonfinite, steps, old.kind, update_ratio)
+
+
+def _layer_parts(values: Tensor, present: Tensor) -> list[Tensor]:
+    """Per layer: the mean over the steps with a gradient (as per head), those steps, and TELE-331's dead flag.
+
+    Dead: a gradient at some step, and below DEAD_LAYER_NORM at every step that had one (NaN is data: never dead).
+    """
+    counts = present.sum(0)
+    means = torch.where(present, values, 0.0).sum(0) / counts
+    below = (values < DEAD_LAYER_NORM) | ~present
+    return [means, counts, below.all(0) & (counts > 0)]
 
 
 def seed_ratios(passes: list[PassSums]) -> dict[SeedKey, list[float]]:
