@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,26 @@ def test_a_disabled_telemetry_copies_nothing(policy: TinyPolicy) -> None:
     upd.__exit__(None, None, None)
     assert opened.launches == 0 and tele._weights is not None and tele._weights._before is None
     tele.close()
+
+
+def test_sharded_parameters_have_no_ratio_never_a_shards(tmp_path: Path) -> None:
+    """FSDP2 (DTensor) parameters: the ratios are missing (a shard's would lie), layer norms measured, no failure."""
+    from torch.distributed.fsdp import fully_shard
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)  # type: ignore[attr-defined]
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        policy = TinyPolicy()
+        fully_shard(policy)
+        tele = Telemetry(policy, heads={"op": policy.op}, layers={"trunk": policy.trunk})
+        with tele.update() as upd:
+            backward(policy)
+            upd.clip_grad_norm_(0.5)
+        snap = tele.snapshot()
+        assert snap.head("op").update_ratio is None and snap.layers[0].update_ratio is None
+        assert snap.layers[0].steps == 1 and snap.layers[0].grad_norm > 0
+        assert tele.errors() == {}
+        tele.close()
+    finally:
+        torch.distributed.destroy_process_group()

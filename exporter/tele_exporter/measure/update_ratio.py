@@ -49,8 +49,15 @@ class WeightDelta:
 
     @torch.no_grad()
     def take(self) -> None:
-        """Copy the parameters as they are now, the start of an update: one fused copy, no host sync."""
-        if self.sharded or not self.params or not self.groups:
+        """Copy the parameters as they are now, the start of an update: one fused copy, no host sync.
+
+        Parameters that hold a DTensor by now (`.data` swapped after Telemetry was built) are not measured from then on.
+        """
+        if not self.params or not self.groups:
+            return
+        self.sharded = self.sharded or _any_dtensor(self.params)
+        if self.sharded:
+            self._taken = False
             return
         before = self._before
         if before is None or any(_layout(b) != _layout(p) for b, p in zip(before, self.params, strict=True)):
