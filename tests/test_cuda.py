@@ -242,3 +242,45 @@ def test_a_steady_clip_on_cuda_launches_what_torchs_does() -> None:
         assert ours.launches <= theirs.launches and ours.reads == 0
     finally:
         tele.close()
+
+
+def test_layers_and_update_ratios_make_no_host_sync_and_keep_the_clip_at_torchs_launches() -> None:
+    """Layers and update ratios on: opening the update (the copy) and each step sync nothing; ratios float64-true."""
+    from tele_exporter.measure.dispatch_counter import DispatchCounter
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    policy = TinyPolicy().to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, groups={"value": policy.value}, layers=True)
+    x = torch.randn(256, 6, device=device)
+    before = [p.detach().double().cpu() for p in policy.parameters()]
+    try:
+        torch.cuda.synchronize()
+        with _no_sync():
+            upd = tele.update().__enter__()
+            for _ in range(5):
+                _loss(policy, x).backward()
+                with DispatchCounter() as ours:
+                    upd.clip_grad_norm_(0.5)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            assert ours.launches == 8 and ours.reads == 0
+        upd.__exit__(None, None, None)
+        after = [p.detach().double().cpu() for p in policy.parameters()]
+        delta = torch.cat([(a - b).flatten() for a, b in zip(after, before, strict=True)]).norm()
+        expected = float(delta / torch.cat([b.flatten() for b in before]).norm())
+        snap = tele.snapshot()
+        assert {layer.name for layer in snap.layers} == {"trunk", "op", "slot", "value"} and snap.dead_layers == 0
+        whole = math.sqrt(
+            sum((layer.update_ratio or 0.0) ** 2 * _sq(policy, layer.name, before) for layer in snap.layers)
+        )
+        assert whole / math.sqrt(sum(float(b.pow(2).sum()) for b in before)) == pytest.approx(expected, rel=1e-5)
+    finally:
+        tele.close()
+
+
+def _sq(policy: TinyPolicy, layer: str, before: list[torch.Tensor]) -> float:
+    """Squared norm of one layer's weights before the update, from the test's own copy."""
+    names = [n for n, _ in policy.named_parameters()]
+    return sum(float(b.pow(2).sum()) for n, b in zip(names, before, strict=True) if n.split(".")[0] == layer)

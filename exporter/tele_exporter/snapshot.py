@@ -17,6 +17,8 @@ from .catalog.model import Catalog
 
 ENTROPY_COLLAPSE = 0.1
 """TELE-124: the policy entropy is collapsed strictly below this many nats."""
+DEAD_LAYER_NORM = 1e-7
+"""TELE-331 (as issue #30 scales it): a layer is dead when its gradient norm stays below this all update long."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,18 @@ class HeadState:
     nonfinite_total: int
     steps: int = 0  # optimizer steps of the latest update in which the head had a gradient; 0: missing
     kind: str = "action"  # "action": part of the gradient CV; "other": measured and exported, not in the CV
+    update_ratio: float | None = None  # |theta_after - theta_before| / |theta_before| of the update; None: missing
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """One layer (a module owning parameters, or the user's group) after the latest update."""
+
+    name: str
+    grad_norm: float  # mean over the steps with a gradient, as per head; NaN: non-finite data (missing: steps == 0)
+    steps: int  # optimizer steps of the latest update in which the layer had a gradient
+    dead: bool  # had a gradient, and its norm stayed below DEAD_LAYER_NORM at every step of the update
+    update_ratio: float | None = None  # as HeadState's; None: missing (weights all zero before, or not measured)
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,8 @@ class Snapshot:
     seeds_refused: int = 0
     alert_scale: str = "run"  # how this run's scale-dependent signals page: "run" (own baseline) or "records"
     finished: bool = False  # the trainer said it ended cleanly (Telemetry.finish)
+    layers: tuple[LayerState, ...] = ()  # Telemetry(layers=...); empty without
+    dead_layers: int | None = None  # TELE-331: layers dead in the latest update; None: layers off or no step measured
 
     @property
     def publications(self) -> int:
@@ -164,6 +180,10 @@ class Snapshot:
                 "policy": _policy_dict(self.policy, catalog, self.clip_fraction),
                 "seeds": [asdict(s) for s in self.seeds],
                 "seeds_refused": self.seeds_refused,
+                "layers": [
+                    {**asdict(layer), "grad_norm": layer.grad_norm if layer.steps else None} for layer in self.layers
+                ],
+                "dead_layers": self.dead_layers,
             }
         )
         return out
@@ -230,7 +250,14 @@ def empty_snapshot(heads: tuple[tuple[str, str], ...]) -> Snapshot:
 
 
 def head_state(
-    catalog: Catalog, name: str, current: float, prev: float, nonfinite: int, steps: int, kind: str = "action"
+    catalog: Catalog,
+    name: str,
+    current: float,
+    prev: float,
+    nonfinite: int,
+    steps: int,
+    kind: str = "action",
+    update_ratio: float | None = None,
 ) -> HeadState:
     trend = head_trend(catalog["head_grad_norm_prev"], current, prev)
-    return HeadState(name, current, prev, trend, nonfinite, steps, kind)
+    return HeadState(name, current, prev, trend, nonfinite, steps, kind, update_ratio)

@@ -118,7 +118,16 @@ def test_identity(board: dict[str, Any]) -> None:
 
 def test_rows(board: dict[str, Any]) -> None:
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Policy", "Policy health", "Gradients", "Action heads", "Gradient CV", "Seeds", "Alerts"]
+    assert rows == [
+        "Policy",
+        "Policy health",
+        "Gradients",
+        "Action heads",
+        "Gradient CV",
+        "Layers and update ratios",
+        "Seeds",
+        "Alerts",
+    ]
 
 
 def test_every_panel_has_unit_description_and_datasource(catalog: Catalog, board: dict[str, Any]) -> None:

@@ -96,7 +96,7 @@ def test_level_alerts_match_catalog_levels() -> None:
             for key, value in spec.alert_on.items():
                 assert f'{key}="{value}"' in rule.expr
             count += 1
-    assert count == 24  # the importance ratio's four only colour now; the normalised entropy's two page
+    assert count == 26  # the importance ratio's four only colour; the normalised entropy's and dead layers' two page
 
 
 def test_seed_ratio_zero_is_never_vanishing() -> None:
@@ -122,7 +122,10 @@ def test_warning_and_critical_share_an_alert_name() -> None:
     ):
         assert names[policy_health] == {"warning", "critical"}, policy_health
     assert names["TeleEntropyCollapsed"] == {"critical"}
+    assert names["TeleDeadLayers"] == names["TeleLayerGradNormSpike"] == {"warning", "critical"}
     assert set(names) == {
+        "TeleLayerGradNormSpike",
+        "TeleDeadLayers",
         "TeleGradNormSpike",
         "TeleGradNormDrop",
         "TeleGradNormTrend",

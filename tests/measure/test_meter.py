@@ -194,3 +194,93 @@ def test_the_per_tensor_norms_are_folded_every_fold_rows_steps_into_the_general_
     for ha, hb in zip(a.heads, b.heads, strict=True):
         assert ha.current == pytest.approx(hb.current, rel=1e-12) and ha.steps == hb.steps
     assert a.histograms == b.histograms
+
+
+# --- layers: from the same per-tensor norms, at no launch per step ----------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_steady_clip_with_layers_and_update_ratios_still_launches_torchs_eight(dtype: torch.dtype) -> None:
+    """Layers on (every module), update ratios on (the default): the per-step clip is still torch's 8 launches."""
+    policy, _, x = _bench_policy(8, dtype)
+    tele = Telemetry(
+        policy,
+        heads={f"h{i}": m for i, m in enumerate(policy["heads"])},  # type: ignore[index]
+        groups={"value": policy["value"]},  # type: ignore[index]
+        layers=True,
+    )
+    assert len(tele._layers) == 10 and tele._weights is not None
+    twin = copy.deepcopy(policy)
+    with tele.update() as upd:
+        for step in range(3):
+            _backward(policy, x)
+            _backward(twin, x)
+            ours = _counted(lambda: upd.clip_grad_norm_(0.5))
+            theirs = _counted(lambda: torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5))
+            if step:
+                assert ours.launches <= theirs.launches == 8, (ours.ops, theirs.ops)
+                assert ours.reads == 0
+    assert tele.errors() == {} and all(layer.steps == 3 for layer in tele.snapshot().layers)
+    tele.close()
+
+
+def _layer_reference(module: torch.nn.Module) -> float:
+    """Float64 L2 norm of a module's present gradients, computed here from .grad (None: no gradient)."""
+    grads = [p.grad.double().flatten() for p in module.parameters() if p.grad is not None]
+    return float(torch.cat(grads).norm()) if grads else math.nan
+
+
+@pytest.mark.parametrize("foreach", [None, False])  # the fast path's fold, and the general path's per-step sums
+def test_layer_norms_are_the_float64_norms_of_each_layers_gradients_mean_over_steps(
+    policy: TinyPolicy, foreach: bool | None
+) -> None:
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, groups={"value": policy.value}, layers=True)
+    modules = {"trunk": policy.trunk, "op": policy.op, "slot": policy.slot, "value": policy.value}
+    per_step: dict[str, list[float]] = {name: [] for name in modules}
+    with tele.update() as upd:
+        for step in range(4):
+            backward(policy, scale=10.0**step, seed=step)  # norms over four orders of magnitude, clipped
+            for name, module in modules.items():
+                per_step[name].append(_layer_reference(module))  # before the clip scales them
+            upd.clip_grad_norm_(0.5, foreach=foreach)
+    snap = tele.snapshot()
+    assert [layer.name for layer in snap.layers] == list(modules)
+    for layer in snap.layers:
+        assert layer.steps == 4 and not layer.dead
+        assert layer.grad_norm == pytest.approx(math.fsum(per_step[layer.name]) / 4, rel=1e-6), layer.name
+    assert snap.dead_layers == 0
+    tele.close()
+
+
+def test_a_dead_layer_is_counted_and_a_layer_without_gradient_is_missing_not_dead(policy: TinyPolicy) -> None:
+    """Dead: a gradient below 1e-7 at every step (here exactly 0, and 5e-8); no gradient at all: missing."""
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, groups={"value": policy.value}, layers=True)
+    with tele.update() as upd:
+        for step in range(3):
+            backward(policy, seed=step, heads=("op",))  # slot gets no gradient: missing
+            assert policy.slot.weight.grad is None
+            policy.op.weight.grad.zero_()  # type: ignore[union-attr]
+            policy.op.bias.grad.zero_()  # type: ignore[union-attr]
+            policy.value.weight.grad.fill_(5e-8 / math.sqrt(16) * (step == 1))  # type: ignore[union-attr]
+            policy.value.bias.grad.zero_()  # type: ignore[union-attr]
+            upd.observe_gradients()
+    snap = tele.snapshot()
+    layers = {layer.name: layer for layer in snap.layers}
+    assert layers["op"].dead and layers["value"].dead and layers["value"].grad_norm > 0
+    assert not layers["trunk"].dead and layers["trunk"].grad_norm > 1e-3
+    assert layers["slot"].steps == 0 and math.isnan(layers["slot"].grad_norm) and not layers["slot"].dead
+    assert snap.dead_layers == 2
+    tele.close()
+
+
+def test_a_layer_is_dead_only_when_every_step_is_below_the_floor(policy: TinyPolicy) -> None:
+    tele = Telemetry(policy, heads={"op": policy.op}, layers={"op": policy.op})
+    with tele.update() as upd:
+        for step in range(3):
+            backward(policy, seed=step)
+            if step != 2:
+                policy.op.weight.grad.zero_()  # type: ignore[union-attr]
+                policy.op.bias.grad.zero_()  # type: ignore[union-attr]
+            upd.clip_grad_norm_(0.5)
+    assert not tele.snapshot().layers[0].dead and tele.snapshot().dead_layers == 0
+    tele.close()

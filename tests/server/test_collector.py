@@ -127,3 +127,28 @@ def test_close_unregisters(policy: TinyPolicy) -> None:
     tele = Telemetry(policy, heads={"op": policy.op}, registry=registry)
     tele.close()
     assert generate_latest(registry) == b""
+
+
+def test_layers_and_update_ratios_are_exported_as_measured_and_absent_when_missing(policy: TinyPolicy) -> None:
+    """Per layer the norm (absent for a layer without gradient) and update ratio; the dead count; per head the ratio."""
+    registry = CollectorRegistry()
+    tele = Telemetry(policy, heads={"op": policy.op, "slot": policy.slot}, registry=registry, layers=True)
+    before = _samples(registry)
+    assert not any(name in ("tele_layer_grad_norm", "tele_dead_layers") for name, _ in before)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    with tele.update() as upd:
+        backward(policy, heads=("op",))  # slot: no gradient this update
+        upd.clip_grad_norm_(0.5)
+        opt.step()
+    samples = _samples(registry)
+    snap = tele.snapshot()
+    norms = {dict(labels)["layer"]: v for (name, labels), v in samples.items() if name == "tele_layer_grad_norm"}
+    assert norms == {layer.name: layer.grad_norm for layer in snap.layers if layer.steps}
+    assert set(norms) == {"trunk", "op", "value"}  # slot is missing: no series, never 0
+    assert samples[("tele_dead_layers", ())] == 0.0
+    ratios = {dict(labels)["layer"]: v for (name, labels), v in samples.items() if name == "tele_layer_update_ratio"}
+    assert set(ratios) == {"trunk", "op", "slot", "value"} and ratios["slot"] == 0.0  # SGD left slot where it was
+    assert samples[("tele_head_update_ratio", (("head", "op"), ("kind", "action")))] == snap.head("op").update_ratio
+    plain = CollectorRegistry()
+    Telemetry(policy, heads={"op": policy.op}, registry=plain, update_ratio=False)
+    assert not any("layer" in name or "update_ratio" in name for name, _ in _samples(plain) if name != "tele_threshold")

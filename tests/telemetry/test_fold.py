@@ -11,7 +11,7 @@ from tele_exporter.measure.dispatch_counter import DispatchCounter
 from tele_exporter.telemetry.fold import rms_ratio
 
 
-def _run(heads: int, steps: int) -> tuple[DispatchCounter, Telemetry]:
+def _run(heads: int, steps: int, layers: bool = False) -> tuple[DispatchCounter, Telemetry]:
     """One update of `steps` clipped steps with KL, entropy, ratio and value observations; its publish counted."""
     torch.manual_seed(0)
     trunk = torch.nn.Linear(8, 16)
@@ -19,7 +19,7 @@ def _run(heads: int, steps: int) -> tuple[DispatchCounter, Telemetry]:
     value = torch.nn.Linear(16, 1)
     policy = torch.nn.ModuleDict({"trunk": trunk, "heads": action, "value": value})
     names = [f"h{i}" for i in range(heads)]
-    tele = Telemetry(policy, heads=dict(zip(names, action, strict=True)), groups={"value": value})
+    tele = Telemetry(policy, heads=dict(zip(names, action, strict=True)), groups={"value": value}, layers=layers)
     grads = [torch.randn_like(p) for p in policy.parameters()]
     upd = tele.update().__enter__()
     for step in range(steps):
@@ -44,6 +44,23 @@ def test_a_publish_reads_at_most_eight_values_on_the_host(heads: int, steps: int
     counter, tele = _run(heads, steps)
     assert counter.reads <= 8, counter.ops
     tele.close()
+
+
+@pytest.mark.parametrize(("heads", "steps"), [(8, 8), (64, 1000)])
+def test_layers_and_update_ratios_add_no_host_read_to_a_publish(heads: int, steps: int) -> None:
+    """Every layer of the policy (heads + 2 layers), its ratios and the dead count ride in the same one read."""
+    counter, tele = _run(heads, steps, layers=True)
+    assert counter.reads <= 8, counter.ops
+    snap = tele.snapshot()
+    assert len(snap.layers) == heads + 2 and all(layer.steps == steps for layer in snap.layers)
+    assert snap.dead_layers == 0 and all(layer.update_ratio == 0.0 for layer in snap.layers)  # no optimizer step
+    tele.close()
+
+
+def test_a_publishs_ops_with_layers_do_not_grow_with_the_layers() -> None:
+    small, _ = _run(8, 32, layers=True)
+    large, _ = _run(64, 32, layers=True)
+    assert sum(large.ops.values()) <= 1.5 * sum(small.ops.values()), (small.ops, large.ops)
 
 
 def test_a_publishs_ops_do_not_grow_with_the_heads() -> None:

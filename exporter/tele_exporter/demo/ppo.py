@@ -127,6 +127,7 @@ class Trainer:
             const_labels=const_labels,
             action_sizes=head_sizes(cfg.env.slots),
             scale="records",  # the demo keeps the TELE records' scale: it pages on their absolute levels
+            layers=True,  # every Linear: the layers x time heatmap, dead layers and update ratios per layer
         )
         for env in self.vec.envs:
             env.tele = self.tele

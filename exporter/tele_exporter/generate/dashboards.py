@@ -410,6 +410,62 @@ def _heads_row(g: _Grid) -> None:
     )
 
 
+LOG_FLOOR = 1e-8
+"""The layer heatmap's floor: log10 of a norm below it (a dead layer, or exactly 0) shows as log10(LOG_FLOOR)."""
+
+
+def _layers_row(g: _Grid) -> None:
+    """Telemetry(layers=...): the layers x time heatmap, dead layers, and how far each update moves heads and layers."""
+    c = g.catalog
+    norm, dead = c["layer_grad_norm"], c["dead_layers"]
+    head_ratio, layer_ratio = c["head_update_ratio"], c["layer_update_ratio"]
+    g.row("Layers and update ratios")
+    floor = number(LOG_FLOOR)
+    heat = f"log10(clamp_min({_sel(norm)}, {floor}))"
+    spike = (
+        f"Each row a layer (its module path, or the user's group), each column a scrape; the colour is log10 of the"
+        f" layer's gradient norm (mean over the update's steps, pre-clip), floored at {floor}: a dead layer"
+        " (below 1e-7 all update long) sits at the bottom of the scale. TeleLayerGradNormSpike pages when one layer"
+        " leaves 10x (warning) or 100x (critical) its own median of the last 30m. Empty without Telemetry(layers=...)."
+    )
+    g.add(
+        panels.rows_heatmap(
+            "Gradient norm per layer over time (log10)",
+            _description(norm, spike),
+            panels.target(named(heat), legend=f"{LEGEND} layer {{{{layer}}}}"),
+            unit="none",
+        ),
+        16,
+        10,
+    )
+    g.add(_own_levels_stat(dead, "Dead layers", _sel(dead), catalog=c, note=_boundary_note(dead)), 8, 10)
+    rule = (
+        " The levels are display only: CS231n's rule of thumb is about 1e-3 per optimizer step, and an update"
+        " of K steps moves between sqrt(K) and K times that (docs/layers.md); no alert pages on them."
+    )
+    for spec, title in (
+        (head_ratio, "Update-to-weight ratio per head"),
+        (layer_ratio, "Update-to-weight ratio per layer"),
+    ):
+        columns: dict[str, tuple[str, Json]] = {
+            "Ratio": (_sel(spec), {}),
+            "Level": (
+                _level_code(c, spec, _sel(spec)),
+                {"decimals": 0, "mappings": with_nan(c, level_code_mappings(c, spec))},
+            ),
+        }
+        defaults = {
+            "decimals": spec.precision,
+            "thresholds": thresholds(level_steps(c, spec)),
+            "unit": grafana_unit(spec),
+        }
+        note = _boundary_note(spec, steps=False) + rule
+        g.add(_table(spec, title, columns, catalog=c, defaults=defaults, description=_description(spec, note)), 8, 8)
+    lines = _line(_sel(layer_ratio), f"{LEGEND} {{{{layer}}}}")
+    note = _boundary_note(layer_ratio) + rule
+    g.add(_timeseries(layer_ratio, "Update-to-weight ratio per layer over time", lines, catalog=c, note=note), 8, 8)
+
+
 def _cv_row(g: _Grid) -> None:
     c = g.catalog
     cv = c["gradient_cv"]
@@ -521,6 +577,7 @@ def dashboard(catalog: Catalog) -> Json:
         _gradients_row,
         _heads_row,
         _cv_row,
+        _layers_row,
         _seeds_row,
         _alerts_row,
     ):

@@ -274,6 +274,48 @@ def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
     }
 
 
+def rows_heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
+    """One row per series (each named by its legend), one column per scrape, coloured by value: series x time.
+
+    Nothing calculated: Grafana joins the series on time and lays them out as unordered rows
+    (layout "unknown": rows that are no bucket bounds; a legend that reads as a number would be taken for one).
+    """
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "fieldConfig": {
+            "defaults": {
+                "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
+                "unit": unit,
+            },
+            "overrides": [],
+        },
+        "options": {
+            "calculate": False,
+            "cellGap": 1,
+            "color": {
+                "exponent": 0.5,
+                "fill": "dark-orange",
+                "mode": "scheme",
+                "reverse": True,
+                "scale": "linear",
+                "scheme": "Spectral",
+                "steps": 64,
+            },
+            "exemplars": {"color": "rgba(255,0,255,0.7)"},
+            # Grafana's default hides cells <= 1e-9 (empty buckets): values here may be negative (log10), hide none.
+            "filterValues": {"le": -1e9},
+            "legend": {"show": True},
+            "rowsFrame": {"layout": "unknown"},
+            "showValue": "never",
+            "tooltip": {"mode": "single", "showColorScale": True, "yHistogram": False},
+            "yAxis": {"axisPlacement": "left", "reverse": False, "unit": "string"},
+        },
+        "targets": [query],
+    }
+
+
 def alertlist(title: str, description: str, *, alert_name: str, max_items: int) -> Json:
     """The alert rules whose name contains `alert_name` that are firing or failing now."""
     return {

@@ -101,6 +101,18 @@ ADVICE: dict[str, str] = {
         "head can explode 100x behind a critic-dominated total. For an action head, check its "
         "logits and log-probabilities; for the value head (kind other), returns and value targets."
     ),
+    "TeleLayerGradNormSpike": (
+        "One layer (`layer` label, its module path) left its own gradient range (TELE-332): the place "
+        "where the run went wrong, before the total shows it. Look at that layer's inputs (an "
+        "unnormalised observation, a saturated activation before it), its initialisation and its "
+        "learning rate; `tele_layer_update_ratio` says whether its weights are moving too far as well."
+    ),
+    "TeleDeadLayers": (
+        "Layers (TELE-331) got a gradient whose norm stayed below 1e-7 all update long: no learning "
+        "signal reaches them. Find them with `tele_layer_grad_norm < 1e-7`; look for dead ReLUs, "
+        "saturated tanh or sigmoid units, a detached tensor, a frozen or zero-initialised layer, or a "
+        "causal mask that never lets that head act. A layer without any gradient is missing, not dead."
+    ),
     "TeleGradientCVSpike": (
         "The action heads' gradients became much more uneven than this run's usual (3x its CV median): "
         "one head is taking over the update. Find it in the heads table."

@@ -81,8 +81,8 @@ class NormRows:
 class Drained:
     """The steps recorded since the last drain, still on the device.
 
-    rows[s] = (head norms..., pre-clip total, post-clip total) of step s;
-    present[s][h] tells whether head h had any gradient at step s.
+    rows[s] = (head norms..., layer norms..., pre-clip total, post-clip total) of step s;
+    present[s][g] tells whether group g (a head, then a layer) had any gradient at step s.
     """
 
     rows: Tensor
@@ -90,15 +90,21 @@ class Drained:
 
 
 class GradientMeter:
-    """Measures (and optionally clips) a policy's gradients per step, per head and in total."""
+    """Measures (and optionally clips) a policy's gradients per step, per head, per layer and in total.
 
-    def __init__(self, params: Sequence[nn.Parameter], heads: Sequence[Head]):
+    Layers are groups like heads, after them: their columns come from the same per-tensor
+    norms (the fast path's fold, or the general path's one index_add_), so they cost no launch per step.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], heads: Sequence[Head], layers: Sequence[Head] = ()):
         self.params = list(params)
-        self.head_names = [h.name for h in heads]
+        groups = [*heads, *layers]
+        self.head_names = [h.name for h in groups]  # every measured group: the heads, then the layers
+        self.layers = len(layers)
         index = {id(p): i for i, p in enumerate(self.params)}
         self._membership: list[list[int]] = [[] for _ in self.params]
         self._slices: list[list[tuple[int, int, int]]] = [[] for _ in self.params]  # (head, start, stop)
-        for h, head in enumerate(heads):
+        for h, head in enumerate(groups):
             for p in head.params:
                 if head.rows is None:
                     self._membership[index[id(p)]].append(h)
@@ -112,7 +118,7 @@ class GradientMeter:
 
     @property
     def width(self) -> int:
-        """Columns of a row: one per head, then pre-clip and post-clip totals."""
+        """Columns of a row: one per head and layer, then pre-clip and post-clip totals."""
         return len(self.head_names) + 2
 
     @torch.no_grad()

@@ -114,6 +114,14 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "entropy_normalized": _policy("entropy_normalized"),
     "alert_scale": lambda s: [((s.alert_scale,), 1.0)],
     "run_finished": lambda s: [((), 1.0 if s.finished else 0.0)],
+    "layer_grad_norm": lambda s: [((layer.name,), layer.grad_norm) for layer in s.layers if layer.steps],
+    "dead_layers": _scalar("dead_layers"),
+    "head_update_ratio": lambda s: [
+        ((h.name, h.kind), h.update_ratio) for h in s.heads if h.update_ratio is not None and s.updates
+    ],
+    "layer_update_ratio": lambda s: [
+        ((layer.name,), layer.update_ratio) for layer in s.layers if layer.update_ratio is not None
+    ],
 }
 
 

@@ -22,7 +22,7 @@ from ..measure.heads import ACTION, Head
 from ..measure.meter import Drained
 from ..measure.norms import SEED_NORM_FLOOR, stack_float64, step_cvs
 from ..measure.seed_probes import BackwardPass, HostPasses, SeedKey
-from ..snapshot import HeadState, Snapshot, head_state
+from ..snapshot import DEAD_LAYER_NORM, HeadState, LayerState, Snapshot, head_state
 from .histograms import LabelledHistogram, bucket_columns
 from .packer import Packer, Unpacked
 from .policy_record import PolicyHealth, PolicyRecorder
@@ -63,6 +63,7 @@ class Recorded:
     host_blocks: Sequence[HostPasses]  # summed passes of every watched host
     stopped_early: bool
     measure_calls: int
+    weight_sums: Tensor | None = None  # [2, heads + layers]: squared weight norms at the update's start, of its change
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class OnHost:
     gains: dict[SeedKey, list[float]]  # per seed: the backward gain of each pass with data
     host_passes: list[PassSums]  # each backward pass of a watched host, its sums on the host
     policy: Unpacked
+    weights: list[float]  # weight_sums flattened: squared weight norms per group, then squared change norms
 
 
 def to_host(recorded: Recorded) -> OnHost:
@@ -102,6 +104,8 @@ def to_host(recorded: Recorded) -> OnHost:
         for sums in block.squares:  # one vector per device the host's gradients were on
             packer.add(("host", b), sums)
     recorded.policy.pack(packer)
+    if recorded.weight_sums is not None:
+        packer.add("weights", recorded.weight_sums)
     host = packer.transfer()
 
     n_rows, width = tuple(drained.rows.shape) if drained is not None else (0, 0)
@@ -127,6 +131,7 @@ def to_host(recorded: Recorded) -> OnHost:
         gains,
         passes,
         host,
+        [v for piece in host.values("weights") for v in piece],
     )
 
 
@@ -144,9 +149,11 @@ class Fold:
         heads: Sequence[Head],
         policy: PolicyHealth,
         record_error: Callable[[str, BaseException], None],
+        layers: Sequence[Head] = (),
     ) -> None:
         self.catalog = catalog
         self._heads = list(heads)
+        self._layers = list(layers)  # measured after the heads: their columns follow the heads' in the rows
         self._actions = sum(h.kind == ACTION for h in heads)  # action heads come first
         self._policy = policy
         self._record_error = record_error
@@ -200,6 +207,12 @@ class Fold:
             ratio = math.fsum(with_data) / len(with_data) if with_data else 0.0
             seed_values[key] = SeedValues(ratio, len(with_data), _mean(gain))
         pre, post, cv = rows.pre, rows.post, rows.cv
+        ratios = self._update_ratios(host.weights)
+        layers = tuple(
+            LayerState(layer.name, *rows.layers[layer.name], ratios.get(("layer", layer.name)))
+            for layer in self._layers
+        )
+        dead = sum(layer.dead for layer in layers) if layers and steps else None
 
         def swap(old: Snapshot, live: Sequence[SeedKey], refused: int) -> Snapshot:
             if pre is not None:  # TELE-311's history is pre-clip, as the records' system plots it since 8d0db0df
@@ -211,7 +224,7 @@ class Fold:
                 early_stops=old.early_stops + int(recorded.stopped_early),
                 timestamp=time.time(),
                 steps=steps,
-                heads=tuple(self._head_state(h, heads[h.name]) for h in old.heads),
+                heads=tuple(self._head_state(h, heads[h.name], ratios.get(("head", h.name))) for h in old.heads),
                 grad_norm_pre=pre,
                 grad_norm_post=post,
                 grad_norm_history=tuple(self._grad_history),
@@ -225,6 +238,8 @@ class Fold:
                 seeds_refused=refused,
                 alert_scale=old.alert_scale,
                 finished=False,  # a published update: the run is alive (again)
+                layers=layers,
+                dead_layers=dead,
             )
 
         return swap
@@ -236,21 +251,38 @@ class Fold:
         only where it had a gradient. A head with no step is (NaN, 0), never 0.0.
         """
         h, n = len(self._heads), rows.shape[0]
+        g = h + len(self._layers)
         if not n or drained is None:
-            return FoldedRows({head.name: (math.nan, 0) for head in self._heads}, 0, None, None, None)
-        present = torch.tensor(drained.present, dtype=torch.bool).reshape(n, h)
-        values = rows[:, :h]
+            return FoldedRows(
+                {head.name: (math.nan, 0) for head in self._heads},
+                0,
+                None,
+                None,
+                None,
+                {layer.name: (math.nan, 0, False) for layer in self._layers},
+            )
+        present_all = torch.tensor(drained.present, dtype=torch.bool).reshape(n, g)
+        present, layer_present = present_all[:, :h], present_all[:, h:]
+        values, layer_values = rows[:, :h], rows[:, h:g]
         counts = present.sum(0)
         means = torch.where(present, values, 0.0).sum(0) / counts  # 0 / 0: NaN for a head without a step
         nonfinite = (present & ~values.isfinite()).sum(0)
-        totals = rows[:, h:].mean(0)
+        totals = rows[:, g:].mean(0)
+        layer_parts = _layer_parts(layer_values, layer_present) if self._layers else []
         actions = self._actions  # TELE-330 compares action heads only; fewer than two: no CV at all
         cv = step_cvs(values[:, :actions], present[:, :actions]).mean().reshape(1)
         head_counts, head_sums = bucket_columns(values, present, self.histograms["step_head_grad_norm"].edges_tensor)
         clip = self.histograms["step_policy_grad_norm"]
-        clip_counts, clip_sums = bucket_columns(rows[:, h:], torch.ones(n, 2, dtype=torch.bool), clip.edges_tensor)
+        clip_counts, clip_sums = bucket_columns(rows[:, g:], torch.ones(n, 2, dtype=torch.bool), clip.edges_tensor)
         parts = [means, counts, nonfinite, totals, cv, head_counts.reshape(-1), head_sums]
-        flat = torch.cat([*(p.to(torch.float64) for p in parts), clip_counts.reshape(-1), clip_sums]).tolist()
+        flat = torch.cat(
+            [
+                *(p.to(torch.float64) for p in parts),
+                clip_counts.reshape(-1),
+                clip_sums,
+                *(p.to(torch.float64) for p in layer_parts),
+            ]
+        ).tolist()
         out = iter(flat)
         mean_l, count_l, nonfinite_l = ([next(out) for _ in range(h)] for _ in range(3))
         pre, post, cv_value = next(out), next(out), next(out)
@@ -260,6 +292,7 @@ class Fold:
         clip_width = len(clip.edges) + 1
         clip_buckets = [[int(next(out)) for _ in range(clip_width)] for _ in range(2)]
         clip_totals = [next(out), next(out)]
+        layer_mean_l, layer_count_l, layer_dead_l = ([next(out) for _ in self._layers] for _ in range(3))
         values_by_head: dict[str, tuple[float, int]] = {}
         for i, head in enumerate(self._heads):
             steps = int(count_l[i])
@@ -269,7 +302,30 @@ class Fold:
                 self.histograms["step_head_grad_norm"].add((head.name, head.kind), head_buckets[i], head_totals[i])
         for i, side in enumerate(("pre", "post")):
             clip.add((side,), clip_buckets[i], clip_totals[i])
-        return FoldedRows(values_by_head, n, pre, post, cv_value if actions >= 2 else None)
+        values_by_layer = {
+            layer.name: (layer_mean_l[i], int(layer_count_l[i]), bool(layer_dead_l[i]))
+            if layer_count_l[i]
+            else (math.nan, 0, False)
+            for i, layer in enumerate(self._layers)
+        }
+        return FoldedRows(values_by_head, n, pre, post, cv_value if actions >= 2 else None, values_by_layer)
+
+    def _update_ratios(self, weights: list[float]) -> dict[tuple[str, str], float]:
+        """|theta_after - theta_before| / |theta_before| per ("head" | "layer", name), from the squared sums.
+
+        A group whose weights were all zero at the update's start has no ratio (left out,
+        missing: 0/0 or x/0 is no measurement); NaN and Inf weights are data and give NaN.
+        """
+        groups = [("head", head.name) for head in self._heads] + [("layer", layer.name) for layer in self._layers]
+        if len(weights) != 2 * len(groups):
+            return {}
+        out: dict[tuple[str, str], float] = {}
+        for i, key in enumerate(groups):
+            before, delta = weights[i], weights[len(groups) + i]
+            if before == 0.0:
+                continue
+            out[key] = math.sqrt(delta) / math.sqrt(before) if math.isfinite(before) else math.nan
+        return out
 
     def _checked_kls(self, kls: list[float]) -> list[float]:
         """The update's KL values on the host; rounding negatives become 0.0, a real negative refuses them all.
@@ -291,13 +347,25 @@ class Fold:
             return []
         return [k if k != k else max(k, 0.0) for k in kls]  # NaN stays NaN (max would drop it)
 
-    def _head_state(self, old: HeadState, measured: tuple[float, int]) -> HeadState:
+    def _head_state(self, old: HeadState, measured: tuple[float, int], update_ratio: float | None) -> HeadState:
         """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
         current, steps = measured
         prev = self._last_measured.get(old.name, 0.0)
         if steps:
             self._last_measured[old.name] = current
-        return head_state(self.catalog, old.name, current, prev, self._nonfinite[old.name], steps, old.kind)
+        nonfinite = self._nonfinite[old.name]
+        return head_state(self.catalog, old.name, current, prev, nonfinite, steps, old.kind, update_ratio)
+
+
+def _layer_parts(values: Tensor, present: Tensor) -> list[Tensor]:
+    """Per layer: the mean over the steps with a gradient (as per head), those steps, and TELE-331's dead flag.
+
+    Dead: a gradient at some step, and below DEAD_LAYER_NORM at every step that had one (NaN is data: never dead).
+    """
+    counts = present.sum(0)
+    means = torch.where(present, values, 0.0).sum(0) / counts
+    below = (values < DEAD_LAYER_NORM) | ~present
+    return [means, counts, below.all(0) & (counts > 0)]
 
 
 def seed_ratios(passes: list[PassSums]) -> dict[SeedKey, list[float]]:
@@ -334,6 +402,7 @@ class FoldedRows:
     pre: float | None
     post: float | None
     cv: float | None
+    layers: dict[str, tuple[float, int, bool]]  # per layer: (mean norm, steps with a gradient, dead)
 
 
 def _sides(record: BackwardPass) -> tuple[list[Tensor], list[Tensor]]:

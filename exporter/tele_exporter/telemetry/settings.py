@@ -12,6 +12,7 @@ from torch import nn
 from ..catalog import Catalog
 from ..catalog.labels import check_label_names
 from ..measure.heads import Head, HeadSpec, resolve_heads
+from ..measure.layers import LayersSpec, resolve_layers
 from ..measure.sharding import refuse_legacy_fsdp, refuse_sharded_rows
 
 log = logging.getLogger("tele_exporter")
@@ -45,6 +46,22 @@ def policy_heads(
             for p in head.params:
                 refuse_sharded_rows(p, [head.name])
     return params, resolved
+
+
+def policy_layers(policy: nn.Module, layers: LayersSpec, max_layers: int, params: list[nn.Parameter]) -> list[Head]:
+    """The layers Telemetry(layers=...) measures, each checked to belong to the policy and named once."""
+    resolved = resolve_layers(policy, layers, max_layers)
+    owned = {id(p) for p in params}
+    names: set[str] = set()
+    for layer in resolved:
+        if layer.name in names:
+            raise ValueError(f"layer {layer.name!r} is named twice")
+        names.add(layer.name)
+        if any(id(p) not in owned for p in layer.params):
+            raise ValueError(f"layer {layer.name!r} has parameters that are not part of the policy")
+        if not layer.params:
+            log.warning("layer %r has no parameters: its gradient norm will always be missing", layer.name)
+    return resolved
 
 
 def distributed_rank() -> int | None:

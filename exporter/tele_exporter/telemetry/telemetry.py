@@ -20,7 +20,9 @@ from torch import nn
 from ..catalog import Catalog, default_catalog
 from ..catalog.thresholds import THRESHOLDS_ENV, Thresholds, resolve
 from ..measure.heads import Head, HeadSpec
+from ..measure.layers import DEFAULT_MAX_LAYERS, LayersSpec
 from ..measure.meter import GradientMeter
+from ..measure.update_ratio import WeightDelta
 from ..server.collector import TeleCollector
 from ..snapshot import Snapshot, empty_snapshot
 from . import settings
@@ -57,6 +59,11 @@ class Telemetry:
     records' absolute levels, for trainers on the records' scale (the demo), and the default
     for a run that moves its levels (`thresholds`, a thresholds file): those levels page;
     exported as tele_alert_scale_info. Call `finish()` once training ended cleanly.
+    `layers=True` measures every module that owns parameters (named by its module path), or
+    `layers={name: module}` the user's grouping: tele_layer_grad_norm, tele_dead_layers and
+    tele_layer_update_ratio from the clip's own per-tensor norms (no launch per step); more
+    than `max_layers` layers are refused at construction. `update_ratio` (on by default) keeps
+    one device copy of the parameters per update for tele_head_update_ratio (docs/layers.md).
     """
 
     def __init__(
@@ -74,6 +81,9 @@ class Telemetry:
         thresholds_file: str | Path | None = None,
         action_sizes: Mapping[str, int] | None = None,
         scale: str | None = None,
+        layers: LayersSpec = None,
+        max_layers: int = DEFAULT_MAX_LAYERS,
+        update_ratio: bool = True,
     ) -> None:
         if not isinstance(policy, nn.Module):
             raise TypeError(f"Telemetry needs the policy as an nn.Module, got {type(policy).__name__}")
@@ -87,14 +97,16 @@ class Telemetry:
         self.heads: dict[str, HeadSpec] = dict(heads)
         self.groups: dict[str, HeadSpec] = dict(groups or {})
         self._heads: list[Head] = resolved
+        self._layers: list[Head] = settings.policy_layers(policy, layers, max_layers, self.params)
         self.const_labels = settings.const_labels(const_labels, self.catalog)
         self._errors = ErrorCounter()
         self._lock = threading.Lock()
         self._seeds = SeedRegistry(max_seeds, self._errors.record, self._republish_seeds)
         self.max_seeds = self._seeds.max_seeds
-        self._meter = GradientMeter(self.params, resolved)
+        self._meter = GradientMeter(self.params, resolved, self._layers)
+        self._weights = WeightDelta(self.params, [*resolved, *self._layers]) if update_ratio else None
         policy_health = PolicyHealth(tuple(self.heads), action_sizes, self.catalog["policy_entropy"].history)
-        self._fold = Fold(self.catalog, resolved, policy_health, self._errors.record)
+        self._fold = Fold(self.catalog, resolved, policy_health, self._errors.record, self._layers)
         self._snapshot = replace(empty_snapshot(tuple((h.name, h.kind) for h in resolved)), alert_scale=scale)
         self._update: Update | None = None
         self.enabled = settings.enabled(enabled)
@@ -181,6 +193,11 @@ class Telemetry:
         if self._update is not None:
             raise RuntimeError("a Telemetry update is already open; updates do not nest")
         self._update = upd
+        if upd.recording and self._weights is not None:
+            try:  # the update's "before": one fused device copy, at its start
+                self._weights.take()
+            except Exception as exc:
+                self._errors.record("update_ratio", exc)
 
     def _close(self, upd: Update) -> None:
         self._update = None
@@ -193,6 +210,12 @@ class Telemetry:
 
     def _publish(self, upd: Update) -> None:
         gains, blocks = self._seeds.drain()
+        weight_sums = None
+        if self._weights is not None:
+            try:
+                weight_sums = self._weights.sums()
+            except Exception as exc:  # the ratios are missing; the rest of the update still publishes
+                self._errors.record("update_ratio", exc)
         recorded = Recorded(
             drained=self._meter.drain(),
             kls=upd.kls,
@@ -202,6 +225,7 @@ class Telemetry:
             host_blocks=blocks,
             stopped_early=upd.stopped_early,
             measure_calls=upd.measure_calls,
+            weight_sums=weight_sums,
         )
         swap = self._fold.fold(recorded, self._seeds.live(), lambda: any(p.grad is not None for p in self.params))
         with self._lock:
