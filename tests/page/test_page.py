@@ -11,7 +11,6 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -430,9 +429,7 @@ def test_the_header_says_what_each_number_counts(server: Server) -> None:
 
 def test_the_document_gives_each_head_its_level_and_the_clip_fraction_its_level() -> None:
     policy = _FiveHeads()
-    tele = Telemetry(
-        policy, heads={n: getattr(policy, n) for n in HEAD_NORMS}
-    )
+    tele = Telemetry(policy, heads={n: getattr(policy, n) for n in HEAD_NORMS})
     server = serve(tele, port=0)
     try:
         with tele.update() as upd:
