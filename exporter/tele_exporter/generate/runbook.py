@@ -7,7 +7,7 @@ PromQL come from the catalog and the rules generator, the advice from ADVICE.
 from __future__ import annotations
 
 from ..catalog.model import Catalog, MetricSpec
-from ..catalog.thresholds import THRESHOLD_METRIC
+from ..catalog.thresholds import THRESHOLD_METRIC, movable
 from .rules import alert_rules, anchor
 
 PATH = "docs/runbook.md"
@@ -236,7 +236,12 @@ def _section(catalog: Catalog, name: str) -> str:
     for rule in rules:
         expr = (rule.catalog_expr or rule.expr).replace("\n", " ").replace("|", "\\|")
         lines.append(f"| {rule.severity} | {rule.for_} | `{expr}` |")
-    if any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics:
+    if any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics and not movable(spec):
+        lines += [
+            "",
+            "The catalog's levels, as above, for every run: none of them starts above 0, so no run moves them.",
+        ]
+    elif any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics:
         lines += [
             "",
             "With the catalog's levels, as above. A run that sets its own thresholds (README, "
