@@ -215,3 +215,22 @@ def test_the_nan_alert_names_the_head_and_step_a_real_update_served(tmp_path: Pa
     (line,) = [x for x in (out.stdout + out.stderr).splitlines() if "Annotations:" in x and "(head slot)" in x]
     assert "counted 1 optimizer steps with a NaN gradient" in line
     assert "First non-finite in an update: head slot (action) at step 4." in line
+
+
+def test_the_first_step_is_in_step_order_across_the_fast_and_the_general_path() -> None:
+    """foreach=False steps take the general path, whose rows come after the fast path's in the drain."""
+    policy = Factored()
+    tele = _telemetry(policy)
+    torch.manual_seed(1)
+    with tele.update() as upd:
+        for step in range(4):
+            policy.zero_grad()
+            policy.loss(torch.randn(8, 6)).backward()  # type: ignore[no-untyped-call]
+            grad = policy.slot.weight.grad if step == 1 else policy.op.weight.grad if step == 3 else None
+            if grad is not None:
+                grad[0, 0] = math.nan
+            upd.clip_grad_norm_(0.5, foreach=False if step == 1 else None)  # step 1 alone on the general path
+    snap = tele.snapshot()
+    assert (snap.head("slot").first_nonfinite_step, snap.head("op").first_nonfinite_step) == (1, None)
+    assert (snap.head("slot").nan_total, snap.head("op").nan_total) == (1, 1)
+    tele.close()
