@@ -68,6 +68,9 @@ POLICY_STATS = {
     "PPO clip fraction": ("clip_fraction", False),
     "Explained variance": ("explained_variance", False),
     "Advantage std": ("advantage_std", False),
+    # TELE-160/161: the catalog's levels for every run (none starts above 0, so none moves).
+    "Log-probability min": ("log_prob_min", False),
+    "Log-probability max": ("log_prob_max", False),
 }
 SEED_VALUES = ["Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
 SEED_COLUMNS = ["Instance", "Env", "Slot", *SEED_VALUES]
