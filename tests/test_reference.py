@@ -210,8 +210,8 @@ class Scenario:
         for h in HEADS:
             values = [row[0][h] for row in rows if row[0][h] is not None]
             e.nonfinite[h] += sum(1 for v in values if not math.isfinite(v))  # type: ignore[arg-type]
-            e.nan[h] += sum(1 for v in values if math.isnan(v))  # type: ignore[arg-type]
-            e.inf[h] += sum(1 for v in values if math.isinf(v))  # type: ignore[arg-type]
+            e.nan[h] += sum(1 for v in values if v is not None and math.isnan(v))
+            e.inf[h] += sum(1 for v in values if v is not None and math.isinf(v))
             e.state[h] = "nonfinite" if bad[h] else ("finite" if values else "missing")
             e.prev[h] = e.last_measured.get(h, 0.0)
             e.current[h] = float(np.mean(values)) if values else math.nan
