@@ -97,6 +97,12 @@ class Expected:
     early_stops: int = 0
     last_measured: dict[str, float] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEADS, 0))
+    nan: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEADS, 0))  # steps with a NaN norm
+    inf: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HEADS, 0))  # ... an Inf one
+    first: dict[str, int] = field(default_factory=dict)  # the update's first non-finite step, its heads only
+    state: dict[str, str] = field(default_factory=dict)  # each head's gradient state in the latest update
+    head_clip: dict[str, float] = field(default_factory=dict)  # per-head clip fraction, mean over the calls
+    log_prob: tuple[float, float] | None = None  # (min, max) over the update's valid log-probabilities
     head_steps: dict[str, list[float]] = field(default_factory=dict)  # every finite-or-not step value per head
     current: dict[str, float] = field(default_factory=dict)
     prev: dict[str, float] = field(default_factory=dict)
@@ -162,11 +168,19 @@ class Scenario:
                     upd.clip_grad_norm_(MAX_NORM)
                 else:
                     upd.observe_gradients()
+            clips: list[float] = []
+            log_probs: list[np.ndarray] = []
             for _ in range(kls):
                 r = self.rng.normal(0.0, 0.2, size=32).astype(np.float32)
                 m = self.rng.random(32) < 0.7
                 kl_values.append(approx_kl(r, m))
                 upd.observe_kl({"op": torch.from_numpy(r)}, {"op": torch.from_numpy(m)})
+                upd.observe_ratios({"op": torch.from_numpy(r)}, {"op": torch.from_numpy(m)})
+                own = np.exp(np.clip(r[m].astype(np.float64), -20.0, 20.0))  # the head's own ratio, its valid steps
+                clips.append(float(np.count_nonzero(np.abs(own - 1.0) > 0.2)) / len(own))
+                lp = -np.abs(self.rng.normal(0.0, 30.0, size=32)).astype(np.float32)
+                upd.observe_log_probs({"op": torch.from_numpy(lp)}, {"op": torch.from_numpy(m)})
+                log_probs.append(lp[m].astype(np.float64))
             for k in range(seed_passes):
                 self.host.alpha["s2"] = 0.0 if k == 0 else 1.0  # s2 gets no gradient in the first pass: no data
                 live = [name for name, w in self.watches.items() if w.active]
@@ -185,9 +199,20 @@ class Scenario:
                 upd.early_stop()
         e.updates += 1
         e.early_stops += int(early_stop)
+        e.head_clip = {"op": float(np.mean(clips))} if clips else {}
+        every = np.concatenate(log_probs) if log_probs else np.zeros(0)
+        e.log_prob = (float(every.min()), float(every.max())) if len(every) else None
+        bad = {
+            h: [i for i, row in enumerate(rows) if (v := row[0][h]) is not None and not math.isfinite(v)] for h in HEADS
+        }
+        earliest = min((steps_[0] for steps_ in bad.values() if steps_), default=None)
+        e.first = {h: earliest for h, steps_ in bad.items() if steps_ and steps_[0] == earliest}
         for h in HEADS:
             values = [row[0][h] for row in rows if row[0][h] is not None]
             e.nonfinite[h] += sum(1 for v in values if not math.isfinite(v))  # type: ignore[arg-type]
+            e.nan[h] += sum(1 for v in values if v is not None and math.isnan(v))
+            e.inf[h] += sum(1 for v in values if v is not None and math.isinf(v))
+            e.state[h] = "nonfinite" if bad[h] else ("finite" if values else "missing")
             e.prev[h] = e.last_measured.get(h, 0.0)
             e.current[h] = float(np.mean(values)) if values else math.nan
             if values:
@@ -235,7 +260,19 @@ def check(samples: Samples, e: Expected) -> None:
         assert got is not None and close(got, e.current[h], 1e-6), (h, got, e.current[h])
         prev = value("tele_head_grad_norm_prev", head=h, kind="action")
         assert prev is not None and close(prev, e.prev[h], 1e-6), (h, prev, e.prev[h])
-        assert value("tele_nonfinite_gradients_total", head=h, kind="action") == e.nonfinite[h]
+        assert value("tele_nonfinite_gradients_total", head=h, kind="action", value="nan") == e.nan[h]
+        assert value("tele_nonfinite_gradients_total", head=h, kind="action", value="inf") == e.inf[h]
+        for state in ("finite", "missing", "nonfinite", "not_learnable"):
+            want_state = float(state == e.state[h])
+            assert value("tele_head_gradient_state", head=h, kind="action", state=state) == want_state, (h, state)
+    first = {dict(labels)["head"]: v for (name, labels), v in samples.items() if name == "tele_nonfinite_first_step"}
+    assert first == e.first, "the update's first non-finite step, on its head(s) only"
+    head_clip = {dict(labels)["head"]: v for (name, labels), v in samples.items() if name == "tele_head_clip_fraction"}
+    assert head_clip.keys() == e.head_clip.keys()
+    for h, want_clip in e.head_clip.items():
+        assert close(head_clip[h], want_clip, 1e-12), (h, head_clip[h], want_clip)
+    extremes = (value("tele_log_prob_min"), value("tele_log_prob_max"))
+    assert extremes == (e.log_prob or (None, None))
     for clip, want in (("pre", e.pre), ("post", e.post)):
         got = value("tele_policy_grad_norm", clip=clip)
         if want is None:
@@ -292,6 +329,7 @@ def test_every_published_number_matches_the_float64_reference(scenario: tuple[Sc
         sc.update(**spec)  # type: ignore[arg-type]
         check(scrape(server), sc.exp)
     assert sc.exp.nonfinite == {"op": 1, "slot": 0, "blueprint": 1}
+    assert (sc.exp.nan, sc.exp.inf) == ({"op": 0, "slot": 0, "blueprint": 1}, {"op": 1, "slot": 0, "blueprint": 0})
 
 
 # --- sub-action heads and a critic outside the CV -------------------------------------------
@@ -382,7 +420,11 @@ def test_sliced_heads_and_a_critic_group_match_the_float64_reference() -> None:
                 got = samples[("tele_head_grad_norm", (("head", head), ("kind", kind)))]
                 assert close(got, float(np.mean(values)), 1e-6), (head, got, values)
                 nonfinite[head] += sum(1 for v in values if not math.isfinite(v))
-                assert samples[("tele_nonfinite_gradients_total", (("head", head), ("kind", kind)))] == nonfinite[head]
+                published = sum(
+                    samples[("tele_nonfinite_gradients_total", (("head", head), ("kind", kind), ("value", v)))]
+                    for v in ("nan", "inf")
+                )
+                assert published == nonfinite[head]
             cvs = [step_cv([r[h] for h in ("move", "fire", "aim")]) for r in rows]
             assert close(samples[("tele_gradient_cv", ())], float(np.mean(cvs)), 1e-6), (cvs, samples)
             assert close(samples[("tele_policy_grad_norm", (("clip", "pre"),))], float(np.mean(totals)), 1e-6)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .catalog.display import Arrow, Shown, head_trend, history_trend, show
+from .catalog.labels import GRADIENT_STATES as GRADIENT_STATES
 from .catalog.model import Catalog
 
 ENTROPY_COLLAPSE = 0.1
@@ -36,6 +37,9 @@ class PolicyState:
     action_std: float | None = None  # a Gaussian policy's mean exp(log_std), as the library computed it
     clip_fraction_high: float | None = None  # TELE-130's parts: r > 1 + eps
     clip_fraction_low: float | None = None  # r < 1 - eps
+    head_clip_fraction: Mapping[str, float] = field(default_factory=dict)  # per head: mean(|r_h - 1| > eps)
+    log_prob_min: float | None = None  # TELE-160: the smallest observed log-probability of the update
+    log_prob_max: float | None = None  # TELE-161: the largest
 
     @property
     def entropy_collapsed(self) -> float | None:
@@ -59,6 +63,10 @@ class HeadState:
     steps: int = 0  # optimizer steps of the latest update in which the head had a gradient; 0: missing
     kind: str = "action"  # "action": part of the gradient CV; "other": measured and exported, not in the CV
     update_ratio: float | None = None  # |theta_after - theta_before| / |theta_before| of the update; None: missing
+    nan_total: int = 0  # optimizer steps so far whose norm of this head was NaN
+    inf_total: int = 0  # ... +Inf (nan_total + inf_total == nonfinite_total)
+    state: str | None = None  # one of GRADIENT_STATES for the latest update; None before the first
+    first_nonfinite_step: int | None = None  # the update's first non-finite step, for the head(s) non-finite there
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class Snapshot:
 
 
 def _policy_dict(p: PolicyState, catalog: Catalog, clip_fraction: float | None) -> dict[str, Any]:
-    """TELE-120/121/124/130/140/151/170/200 with their display; a head without a value is left out.
+    """TELE-120/121/124/130/140/151/160/161/170/200 with their display; a head without a value is left out.
 
     `clip_fraction` (TELE-130) is the snapshot's own, repeated here with its level beside the others.
     """
@@ -215,6 +223,8 @@ def _policy_dict(p: PolicyState, catalog: Catalog, clip_fraction: float | None) 
         "action_std": shown("policy_std", p.action_std),
         "clip_fraction": shown("clip_fraction", clip_fraction),
         "clip_fraction_side": {"high": p.clip_fraction_high, "low": p.clip_fraction_low},
+        "head_clip_fraction": {h: shown("head_clip_fraction", v) for h, v in p.head_clip_fraction.items()},
+        "log_prob": {"min": shown("log_prob_min", p.log_prob_min), "max": shown("log_prob_max", p.log_prob_max)},
     }
 
 
@@ -258,6 +268,8 @@ def head_state(
     steps: int,
     kind: str = "action",
     update_ratio: float | None = None,
+    **provenance: Any,
 ) -> HeadState:
+    """TELE-320/321 of one head with its trend arrow; `provenance`: nan_total, inf_total, state, first step."""
     trend = head_trend(catalog["head_grad_norm_prev"], current, prev)
-    return HeadState(name, current, prev, trend, nonfinite, steps, kind, update_ratio)
+    return HeadState(name, current, prev, trend, nonfinite, steps, kind, update_ratio, **provenance)

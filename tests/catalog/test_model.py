@@ -99,7 +99,9 @@ def test_bad_sides_are_where_warning_or_critical_levels_lie_beside_the_ok_ones()
     assert catalog["entropy_collapsed"].bad_sides() == ("max",)
     assert catalog["advantage_std"].bad_sides() == ("min", "max")
     assert catalog["head_ratio_max"].bad_sides() == ("min", "max")
-    assert catalog["head_grad_norm"].bad_sides() == ()
+    assert catalog["head_grad_norm"].bad_sides() == ("min", "max")  # TELE-320: vanishing and exploding
+    assert catalog["log_prob_max"].bad_sides() == ("min", "max")  # TELE-161: underflow, and above 0 invalid
+    assert catalog["head_clip_fraction"].bad_sides() == ()
 
 
 def test_histogram_buckets_contain_every_threshold() -> None:
@@ -234,8 +236,8 @@ def _broken(tmp_path: Path, edit: object) -> Path:
             r"seed_grad_ratio\.ranks: 'worst' needs .*level 'vanishing' lies between ok levels",
         ),
         (
-            lambda c: c["metrics"]["head_grad_norm"].update(ranks=["worst"]),
-            r"head_grad_norm\.ranks: 'worst' needs warning or critical levels below or above the ok levels$",
+            lambda c: c["metrics"]["head_clip_fraction"].update(ranks=["worst"]),
+            r"head_clip_fraction\.ranks: 'worst' needs warning or critical levels below or above the ok levels$",
         ),
     ],
 )

@@ -86,6 +86,10 @@ def test_live_scrape_has_every_design_metric() -> None:
         assert kinds == {**dict.fromkeys(HEADS, "action"), "value": "other"}
         assert all((math.isfinite(v) and v >= 0) or math.isnan(v) for v in current.values())
         assert set(by(s, "tele_nonfinite_gradients_total", "head").values()) == {0.0}
+        # TELE-160/161 from the demo's own new log-probabilities: probabilities, so at most 0, min <= max.
+        (low,), (high,) = ([v for _, v in s[name]] for name in ("tele_log_prob_min", "tele_log_prob_max"))
+        assert low <= high <= 0.0, (low, high)
+        assert set(by(s, "tele_head_gradient_state", "head")) == {*HEADS, "value"}
         prev = by(s, "tele_head_grad_norm_prev", "head")
         expected_prev = by(scrapes[k - 2], "tele_head_grad_norm", "head") if k > 1 else dict.fromkeys(HEADS, 0.0)
         for head in HEADS:

@@ -155,6 +155,11 @@ def test_fault_notifies_and_resolves(run: Run, fault: Fault) -> None:
         assert fired.labels.get("clip") == "pre"
     if fault.mode == "nan":
         assert fired.labels.get("metric")
+        # Real Prometheus renders the description's query: the demo's NaN reaches the op head's logits
+        # from the faulty update's first step on, and no other head's gradient is touched.
+        assert "First non-finite in an update: head op (action) at step 0." in fired.annotations["description"], (
+            fired.annotations["description"]
+        )
     stopped_at = demo.wait_update(run.until[fault.mode] + 1, 900)
     resolved = run.hook.wait_for(
         lambda n: n.status == "resolved" and n.labels == fired.labels and n.received_at > fired.received_at,

@@ -63,6 +63,12 @@ def as_prometheus(rule: dict[str, Any]) -> dict[str, Any]:
     """What a Grafana rule says in Prometheus's words: alert, expr, for, labels, annotations."""
     notes = dict(rule["annotations"])
     notes["description"] = notes["description"].replace(grafana_alerts.VALUE, rules.VALUE)
+    # Grafana's templates cannot query: its NaN alert says where the provenance is instead of quoting it.
+    catalog = default_catalog()
+    (window,) = {a.window for spec in catalog for a in spec.alerts if a.kind == "increase"}
+    notes["description"] = notes["description"].replace(
+        rules.grafana_provenance(catalog), rules.provenance(catalog, window)
+    )
     return {
         "alert": rule["title"],
         "expr": query_of(rule)["model"]["expr"],

@@ -96,7 +96,9 @@ def test_level_alerts_match_catalog_levels() -> None:
             for key, value in spec.alert_on.items():
                 assert f'{key}="{value}"' in rule.expr
             count += 1
-    assert count == 26  # the importance ratio's four only colour; the normalised entropy's and dead layers' two page
+    # the importance ratio's four only colour now; the normalised entropy's, dead layers' and TELE-160's two
+    # page (TELE-160 on runs on the records' scale); TELE-161's and TELE-320's only colour
+    assert count == 28
 
 
 def test_seed_ratio_zero_is_never_vanishing() -> None:
@@ -119,6 +121,7 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleAdvantageStdLow",
         "TeleAdvantageStdHigh",
         "TeleEntropyNormalizedLow",
+        "TeleLogProbLow",
     ):
         assert names[policy_health] == {"warning", "critical"}, policy_health
     assert names["TeleEntropyCollapsed"] == {"critical"}
@@ -138,6 +141,7 @@ def test_warning_and_critical_share_an_alert_name() -> None:
         "TeleAdvantageStdDrop",
         "TeleImportanceRatioSpike",
         "TeleClipFractionHigh",
+        "TeleLogProbLow",
         "TelePolicyEntropyLow",
         "TeleEntropyCollapsed",
         "TeleHeadEntropyLow",

@@ -28,6 +28,7 @@ import yaml
 
 from tele_exporter.catalog import Catalog, MetricSpec, default_catalog, duration_seconds
 from tele_exporter.catalog.display import head_trend, show
+from tele_exporter.catalog.labels import GRADIENT_STATES
 from tele_exporter.catalog.thresholds import apply, exported
 from tele_exporter.generate import dashboards
 from tests.support.demo import start_demo
@@ -47,7 +48,16 @@ KL, CV, HEADS, SEEDS, STALE = (
     "Seeds: gradient flow per env and slot",
     "Time since the last PPO update",
 )
-HEAD_VALUES = ["Current", "Previous", "Trend", "Entropy", "Entropy level"]
+HEAD_VALUES = [
+    "Current",
+    "Previous",
+    "Trend",
+    "Entropy",
+    "Entropy level",
+    "Norm level",
+    "State",
+    "First non-finite step",
+]
 HEAD_COLUMNS = ["Instance", "Head", "Kind", *HEAD_VALUES]
 HEAD_ENTROPY = CATALOG["head_entropy"]
 # Policy-health stats (TELE-120/121/124/130/140/200): panel title -> (catalog id, shown as label or number).
@@ -58,6 +68,9 @@ POLICY_STATS = {
     "PPO clip fraction": ("clip_fraction", False),
     "Explained variance": ("explained_variance", False),
     "Advantage std": ("advantage_std", False),
+    # TELE-160/161: the catalog's levels for every run (none starts above 0, so none moves).
+    "Log-probability min": ("log_prob_min", False),
+    "Log-probability max": ("log_prob_max", False),
 }
 SEED_VALUES = ["Gradient", "Ratio", "Backward gain", "Exploding", "Vanishing"]
 SEED_COLUMNS = ["Instance", "Env", "Slot", *SEED_VALUES]
@@ -257,6 +270,11 @@ def boundary_cases() -> Cases:
     )
 
 
+def first_step(cases: Cases, i: int) -> float:
+    """The first non-finite step the boundary's non-finite head i exports: its index, so each differs."""
+    return float(i)
+
+
 def head_labels(cases: Cases, i: int) -> dict[str, str]:
     """Head i's labels: the last head is a group outside the CV (kind="other"), the rest action heads."""
     return {"head": f"h{i}", "kind": "other" if i == len(cases.heads) - 1 else "action"}
@@ -313,6 +331,19 @@ def boundary_text(cases: Cases, at: float) -> str:
             + [(labels, 1.0) for labels in own_head],
             c["head_grad_norm_prev"].name: [(head_labels(cases, i), prev) for i, (_, prev) in enumerate(cases.heads)]
             + [(labels, 1.0) for labels in own_head],
+            c["head_gradient_state"].name: [
+                ({**labels, "state": state}, 1.0 if state == head_state(cur) else 0.0)
+                for labels, cur in [
+                    *((head_labels(cases, i), cur) for i, (cur, _) in enumerate(cases.heads)),
+                    *((labels, 1.0) for labels in own_head),
+                ]
+                for state in GRADIENT_STATES
+            ],
+            c["nonfinite_first_step"].name: [
+                (head_labels(cases, i), first_step(cases, i))
+                for i, (cur, _) in enumerate(cases.heads)
+                if not math.isfinite(cur)
+            ],
             c["last_update_timestamp"].name: [({"rank": str(i)}, at - age) for i, age in enumerate(cases.stale)],
             HEAD_ENTROPY.name: [({"head": f"h{i}"}, v) for i, v in enumerate(cases.head_entropy)]
             + [
@@ -369,15 +400,29 @@ def ranked_columns(columns: list[str]) -> list[str]:
     return [columns[0], "Rank", *columns[1:]]
 
 
-def head_cells(current: float, prev: float, entropy: float, catalog: Catalog) -> dict[str, Shown]:
-    """A head's row: plain norms, the trend arrow, the entropy plain and its level on the run's `catalog`."""
-    return {
+def head_state(current: float) -> str:
+    """The gradient state a run exports with a head's norm: nonfinite for NaN or Inf, else finite."""
+    return "finite" if math.isfinite(current) else "nonfinite"
+
+
+def head_cells(
+    current: float, prev: float, entropy: float, catalog: Catalog, first: float | None = None, state: str | None = None
+) -> dict[str, Shown]:
+    """A head's row: plain norms, the trend arrow, the entropy plain and its level on the run's `catalog`, TELE-320's
+    level of the norm, the head's gradient state, and the update's first non-finite step where the head has one."""
+    state = state or head_state(current)
+    cells = {
         "Current": neutral(current, 3),
         "Previous": neutral(prev, 3),
         "Trend": trend_cell(current, prev),
         "Entropy": neutral(entropy, HEAD_ENTROPY.precision),
         "Entropy level": labelled(catalog["head_entropy"], entropy),
+        "Norm level": labelled(catalog["head_grad_norm"], current),
+        "State": (state, colour({"finite": "ok", "nonfinite": "critical"}.get(state, "neutral"))),
     }
+    if first is not None:
+        cells["First non-finite step"] = neutral(first, 0)
+    return cells
 
 
 def own_start_problems(run: Boundary, dashboard: dict[str, Any], shown: dict[str, Any]) -> list[str]:
@@ -451,10 +496,14 @@ def boundary_problems(run: Boundary, dashboard: dict[str, Any], keep_name: bool 
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), ranked_columns(HEAD_COLUMNS), lambda c: c["Head"][0])
     problems += shape
     want_heads = {
-        f"h{i}": head_cells(c, p, run.cases.head_entropy[i], CATALOG) for i, (c, p) in enumerate(run.cases.heads)
+        f"h{i}": head_cells(
+            c, p, run.cases.head_entropy[i], CATALOG, None if math.isfinite(c) else first_step(run.cases, i)
+        )
+        for i, (c, p) in enumerate(run.cases.heads)
     }
     want_heads |= {f"own{i}": head_cells(1.0, 1.0, v, OWN_CATALOG) for i, v in enumerate(run.cases.own["head_entropy"])}
-    problems += compare(HEADS, want_heads, {k: {c: row.get(c) for c in HEAD_VALUES} for k, row in heads.items()})
+    got_heads = {k: {c: row.get(c) for c in want_heads.get(k, HEAD_VALUES)} for k, row in heads.items()}
+    problems += compare(HEADS, want_heads, got_heads)
     kinds = {f"h{i}": head_labels(run.cases, i)["kind"] for i in range(len(run.cases.heads))}
     kinds |= dict.fromkeys((f"own{i}" for i in range(len(run.cases.own["head_entropy"]))), "action")
     problems += compare(HEADS, kinds, {k: row.get("Kind", ("",))[0] for k, row in heads.items()})
@@ -722,9 +771,11 @@ def live_problems(run: Live, dashboard: dict[str, Any], name: str, keep_name: bo
     shape, heads = table_rows(by_title(dashboard, shown, HEADS), ["Run", *HEAD_COLUMNS], lambda cells: cells["Head"][0])
     problems += [f"{HEADS}: row of run {r['Run'][0]!r}" for r in heads.values() if r["Run"][0] != name]
     problems += shape
+    firsts = raw(run, c["nonfinite_first_step"].name + at)
+    states = {key[:-1]: key[-1] for key in raw(run, f"{c['head_gradient_state'].name}{at} == 1")}  # state sorts last
     want_heads = {}
     for key, v in cur.items():
-        cells = head_cells(v, prev[key], entropy.get(key, math.nan), CATALOG)
+        cells = head_cells(v, prev[key], entropy.get(key, math.nan), CATALOG, firsts.get(key), states.get(key))
         if key not in entropy:
             del cells["Entropy"], cells["Entropy level"]
         want_heads[key[0]] = cells

@@ -39,6 +39,8 @@ RUN = "demo"  # the `run` label the demo's scrape target carries
 GAIN = default_catalog()["seed_backward_gain"].name
 RATIO = default_catalog()["seed_grad_ratio"].name
 STD = default_catalog()["policy_std"].name  # a Gaussian policy's std: the demo's categorical policy has none
+FIRST = default_catalog()["nonfinite_first_step"].name
+STATE = default_catalog()["head_gradient_state"].name
 LABEL_VALUES = re.compile(r"^label_values\((?:(?P<match>.+),\s*)?(?P<label>\w+)\)$")
 
 
@@ -180,6 +182,13 @@ def test_query_returns_data(scraped: Scraped, name: str, target: dict[str, Any])
                 # The gain is missing, never 0, until a seed has a pass with data: so are the ratios.
                 ratios = substitute(f'{RATIO}{{env=~"$env"}} > 0', values, window)
                 assert not execute(scraped, target, ratios), f"{name}: no gain where {ratios} has data"
+                continue
+            if FIRST in expr:
+                # The first non-finite step is absent unless a head went non-finite (missing is never 0):
+                # it has data exactly where some head's gradient state is nonfinite (none in a healthy demo).
+                nonfinite = substitute(f'{STATE}{{state="nonfinite"}} == 1', values, window)
+                has = bool(execute(scraped, target, expr))
+                assert has == bool(execute(scraped, target, nonfinite)), f"{name}: {expr} against {nonfinite}"
                 continue
             assert execute(scraped, target, expr), f"{name}: no data for {expr}"
             continue

@@ -289,7 +289,7 @@ def test_one_local_learner_publishes_what_rllib_computes_and_trains_the_same_wei
             assert _value(got, "tele_ppo_clip_fraction", **labels) == pytest.approx(want["clip_fraction"], abs=1e-12)
             assert _value(got, "tele_world_size", **labels) == 1.0
             assert not any(("rank", r) in ls for (_, ls) in got for r in ("0", "1"))  # one learner: no rank label
-            assert _value(got, "tele_nonfinite_gradients_total", head="pi") == 0.0
+            assert _value(got, "tele_nonfinite_gradients_total", head="pi", value="nan") == 0.0
         assert _on_learners(algo, lambda learner: learner.tele["default_policy"].errors()) == [{}]
         got_weights = _weights(algo)
         tele = algo.learner_group._learner.tele["default_policy"]
@@ -325,9 +325,10 @@ def test_multi_agent_modules_are_labelled_and_nan_gradients_are_counted_before_r
         assert _value(got, "tele_ppo_updates_total", module=module) == 2.0
         assert _value(got, "tele_policy_entropy", module=module) == result[module]["entropy"]
         assert _value(got, "tele_explained_variance", module=module) == result[module]["vf_explained_var"]
-    assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="pi") == 1.0
-    assert _value(got, "tele_nonfinite_gradients_total", module="p0", head="pi") == 0.0
-    assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="vf") == 0.0
+    assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="pi", value="nan") == 1.0
+    assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="pi", value="inf") == 0.0
+    assert _value(got, "tele_nonfinite_gradients_total", module="p0", head="pi", value="nan") == 0.0
+    assert _value(got, "tele_nonfinite_gradients_total", module="p1", head="vf", value="nan") == 0.0
     assert math.isnan(_value(got, "tele_policy_grad_norm", module="p1", clip="pre"))  # RLlib counts that norm as 0
     assert all(torch.isfinite(w).all() for ws in weights.values() for w in ws.values())  # RLlib zeroed the NaN
 

@@ -15,6 +15,7 @@ from tele_exporter.measure.policy_math import (
     entropy_velocity,
     explained_variance_terms,
     head_entropy_normalized,
+    log_prob_terms,
     ratio_terms,
 )
 
@@ -59,6 +60,15 @@ def ref_ratio(log_ratio: dict[str, np.ndarray], masks: dict[str, np.ndarray], ep
     cf = float(np.mean(np.abs(joint - 1) > eps))
     maxima = [float(np.max(np.exp(np.clip(r[masks[h]], -20.0, 20.0)))) for h, r in log_ratio.items()]
     return (cf, high, low, *maxima)
+
+
+def ref_head_clip(log_ratio: dict[str, np.ndarray], masks: dict[str, np.ndarray], eps: float) -> list[float]:
+    """Per head: the fraction of its valid steps whose own ratio left [1 - eps, 1 + eps] (records' commit 4bd6d816)."""
+    out = []
+    for h, r in log_ratio.items():
+        own = np.exp(np.clip(r[masks[h].astype(bool)], -20.0, 20.0))
+        out.append(float(np.count_nonzero(np.abs(own - 1.0) > eps)) / len(own))
+    return out
 
 
 # --- tests ------------------------------------------------------------------------------
@@ -176,7 +186,34 @@ def test_clip_fraction_parts_and_ratio_max_match_the_reference(seed: int) -> Non
     expected = ref_ratio(log_ratio, masks, 0.2)
     assert [float(t) for t in terms[:6]] == pytest.approx(list(expected), rel=1e-12)
     assert float(terms[0]) == pytest.approx(float(terms[1] + terms[2]), rel=1e-12)
-    assert [float(t) for t in terms[6:]] == [float(m.sum()) for m in masks.values()]
+    assert [float(t) for t in terms[6:9]] == [float(m.sum()) for m in masks.values()]
+    assert [float(t) for t in terms[9:]] == pytest.approx(ref_head_clip(log_ratio, masks, 0.2), rel=1e-12)
+
+
+def test_a_heads_clip_fraction_is_nan_when_one_of_its_valid_ratios_is() -> None:
+    terms = ratio_terms(
+        {"op": torch.tensor([0.5, math.nan]), "slot": torch.tensor([0.0, math.nan])},
+        {"slot": torch.tensor([1.0, 0.0])},  # slot's NaN is masked out: not its data
+        0.2,
+    )
+    op_clip, slot_clip = terms[-2:].tolist()
+    assert math.isnan(op_clip) and slot_clip == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_log_prob_extremes_match_the_reference(seed: int) -> None:
+    """TELE-160/161: min and max over every head's valid entries, as numpy finds them."""
+    rng = np.random.default_rng(seed)
+    _, masks = _inputs(seed)
+    logp = {h: -rng.exponential(3.0, size=64) for h in HEADS}
+    logp["style"][~masks["style"]] = -500.0  # masked out: never the minimum
+    terms = log_prob_terms(
+        {h: torch.tensor(v) for h, v in logp.items()}, {h: torch.tensor(m) for h, m in masks.items()}
+    )
+    valid = np.concatenate([logp[h][masks[h]] for h in HEADS])
+    assert terms.tolist() == [float(valid.min()), float(valid.max()), float(len(valid))]
+    nan = log_prob_terms({"op": torch.tensor([-1.0, math.nan]), "slot": torch.tensor([-2.0, -3.0])})
+    assert all(math.isnan(v) for v in nan[:2].tolist())
 
 
 def test_an_all_masked_head_has_no_valid_ratio_and_nan_is_data() -> None:

@@ -69,7 +69,8 @@ _STATE_JS = """(() => {
       name: tr.dataset.head, kind: tr.dataset.kind, trend: tr.dataset.trendStatus, arrow: tr.children[3].textContent,
       status: tr.dataset.status, currentColour: tr.children[1].className,
       current: tr.children[1].textContent, label: tr.children[0].textContent,
-      entropy: tr.children[5].textContent, entropyStatus: tr.dataset.entropyStatus,
+      state: tr.dataset.state, stateText: tr.children[5].textContent, stateColour: tr.children[5].className,
+      entropy: tr.children[6].textContent, entropyStatus: tr.dataset.entropyStatus,
     })),
     seeds: [...document.querySelectorAll("#seed-rows tr")].map((tr) => ({
       env: tr.dataset.env, slot: tr.dataset.slot, status: tr.dataset.status,

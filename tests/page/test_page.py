@@ -11,7 +11,6 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -324,6 +323,10 @@ def test_a_nan_gradient_shows_as_missing_in_red(browser: Chromium) -> None:
     assert shot.state["panels"]["grad"] == "critical" and shot.state["text"]["grad"] == "NaN"
     assert shot.state["values"]["grad"] == "—" and shot.hues["grad"] == "red"
     assert shot.state["spark"]["grad"] == 1
+    # Where it started: the op head is non-finite from the faulted update's first step, in red.
+    (op,) = [h for h in shot.state["heads"] if h["name"] == "op"]
+    assert (op["state"], op["stateText"]) == ("nonfinite", "nonfinite at step 0")
+    assert f"c-{shot.document['colours']['critical']}" in op["stateColour"].split()
     assert shot.errors == []
 
 
@@ -387,16 +390,15 @@ def test_the_page_shows_each_run_in_its_own_levels(browser: Chromium, policy: Ti
 
 # --- what the page must tell truthfully (#26) ------------------------------------------------------
 
-# TELE-320's levels for a head's gradient norm: red < 0.01, yellow < 0.1, green <= 2.0, yellow <= 5.0, red > 5.0.
-# Given to a catalog here as the catalog would give them, so the page takes them from the document.
-TELE_320_LEVELS = """
-    levels:
-      - {name: vanishing, when: "[0, 0.01)", status: critical, label: vanishing}
-      - {name: low, when: "[0.01, 0.1)", status: warning, label: low}
-      - {name: healthy, when: "[0.1, 2.0]", status: ok, label: healthy}
-      - {name: high, when: "(2.0, 5.0]", status: warning, label: high}
-      - {name: exploding, when: "(5.0, +inf]", status: critical, label: exploding}
-"""
+# TELE-320's levels for a head's gradient norm: red < 0.01, yellow < 0.1, green <= 2.0, yellow <= 5.0, red > 5.0,
+# as the catalog gives them; the page takes them from the document.
+TELE_320_LEVELS = [
+    ("vanishing", "[0.0, 0.01)", "critical"),
+    ("low", "[0.01, 0.1)", "warning"),
+    ("healthy", "[0.1, 2.0]", "ok"),
+    ("high", "(2.0, 5.0]", "warning"),
+    ("exploding", "(5.0, +inf]", "critical"),
+]
 # Gradient norms per head that fall in each of those levels, and where they must be drawn.
 HEAD_NORMS = {
     "a": (0.005, "critical"),
@@ -407,15 +409,9 @@ HEAD_NORMS = {
 }
 
 
-def _catalog_with_head_levels(tmp: Path) -> Catalog:
-    from tele_exporter.catalog.model import DEFAULT_PATH, load_catalog
-
-    text = DEFAULT_PATH.read_text()
-    anchor = "    question: Which action head carries how much of the gradient signal?\n"
-    assert text.count(anchor) == 1
-    path = tmp / "catalog.yaml"
-    path.write_text(text.replace(anchor, anchor + TELE_320_LEVELS.lstrip("\n")))
-    return load_catalog(path)
+def test_the_catalog_gives_head_norms_tele_320s_levels() -> None:
+    levels = default_catalog()["head_grad_norm"].levels
+    assert [(lv.name, str(lv.when), lv.status) for lv in levels] == TELE_320_LEVELS
 
 
 class _FiveHeads(nn.Module):
@@ -431,11 +427,9 @@ def test_the_header_says_what_each_number_counts(server: Server) -> None:
         assert words in html
 
 
-def test_the_document_gives_each_head_its_level_and_the_clip_fraction_its_level(tmp_path: Path) -> None:
+def test_the_document_gives_each_head_its_level_and_the_clip_fraction_its_level() -> None:
     policy = _FiveHeads()
-    tele = Telemetry(
-        policy, heads={n: getattr(policy, n) for n in HEAD_NORMS}, catalog=_catalog_with_head_levels(tmp_path)
-    )
+    tele = Telemetry(policy, heads={n: getattr(policy, n) for n in HEAD_NORMS})
     server = serve(tele, port=0)
     try:
         with tele.update() as upd:
@@ -457,13 +451,12 @@ def test_the_document_gives_each_head_its_level_and_the_clip_fraction_its_level(
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_data(
-    browser: Chromium, tmp_path: Path
+    browser: Chromium,
 ) -> None:
     policy = _FiveHeads()
     tele = Telemetry(
         policy,
         heads={n: getattr(policy, n) for n in HEAD_NORMS},
-        catalog=_catalog_with_head_levels(tmp_path),
         action_sizes=dict.fromkeys(HEAD_NORMS, 2),
     )
     seed = Gain(1.0)
@@ -481,6 +474,7 @@ def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_d
                 upd.observe_advantages(torch.linspace(-1, 1, 8))
                 upd.observe_entropy({n: torch.full((8,), 0.6) for n in HEAD_NORMS})
                 upd.observe_kl_value(0.01)  # capture screenshots the KL panel, hidden without a KL
+                upd.observe_log_probs({n: torch.tensor([-0.5, -60.0 * (update + 1)]) for n in HEAD_NORMS})
         shot = capture(browser, server)
     finally:
         server.close()
@@ -512,8 +506,19 @@ def test_the_page_tells_head_levels_policy_health_flat_lines_and_seeds_without_d
         ("advantage_std", None): policy_doc["advantage_std"],
         ("entropy_normalized", None): policy_doc["entropy"]["normalized"],
         **{("head_ratio_max", h): v for h, v in policy_doc["head_ratio_max"].items()},
+        ("log_prob_min", None): policy_doc["log_prob"]["min"],
+        ("log_prob_max", None): policy_doc["log_prob"]["max"],
+        **{("head_clip_fraction", h): v for h, v in policy_doc["head_clip_fraction"].items()},
     }
     assert set(rows) == set(expected) and len(policy_doc["head_ratio_max"]) == len(HEAD_NORMS)
+    assert len(policy_doc["head_clip_fraction"]) == len(HEAD_NORMS)
+    # TELE-160's minimum, -240 after the 4th update: critical ("NaN RISK"); TELE-161's maximum -0.5: healthy.
+    assert (rows[("log_prob_min", None)]["label"], rows[("log_prob_min", None)]["status"]) == ("NaN RISK", "critical")
+    assert rows[("log_prob_max", None)]["status"] == "ok"
+    # A per-head clip fraction has no levels: neutral. exp(0.4) leaves [0.8, 1.2] at every step: all clipped.
+    for h in HEAD_NORMS:
+        row = rows[("head_clip_fraction", h)]
+        assert (row["value"], row["status"]) == ("1.000", "neutral"), row
     for key, value in expected.items():
         assert value["value"] is not None, key
         assert (rows[key]["label"], rows[key]["status"]) == (value["shown"]["label"], value["shown"]["status"]), key

@@ -12,7 +12,7 @@ from tele_exporter.telemetry.fold import rms_ratio
 
 
 def _run(heads: int, steps: int, layers: bool = False) -> tuple[DispatchCounter, Telemetry]:
-    """One update of `steps` clipped steps with KL, entropy, ratio and value observations; its publish counted."""
+    """One update of `steps` clipped steps with KL, entropy, ratio, log-prob and value observations; publish counted."""
     torch.manual_seed(0)
     trunk = torch.nn.Linear(8, 16)
     action = torch.nn.ModuleList(torch.nn.Linear(16, 3) for _ in range(heads))
@@ -31,6 +31,7 @@ def _run(heads: int, steps: int, layers: bool = False) -> tuple[DispatchCounter,
             upd.observe_kl(lr)
             upd.observe_ratios(lr)
             upd.observe_entropy({n: torch.rand(4) for n in names})
+            upd.observe_log_probs({n: -torch.rand(4) for n in names})
     upd.observe_explained_variance(torch.randn(16), torch.randn(16))
     upd.observe_advantages(torch.randn(16))
     with DispatchCounter() as counter:

@@ -13,6 +13,9 @@ from collections.abc import Iterable
 RESERVED_LABELS = frozenset({"job", "instance", "pod", "namespace", "le", "quantile"})
 _LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
+GRADIENT_STATES = ("finite", "missing", "nonfinite", "not_learnable")
+"""The values of tele_head_gradient_state's `state` label: a head's gradient in an update (the records' system's)."""
+
 
 def label_name_problem(name: object) -> str | None:
     """Why `name` cannot be a label name, or None when Prometheus accepts it."""

@@ -269,6 +269,10 @@ class Trainer:
                 new_logp = log_probs(logits, {h: a[idx] for h, a in actions.items()})
                 ent = entropies(logits)
                 upd.observe_entropy({h: e.detach() for h, e in ent.items()}, {h: m[idx] for h, m in masks.items()})
+                # TELE-160/161: the extremes of the taken actions' new log-probabilities, as the records' system keeps
+                upd.observe_log_probs(
+                    {h: lp.detach() for h, lp in new_logp.items()}, {h: m[idx] for h, m in masks.items()}
+                )
                 policy_loss = torch.zeros((), device=self.device)
                 entropy = torch.zeros((), device=self.device)
                 for h in HEADS:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from ..catalog.labels import GRADIENT_STATES
 from ..catalog.model import Catalog, MetricSpec
 from ..catalog.thresholds import THRESHOLD_METRIC, movable
 from . import panels
@@ -234,6 +235,7 @@ def _timeseries(
     catalog: Catalog,
     steps: list[Json] | None = None,
     note: str = "",
+    minimum: float | None = 0,
 ) -> Json:
     """Lines per run over the catalog's threshold bands, plus the dashed own starts of runs that moved them.
 
@@ -253,7 +255,7 @@ def _timeseries(
         mappings=with_nan(catalog, []),
         steps=steps if steps is not None else level_steps(catalog, spec),
         unit=grafana_unit(spec),
-        minimum=0,
+        minimum=minimum,
         overrides=overrides,
     )
 
@@ -338,7 +340,38 @@ def _policy_health_row(g: _Grid) -> None:
     g.add(_own_levels_stat(ev, "Explained variance", _sel(ev), catalog=c, note=_boundary_note(ev)), 6, 8)
     g.add(_own_levels_stat(adv, "Advantage std", _sel(adv), catalog=c, note=_boundary_note(adv)), 6, 8)
     heads = _line(_sel(ratio), LEGEND + " {{head}}")
-    g.add(_timeseries(ratio, "Importance ratio max per head", heads, catalog=c, note=_boundary_note(ratio)), 24, 8)
+    g.add(_timeseries(ratio, "Importance ratio max per head", heads, catalog=c, note=_boundary_note(ratio)), 12, 8)
+    head_cf = c["head_clip_fraction"]
+    head_cf_note = (
+        "Display only: the records give the joint clip fraction levels (above, which page), none per head."
+        " A per-head surrogate clips each head on its own; a low joint fraction can hide one head clipped"
+        " heavily, and mildly clipped heads can multiply into a high joint one."
+    )
+    lines = _line(_sel(head_cf), LEGEND + " {{head}}")
+    g.add(
+        _timeseries(head_cf, "PPO clip fraction per head", lines, catalog=c, steps=neutral_steps(c), note=head_cf_note),
+        12,
+        8,
+    )
+    for lp, title in ((c["log_prob_min"], "Log-probability min"), (c["log_prob_max"], "Log-probability max")):
+        # The catalog's levels: none of them starts above 0, so a run cannot move them (no tele_threshold).
+        g.add(_stat(lp, title, _sel(lp), catalog=c, graph=True, note=_boundary_note(lp)), 6, 8)
+    lp_min, lp_max = c["log_prob_min"], c["log_prob_max"]
+    extremes = [
+        panels.target(named(_sel(lp_min)), legend=LEGEND + " min"),
+        panels.target(named(_sel(lp_max)), ref="B", legend=LEGEND + " max"),
+    ]
+    extremes_note = (
+        f"{_boundary_note(lp_min, steps=False)} Bands: the minimum's levels (TELE-160), which page on runs on the"
+        f" records' scale; the maximum (TELE-161) is coloured in its stat, and never pages."
+    )
+    g.add(
+        _timeseries(
+            lp_min, "Log-probability min and max over time", extremes, catalog=c, note=extremes_note, minimum=None
+        ),
+        12,
+        8,
+    )
     std = c["policy_std"]
     std_note = "No levels: a Gaussian policy's own scale. Empty for a categorical policy."
     std_panel = _timeseries(
@@ -388,12 +421,25 @@ def _heads_row(g: _Grid) -> None:
         " on its run's own levels (tele_threshold; the catalog's without), in its colour; a table colours a cell"
         " by its own column only, so the number beside it stays plain."
     )
+    norm_level = {"decimals": 0, "mappings": with_nan(c, level_code_mappings(c, cur))}
+    state, first = c["head_gradient_state"], c["nonfinite_first_step"]
+    state_code = f"sum without (state) ({_state_code(state)})"
+    state_cell = {"decimals": 0, "mappings": with_nan(c, state_mappings(c))}
+    note += (
+        f" Norm level: TELE-320's level of the current norm ({_boundary_note(cur, steps=False)}), on its run's own"
+        f" levels, in its colour; display only (heads page on change, below). State: {state.name}, the head's"
+        f" gradient state in the latest update. First non-finite step: {first.name}, the latest update's first"
+        " step with a NaN or Inf norm, on the head(s) non-finite there only (empty for the others)."
+    )
     columns: dict[str, tuple[str, Json]] = {
         "Current": (_sel(cur), {}),
         "Previous": (_sel(prev), {}),
         "Trend": (code, trend),
         "Entropy": (_sel(ent), entropy),
         "Entropy level": (_level_code(c, ent, _sel(ent)), level),
+        "Norm level": (_level_code(c, cur, _sel(cur)), norm_level),
+        "State": (state_code, state_cell),
+        "First non-finite step": (_sel(first), {"decimals": 0}),
     }
     defaults = {"decimals": cur.precision, "thresholds": thresholds(neutral_steps(c)), "unit": grafana_unit(cur)}
     title = "Action heads: gradient norm, trend and entropy"
@@ -403,11 +449,23 @@ def _heads_row(g: _Grid) -> None:
         "Each head and group on its own: TeleHeadGradNormSpike pages when one leaves 10x (warning) or 100x"
         " (critical) its own median of the last 30m, so an actor is not hidden behind a critic-dominated total."
     )
-    g.add(
-        _timeseries(cur, "Gradient norm per head over time", per_head, catalog=c, steps=neutral_steps(c), note=spike),
-        24,
-        8,
-    )
+    spike += f" Bands: TELE-320's levels ({_boundary_note(cur, steps=False)}), display only."
+    g.add(_timeseries(cur, "Gradient norm per head over time", per_head, catalog=c, note=spike), 24, 8)
+
+
+def _state_code(state: MetricSpec) -> str:
+    """Each head's gradient state as its index in GRADIENT_STATES, summed without `state` (0: finite, no term)."""
+    return "\nor ".join(f"{_sel(state, {'state': name})} * {i}" for i, name in enumerate(GRADIENT_STATES) if i)
+
+
+def state_mappings(catalog: Catalog) -> list[Json]:
+    """Value mappings from a gradient-state index to its name: finite ok, nonfinite critical, the others neutral."""
+    status = {"finite": "ok", "nonfinite": "critical"}
+    options = {
+        str(i): {"color": catalog.colour(status.get(name, "neutral")), "index": i, "text": name}
+        for i, name in enumerate(GRADIENT_STATES)
+    }
+    return [{"type": "value", "options": options}]
 
 
 LOG_FLOOR = 1e-8

@@ -72,6 +72,10 @@ def grafana_rule(catalog: Catalog, rule: rules.AlertRule) -> alerting.Rule:
     """One Prometheus alert rule as a Grafana-managed rule with the same condition, for and annotations."""
     notes = rules.alert_annotations(catalog, rule)
     notes["description"] = notes["description"].replace(rules.VALUE, VALUE)
+    for window in {a.window for spec in catalog for a in spec.alerts if a.kind == "increase"}:
+        notes["description"] = notes["description"].replace(
+            rules.provenance(catalog, window), rules.grafana_provenance(catalog)
+        )
     query = prometheus.Dataquery(
         expr=rule.expr,
         instant=True,

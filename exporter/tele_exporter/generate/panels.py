@@ -175,7 +175,7 @@ def timeseries(
                 },
                 "decimals": decimals,
                 "mappings": mappings,
-                "min": minimum,
+                **({} if minimum is None else {"min": minimum}),  # no floor: a signed metric (log-probabilities)
                 "thresholds": thresholds(steps),
                 "unit": unit,
             },

@@ -285,6 +285,11 @@ def _increase_rule(
     clauses = [
         f'label_replace(increase({selector(catalog, spec.name)}[{window}]) > 0, "metric", "{spec.name}", "", "")'
     ]
+    counted = (
+        f"counted {VALUE} optimizer steps with "
+        '{{ with $labels.value }}{{ if eq . "nan" }}a NaN{{ else }}an Inf{{ end }}{{ else }}a NaN or Inf{{ end }} '
+        f"gradient within the last {window}"
+    )
     for other in catalog:
         if any(level.alert for level in other.levels):
             series = selector(catalog, other.name, dict(other.alert_on))
@@ -298,12 +303,40 @@ def _increase_rule(
         description=(
             "{{ $labels.job }}/{{ $labels.instance }}: {{ $labels.metric }}"
             "{{ with $labels.head }} (head {{ . }}){{ end }} "
-            f'{{{{ if eq $labels.metric "{spec.name}" }}}}counted {VALUE} optimizer steps with a NaN or Inf '
-            f"gradient within the last {window}{{{{ else }}}}is NaN, which no level alert can compare{{{{ end }}}}. "
+            f'{{{{ if eq $labels.metric "{spec.name}" }}}}{counted}'
+            f"{{{{ else }}}}is NaN, which no level alert can compare{{{{ end }}}}.{provenance(catalog, window)} "
             f"{spec.question} Or did the losses' inputs (log-probabilities, values, advantages) go NaN?"
         ),
         metric=spec,
     )
+
+
+PROVENANCE_METRIC = "nonfinite_first_step"
+"""Catalog id of the gauge naming an update's first non-finite head(s) and step, which the NaN alert quotes."""
+
+
+def provenance(catalog: Catalog, window: str | None) -> str:
+    """The NaN alert's sentence naming where the gradients first went non-finite, by a query at alert time.
+
+    It reads the run's tele_nonfinite_first_step over the alert's window (the latest update may be
+    finite again by then), one clause per head found; nothing when none is. A Prometheus template
+    (`query`); Grafana's templates have no query, so its rules say where to look instead (PROVENANCE_GRAFANA).
+    """
+    spec = catalog.metrics.get(PROVENANCE_METRIC)
+    if spec is None:
+        return ""
+    series = promql.selector(spec.name, matchers=[*_catalog_matchers(catalog), "job=%q", "instance=%q"])
+    query = f'printf `last_over_time({series}[{window}])` $labels.job $labels.instance | query | sortByLabel "head"'
+    return (
+        f"{{{{ range {query} }}}} First non-finite in an update: head {{{{ .Labels.head }}}}"
+        ' ({{ .Labels.kind }}) at step {{ .Value | printf "%.0f" }}.{{ end }}'
+    )
+
+
+def grafana_provenance(catalog: Catalog) -> str:
+    """What Grafana-managed rules say instead of provenance(): where to read it (Grafana templates cannot query)."""
+    spec = catalog.metrics.get(PROVENANCE_METRIC)
+    return "" if spec is None else f" {spec.name} names the first non-finite head and step of an update."
 
 
 def _errors_rule(

@@ -7,7 +7,7 @@ PromQL come from the catalog and the rules generator, the advice from ADVICE.
 from __future__ import annotations
 
 from ..catalog.model import Catalog, MetricSpec
-from ..catalog.thresholds import THRESHOLD_METRIC
+from ..catalog.thresholds import THRESHOLD_METRIC, movable
 from .rules import alert_rules, anchor
 
 PATH = "docs/runbook.md"
@@ -164,7 +164,21 @@ ADVICE: dict[str, str] = {
         "which a NaN gradient usually follows. Training on non-finite gradients corrupts the "
         "weights: stop, restore the last good checkpoint, and look for a log of zero, a division "
         "by a vanishing std or an overflow in mixed precision. NaN fails every PromQL comparison, "
-        "so the level alerts go silent on NaN; this alert covers it."
+        "so the level alerts go silent on NaN; this alert covers it. Where it started: the "
+        "description names the update's first non-finite head and its step (0-based within the "
+        "update), from `tele_nonfinite_first_step{head, kind}`; `tele_nonfinite_gradients_total`'s "
+        "`value` label tells NaN steps from Inf ones (an Inf alone is an overflow: the loss scale "
+        'or an exploding activation), and `tele_head_gradient_state{state="nonfinite"}` lists '
+        "every head that went non-finite in the latest update."
+    ),
+    "TeleLogProbLow": (
+        "Some action the policy took (or is evaluated on) has a log-probability at or below -50 "
+        "(warning) or -100 (critical): a probability of 2e-22 or less. The ratio exp(new - old) "
+        "of such an action under- or overflows, and a NaN gradient (TeleNonFiniteGradients) "
+        "usually follows. Check the logits' scale (unnormalised or exploding logits), masks that "
+        "leave a head with one near-impossible action, and the entropy coefficient; "
+        "`tele_head_ratio_max` and `tele_head_clip_fraction` show which head moves. For a "
+        "continuous policy these are log-densities, which is why only runs on the records' scale page."
     ),
     "TeleTelemetryErrors": (
         "tele-exporter caught an exception while measuring (the `site` label says where: "
@@ -234,7 +248,12 @@ def _section(catalog: Catalog, name: str) -> str:
     for rule in rules:
         expr = (rule.catalog_expr or rule.expr).replace("\n", " ").replace("|", "\\|")
         lines.append(f"| {rule.severity} | {rule.for_} | `{expr}` |")
-    if any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics:
+    if any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics and not movable(spec):
+        lines += [
+            "",
+            "The catalog's levels, as above, for every run: none of them starts above 0, so no run moves them.",
+        ]
+    elif any(rule.catalog_expr for rule in rules) and THRESHOLD_METRIC in catalog.metrics:
         lines += [
             "",
             "With the catalog's levels, as above. A run that sets its own thresholds (README, "

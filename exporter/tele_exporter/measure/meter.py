@@ -65,6 +65,7 @@ class NormRows:
         self.buffer = torch.empty(min(_INITIAL_ROWS, FOLD_ROWS), width, dtype=dtype, device=device)
         self.count = 0
         self.max_norms: list[float] = []  # per step: the clip's max_norm, NaN for observe_gradients
+        self.steps: list[int] = []  # per row: its measure call's index within the update (host ints)
 
     def next_row(self) -> Tensor:
         """The row the next step writes; the buffer doubles up to FOLD_ROWS (a full one is folded first)."""
@@ -81,12 +82,15 @@ class NormRows:
 class Drained:
     """The steps recorded since the last drain, still on the device.
 
-    rows[s] = (head norms..., layer norms..., pre-clip total, post-clip total) of step s;
-    present[s][g] tells whether group g (a head, then a layer) had any gradient at step s.
+    rows[s] = (head norms..., layer norms..., pre-clip total, post-clip total) of row s;
+    present[s][g] tells whether group g (a head, then a layer) had any gradient there, and
+    steps[s] which measure call of the update (0-based) row s is: rows are grouped by path
+    and presence pattern, not in step order.
     """
 
     rows: Tensor
     present: list[tuple[bool, ...]]
+    steps: list[int]
 
 
 class GradientMeter:
@@ -112,9 +116,12 @@ class GradientMeter:
                     self._slices[index[id(p)]].append((h, *head.rows))
         self._plans: dict[tuple[bool, ...], _Plan] = {}
         self._norm_rows: dict[tuple[bool, ...], NormRows] = {}  # the fast path's steps, by presence pattern
-        self._folded: list[tuple[Tensor, list[tuple[bool, ...]]]] = []  # fast-path rows folded before the drain
+        # fast-path rows folded before the drain, with their presence patterns and step indices
+        self._folded: list[tuple[Tensor, list[tuple[bool, ...]], list[int]]] = []
         self._rows: Tensor | None = None  # the general path's rows
         self._present: list[tuple[bool, ...]] = []
+        self._steps: list[int] = []  # the general path's rows' step indices
+        self._calls = 0  # measure calls since the last drain: the next call's step index
 
     @property
     def width(self) -> int:
@@ -143,6 +150,8 @@ class GradientMeter:
         Runs under no_grad, as torch's clip does: after backward(create_graph=True) the
         returned norm and the row buffer stay outside the autograd graph.
         """
+        step = self._calls  # the step index within the update, counted whether or not the step is recorded
+        self._calls += 1
         grads = [p.grad for p in self.params]
         key = tuple(g is not None for g in grads)
         present_grads = [g for g in grads if g is not None]
@@ -152,7 +161,7 @@ class GradientMeter:
         if plan is None:
             plan = self._plans[key] = self._build_plan(key, present_grads)
         if plan.fast and foreach is not False and use_foreach(present_grads, present_grads[0].device, foreach):
-            return self._measure_fast(key, plan, present_grads, max_norm, error_if_nonfinite, scale)
+            return self._measure_fast(key, plan, present_grads, max_norm, error_if_nonfinite, scale, step)
         parts = local_parts(present_grads, plan.sharding)
         inputs = norm_parts(present_grads, parts, plan.sharding)
         if plan.views:
@@ -173,6 +182,7 @@ class GradientMeter:
         row[: h + 1].copy_(norms)
         row[h + 1].copy_(post)
         self._present.append(plan.present)
+        self._steps.append(step)
         return pre  # a view of this call's own `norms`, never of the row buffer
 
     def _measure_fast(
@@ -183,6 +193,7 @@ class GradientMeter:
         max_norm: float | None,
         error_if_nonfinite: bool,
         scale: bool = True,
+        step: int = 0,
     ) -> Tensor:
         """torch's clip, op for op, with its per-tensor norms kept: 8 kernel launches, or 3 without clipping.
 
@@ -194,8 +205,8 @@ class GradientMeter:
             width = len(grads) + len(plan.views)
             rows = self._norm_rows[key] = NormRows(plan, width, norm_dtype(grads[0].dtype), grads[0].device)
         elif rows.count == FOLD_ROWS:
-            self._folded.append((self._fold_rows(rows), [plan.present] * rows.count))
-            rows.count, rows.max_norms = 0, []
+            self._folded.append((self._fold_rows(rows), [plan.present] * rows.count, rows.steps))
+            rows.count, rows.max_norms, rows.steps = 0, [], []
         inputs = grads
         if plan.views:
             inputs = [*grads, *(grads[i].narrow(0, start, n) for i, start, n in plan.views)]
@@ -209,6 +220,7 @@ class GradientMeter:
             torch._foreach_mul_(grads, coef)
         rows.count += 1
         rows.max_norms.append(math.nan if max_norm is None else max_norm)
+        rows.steps.append(step)
         return total
 
     def _fold_rows(self, rows: NormRows) -> Tensor:
@@ -253,21 +265,25 @@ class GradientMeter:
         their buffers stay allocated for the next update. Steps of the two paths may come
         in any order: everything published from them is a mean, a count or a histogram.
         """
-        parts, present = [rows for rows, _ in self._folded], [p for _, ps in self._folded for p in ps]
+        parts, present = [rows for rows, _, _ in self._folded], [p for _, ps, _ in self._folded for p in ps]
+        steps = [s for _, _, ss in self._folded for s in ss]
         self._folded = []
+        self._calls = 0
         for rows in self._norm_rows.values():
             if rows.count:
                 parts.append(self._fold_rows(rows))
                 present.extend([rows.plan.present] * rows.count)
-                rows.count, rows.max_norms = 0, []
+                steps.extend(rows.steps)
+                rows.count, rows.max_norms, rows.steps = 0, [], []
         if self._present and self._rows is not None:
             parts.append(self._rows[: len(self._present)])
             present.extend(self._present)
-            self._rows, self._present = None, []
+            steps.extend(self._steps)
+            self._rows, self._present, self._steps = None, [], []
         if not parts:
             return None
         first = parts[0].device
-        return Drained(parts[0] if len(parts) == 1 else torch.cat([p.to(first) for p in parts]), present)
+        return Drained(parts[0] if len(parts) == 1 else torch.cat([p.to(first) for p in parts]), present, steps)
 
     def _next_row(self, device: torch.device) -> Tensor:
         n = len(self._present)

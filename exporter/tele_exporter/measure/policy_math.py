@@ -164,14 +164,16 @@ def advantage_std(advantages: Tensor, mask: Tensor | None = None) -> Tensor:
 def ratio_terms(
     log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None, clip_eps: float = DEFAULT_CLIP_EPS
 ) -> Tensor:
-    """One observe_ratios call as [cf, cf_high, cf_low, max_h..., n_h...] float64 on the device.
+    """One observe_ratios call as [cf, cf_high, cf_low, max_h..., n_h..., cf_h...] float64 on the device.
 
     TELE-130: r = exp(sum of the heads' masked log-ratios), the joint ratio (an inactive head's
     ratio is 1), each clamped to [-20, 20]; cf = mean(|r - 1| > eps), cf_high = mean(r > 1 + eps),
     cf_low = mean(r < 1 - eps); a NaN ratio makes them NaN. The means are over the steps where at
     least one head acts: a step that every mask leaves out (padding, such as RLlib's loss mask) has
     no action and no ratio. TELE-151: max_h is the head's largest exp(clamp(r_h, -20, 20)) over
-    its valid steps, n_h their number.
+    its valid steps, n_h their number. cf_h, the head's own clip fraction (as a per-head surrogate
+    clips it), is the fraction of its valid steps with |exp(clamp(r_h, -20, 20)) - 1| > eps; NaN
+    when one of them is NaN.
     """
     r = stack_heads(log_ratio).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
     valid = mask_matrix(list(log_ratio), masks or {}, r.shape[1], r.device)
@@ -184,6 +186,12 @@ def ratio_terms(
         maxima = torch.where(valid, r, -math.inf).amax(1).exp()
         counts = valid.sum(1).to(torch.float64)
         acting = valid.any(0)
+    outside = (r.exp() - 1.0).abs() > clip_eps  # [heads, steps]: each head's own ratio left the clip range
+    broken = r.isnan() if valid is None else r.isnan() & valid
+    if valid is not None:
+        outside = outside & valid
+    per_head = outside.sum(1, dtype=torch.float64) / counts.clamp(min=1.0)
+    per_head = torch.where(broken.any(1), math.nan, per_head)
     ratio = joint.clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP).exp()
     if acting is None:
         high = (ratio > 1.0 + clip_eps).mean(dtype=torch.float64)
@@ -194,7 +202,34 @@ def ratio_terms(
         low = ((ratio < 1.0 - clip_eps) & acting).sum(dtype=torch.float64) / steps
     fractions = torch.stack([high + low, high, low])
     fractions = torch.where(ratio.isnan().any(), math.nan, fractions)  # a NaN ratio makes them NaN
-    return torch.cat([fractions, maxima, counts])
+    return torch.cat([fractions, maxima, counts, per_head])
+
+
+def log_prob_terms(log_probs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+    """One observe_log_probs call as [min, max, n_valid] float64 on the device (TELE-160/161).
+
+    Over every head's valid entries together, as the records' system takes the extremes of all
+    its heads' log-probabilities at once; a NaN among them makes both NaN, a masked-out entry never counts.
+    """
+    masks = masks or {}
+    values = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in log_probs.values()])
+    if not masks:
+        low, high = values.amin(), values.amax()
+        n = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
+        return torch.stack([low, high, n])
+    valid = torch.cat(
+        [
+            (masks[name].detach().reshape(-1) != 0)
+            if name in masks
+            else torch.ones(t.numel(), dtype=torch.bool, device=t.device)
+            for name, t in log_probs.items()
+        ]
+    )
+    broken = (values.isnan() & valid).any()
+    low = torch.where(valid, values, math.inf).amin()
+    high = torch.where(valid, values, -math.inf).amax()
+    extremes = torch.where(broken, math.nan, torch.stack([low, high]))
+    return torch.cat([extremes, valid.sum(dtype=torch.float64).reshape(1)])
 
 
 def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from ..catalog.model import MetricSpec
 from ..catalog.thresholds import THRESHOLD_METRIC, exported
-from ..snapshot import Snapshot
+from ..snapshot import GRADIENT_STATES, Snapshot
 from .build_info import build_info
 from .source import SnapshotSource
 
@@ -78,6 +78,26 @@ def _policy_heads(field: str) -> Callable[[Snapshot], Samples]:
     return samples
 
 
+def _nonfinite_steps(s: Snapshot) -> Samples:
+    """Per head, the optimizer steps with a NaN norm and those with an Inf one, counted apart (0 is a count)."""
+    return [((h.name, h.kind, v), float(n)) for h in s.heads for v, n in (("nan", h.nan_total), ("inf", h.inf_total))]
+
+
+def _first_nonfinite(s: Snapshot) -> Samples:
+    """The latest update's first non-finite step, on the head(s) non-finite there only (absent for the others)."""
+    return [((h.name, h.kind), float(h.first_nonfinite_step)) for h in s.heads if h.first_nonfinite_step is not None]
+
+
+def _gradient_state(s: Snapshot) -> Samples:
+    """Per head, 1 for its state in the latest update and 0 for the others; nothing before the first update."""
+    return [
+        ((h.name, h.kind, state), 1.0 if h.state == state else 0.0)
+        for h in s.heads
+        if h.state is not None
+        for state in GRADIENT_STATES
+    ]
+
+
 def _clip_sides(s: Snapshot) -> Samples:
     p = s.policy
     if p.clip_fraction_high is None or p.clip_fraction_low is None:
@@ -109,7 +129,12 @@ SOURCES: dict[str, Callable[[Snapshot], Samples]] = {
     "ppo_updates": _scalar("updates"),
     "ppo_early_stops": _scalar("early_stops"),
     "last_update_timestamp": _scalar("timestamp"),
-    "nonfinite_gradients": lambda s: [((h.name, h.kind), float(h.nonfinite_total)) for h in s.heads],
+    "nonfinite_gradients": _nonfinite_steps,
+    "nonfinite_first_step": _first_nonfinite,
+    "head_gradient_state": _gradient_state,
+    "head_clip_fraction": _policy_heads("head_clip_fraction"),
+    "log_prob_min": _policy("log_prob_min"),
+    "log_prob_max": _policy("log_prob_max"),
     "seeds_refused": _scalar("seeds_refused"),
     "entropy_normalized": _policy("entropy_normalized"),
     "alert_scale": lambda s: [((s.alert_scale,), 1.0)],

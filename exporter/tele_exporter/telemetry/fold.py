@@ -12,7 +12,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -154,12 +154,15 @@ class Fold:
         self.catalog = catalog
         self._heads = list(heads)
         self._layers = list(layers)  # measured after the heads: their columns follow the heads' in the rows
+        self._by_name = {h.name: h for h in heads}
         self._actions = sum(h.kind == ACTION for h in heads)  # action heads come first
         self._policy = policy
         self._record_error = record_error
         self._grad_history: deque[float] = deque(maxlen=catalog["policy_grad_norm"].history)
         self._kl_history: deque[float] = deque(maxlen=catalog["kl_divergence"].history)
         self._nonfinite = {h.name: 0 for h in heads}
+        self._nan = {h.name: 0 for h in heads}  # steps whose head norm was NaN, and +Inf: TELE-300/301 per head
+        self._inf = {h.name: 0 for h in heads}
         self._last_measured: dict[str, float] = {}
         self._hinted_unmeasured = False
         self.histograms = {spec.id: LabelledHistogram(spec.buckets) for spec in catalog if spec.type == "histogram"}
@@ -224,7 +227,10 @@ class Fold:
                 early_stops=old.early_stops + int(recorded.stopped_early),
                 timestamp=time.time(),
                 steps=steps,
-                heads=tuple(self._head_state(h, heads[h.name], ratios.get(("head", h.name))) for h in old.heads),
+                heads=tuple(
+                    self._head_state(h, heads[h.name], ratios.get(("head", h.name)), rows.provenance.get(h.name))
+                    for h in old.heads
+                ),
                 grad_norm_pre=pre,
                 grad_norm_post=post,
                 grad_norm_history=tuple(self._grad_history),
@@ -266,7 +272,12 @@ class Fold:
         values, layer_values = rows[:, :h], rows[:, h:g]
         counts = present.sum(0)
         means = torch.where(present, values, 0.0).sum(0) / counts  # 0 / 0: NaN for a head without a step
-        nonfinite = (present & ~values.isfinite()).sum(0)
+        bad = present & ~values.isfinite()
+        nonfinite = bad.sum(0)
+        nans = (present & values.isnan()).sum(0)  # the rest of `nonfinite` is +Inf (a norm is never -Inf)
+        # Each head's first non-finite step (0-based measure call of the update); +Inf for a head without one.
+        step_index = torch.tensor(drained.steps, dtype=torch.float64).reshape(n, 1)
+        first = torch.where(bad, step_index, math.inf).amin(0)
         totals = rows[:, g:].mean(0)
         layer_parts = _layer_parts(layer_values, layer_present) if self._layers else []
         actions = self._actions  # TELE-330 compares action heads only; fewer than two: no CV at all
@@ -274,7 +285,7 @@ class Fold:
         head_counts, head_sums = bucket_columns(values, present, self.histograms["step_head_grad_norm"].edges_tensor)
         clip = self.histograms["step_policy_grad_norm"]
         clip_counts, clip_sums = bucket_columns(rows[:, g:], torch.ones(n, 2, dtype=torch.bool), clip.edges_tensor)
-        parts = [means, counts, nonfinite, totals, cv, head_counts.reshape(-1), head_sums]
+        parts = [means, counts, nonfinite, nans, first, totals, cv, head_counts.reshape(-1), head_sums]
         flat = torch.cat(
             [
                 *(p.to(torch.float64) for p in parts),
@@ -284,7 +295,7 @@ class Fold:
             ]
         ).tolist()
         out = iter(flat)
-        mean_l, count_l, nonfinite_l = ([next(out) for _ in range(h)] for _ in range(3))
+        mean_l, count_l, nonfinite_l, nan_l, first_l = ([next(out) for _ in range(h)] for _ in range(5))
         pre, post, cv_value = next(out), next(out), next(out)
         width = len(self.histograms["step_head_grad_norm"].edges) + 1
         head_buckets = [[int(next(out)) for _ in range(width)] for _ in range(h)]
@@ -294,12 +305,18 @@ class Fold:
         clip_totals = [next(out), next(out)]
         layer_mean_l, layer_count_l, layer_dead_l = ([next(out) for _ in self._layers] for _ in range(3))
         values_by_head: dict[str, tuple[float, int]] = {}
+        earliest = min(first_l)  # the update's first non-finite step, +Inf when every norm was finite
+        provenance: dict[str, Provenance] = {}
         for i, head in enumerate(self._heads):
             steps = int(count_l[i])
             values_by_head[head.name] = (mean_l[i], steps) if steps else (math.nan, 0)
             if steps:
                 self._nonfinite[head.name] += int(nonfinite_l[i])
+                self._nan[head.name] += int(nan_l[i])
+                self._inf[head.name] += int(nonfinite_l[i]) - int(nan_l[i])
                 self.histograms["step_head_grad_norm"].add((head.name, head.kind), head_buckets[i], head_totals[i])
+            first_step = int(first_l[i]) if math.isfinite(first_l[i]) and first_l[i] == earliest else None
+            provenance[head.name] = Provenance(int(nonfinite_l[i]) > 0, first_step)
         for i, side in enumerate(("pre", "post")):
             clip.add((side,), clip_buckets[i], clip_totals[i])
         values_by_layer = {
@@ -308,7 +325,7 @@ class Fold:
             else (math.nan, 0, False)
             for i, layer in enumerate(self._layers)
         }
-        return FoldedRows(values_by_head, n, pre, post, cv_value if actions >= 2 else None, values_by_layer)
+        return FoldedRows(values_by_head, n, pre, post, cv_value if actions >= 2 else None, values_by_layer, provenance)
 
     def _update_ratios(self, weights: list[float]) -> dict[tuple[str, str], float]:
         """|theta_after - theta_before| / |theta_before| per ("head" | "layer", name), from the squared sums.
@@ -347,14 +364,38 @@ class Fold:
             return []
         return [k if k != k else max(k, 0.0) for k in kls]  # NaN stays NaN (max would drop it)
 
-    def _head_state(self, old: HeadState, measured: tuple[float, int], update_ratio: float | None) -> HeadState:
-        """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one."""
+    def _head_state(
+        self, old: HeadState, measured: tuple[float, int], update_ratio: float | None, provenance: Provenance | None
+    ) -> HeadState:
+        """TELE-320/321 after this update: prev is the latest earlier measured value, never a missing one.
+
+        With the head's update ratio, its NaN and Inf step counts, its gradient state in this update
+        and, for the head(s) non-finite at the update's first non-finite step, that step.
+        """
         current, steps = measured
         prev = self._last_measured.get(old.name, 0.0)
         if steps:
             self._last_measured[old.name] = current
-        nonfinite = self._nonfinite[old.name]
-        return head_state(self.catalog, old.name, current, prev, nonfinite, steps, old.kind, update_ratio)
+        nonfinite = provenance is not None and provenance.nonfinite
+        if steps:
+            state = "nonfinite" if nonfinite else "finite"
+        else:  # no gradient in any step: frozen (no parameter requires grad) or simply without one
+            learnable = any(p.requires_grad for p in self._by_name[old.name].params)
+            state = "missing" if learnable else "not_learnable"
+        return head_state(
+            self.catalog,
+            old.name,
+            current,
+            prev,
+            self._nonfinite[old.name],
+            steps,
+            old.kind,
+            update_ratio,
+            nan_total=self._nan[old.name],
+            inf_total=self._inf[old.name],
+            state=state,
+            first_nonfinite_step=provenance.first_step if provenance is not None else None,
+        )
 
 
 def _layer_parts(values: Tensor, present: Tensor) -> list[Tensor]:
@@ -394,6 +435,14 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where an update's gradients went non-finite, for one head: whether they did, and the step if it was the first."""
+
+    nonfinite: bool
+    first_step: int | None  # the update's first non-finite step (0-based), if this head was non-finite there
+
+
+@dataclass(frozen=True)
 class FoldedRows:
     """The per-step rows of an update, folded: per head (mean, steps), steps, and the totals' means."""
 
@@ -403,6 +452,7 @@ class FoldedRows:
     post: float | None
     cv: float | None
     layers: dict[str, tuple[float, int, bool]]  # per layer: (mean norm, steps with a gradient, dead)
+    provenance: dict[str, Provenance] = field(default_factory=dict)  # per head; empty when no step was measured
 
 
 def _sides(record: BackwardPass) -> tuple[list[Tensor], list[Tensor]]:

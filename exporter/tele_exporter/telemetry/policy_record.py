@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ from ..measure.policy_math import (
     entropy_velocity,
     explained_variance_terms,
     head_entropy_normalized,
+    log_prob_terms,
     ratio_terms,
 )
 from ..snapshot import PolicyState
@@ -37,6 +38,7 @@ _ENTROPY, _EXPLAINED, _ADVANTAGES, _RATIOS = "policy.entropy", "policy.explained
 _RATIO_MAXIMA, _ACTION_STD = "policy.ratio_maxima", "policy.action_std"
 # A library's own ratio maximum is clamped as observe_ratios clamps log-ratios: to exp(-20) .. exp(20).
 _RATIO_LOW, _RATIO_HIGH = math.exp(-KL_LOG_RATIO_CLAMP), math.exp(KL_LOG_RATIO_CLAMP)
+_LOG_PROBS = "policy.log_probs"
 
 
 class PolicyRecorder:
@@ -51,6 +53,7 @@ class PolicyRecorder:
         self.ratios: list[tuple[tuple[str, ...], Tensor]] = []
         self.ratio_maxima: list[tuple[str, Tensor]] = []
         self.action_stds: list[Tensor] = []
+        self.log_probs: list[Tensor] = []
 
     def observe_entropy(self, entropies: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> Tensor:
         check_head_tensors("observe_entropy", entropies, masks, self.heads)
@@ -145,6 +148,14 @@ class PolicyRecorder:
             self.action_stds.append(std)
         return std
 
+    def observe_log_probs(self, log_probs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None) -> Tensor:
+        """TELE-160/161: the smallest and largest log-probability over the heads' valid entries; returns [min, max]."""
+        check_head_tensors("observe_log_probs", log_probs, masks, self.heads)
+        terms = log_prob_terms(log_probs, masks)
+        if self.recording:
+            self.log_probs.append(terms)
+        return terms[:2]
+
     def pack(self, packer: Packer) -> None:
         """Add every recorded tensor to the update's one host transfer."""
         for key, calls in (
@@ -154,6 +165,7 @@ class PolicyRecorder:
             (_RATIOS, [t for _, t in self.ratios]),
             (_RATIO_MAXIMA, [t for _, t in self.ratio_maxima]),
             (_ACTION_STD, self.action_stds),
+            (_LOG_PROBS, self.log_probs),
         ):
             for t in calls:
                 packer.add(key, t)
@@ -165,6 +177,7 @@ class PolicyRecorder:
             host.values(_EXPLAINED),
             host.values(_ADVANTAGES),
             [(heads, t) for (heads, _), t in zip(self.ratios, host.values(_RATIOS), strict=True)],
+            host.values(_LOG_PROBS),
             [(head, t[0]) for (head, _), t in zip(self.ratio_maxima, host.values(_RATIO_MAXIMA), strict=True)],
             [t[0] for t in host.values(_ACTION_STD)],
         )
@@ -178,6 +191,7 @@ class PolicyHost:
     explained: list[list[float]]
     advantages: list[list[float]]
     ratios: list[tuple[tuple[str, ...], list[float]]]
+    log_probs: list[list[float]]  # per observe_log_probs call: [min, max, valid entries]
     ratio_maxima: list[tuple[str, float]] = field(default_factory=list)
     action_stds: list[float] = field(default_factory=list)
 
@@ -207,13 +221,19 @@ class PolicyHealth:
         adv = [t[0] for t in host.advantages if t[1] >= 2]
         cf_high = cf_low = None
         ratio_max: dict[str, float] = {}
+        head_clip: dict[str, float] = {}
         if host.ratios:
             cf_high = math.fsum(t[1] for _, t in host.ratios) / len(host.ratios)
             cf_low = math.fsum(t[2] for _, t in host.ratios) / len(host.ratios)
             ratio_max = _ratio_max(host.ratios)
+            head_clip = _head_clip_fraction(host.ratios)
         for head, value in host.ratio_maxima:
             ratio_max[head] = _larger(ratio_max.get(head), value)
         stds = host.action_stds
+        log_prob_min = log_prob_max = None
+        if host.log_probs:
+            log_prob_min = _extreme(min, [t[0] for t in host.log_probs if t[2] > 0])
+            log_prob_max = _extreme(max, [t[1] for t in host.log_probs if t[2] > 0])
         history = tuple(self._history)
         return PolicyState(
             entropy=entropy,
@@ -227,6 +247,9 @@ class PolicyHealth:
             action_std=math.fsum(stds) / len(stds) if stds else None,
             clip_fraction_high=cf_high,
             clip_fraction_low=cf_low,
+            head_clip_fraction=head_clip,
+            log_prob_min=log_prob_min,
+            log_prob_max=log_prob_max,
         )
 
     def _head_entropy(self, calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, float]:
@@ -262,6 +285,30 @@ def _ratio_max(calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, fl
 def _larger(old: float | None, value: float) -> float:
     """The larger of a head's ratio max so far (None: none yet) and a new one; a NaN wins."""
     return value if old is None or math.isnan(value) else (old if math.isnan(old) else max(old, value))
+
+
+def _head_clip_fraction(calls: list[tuple[tuple[str, ...], list[float]]]) -> dict[str, float]:
+    """Per head: the mean of its clip fraction over the calls in which it had a valid step (NaN propagates).
+
+    The mean of per-call values, as the joint clip fraction's, and as the records' system averages its
+    per-epoch per-head fractions.
+    """
+    values: dict[str, list[float]] = {}
+    for heads, t in calls:
+        k = len(heads)
+        for i, name in enumerate(heads):
+            if t[3 + k + i] != 0:
+                values.setdefault(name, []).append(t[3 + 2 * k + i])
+    return {name: math.fsum(v) / len(v) for name, v in values.items()}
+
+
+def _extreme(pick: Callable[[list[float]], float], values: list[float]) -> float | None:
+    """min or max of host floats where a NaN wins (Python's min and max would skip or keep it by position)."""
+    if not values:
+        return None
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return pick(values)
 
 
 def check_action_sizes(sizes: Mapping[str, int] | None, heads: Sequence[str]) -> dict[str, int]:

@@ -226,6 +226,17 @@ class Update:
         self._keep(self.clip_fractions, fraction)
         return fraction
 
+    def observe_log_probs(self, log_probs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Record TELE-160/161's log-probability extremes of the actions taken; returns [min, max] (no host sync).
+
+        log_probs[head] holds each step's log pi(a|s) of that head's action under the current policy
+        (the minibatch's new log-probabilities), masks[head] its causal mask. The update publishes the
+        smallest and largest over all heads' valid entries of all its calls, as tele_log_prob_min/max.
+        """
+        self._check_open()
+        _check_head_mappings("observe_log_probs", "log-probability", log_probs, masks, self._heads)
+        return self.policy.observe_log_probs(log_probs, masks)
+
     def early_stop(self) -> None:
         """Count this update as stopped early by the KL trust region."""
         self.stopped_early = True
