@@ -387,7 +387,6 @@ def rllib_run(name: str, iterations: int, learners: int = 2) -> Recording:
     (docs/rllib.md). Each learner serves its own /metrics; every learner is scraped over HTTP after
     each algo.train(), and again during algo.stop()'s linger until each says its run finished.
     tele_world_size is kept: the rank rules read it."""
-    import socket
     import threading
     import urllib.request
 
@@ -396,18 +395,10 @@ def rllib_run(name: str, iterations: int, learners: int = 2) -> Recording:
 
     from tele_exporter.integrations.rllib import instrument
 
-    def free_base(n: int) -> int:
-        while True:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                base = int(probe.getsockname()[1])
-            if base + n < 65536 and all(_port_free(base + i) for i in range(n)):
-                return base
-
-    def scrape_all(base: int) -> Samples:
+    def scrape_all(ports: list[int]) -> Samples:
         out: Samples = {}
-        for i in range(learners):
-            with urllib.request.urlopen(f"http://127.0.0.1:{base + i}/metrics", timeout=30) as reply:
+        for port in ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
                 out.update(parse(reply.read().decode(), keep=frozenset({"tele_world_size"})))
         return out
 
@@ -429,18 +420,18 @@ def rllib_run(name: str, iterations: int, learners: int = 2) -> Recording:
             )
             .debugging(seed=0)
         )
-        base = free_base(learners)
-        instrument(config, base_port=base, linger=60.0, const_labels={"run": name})
+        instrument(config, base_port=0, linger=60.0, const_labels={"run": name})  # any free ports
         algo = config.build_algo()
+        ports = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.tele_server.port)]
         for _ in range(iterations):
             algo.train()
-            rec.add(scrape_all(base))
+            rec.add(scrape_all(ports))
         stopping = threading.Thread(target=algo.stop)
         stopping.start()
         finished: Samples = {}
         while stopping.is_alive():  # the linger: each learner waits for a scrape of its finished update
             try:
-                got = scrape_all(base)
+                got = scrape_all(ports)
             except OSError:
                 break
             if sum(v for k, v in got.items() if k.startswith("tele_run_finished{")) >= learners:
@@ -454,17 +445,6 @@ def rllib_run(name: str, iterations: int, learners: int = 2) -> Recording:
     finally:
         ray.shutdown()
     return rec
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # --- the scenarios -------------------------------------------------------------------------------
