@@ -237,8 +237,8 @@ def table(
     }
 
 
-def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
-    """Buckets already counted by Prometheus (no calculation) on an exponential orange scale."""
+def _heatmap(title: str, description: str, query: Json, unit: str, options: Json) -> Json:
+    """A heatmap that calculates nothing (Grafana lays out what Prometheus returned) with `options` on top."""
     return {
         "type": "heatmap",
         "title": title,
@@ -252,8 +252,24 @@ def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
         },
         "options": {
             "calculate": False,
-            "exemplars": {"color": "rgba(255,0,255,0.7)"},
             "cellGap": 1,
+            "exemplars": {"color": "rgba(255,0,255,0.7)"},
+            "legend": {"show": True},
+            "showValue": "never",
+            **options,
+        },
+        "targets": [query],
+    }
+
+
+def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
+    """Buckets already counted by Prometheus (no calculation) on an exponential orange scale."""
+    return _heatmap(
+        title,
+        description,
+        query,
+        unit,
+        {
             "color": {
                 "exponent": 0.5,
                 "fill": "dark-orange",
@@ -264,14 +280,11 @@ def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
                 "steps": 64,
             },
             "filterValues": {"le": 1e-9},
-            "legend": {"show": True},
             "rowsFrame": {"layout": "auto"},
-            "showValue": "never",
             "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
             "yAxis": {"axisPlacement": "left", "reverse": False, "unit": unit},
         },
-        "targets": [query],
-    }
+    )
 
 
 def rows_heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
@@ -280,20 +293,12 @@ def rows_heatmap(title: str, description: str, query: Json, *, unit: str) -> Jso
     Nothing calculated: Grafana joins the series on time and lays them out as unordered rows
     (layout "unknown": rows that are no bucket bounds; a legend that reads as a number would be taken for one).
     """
-    return {
-        "type": "heatmap",
-        "title": title,
-        "description": description,
-        "fieldConfig": {
-            "defaults": {
-                "custom": {"hideFrom": {"legend": False, "tooltip": False, "viz": False}},
-                "unit": unit,
-            },
-            "overrides": [],
-        },
-        "options": {
-            "calculate": False,
-            "cellGap": 1,
+    return _heatmap(
+        title,
+        description,
+        query,
+        unit,
+        {
             "color": {
                 "exponent": 0.5,
                 "fill": "dark-orange",
@@ -303,17 +308,13 @@ def rows_heatmap(title: str, description: str, query: Json, *, unit: str) -> Jso
                 "scheme": "Spectral",
                 "steps": 64,
             },
-            "exemplars": {"color": "rgba(255,0,255,0.7)"},
             # Grafana's default hides cells <= 1e-9 (empty buckets): values here may be negative (log10), hide none.
             "filterValues": {"le": -1e9},
-            "legend": {"show": True},
             "rowsFrame": {"layout": "unknown"},
-            "showValue": "never",
             "tooltip": {"mode": "single", "showColorScale": True, "yHistogram": False},
             "yAxis": {"axisPlacement": "left", "reverse": False, "unit": "string"},
         },
-        "targets": [query],
-    }
+    )
 
 
 def alertlist(title: str, description: str, *, alert_name: str, max_items: int) -> Json:
