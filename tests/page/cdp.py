@@ -202,7 +202,8 @@ class Tab:
 
     def screenshot(self, selector: str | None = None, full_page: bool = False) -> bytes:
         """A PNG of the viewport, the whole page, or one element's box."""
-        params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page}
+        # An element's box may lie below the viewport (the page is taller than the window): capture beyond it.
+        params: dict[str, Any] = {"format": "png", "captureBeyondViewport": full_page or selector is not None}
         if full_page:
             height = int(self.evaluate("Math.ceil(document.documentElement.scrollHeight)"))
             self.resize(height)

@@ -35,6 +35,9 @@ _STATE_JS = """(() => {
       entropy: panel("entropy"), health: panel("health"),
     },
     hidden: { health: document.getElementById("panel-health").hidden },
+    // panels whose content is wider than the panel (cut off, or scrolled out of sight)
+    overflowing: [...document.querySelectorAll("section.panel")]
+      .filter((el) => !el.hidden && el.scrollWidth > el.clientWidth + 1).map((el) => el.id),
     header: [...document.querySelectorAll("header .fact")].map((el) => el.textContent),
     text: {
       kl: document.getElementById("kl-label").textContent,
