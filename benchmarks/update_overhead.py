@@ -59,7 +59,7 @@ class PlainUpdate:
         """The policy-health observations: a loop without telemetry computes none of them."""
         return torch.zeros(())
 
-    observe_entropy = observe_explained_variance = observe_advantages = observe_ratios = _unobserved
+    observe_entropy = observe_explained_variance = observe_advantages = observe_ratios = observe_log_probs = _unobserved
 
 
 def _state(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any], Tensor]:
