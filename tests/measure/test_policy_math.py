@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tele_exporter.measure.dispatch_counter import DispatchCounter
 from tele_exporter.measure.policy_math import (
     advantage_std,
     check_head_tensors,
@@ -214,6 +215,23 @@ def test_log_prob_extremes_match_the_reference(seed: int) -> None:
     assert terms.tolist() == [float(valid.min()), float(valid.max()), float(len(valid))]
     nan = log_prob_terms({"op": torch.tensor([-1.0, math.nan]), "slot": torch.tensor([-2.0, -3.0])})
     assert all(math.isnan(v) for v in nan[:2].tolist())
+
+
+@pytest.mark.parametrize("heads", [2, 8, 64])
+def test_log_prob_extremes_cost_the_same_launches_for_any_number_of_heads(heads: int) -> None:
+    """Heads of one shape are stacked: a call costs 12 ops with masks whatever the heads (it cost two more
+    per head before), and still finds a NaN and leaves a masked-out entry out."""
+    torch.manual_seed(0)
+    logp = {f"h{i}": -torch.rand(64) for i in range(heads)}
+    masks = {f"h{i}": torch.rand(64) < 0.7 for i in range(heads)}
+    logp["h1"][0], masks["h1"][0] = math.nan, False  # masked out: not data
+    with DispatchCounter() as counter:
+        terms = log_prob_terms(logp, masks)
+    assert sum(counter.ops.values()) <= 12 and counter.reads == 0, counter.ops
+    valid = torch.cat([logp[h][masks[h]] for h in logp]).double()
+    assert terms.tolist() == [valid.min().item(), valid.max().item(), float(valid.numel())]
+    masks["h1"][0] = True  # now it counts: both extremes NaN
+    assert all(math.isnan(v) for v in log_prob_terms(logp, masks)[:2].tolist())
 
 
 def test_an_all_masked_head_has_no_valid_ratio_and_nan_is_data() -> None:

@@ -209,27 +209,33 @@ def log_prob_terms(log_probs: Mapping[str, Tensor], masks: Mapping[str, Tensor] 
     """One observe_log_probs call as [min, max, n_valid] float64 on the device (TELE-160/161).
 
     Over every head's valid entries together, as the records' system takes the extremes of all
-    its heads' log-probabilities at once; a NaN among them makes both NaN, a masked-out entry never counts.
+    its heads' log-probabilities at once; a NaN among them makes both NaN (amin and amax propagate
+    it), a masked-out entry never counts. Heads of one shape are stacked: twelve launches a call
+    whatever the number of heads.
     """
     masks = masks or {}
-    values = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in log_probs.values()])
+    names = list(log_probs)
+    tensors = [log_probs[name].detach() for name in names]
+    shape = tensors[0].shape
+    same = all(t.shape == shape for t in tensors)
+    values = (torch.stack(tensors) if same else torch.cat([t.reshape(-1) for t in tensors])).to(torch.float64)
     if not masks:
-        low, high = values.amin(), values.amax()
         n = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
-        return torch.stack([low, high, n])
-    valid = torch.cat(
-        [
-            (masks[name].detach().reshape(-1) != 0)
-            if name in masks
-            else torch.ones(t.numel(), dtype=torch.bool, device=t.device)
-            for name, t in log_probs.items()
-        ]
-    )
-    broken = (values.isnan() & valid).any()
+        return torch.stack([values.amin(), values.amax(), n])
+    if same and all(name in masks and masks[name].shape == shape for name in names):
+        valid = torch.stack([masks[name].detach() for name in names]) != 0
+    else:
+        valid = torch.cat(
+            [
+                (masks[name].detach().reshape(-1) != 0)
+                if name in masks
+                else torch.ones(t.numel(), dtype=torch.bool, device=t.device)
+                for name, t in zip(names, tensors, strict=True)
+            ]
+        ).reshape(values.shape)
     low = torch.where(valid, values, math.inf).amin()
     high = torch.where(valid, values, -math.inf).amax()
-    extremes = torch.where(broken, math.nan, torch.stack([low, high]))
-    return torch.cat([extremes, valid.sum(dtype=torch.float64).reshape(1)])
+    return torch.stack([low, high, valid.sum(dtype=torch.float64)])
 
 
 def head_kl(log_ratio: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
