@@ -28,9 +28,11 @@ def test_layers_serialise_with_missing_as_null_and_nan_as_a_string() -> None:
     assert layers["frozen"]["grad_norm"] is None and layers["frozen"]["update_ratio"] is None
     assert layers["broken"]["grad_norm"] == "NaN" and layers["broken"]["update_ratio"] == "NaN"
     assert layers["dead"]["dead"] is True and payload["dead_layers"] == 1
+    assert payload["dead_layers_shown"]["status"] == "warning"  # TELE-331: 1-2 dead layers
     assert payload["heads"][0]["update_ratio"] is None
 
 
 def test_without_layers_the_list_is_empty_and_the_count_missing() -> None:
     payload = empty_snapshot((("op", "action"),)).to_dict(default_catalog())
     assert payload["layers"] == [] and payload["dead_layers"] is None
+    assert payload["dead_layers_shown"]["status"] == "neutral"  # missing: no level

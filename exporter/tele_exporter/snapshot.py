@@ -192,6 +192,7 @@ class Snapshot:
                     {**asdict(layer), "grad_norm": layer.grad_norm if layer.steps else None} for layer in self.layers
                 ],
                 "dead_layers": self.dead_layers,
+                "dead_layers_shown": asdict(show(catalog["dead_layers"], self.dead_layers)),  # TELE-331's level
             }
         )
         return out

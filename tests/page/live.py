@@ -35,6 +35,12 @@ _STATE_JS = """(() => {
       entropy: panel("entropy"), health: panel("health"),
     },
     hidden: { health: document.getElementById("panel-health").hidden },
+    dead: (() => {
+      const table = document.getElementById("dead-layers"), tr = table.querySelector("tr");
+      return { hidden: table.hidden, value: tr.querySelector(".value").textContent,
+               label: tr.querySelector(".level").textContent, status: tr.dataset.status,
+               detail: tr.querySelector(".detail").textContent };
+    })(),
     // panels whose content is wider than the panel (cut off, or scrolled out of sight)
     overflowing: [...document.querySelectorAll("section.panel")]
       .filter((el) => !el.hidden && el.scrollWidth > el.clientWidth + 1).map((el) => el.id),

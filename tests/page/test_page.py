@@ -222,6 +222,16 @@ def test_page_shows_the_catalog_levels_in_their_colours(run: str, request: pytes
         assert shot.hues[panel] == colours[status], f"{panel}: {status} should be drawn {colours[status]}"
     assert shot.state["spark"] == {"kl": HEALTHY_UPDATES, "grad": HEALTHY_UPDATES, "entropy": HEALTHY_UPDATES}
     assert shot.state["text"]["cv"].split(" ")[-1] in {"stable", "warn", "BAD"}
+    # The demo measures its layers: TELE-331's dead-layer count has a row, in its level's words and colour.
+    doc, shown = shot.document["snapshot"], shot.document["snapshot"]["dead_layers_shown"]
+    assert doc["dead_layers"] == 0 and shown["status"] == "ok"
+    assert shot.state["dead"] == {
+        "hidden": False,
+        "value": "0",
+        "label": shown["label"],
+        "status": "ok",
+        "detail": f"of {len(doc['layers'])} layers",
+    }
 
 
 @pytest.mark.slow
