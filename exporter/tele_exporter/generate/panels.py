@@ -237,6 +237,19 @@ def table(
     }
 
 
+def _scheme(scheme: str, *, scale: str, reverse: bool) -> Json:
+    """A heatmap's colour options: one of Grafana's colour schemes in 64 steps."""
+    return {
+        "exponent": 0.5,
+        "fill": "dark-orange",
+        "mode": "scheme",
+        "reverse": reverse,
+        "scale": scale,
+        "scheme": scheme,
+        "steps": 64,
+    }
+
+
 def _heatmap(title: str, description: str, query: Json, unit: str, options: Json) -> Json:
     """A heatmap that calculates nothing (Grafana lays out what Prometheus returned) with `options` on top."""
     return {
@@ -270,15 +283,7 @@ def heatmap(title: str, description: str, query: Json, *, unit: str) -> Json:
         query,
         unit,
         {
-            "color": {
-                "exponent": 0.5,
-                "fill": "dark-orange",
-                "mode": "scheme",
-                "reverse": False,
-                "scale": "exponential",
-                "scheme": "Oranges",
-                "steps": 64,
-            },
+            "color": _scheme("Oranges", scale="exponential", reverse=False),
             "filterValues": {"le": 1e-9},
             "rowsFrame": {"layout": "auto"},
             "tooltip": {"mode": "single", "showColorScale": False, "yHistogram": True},
@@ -299,15 +304,7 @@ def rows_heatmap(title: str, description: str, query: Json, *, unit: str) -> Jso
         query,
         unit,
         {
-            "color": {
-                "exponent": 0.5,
-                "fill": "dark-orange",
-                "mode": "scheme",
-                "reverse": True,
-                "scale": "linear",
-                "scheme": "Spectral",
-                "steps": 64,
-            },
+            "color": _scheme("Spectral", scale="linear", reverse=True),
             # Grafana's default hides cells <= 1e-9 (empty buckets): values here may be negative (log10), hide none.
             "filterValues": {"le": -1e9},
             "rowsFrame": {"layout": "unknown"},
