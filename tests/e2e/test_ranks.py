@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ import yaml
 from tele_exporter import Telemetry
 from tele_exporter.distributed import file_sd_targets, serve_rank
 from tests.support.processes import stop_process
-from tests.support.servers import Running, free_port, poll, start_prometheus
+from tests.support.servers import Running, bindable, free_port, poll, start_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
@@ -69,19 +68,10 @@ def _free_range(count: int, taken: set[int]) -> int:
     for _ in range(100):
         base = free_port()
         ports = set(range(base, base + count))
-        if base + count <= 65535 and not ports & taken and all(_bindable(p) for p in ports):
+        if base + count <= 65535 and not ports & taken and all(bindable(p) for p in ports):
             taken.update(ports)
             return base
     raise RuntimeError(f"no {count} adjacent free ports")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _start_job(name: str, mode: str, base: int, control: Path) -> Job:

@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -46,7 +45,7 @@ from ray.rllib.examples.envs.classes.multi_agent import MultiAgentCartPole
 from ray.rllib.utils.torch_utils import compute_global_norm
 
 from tele_exporter.integrations.rllib import instrument, log_ratios, module_groups, module_heads
-from tests.support.servers import Running, poll, start_prometheus
+from tests.support.servers import Running, bindable, poll, start_prometheus
 
 pytestmark = pytest.mark.slow
 
@@ -481,18 +480,9 @@ def _free_ports(count: int) -> int:
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 32000 - count)
-        if all(_bindable(p) for p in range(base, base + count)):
+        if all(bindable(p) for p in range(base, base + count)):
             return base
     raise RuntimeError(f"no {count} adjacent free ports in 20000-32000")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # -- docs/rllib.md ---------------------------------------------------------------------------

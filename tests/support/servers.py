@@ -60,6 +60,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def bindable(port: int) -> bool:
+    """Whether a TCP port on 127.0.0.1 can be bound now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     """GET `url` and return the body; raises on HTTP errors."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
