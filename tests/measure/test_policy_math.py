@@ -11,6 +11,7 @@ import torch
 from tele_exporter.measure.dispatch_counter import DispatchCounter
 from tele_exporter.measure.policy_math import (
     advantage_std,
+    approx_kl,
     check_head_tensors,
     entropy_terms,
     entropy_velocity,
@@ -232,6 +233,25 @@ def test_log_prob_extremes_cost_the_same_launches_for_any_number_of_heads(heads:
     assert terms.tolist() == [valid.min().item(), valid.max().item(), float(valid.numel())]
     masks["h1"][0] = True  # now it counts: both extremes NaN
     assert all(math.isnan(v) for v in log_prob_terms(logp, masks)[:2].tolist())
+
+
+@pytest.mark.parametrize("heads", [2, 8, 64])
+def test_float_masks_are_compared_once_for_every_head(heads: int) -> None:
+    """0/1 float masks (the demo's) are stacked and compared once: an entropy, ratio or KL call costs one op
+    more than with bool masks at most, whatever the heads (one more per head before), with the same values."""
+    torch.manual_seed(0)
+    values = {f"h{i}": torch.randn(64) * 0.1 for i in range(heads)}
+    bool_masks = {f"h{i}": torch.rand(64) < 0.7 for i in range(heads)}
+    float_masks = {h: m.float() for h, m in bool_masks.items()}
+    for fn in (entropy_terms, ratio_terms, approx_kl):
+        ops = {}
+        for kind, masks in (("bool", bool_masks), ("float", float_masks)):
+            with DispatchCounter() as counter:
+                got = fn(values, masks)
+            assert counter.reads == 0
+            ops[kind] = sum(counter.ops.values())
+            torch.testing.assert_close(got, fn(values, bool_masks), rtol=0, atol=0)
+        assert ops["float"] <= ops["bool"] + 1, (fn.__name__, ops)
 
 
 def test_an_all_masked_head_has_no_valid_ratio_and_nan_is_data() -> None:

@@ -84,6 +84,10 @@ def mask_matrix(names: Sequence[str], masks: Mapping[str, Tensor], steps: int, d
     """The heads' causal masks as one bool [heads, steps] matrix (nonzero is valid); None when no head has one."""
     if not masks:
         return None
+    given = [masks.get(name) for name in names]
+    if all(m is not None for m in given) and len({m.dtype for m in given if m is not None}) == 1:
+        stacked = torch.stack([m.detach().reshape(-1) for m in given if m is not None])  # one comparison for all
+        return stacked if stacked.dtype == torch.bool else stacked != 0
     ones: Tensor | None = None
     rows = []
     for name in names:
@@ -268,6 +272,8 @@ def approx_kl(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | Non
         matrix = mask_matrix(list(log_ratio), masks, steps, r.device)
         assert matrix is not None
         m = matrix.to(torch.float64)
+    elif all(name in masks for name in log_ratio) and len({mask.dtype for mask in masks.values()}) == 1:
+        m = torch.stack([masks[name].detach().reshape(-1) for name in log_ratio]).to(torch.float64)  # one cast
     else:  # weights that are not 0/1 are used as they are
         m = torch.stack([_weights(masks.get(name), r) for name in log_ratio])
     n_valid = m.sum(1)
