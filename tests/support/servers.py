@@ -230,10 +230,16 @@ def prometheus_config(
     alertmanager: str | None = None,
     job: str = "tele",
     interval: str = "1s",
+    evaluation_interval: str | None = None,
 ) -> str:
-    """A prometheus.yml scraping `targets` as `job`, loading rules/*.yml, alerting to `alertmanager`."""
+    """A prometheus.yml scraping `targets` as `job` every `interval` (which is also the scrape timeout),
+    evaluating rules/*.yml every `evaluation_interval` (default: `interval`), alerting to `alertmanager`."""
     config: dict[str, Any] = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": evaluation_interval or interval,
+        },
         "rule_files": ["rules/*.yml"],
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
     }
