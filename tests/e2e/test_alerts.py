@@ -46,7 +46,8 @@ MARGIN_S = 30.0
 SLACK = 2.0
 # Scrape interval and timeout. Beside the rest of the suite (load average 16 to 22 on two cores) the niced
 # serving processes answered in up to 2.05 s: a 1 s timeout failed 3 to 19 scrapes of each demo in 230 s, each
-# one a stale series that reset every pending alert, so a 2m `for:` rarely ran out; 5 s failed none.
+# one a stale series that reset every pending alert, so a 2m `for:` rarely ran out; 5 s (what
+# prometheus/prometheus.yml ships) failed none.
 SCRAPE = "5s"
 
 
