@@ -74,19 +74,28 @@ def stack_heads(tensors: Mapping[str, Tensor]) -> Tensor:
     Batching the heads is what keeps a per-step observation at a fixed number of kernel
     launches whatever the number of heads; heads of different dtypes are cast one by one.
     """
-    flat = [t.detach().reshape(-1) for t in tensors.values()]
+    given = list(tensors.values())
+    if _alike(given):  # one stack of the tensors as they are: no per-head detach or reshape
+        return torch.stack(given).detach().reshape(len(given), -1).to(torch.float64)
+    flat = [t.detach().reshape(-1) for t in given]
     if len({t.dtype for t in flat}) > 1:
         flat = [t.to(torch.float64) for t in flat]
     return torch.stack(flat).to(torch.float64)
+
+
+def _alike(tensors: Sequence[Tensor]) -> bool:
+    """Whether the tensors share one shape and one dtype, so that one stack takes them as they are."""
+    first = tensors[0]
+    return all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
 
 
 def mask_matrix(names: Sequence[str], masks: Mapping[str, Tensor], steps: int, device: torch.device) -> Tensor | None:
     """The heads' causal masks as one bool [heads, steps] matrix (nonzero is valid); None when no head has one."""
     if not masks:
         return None
-    given = [masks.get(name) for name in names]
-    if all(m is not None for m in given) and len({m.dtype for m in given if m is not None}) == 1:
-        stacked = torch.stack([m.detach().reshape(-1) for m in given if m is not None])  # one comparison for all
+    given = [masks[name] for name in names if name in masks]
+    if len(given) == len(names) and _alike(given):  # one stack and one comparison for every head
+        stacked = torch.stack(given).detach().reshape(len(given), -1)
         return stacked if stacked.dtype == torch.bool else stacked != 0
     ones: Tensor | None = None
     rows = []
