@@ -290,3 +290,21 @@ def test_bad_input_names_the_head() -> None:
         check_head_tensors("observe_entropy", {"op": [0.1]}, None, HEADS)  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="head 'op' has no timesteps"):
         check_head_tensors("observe_entropy", {"op": torch.zeros(0)}, None, HEADS)
+
+
+def test_heads_stack_as_they_are_or_one_by_one_with_the_same_values() -> None:
+    """Heads of one shape and dtype are stacked as given (graph and all, detached after); a [T, 1] head beside
+    [T] heads, or a float32 head beside float64 ones, takes the per-head path: the values agree either way."""
+    torch.manual_seed(0)
+    flat = {h: torch.randn(16, dtype=torch.float64) for h in HEADS}
+    masks = {h: torch.rand(16) < 0.6 for h in HEADS}
+    expected = entropy_terms(flat, masks)
+    with_graph = {h: t.clone().requires_grad_(True) for h, t in flat.items()}
+    got = entropy_terms(with_graph, masks)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    mixed = {"op": flat["op"].reshape(16, 1), "slot": flat["slot"], "style": flat["style"]}
+    mixed_masks = {"op": masks["op"].reshape(16, 1), "slot": masks["slot"], "style": masks["style"]}
+    torch.testing.assert_close(entropy_terms(mixed, mixed_masks), expected, rtol=0, atol=0)
+    cast = {**flat, "op": flat["op"].float()}
+    torch.testing.assert_close(entropy_terms(cast, masks), entropy_terms({**flat, "op": cast["op"].double()}, masks))
