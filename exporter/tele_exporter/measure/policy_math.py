@@ -75,18 +75,22 @@ def stack_heads(tensors: Mapping[str, Tensor]) -> Tensor:
     launches whatever the number of heads; heads of different dtypes are cast one by one.
     """
     given = list(tensors.values())
-    if _alike(given):  # one stack of the tensors as they are: no per-head detach or reshape
-        return torch.stack(given).detach().reshape(len(given), -1).to(torch.float64)
+    stacked = _stack_alike(given)
+    if stacked is not None:
+        return stacked.to(torch.float64)
     flat = [t.detach().reshape(-1) for t in given]
     if len({t.dtype for t in flat}) > 1:
         flat = [t.to(torch.float64) for t in flat]
     return torch.stack(flat).to(torch.float64)
 
 
-def _alike(tensors: Sequence[Tensor]) -> bool:
-    """Whether the tensors share one shape and one dtype, so that one stack takes them as they are."""
+def _stack_alike(tensors: Sequence[Tensor]) -> Tensor | None:
+    """Tensors of one shape and dtype as one detached [n, elements] matrix (one stack, no per-tensor
+    detach or reshape); None when they differ, for the caller's one-by-one path."""
     first = tensors[0]
-    return all(t.shape == first.shape and t.dtype == first.dtype for t in tensors)
+    if not all(t.shape == first.shape and t.dtype == first.dtype for t in tensors):
+        return None
+    return torch.stack(list(tensors)).detach().reshape(len(tensors), -1)
 
 
 def mask_matrix(names: Sequence[str], masks: Mapping[str, Tensor], steps: int, device: torch.device) -> Tensor | None:
@@ -94,8 +98,8 @@ def mask_matrix(names: Sequence[str], masks: Mapping[str, Tensor], steps: int, d
     if not masks:
         return None
     given = [masks[name] for name in names if name in masks]
-    if len(given) == len(names) and _alike(given):  # one stack and one comparison for every head
-        stacked = torch.stack(given).detach().reshape(len(given), -1)
+    stacked = _stack_alike(given) if len(given) == len(names) else None
+    if stacked is not None:  # one stack and one comparison for every head
         return stacked if stacked.dtype == torch.bool else stacked != 0
     ones: Tensor | None = None
     rows = []
@@ -281,10 +285,13 @@ def approx_kl(log_ratio: Mapping[str, Tensor], masks: Mapping[str, Tensor] | Non
         matrix = mask_matrix(list(log_ratio), masks, steps, r.device)
         assert matrix is not None
         m = matrix.to(torch.float64)
-    elif all(name in masks for name in log_ratio) and len({mask.dtype for mask in masks.values()}) == 1:
-        m = torch.stack([masks[name].detach().reshape(-1) for name in log_ratio]).to(torch.float64)  # one cast
-    else:  # weights that are not 0/1 are used as they are
-        m = torch.stack([_weights(masks.get(name), r) for name in log_ratio])
+    else:  # weights that are not 0/1 are used as they are: one stack and one cast when the masks are alike
+        given = [masks[name] for name in log_ratio if name in masks]
+        stacked = _stack_alike(given) if len(given) == len(log_ratio) else None
+        if stacked is not None:
+            m = stacked.to(torch.float64)
+        else:
+            m = torch.stack([_weights(masks.get(name), r) for name in log_ratio])
     n_valid = m.sum(1)
     head = (kl_t * m).sum(1) / n_valid.clamp(min=1.0)
     weight = n_valid / max(steps, 1)
