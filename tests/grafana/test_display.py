@@ -703,24 +703,7 @@ def live() -> Iterator[Live]:
             interval=1.0,
             what=f"{MIN_UPDATES} updates scraped from every demo",
         )
-
-        def settled() -> float | None:
-            """A time at which every demo was up, once each has been scraped after it.
-
-            A scrape that starts before `at` and times out (a loaded machine) writes its stale
-            markers at its start, so the data at `at` is final only after a later scrape.
-            """
-            at = time.time()
-            poll(
-                lambda: len(prom.query(f"timestamp(up) > {at}")) == len(FAULTS),
-                timeout=60,
-                interval=0.5,
-                what="a scrape of every demo after the evaluation time",
-            )
-            body = prom.api("/api/v1/query", query="up == 1", time=f"{at:.3f}")
-            return at if len(body["data"]["result"]) == len(FAULTS) else None
-
-        at = poll(settled, timeout=120, interval=0.5, what="a time at which every demo was up")
+        at = poll(lambda: prom.settled_at(len(FAULTS)), timeout=120, interval=0.5, what="a time every demo was up")
         yield Live(prom, at, start, {f: d.address for f, d in demos.items()}, {f: run_name(f) for f in demos})
 
 

@@ -10,7 +10,6 @@ at least one series with samples (the Gaussian policy's std, none: the demo's po
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -76,9 +75,11 @@ def scraped(demo: str) -> Iterator[Scraped]:
         def ready() -> float | None:
             # The demo grows and prunes seeds, so some instants have none: find one with a seed
             # that has had a pass with data (ratio > 0; before that its backward gain is missing).
-            at = time.time()
             history = f"count_over_time({updates}[5m]) >= {MIN_SCRAPES}"
             if not prom.query(f"{updates} >= {MIN_UPDATES}") or not prom.query(history):
+                return None
+            at = prom.settled_at(1)  # no stale marker can land at `at` later: the panels' ranges end there
+            if at is None:
                 return None
             live = prom.api("/api/v1/query", query=f"count({seeds} > 0)", time=f"{at:.3f}")
             return at if live["data"]["result"] else None
@@ -194,7 +195,7 @@ def test_query_returns_data(scraped: Scraped, name: str, target: dict[str, Any])
             continue
         targets = next(p["targets"] for p in board()["panels"] if p["title"] == panel and p["type"] != "row")
         series: dict[str, list[str]] = {}
-        end = float(math.floor(time.time()))  # one range for all, so each series' level at its end is the same
+        end = scraped.at  # one settled range end for all, so each series' level at its end is the same
         for other in targets:
             for found in execute(scraped, other, substitute(other["expr"], values, window), end):
                 series.setdefault(json.dumps(found["metric"], sort_keys=True), []).append(other["refId"])

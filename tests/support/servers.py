@@ -128,6 +128,22 @@ class Running:
             raise RuntimeError(f"query {promql!r} failed: {body}")
         return list(body["data"]["result"])
 
+    def settled_at(self, targets: int) -> float | None:
+        """Now, once its data is final: every one of `targets` scraped after it, and up then; None if one was not.
+
+        A scrape that starts before a time and times out (a loaded machine) writes its stale markers
+        at its start, so the data at a time is final only after a later scrape of every target.
+        """
+        at = time.time()
+        poll(
+            lambda: len(self.query(f"timestamp(up) > {at}")) == targets,
+            timeout=60,
+            interval=0.5,
+            what="a scrape of every target after the evaluation time",
+        )
+        body = self.api("/api/v1/query", query="up == 1", time=f"{at:.3f}")
+        return at if len(body["data"]["result"]) == targets else None
+
     def alerts(self) -> list[dict[str, Any]]:
         """Prometheus' active (pending and firing) alerts."""
         return list(self.api("/api/v1/alerts")["data"]["alerts"])
